@@ -1,0 +1,770 @@
+"""Pretrain a sparse Mixture-of-Experts language model with DP / TP / PP / EP wired by hand.
+
+    python minimal_pretrain.py                                  # one process, built-in corpus
+    torchrun --nproc_per_node=8 minimal_pretrain.py --tensor-parallel-size 2 \
+        --pipeline-parallel-size 2 --num-microbatches 4          # TP2 x PP2 x DP2, EP2
+
+The story is told in main(): config -> distributed setup -> data -> model -> optimizer and
+schedule -> training loop -> teardown. Every collective is visible where it happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm,
+                        vocab_parallel_cross_entropy)
+
+
+# =========================================================================== config
+def arg(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field that also carries its command-line help."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run that is not the model itself."""
+
+    tensor_parallel_size: int = arg(1, "TP ranks splitting heads, FFN columns and the vocabulary")
+    pipeline_parallel_size: int = arg(1, "PP stages splitting the layers (1F1B schedule)")
+    expert_parallel_size: int = arg(0, "EP ranks splitting the experts; 0 means the TP size")
+    num_microbatches: int = arg(1, "micro-batches per step on each DP rank (gradient accumulation)")
+    micro_batch_size: int = arg(8, "sequences per micro-batch")
+    max_steps: int = arg(400, "optimizer steps")
+    lr: float = arg(2e-3, "peak learning rate")
+    min_lr: float = arg(2e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = arg(40, "linear warm-up steps")
+    weight_decay: float = arg(0.1, "AdamW weight decay (not applied to norms)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this; 0 disables")
+    router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss")
+    router_z_loss_coef: float = arg(0.001, "weight of the router z-loss")
+    seed: int = arg(1234, "seed of the initial weights and of every batch")
+    data: str = arg("", "text file, folder of text files, or folder with train.bin/val.bin; "
+                        "empty: the Python standard library sources")
+    eval_interval: int = arg(100, "evaluate every this many steps (and at the end); 0 disables")
+    eval_iters: int = arg(10, "global batches per evaluation")
+    log_interval: int = arg(10, "log every this many steps")
+    metrics_file: str = arg("", "write JSON lines of train and eval metrics here (rank 0)")
+    save: str = arg("", "checkpoint folder")
+    save_interval: int = arg(0, "save every this many steps (and at the end); 0: only at the end")
+    load: str = arg("", "resume from this checkpoint folder")
+    device: str = arg("auto", "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
+    dtype: str = arg("auto", "auto | float32 | bfloat16 (autocast; bf16 on CUDA for auto)",
+                     choices=["auto", "float32", "bfloat16"])
+    dist_timeout: float = arg(300.0, "seconds before a stuck collective fails the run")
+    progress: bool = arg(True, "show a tqdm progress bar on rank 0")
+
+
+MODEL_HELP = {
+    "vocab_size": "vocabulary size (byte-level data: 256; token files: from meta.json)",
+    "hidden_size": "model width D",
+    "num_layers": "decoder blocks",
+    "num_attention_heads": "query heads",
+    "num_kv_heads": "key/value heads (grouped-query attention when fewer than query heads)",
+    "ffn_hidden_size": "hidden width of the dense SwiGLU MLP layers",
+    "moe_ffn_hidden_size": "hidden width of each expert",
+    "num_experts": "experts per MoE layer; 0 gives a dense model",
+    "num_experts_per_token": "top-k: experts each token is sent to",
+    "moe_layer_interval": "layer i is an MoE layer iff (i + 1) % interval == 0",
+    "norm_topk_prob": "renormalise the top-k router weights to sum to 1",
+    "seq_length": "tokens per training sequence",
+    "rope_theta": "rotary embedding base",
+    "rms_norm_eps": "RMSNorm epsilon",
+    "init_std": "std of the normal initialisation",
+}
+
+
+class ConfigError(ValueError):
+    """Bad input that the user can fix: reported as one `error:` line, exit status 2."""
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """One flag per config field, named after it (`num_experts` -> `--num-experts`)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for cls, helps in ((ModelConfig, MODEL_HELP), (TrainConfig, None)):
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            help_text = helps[f.name] if helps else f.metadata["help"]
+            if f.type in ("bool", bool):
+                p.add_argument(flag, default=f.default, help=help_text, action=argparse.BooleanOptionalAction)
+            else:
+                kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+                p.add_argument(flag, default=f.default, type=kind, help=help_text,
+                               choices=f.metadata.get("choices") if f.metadata else None)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[ModelConfig, TrainConfig, set[str]]:
+    """Flags -> (model config, train config, names of the flags given explicitly)."""
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    given = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+             if a.startswith("--")}
+    model = ModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)})
+    train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return model, train, given
+
+
+def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
+    """Every check that needs no communication, so that all ranks fail together, fast."""
+    try:
+        mc.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
+    ep = tc.expert_parallel_size or tp
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "num_microbatches", "micro_batch_size",
+                 "max_steps", "log_interval", "eval_iters"):
+        if getattr(tc, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(tc, name)}")
+    if tc.expert_parallel_size < 0:
+        raise ConfigError(f"--expert-parallel-size must be >= 0, got {tc.expert_parallel_size}")
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by --tensor-parallel-size {tp} x "
+                          f"--pipeline-parallel-size {pp}; launch a multiple of {tp * pp} ranks")
+    dp = world_size // (tp * pp)
+    if mc.num_attention_heads % tp or mc.num_kv_heads % tp:
+        raise ConfigError(f"--tensor-parallel-size {tp} must divide --num-attention-heads "
+                          f"({mc.num_attention_heads}) and --num-kv-heads ({mc.num_kv_heads})")
+    if mc.vocab_size % tp:
+        raise ConfigError(f"--tensor-parallel-size {tp} must divide the vocabulary ({mc.vocab_size})")
+    if mc.ffn_hidden_size % tp:
+        raise ConfigError(f"--tensor-parallel-size {tp} must divide --ffn-hidden-size ({mc.ffn_hidden_size})")
+    if mc.num_experts > 0:
+        if mc.num_experts % ep:
+            raise ConfigError(f"--expert-parallel-size {ep} must divide --num-experts ({mc.num_experts})")
+        if (dp * tp) % ep:
+            raise ConfigError(f"--expert-parallel-size {ep} must divide the ranks of a pipeline stage "
+                              f"(DP {dp} x TP {tp} = {dp * tp})")
+        if (tc.micro_batch_size * mc.seq_length) % tp:
+            raise ConfigError(f"--tensor-parallel-size {tp} must divide the tokens of a micro-batch "
+                              f"({tc.micro_batch_size} x {mc.seq_length}) so each TP rank routes a slice")
+    elif tc.expert_parallel_size > 1:
+        raise ConfigError("--expert-parallel-size > 1 needs --num-experts > 0")
+    if mc.num_layers < pp:
+        raise ConfigError(f"--num-layers ({mc.num_layers}) must be >= --pipeline-parallel-size ({pp})")
+    if tc.num_microbatches < pp:
+        raise ConfigError(f"--num-microbatches ({tc.num_microbatches}) must be >= --pipeline-parallel-size "
+                          f"({pp}) or stages sit idle; use {pp} or more")
+    if tc.warmup_steps < 0 or tc.lr <= 0 or tc.min_lr < 0:
+        raise ConfigError("--lr must be positive, --min-lr and --warmup-steps non-negative")
+    if tc.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
+
+
+# ============================================================ distributed setup
+@dataclass
+class ParallelGroups:
+    """Ranks, sizes and process groups of this rank. Global rank = (pp * DP + dp) * TP + tp."""
+
+    rank: int
+    world_size: int
+    tp: int
+    dp: int
+    pp: int
+    ep: int
+    tp_rank: int
+    dp_rank: int
+    pp_rank: int
+    ep_rank: int
+    tp_group: Any = None
+    dp_group: Any = None
+    ep_group: Any = None
+    expert_dp_group: Any = None  # ranks of this stage holding the same experts
+    expert_dp_size: int = 1
+    prev_rank: int | None = None  # same (dp, tp) on the previous pipeline stage
+    next_rank: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
+    """Layers [start, end) of a stage: as even as possible, earlier stages take the remainder."""
+    base, extra = divmod(num_layers, pp)
+    start = stage * base + min(stage, extra)
+    return start, start + base + (1 if stage < extra else 0)
+
+
+def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int) -> ParallelGroups:
+    """Create every process group once (all ranks call new_group for every group, in order).
+
+    Worked example, 8 ranks, TP2 x DP2 x PP2, EP2 (rank = (pp*2 + dp)*2 + tp):
+        TP groups  [0,1] [2,3] [4,5] [6,7]      heads / FFN columns / vocab split
+        DP groups  [0,2] [1,3] [4,6] [5,7]      dense gradients averaged
+        PP groups  [0,4] [1,5] [2,6] [3,7]      activations flow 0->4, 1->5, ...
+        EP groups  [0,1] [2,3] [4,5] [6,7]      consecutive ranks of a stage split the experts
+        expert-DP  [0,2] [1,3] [4,6] [5,7]      ranks with the same experts sum expert gradients
+    With EP4 on the same layout the EP groups become [0,1,2,3] [4,5,6,7] and every rank of a stage
+    holds different experts (expert-DP groups of one rank)."""
+    dp = world_size // (tp * pp)
+    stage_size = dp * tp
+    pp_rank, in_stage = divmod(rank, stage_size)
+    dp_rank, tp_rank = divmod(in_stage, tp)
+    g = ParallelGroups(rank=rank, world_size=world_size, tp=tp, dp=dp, pp=pp, ep=ep, tp_rank=tp_rank,
+                       dp_rank=dp_rank, pp_rank=pp_rank, ep_rank=in_stage % ep,
+                       expert_dp_size=stage_size // ep)
+    if pp_rank > 0:
+        g.prev_rank = rank - stage_size
+    if pp_rank < pp - 1:
+        g.next_rank = rank + stage_size
+    if world_size == 1:
+        return g
+    for p in range(pp):
+        base = p * stage_size
+        for d in range(dp):
+            ranks = [base + d * tp + t for t in range(tp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                g.tp_group = group
+        for t in range(tp):
+            ranks = [base + d * tp + t for d in range(dp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                g.dp_group = group
+        for start in range(0, stage_size, ep):
+            ranks = [base + start + i for i in range(ep)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                g.ep_group = group
+        for e in range(ep):
+            ranks = [base + e + j * ep for j in range(stage_size // ep)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                g.expert_dp_group = group
+    return g
+
+
+def model_parallel_for(pg: ParallelGroups, mc: ModelConfig) -> ModelParallel:
+    start, end = stage_layers(mc.num_layers, pg.pp, pg.pp_rank)
+    return ModelParallel(tp_group=pg.tp_group, tp_rank=pg.tp_rank, tp_size=pg.tp,
+                         ep_group=pg.ep_group, ep_rank=pg.ep_rank, ep_size=pg.ep,
+                         layer_start=start, layer_end=end,
+                         first_stage=pg.first_stage, last_stage=pg.last_stage)
+
+
+def describe_layout(pg: ParallelGroups, mc: ModelConfig) -> str:
+    """One line per rank: its stage, layers, TP slice and experts (printed once by rank 0)."""
+    lines = [f"layout: world {pg.world_size} = PP {pg.pp} x DP {pg.dp} x TP {pg.tp}, EP {pg.ep}"]
+    e_local = mc.num_experts // pg.ep if mc.num_experts else 0
+    for r in range(pg.world_size):
+        p, in_stage = divmod(r, pg.dp * pg.tp)
+        d, t = divmod(in_stage, pg.tp)
+        start, end = stage_layers(mc.num_layers, pg.pp, p)
+        e = in_stage % pg.ep
+        experts = f"experts {e * e_local}-{(e + 1) * e_local - 1}" if e_local else "dense"
+        lines.append(f"  rank {r}: stage {p} layers {start}-{end - 1} | dp {d} | tp {t}/{pg.tp} | {experts}")
+    return "\n".join(lines)
+
+
+# ========================================================================= data
+@dataclass
+class Corpus:
+    train: np.ndarray  # token ids of the training split
+    val: np.ndarray  # token ids of the validation split
+    vocab_size: int
+    description: str
+
+
+def builtin_corpus_files() -> list[str]:
+    """The top-level .py files of this interpreter's standard library, sorted."""
+    return sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+
+
+def split_files(files: list[str]) -> tuple[list[str], list[str]]:
+    """Every 10th file (in sorted order) is held out for validation."""
+    return [f for i, f in enumerate(files) if i % 10 != 9], [f for i, f in enumerate(files) if i % 10 == 9]
+
+
+def read_bytes(files: list[str]) -> np.ndarray:
+    return np.frombuffer(b"".join(open(f, "rb").read() for f in files), dtype=np.uint8)
+
+
+def load_corpus(path: str, vocab_size_flag: int | None) -> Corpus:
+    """--data rules of DESIGN.md: built-in corpus, text file / folder, or train.bin + val.bin."""
+    if not path:
+        train, val = split_files(builtin_corpus_files())
+        return Corpus(read_bytes(train), read_bytes(val), 256,
+                      f"built-in: {len(train) + len(val)} Python stdlib files ({len(val)} held out), bytes")
+    if not os.path.exists(path):
+        raise ConfigError(f"--data {path}: no such file or folder")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "train.bin")):
+        return load_token_files(path, vocab_size_flag)
+    if os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if os.path.isfile(f) and not f.endswith((".bin", ".json")))
+        if not files:
+            raise ConfigError(f"--data {path}: folder holds no text files (nor train.bin)")
+        if len(files) < 2:
+            data = read_bytes(files)
+            cut = int(len(data) * 0.9)
+            return Corpus(data[:cut], data[cut:], 256, f"{files[0]}: last 10% held out, bytes")
+        train, val = split_files(files)
+        if not val:
+            train, val = files[:-1], files[-1:]
+        return Corpus(read_bytes(train), read_bytes(val), 256,
+                      f"{path}: {len(files)} text files ({len(val)} held out), bytes")
+    data = read_bytes([path])
+    cut = int(len(data) * 0.9)
+    return Corpus(data[:cut], data[cut:], 256, f"{path}: last 10% held out, bytes")
+
+
+def load_token_files(path: str, vocab_size_flag: int | None) -> Corpus:
+    """nanoGPT convention: uint16 train.bin / val.bin, vocab size from meta.json or the flag."""
+    val_path = os.path.join(path, "val.bin")
+    if not os.path.exists(val_path):
+        raise ConfigError(f"--data {path}: train.bin found but val.bin missing; run scripts/prepare_data.py")
+    vocab = vocab_size_flag
+    meta = os.path.join(path, "meta.json")
+    if os.path.exists(meta):
+        try:
+            vocab = int(json.load(open(meta))["vocab_size"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{meta}: unreadable ({e}); it must hold {{\"vocab_size\": N}}") from None
+    if vocab is None:
+        raise ConfigError(f"--data {path}: no meta.json; give --vocab-size")
+    for f in ("train.bin", "val.bin"):
+        if os.path.getsize(os.path.join(path, f)) % 2:
+            raise ConfigError(f"{os.path.join(path, f)}: odd size, not a uint16 token file")
+    train = np.memmap(os.path.join(path, "train.bin"), dtype=np.uint16, mode="r")
+    val = np.memmap(val_path, dtype=np.uint16, mode="r")
+    if len(train) and int(train.max()) >= vocab:
+        raise ConfigError(f"{path}/train.bin holds token {int(train.max())} >= vocab size {vocab}")
+    return Corpus(train, val, vocab, f"{path}: train.bin / val.bin, vocab {vocab}")
+
+
+def get_batch(tokens: np.ndarray, seed: int, split: int, index: int, batch: int,
+              seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `index`-th global batch of a split: a function of (seed, split, index) only.
+
+    Returns inputs and next-token targets, both (batch, seq_len) int64."""
+    rng = np.random.default_rng([seed, split, index])
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch)
+    rows = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
+    rows = torch.from_numpy(rows)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats per token) of the token frequencies: the loss of the best context-free model."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def local_microbatches(x: torch.Tensor, y: torch.Tensor, pg: ParallelGroups, tc: TrainConfig,
+                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """DP rank d takes the d-th contiguous slice of the global batch, cut into micro-batches."""
+    per_rank = tc.micro_batch_size * tc.num_microbatches
+    x = x[pg.dp_rank * per_rank:(pg.dp_rank + 1) * per_rank].to(device)
+    y = y[pg.dp_rank * per_rank:(pg.dp_rank + 1) * per_rank].to(device)
+    return list(zip(x.split(tc.micro_batch_size), y.split(tc.micro_batch_size)))
+
+
+# ===================================================== pipeline schedule (1F1B)
+def p2p(pg: ParallelGroups, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
+        recv_prev: bool = False, recv_next: bool = False, shape: tuple[int, ...] = (),
+        device: torch.device | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Exchange activations / gradients with neighbouring stages in one batch (no deadlock)."""
+    ops, from_prev, from_next = [], None, None
+    if send_next is not None and pg.next_rank is not None:
+        ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), pg.next_rank))
+    if send_prev is not None and pg.prev_rank is not None:
+        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), pg.prev_rank))
+    if recv_prev and pg.prev_rank is not None:
+        from_prev = torch.empty(shape, device=device)
+        ops.append(dist.P2POp(dist.irecv, from_prev, pg.prev_rank))
+    if recv_next and pg.next_rank is not None:
+        from_next = torch.empty(shape, device=device)
+        ops.append(dist.P2POp(dist.irecv, from_next, pg.next_rank))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    return from_prev, from_next
+
+
+@dataclass
+class StepStats:
+    """Sums over this rank's micro-batches, later summed over all ranks."""
+
+    lm_loss: float = 0.0  # sum of micro-batch mean LM losses (last stage, TP rank 0 only)
+    aux_loss: torch.Tensor | None = None  # sum over micro-batches and this stage's MoE layers
+    z_loss: torch.Tensor | None = None
+    counts: torch.Tensor | None = None  # (num MoE layers, E) assignments per expert
+
+
+def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torch.Tensor]],
+                     pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, device: torch.device,
+                     autocast_dtype: torch.dtype | None, train: bool) -> StepStats:
+    """Forward (and backward when `train`) of this rank's micro-batches, pipelined over stages.
+
+    1F1B (PipeDream-Flush, Narayanan et al. 2021): stage s runs PP-s-1 warm-up forwards, then
+    alternates one forward and one backward, then drains the remaining backwards, so at most
+    PP micro-batches of activations are alive. With PP = 1 it is plain gradient accumulation.
+
+    Each micro-batch's loss is scaled by 1/M so the gradients are those of the mean over the
+    M micro-batches; the aux and z losses of every stage join that stage's backward."""
+    n_moe = len(mc.moe_layers)
+    moe_row = {layer: i for i, layer in enumerate(mc.moe_layers)}
+    m = len(micro)
+    b, t = micro[0][0].shape
+    shape = (b, t, mc.hidden_size)
+    stats = StepStats(aux_loss=torch.zeros((), device=device), z_loss=torch.zeros((), device=device),
+                      counts=torch.zeros(n_moe, max(mc.num_experts, 1), device=device))
+    queue: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+
+    def forward_step(i: int, inp: torch.Tensor | None) -> torch.Tensor:
+        x, y = micro[i]
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(x if pg.first_stage else inp)
+        router_loss = torch.zeros((), device=device)
+        if n_moe:
+            # Means over all MoE layers of the model: each stage adds its layers' share.
+            router_loss = (tc.router_aux_loss_coef * out.aux_loss + tc.router_z_loss_coef * out.z_loss) / n_moe
+            stats.aux_loss += out.aux_loss.detach()
+            stats.z_loss += out.z_loss.detach()
+            for layer, c in out.counts.items():
+                stats.counts[moe_row[layer]] += c.float()
+        if pg.last_stage:
+            lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), model.par)
+            if pg.tp_rank == 0:
+                stats.lm_loss += lm.item()
+            loss = (lm + router_loss) / m
+        else:
+            loss = router_loss / m
+        if train:
+            queue.append((inp, out.output, loss))
+        return out.output
+
+    def backward_step(grad_out: torch.Tensor | None) -> torch.Tensor | None:
+        inp, out, loss = queue.pop(0)
+        if pg.last_stage:
+            loss.backward()
+        else:
+            tensors, grads = [out], [grad_out]
+            if loss.requires_grad:  # this stage's aux and z losses
+                tensors.append(loss)
+                grads.append(torch.ones_like(loss))
+            torch.autograd.backward(tensors, grads)
+        return inp.grad if inp is not None else None
+
+    def recv_forward() -> torch.Tensor | None:
+        if pg.first_stage:
+            return None
+        inp, _ = p2p(pg, recv_prev=True, shape=shape, device=device)
+        return inp.requires_grad_(train)
+
+    if not train:
+        with torch.no_grad():
+            for i in range(m):
+                out = forward_step(i, recv_forward())
+                p2p(pg, send_next=None if pg.last_stage else out)
+        return stats
+
+    warmup = min(pg.pp - pg.pp_rank - 1, m)
+    for i in range(warmup):
+        out = forward_step(i, recv_forward())
+        p2p(pg, send_next=None if pg.last_stage else out)
+    inp = recv_forward() if warmup < m else None
+    for i in range(warmup, m):
+        out = forward_step(i, inp)
+        _, grad_out = p2p(pg, send_next=None if pg.last_stage else out, recv_next=True, shape=shape, device=device)
+        in_grad = backward_step(grad_out)
+        if i == m - 1:
+            p2p(pg, send_prev=in_grad)
+        else:  # send this gradient back while receiving the next micro-batch's input
+            inp, _ = p2p(pg, send_prev=in_grad, recv_prev=True, shape=shape, device=device)
+            if inp is not None:
+                inp.requires_grad_(True)
+    for _ in range(warmup):
+        _, grad_out = p2p(pg, recv_next=True, shape=shape, device=device)
+        p2p(pg, send_prev=backward_step(grad_out))
+    return stats
+
+
+def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> dict:
+    """Global-batch means of the losses and per-expert load fractions (same on every rank)."""
+    n_moe = len(mc.moe_layers)
+    packed = torch.cat([torch.tensor([stats.lm_loss], device=stats.counts.device),
+                        stats.aux_loss.reshape(1), stats.z_loss.reshape(1), stats.counts.flatten()]).double()
+    if pg.world_size > 1:
+        # lm: last stage, TP rank 0; aux / z: TP ranks hold shares, stages hold layers; counts likewise
+        dist.all_reduce(packed, group=None)
+    num_micro = tc.num_microbatches * pg.dp
+    lm = packed[0].item() / num_micro
+    aux = packed[1].item() / (num_micro * n_moe) if n_moe else 0.0
+    z = packed[2].item() / (num_micro * n_moe) if n_moe else 0.0
+    counts = packed[3:].view(n_moe, -1)
+    load = {str(layer): (counts[i] / counts[i].sum()).tolist() for i, layer in enumerate(mc.moe_layers)}
+    return {"loss": lm + tc.router_aux_loss_coef * aux + tc.router_z_loss_coef * z, "lm_loss": lm,
+            "aux_loss": aux, "z_loss": z, "expert_load": load}
+
+
+# ======================================================== gradients and optimizer
+def bucketed_all_reduce(tensors: list[torch.Tensor], group: Any, bucket_bytes: int = 32 << 20) -> None:
+    """Sum tensors over `group` in a few large flat buffers instead of one call per tensor."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush() -> None:
+        if not bucket:
+            return
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        bucket.clear()
+
+    for t in tensors:
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            flush()
+            size = 0
+    flush()
+
+
+def sync_gradients(model: torch.nn.Module, pg: ParallelGroups) -> None:
+    """Turn each rank's local gradients into the gradient of the global-batch mean loss.
+
+    - router and q/k-norm weights: summed over TP (each TP rank saw part of the tokens / heads);
+    - dense weights: averaged over DP;
+    - expert weights: summed over the ranks holding the same experts (their tokens came from
+      every rank of the EP group already), then divided by DP like the dense ones."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if pg.tp > 1:
+        partial = [p.grad for p in params if getattr(p, "tp_partial_grad", False)]
+        bucketed_all_reduce(partial, pg.tp_group)  # sum partial router / q,k-norm grads over TP
+    dense = [p.grad for p in params if getattr(p, "shard_kind", None) != "ep"]
+    experts = [p.grad for p in params if getattr(p, "shard_kind", None) == "ep"]
+    if pg.dp > 1:
+        bucketed_all_reduce(dense, pg.dp_group)  # sum over data-parallel replicas
+    if pg.expert_dp_size > 1:
+        bucketed_all_reduce(experts, pg.expert_dp_group)  # sum over ranks with the same experts
+    if pg.dp > 1:
+        for g in dense + experts:
+            g.div_(pg.dp)
+
+
+def global_grad_norm(model: torch.nn.Module, pg: ParallelGroups) -> torch.Tensor:
+    """L2 norm of the full model's gradient, each distinct parameter counted once.
+
+    A rank's squared norms are divided by how many ranks hold the same tensor, then summed
+    over all ranks: DP replicas of TP shards, DP x TP replicas of replicated weights,
+    (DP x TP) / EP replicas of an expert."""
+    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        kind = getattr(p, "shard_kind", None)
+        replicas = {"tp": pg.dp, "ep": pg.expert_dp_size}.get(kind, pg.dp * pg.tp)
+        sq += p.grad.double().pow(2).sum() / replicas
+    if pg.world_size > 1:
+        dist.all_reduce(sq, group=None)  # sum over every rank of every stage
+    return sq.sqrt()
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (embeddings, projections, experts, router), not on norms."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def get_lr(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up to --lr over --warmup-steps, then cosine decay to --min-lr at --max-steps.
+
+    `step` counts from 0 (the first update)."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
+    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# =================================================================== evaluation
+def evaluate(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig,
+             device: torch.device, autocast_dtype: torch.dtype | None) -> float:
+    """Mean LM loss (nats per token) over --eval-iters fixed global batches of the val split."""
+    model.eval()
+    total = 0.0
+    global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
+    for i in range(tc.eval_iters):
+        x, y = get_batch(corpus.val, tc.seed, 1, i, global_batch, mc.seq_length)
+        stats = run_microbatches(model, local_microbatches(x, y, pg, tc, device), pg, mc, tc, device,
+                                 autocast_dtype, train=False)
+        total += reduce_step_stats(stats, pg, mc, tc)["lm_loss"]
+    model.train()
+    return total / tc.eval_iters
+
+
+# ======================================================================== main
+def fail(message: str, is_main: bool) -> None:
+    """Bad input: one line on stderr from rank 0, exit status 2 on every rank."""
+    if is_main:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def resolve_device(tc: TrainConfig, local_rank: int) -> torch.device:
+    use_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_autocast(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    # ---------------------------------------------------------------- config
+    mc, tc, given = parse_config(argv)
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    is_main = rank == 0
+    try:
+        corpus = load_corpus(tc.data, mc.vocab_size if "vocab_size" in given else None)
+        mc.vocab_size = corpus.vocab_size
+        validate(mc, tc, world_size)
+        if min(len(corpus.train), len(corpus.val)) < mc.seq_length + 2:
+            raise ConfigError(f"data too short: {len(corpus.train)} train / {len(corpus.val)} val tokens, "
+                              f"need more than --seq-length {mc.seq_length} + 1 in each split")
+    except ConfigError as e:
+        fail(str(e), is_main)
+    tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
+
+    # ---------------------------------------------------- distributed setup
+    device = resolve_device(tc, local_rank)
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=tc.dist_timeout))
+    pg = build_process_groups(tc.tensor_parallel_size, tc.pipeline_parallel_size, tc.expert_parallel_size,
+                              rank, world_size)
+    autocast_dtype = resolve_autocast(tc, device)
+    if is_main:
+        print(f"model: {json.dumps(dataclasses.asdict(mc))}")
+        print(f"train: {json.dumps(dataclasses.asdict(tc))}")
+        print(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
+        print(describe_layout(pg, mc))
+
+    # ------------------------------------------------------------------ model
+    model = MoETransformer(mc, model_parallel_for(pg, mc), seed=tc.seed).to(device)
+    grouped = can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)
+    for module in model.modules():
+        if hasattr(module, "use_grouped_mm"):
+            module.use_grouped_mm = grouped
+    n_params = sum(p.numel() for p in model.parameters())
+    if is_main:
+        print(f"parameters on rank 0: {n_params:,} | device {device} | "
+              f"autocast {autocast_dtype} | grouped GEMM {grouped}")
+
+    # ------------------------------------------------- optimizer and schedule
+    optimizer = build_optimizer(model, tc)
+    global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
+    metrics = open(tc.metrics_file, "w") if (is_main and tc.metrics_file) else None
+    bar = None
+    if is_main and tc.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.max_steps, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    # ------------------------------------------------------------------- loop
+    start_time = time.time()
+    val_loss = None
+    last = {}
+    for step in range(tc.max_steps):
+        t0 = time.time()
+        lr = get_lr(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(corpus.train, tc.seed, 0, step, global_batch, mc.seq_length)
+        optimizer.zero_grad(set_to_none=True)
+        stats = run_microbatches(model, local_microbatches(x, y, pg, tc, device), pg, mc, tc, device,
+                                 autocast_dtype, train=True)
+        sync_gradients(model, pg)
+        grad_norm = global_grad_norm(model, pg)
+        if tc.grad_clip > 0:
+            scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
+        optimizer.step()
+        done = step + 1
+        if done % tc.log_interval == 0 or done == tc.max_steps:
+            last = reduce_step_stats(stats, pg, mc, tc)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            record = {"step": done, "loss": last["loss"], "lm_loss": last["lm_loss"],
+                      "aux_loss": last["aux_loss"], "z_loss": last["z_loss"], "lr": lr,
+                      "grad_norm": grad_norm.item(), "tokens_per_sec": global_batch * mc.seq_length / dt,
+                      "expert_load": last["expert_load"]}
+            if is_main:
+                line = (f"Step {done} | Loss: {last['loss']:.4f} | Aux Loss: {last['aux_loss']:.4f} | "
+                        f"LR: {lr:.2e} | Throughput: {global_batch / dt:.2f} samples/s | "
+                        f"Tokens/s: {record['tokens_per_sec']:.0f} | Grad Norm: {record['grad_norm']:.3f}")
+                (bar.write if bar else print)(line)
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+        if tc.eval_interval > 0 and (done % tc.eval_interval == 0 or done == tc.max_steps):
+            val_loss = evaluate(model, corpus, pg, mc, tc, device, autocast_dtype)
+            if is_main:
+                (bar.write if bar else print)(f"Step {done} | Val Loss: {val_loss:.4f}")
+                if metrics:
+                    metrics.write(json.dumps({"step": done, "val_loss": val_loss}) + "\n")
+                    metrics.flush()
+        if bar:
+            bar.update(1)
+
+    # --------------------------------------------------------------- teardown
+    if bar:
+        bar.close()
+    if is_main:
+        wall = time.time() - start_time
+        print(f"done: {tc.max_steps} steps, {tc.max_steps * global_batch * mc.seq_length:,} tokens "
+              f"in {wall:.1f}s | final train loss {last.get('loss', float('nan')):.4f}")
+        if val_loss is not None:
+            h = unigram_entropy(corpus.val, mc.vocab_size)
+            print(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {h:.4f} nats/token "
+                  f"({'beats' if val_loss < h else 'does not beat'} it by {h - val_loss:.4f})")
+    if metrics:
+        metrics.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,743 @@
+"""A sparse Mixture-of-Experts decoder, readable top to bottom, leaf to root.
+
+config -> tensor-parallel building blocks -> norm -> rotary attention -> dense MLP
+-> router -> experts -> MoE layer -> block -> transformer.
+
+The weights mean what transformers' Qwen3MoeForCausalLM means by them (Qwen3ForCausalLM
+when num_experts == 0), so an exported model gives the same logits there.
+
+Shape legend
+    B batch (micro-batch) size      T sequence length      D hidden size
+    N = B*T tokens                  n tokens this rank routes (N / TP)
+    H query heads (on this rank)    Hkv key/value heads    Dh head dim
+    E experts                       E_local experts on this rank      K top-k
+    F expert hidden size            V vocab (V_local on this rank)
+    A = n*K routed assignments      M rows an EP rank receives
+
+Parallelism is optional: every module also runs in one process with no process group.
+With tensor parallelism (TP) q/k/v and gate/up are split by columns, o and down by rows
+(Megatron-LM, Shoeybi et al. 2019); the vocabulary is split for the embedding and LM head.
+With expert parallelism (EP) each rank holds E / EP experts and tokens travel to them by
+all-to-all (GShard, Lepikhin et al. 2020).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class ModelConfig:
+    """Every model hyper-parameter; flags of minimal_pretrain.py map onto these one to one."""
+
+    vocab_size: int = 256  # tokens; 256 for byte-level data
+    hidden_size: int = 128  # D
+    num_layers: int = 4  # decoder blocks
+    num_attention_heads: int = 4  # H (full model)
+    num_kv_heads: int = 2  # Hkv (full model); grouped-query attention when < H
+    ffn_hidden_size: int = 512  # hidden width of dense SwiGLU layers
+    moe_ffn_hidden_size: int = 256  # F, hidden width of each expert
+    num_experts: int = 8  # E; 0 gives the dense model
+    num_experts_per_token: int = 2  # K
+    moe_layer_interval: int = 1  # layer i is MoE iff (i + 1) % interval == 0
+    norm_topk_prob: bool = True  # renormalise the K chosen router weights to sum to 1
+    seq_length: int = 256  # T, longest sequence (size of the rotary table)
+    rope_theta: float = 10000.0  # rotary base
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    init_std: float = 0.02  # std of the normal init of every projection
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and (i + 1) % self.moe_layer_interval == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag to change."""
+        c = self
+        positive = ["vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
+                    "ffn_hidden_size", "moe_ffn_hidden_size", "moe_layer_interval", "seq_length"]
+        for name in positive:
+            if getattr(c, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
+        if c.hidden_size % c.num_attention_heads:
+            raise ValueError(f"--num-attention-heads ({c.num_attention_heads}) must divide "
+                             f"--hidden-size ({c.hidden_size})")
+        if c.head_dim % 2:
+            raise ValueError(f"head dim hidden/heads = {c.head_dim} must be even for rotary embeddings")
+        if c.num_attention_heads % c.num_kv_heads:
+            raise ValueError(f"--num-kv-heads ({c.num_kv_heads}) must divide "
+                             f"--num-attention-heads ({c.num_attention_heads})")
+        if c.num_experts < 0:
+            raise ValueError(f"--num-experts must be >= 0, got {c.num_experts}")
+        if c.num_experts > 0 and not 1 <= c.num_experts_per_token <= c.num_experts:
+            raise ValueError(f"--num-experts-per-token ({c.num_experts_per_token}) must be between 1 and "
+                             f"--num-experts ({c.num_experts})")
+
+
+@dataclass
+class ModelParallel:
+    """Which slice of the full model this rank builds and the groups its layers talk over.
+
+    The default is the whole model in one process."""
+
+    tp_group: Any = None  # ranks that split heads, FFN columns and the vocabulary
+    tp_rank: int = 0
+    tp_size: int = 1
+    ep_group: Any = None  # ranks that split the experts of each MoE layer
+    ep_rank: int = 0
+    ep_size: int = 1
+    layer_start: int = 0  # first (global) layer index built on this pipeline stage
+    layer_end: int = -1  # one past the last; -1 means num_layers
+    first_stage: bool = True  # holds the embedding
+    last_stage: bool = True  # holds the final norm and the LM head
+
+
+# ------------------------------------------------- parameters that know their full shape
+def mark_sharded(p: nn.Parameter, full_shape: tuple[int, ...], dim: int, rank: int, size: int,
+                 kind: str) -> nn.Parameter:
+    """Record that p is slice `rank` of `size` equal slices along `dim` of a full tensor.
+
+    kind is "tp" (split over tensor-parallel ranks) or "ep" (experts split over EP ranks).
+    Layout-free initialisation, gradient-norm accounting and checkpoints read this."""
+    p.full_shape = tuple(full_shape)
+    p.shard_dim, p.shard_rank, p.shard_size, p.shard_kind = dim, rank, size, kind
+    return p
+
+
+def layout_free_init_(model: nn.Module, seed: int) -> None:
+    """Initialise every parameter so that the full model depends on `seed` only.
+
+    Each parameter draws its *full* tensor from a generator seeded by (seed, its name) and
+    keeps its own slice, so one process and any TP / EP / PP layout hold the same model."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            with torch.no_grad():
+                p.fill_(1.0)
+            continue
+        full_shape = getattr(p, "full_shape", tuple(p.shape))
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        std = p.init_std if hasattr(p, "init_std") else 0.02
+        full = torch.randn(full_shape, generator=gen) * std
+        if hasattr(p, "full_shape"):
+            full = full.chunk(p.shard_size, dim=p.shard_dim)[p.shard_rank]
+        with torch.no_grad():
+            p.copy_(full)
+
+
+# ------------------------------------------------ tensor-parallel autograd collectives
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; sum of gradients backward (input of a column-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)  # each rank's columns gave part of dL/dx: sum them
+        return g, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    """Sum forward (output of a row-parallel layer); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)  # sum the partial products of the row shards
+        return x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, None
+
+
+class _SplitTokens(torch.autograd.Function):
+    """Keep this rank's contiguous chunk of rows forward; all-gather the gradient backward.
+
+    Used where TP ranks hold the same tokens but each should route only 1/TP of them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        return x.chunk(size, dim=0)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        parts = [torch.empty_like(g) for _ in range(dist.get_world_size(ctx.group))]
+        dist.all_gather(parts, g.contiguous(), group=ctx.group)  # every rank's rows get their grad
+        return torch.cat(parts, dim=0), None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather rows forward; keep this rank's chunk of the (identical) gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)  # rebuild all N tokens' outputs
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return g.chunk(size, dim=0)[rank].contiguous(), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; the backward sends gradients the reverse way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        back = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
+        dist.all_to_all_single(back, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def copy_to_tp(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    return x if par.tp_size == 1 else _CopyToGroup.apply(x, par.tp_group)
+
+
+def reduce_from_tp(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    return x if par.tp_size == 1 else _ReduceFromGroup.apply(x, par.tp_group)
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+# ------------------------------------------------------------ tensor-parallel layers
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split over TP ranks; each rank returns its columns of y."""
+
+    def __init__(self, in_features: int, out_features: int, par: ModelParallel, std: float = 0.02):
+        super().__init__()
+        assert out_features % par.tp_size == 0
+        self.par = par
+        self.weight = nn.Parameter(torch.empty(out_features // par.tp_size, in_features))
+        mark_sharded(self.weight, (out_features, in_features), 0, par.tp_rank, par.tp_size, "tp")
+        self.weight.init_std = std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)  # (..., out / TP); caller applied copy_to_tp to x
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split over TP ranks; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, par: ModelParallel, std: float = 0.02):
+        super().__init__()
+        assert in_features % par.tp_size == 0
+        self.par = par
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // par.tp_size))
+        mark_sharded(self.weight, (out_features, in_features), 1, par.tp_rank, par.tp_size, "tp")
+        self.weight.init_std = std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_from_tp(F.linear(x, self.weight), self.par)  # (..., out)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; a rank looks up only the ids it owns."""
+
+    def __init__(self, vocab_size: int, dim: int, par: ModelParallel, std: float = 0.02):
+        super().__init__()
+        self.par = par
+        self.v_local = vocab_size // par.tp_size
+        self.v_start = par.tp_rank * self.v_local
+        self.weight = nn.Parameter(torch.empty(self.v_local, dim))
+        mark_sharded(self.weight, (vocab_size, dim), 0, par.tp_rank, par.tp_size, "tp")
+        self.weight.init_std = std
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.par.tp_size == 1:
+            return F.embedding(ids, self.weight)  # (B, T, D)
+        local = ids - self.v_start
+        outside = (local < 0) | (local >= self.v_local)
+        emb = F.embedding(local.masked_fill(outside, 0), self.weight)
+        emb = emb.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(emb, self.par)  # (B, T, D): exactly one rank gave each row
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary, never building the full (N, V) logits.
+
+    Per token: loss = log(sum_v exp(z_v)) - z_target, with the max, the sum of exponentials
+    and the target logit each all-reduced over the TP group (Megatron-LM)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, v_start: int, group: Any):
+        logits = logits.float()  # (N, V_local)
+        z_max = logits.max(dim=-1).values
+        dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)  # global max per token
+        z = logits - z_max.unsqueeze(-1)
+        local = targets - v_start
+        mine = (local >= 0) & (local < logits.shape[-1])
+        idx = local.clamp(0, logits.shape[-1] - 1)
+        z_target = z.gather(1, idx.unsqueeze(1)).squeeze(1) * mine
+        exp = z.exp()
+        sum_exp = exp.sum(dim=-1)
+        both = torch.stack([z_target, sum_exp])  # (2, N)
+        dist.all_reduce(both, group=group)  # target logit lives on one rank; sum of exps over all
+        z_target, sum_exp = both
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), idx, mine)
+        return sum_exp.log() - z_target  # (N,)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        softmax, idx, mine = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(1, idx.unsqueeze(1), -mine.to(grad.dtype).unsqueeze(1))  # softmax - onehot
+        return grad * g.unsqueeze(-1), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                                 par: ModelParallel) -> torch.Tensor:
+    """Mean token cross-entropy; logits (N, V_local), targets (N,) global ids."""
+    if par.tp_size == 1:
+        return F.cross_entropy(logits.float(), targets)
+    v_start = par.tp_rank * logits.shape[-1]
+    return _VocabParallelCrossEntropy.apply(logits, targets, v_start, par.tp_group).mean()
+
+
+# ------------------------------------------------------------------------- norm, rope
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (as transformers' Qwen3RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021)."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        cos = self.cos[positions].to(q.dtype)  # (T, Dh)
+        sin = self.sin[positions].to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# ------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    """Causal grouped-query attention with per-head RMSNorm on q and k (Qwen3) and rotary."""
+
+    def __init__(self, cfg: ModelConfig, par: ModelParallel, layer: int):
+        super().__init__()
+        self.par = par
+        dh, d = cfg.head_dim, cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads // par.tp_size  # H on this rank
+        self.n_kv = cfg.num_kv_heads // par.tp_size
+        self.head_dim = dh
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # residual branches start small (GPT-2)
+        self.q_proj = ColumnParallelLinear(d, cfg.num_attention_heads * dh, par, cfg.init_std)
+        self.k_proj = ColumnParallelLinear(d, cfg.num_kv_heads * dh, par, cfg.init_std)
+        self.v_proj = ColumnParallelLinear(d, cfg.num_kv_heads * dh, par, cfg.init_std)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * dh, d, par, out_std)
+        self.q_norm = RMSNorm(dh, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(dh, cfg.rms_norm_eps)
+        # Each TP rank normalises only its own heads, so these weights get partial gradients.
+        self.q_norm.weight.tp_partial_grad = True
+        self.k_norm.weight.tp_partial_grad = True
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+                kv_cache: dict | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        x = copy_to_tp(x, self.par)
+        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        q, k = rope(q, k, positions)
+        if kv_cache is not None:  # generation: prepend the keys and values of earlier positions
+            if "k" in kv_cache:
+                k = torch.cat([kv_cache["k"], k], dim=2)
+                v = torch.cat([kv_cache["v"], v], dim=2)
+            kv_cache["k"], kv_cache["v"] = k, v
+        groups = self.n_heads // self.n_kv
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, T_kv, Dh): query head h reads kv head h // groups
+        v = v.repeat_interleave(groups, dim=1)
+        # With a cache, T queries sit at the end of T_kv keys: causal mask aligned bottom-right.
+        causal = kv_cache is None or t > 1
+        if kv_cache is not None and t > 1 and k.shape[2] != t:
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*Dh)
+        return self.o_proj(y)  # (B, T, D)
+
+
+# ------------------------------------------------------------------------- dense MLP
+class DenseMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+    def __init__(self, cfg: ModelConfig, par: ModelParallel):
+        super().__init__()
+        self.par = par
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, par, cfg.init_std)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, par, cfg.init_std)
+        self.down_proj = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, par, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tp(x, self.par)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------- router
+@dataclass
+class RouterOutput:
+    weights: torch.Tensor  # (n, K) fp32 combine weights of the chosen experts
+    indices: torch.Tensor  # (n, K) chosen expert ids, best first
+    probs: torch.Tensor  # (n, E) fp32 softmax over all experts
+    logits: torch.Tensor  # (n, E) fp32 router logits
+
+
+class TopKRouter(nn.Module):
+    """Linear scores hidden -> E, softmax in fp32, top-k (Shazeer et al. 2017; Switch, Fedus 2021).
+
+    Contract: for x (n, D) returns, per token, the K experts with the largest logits and their
+    softmax probabilities, renormalised over the K when `norm_topk_prob` (as Qwen3-MoE and
+    Mixtral). The math runs in fp32 even under bf16 autocast: small logit differences decide
+    the choice, and the z-loss needs an accurate logsumexp. Under TP each rank routes only its
+    1/TP slice of the tokens, so the weight's gradient is a partial sum over TP ranks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_token
+        self.normalize = cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.weight.init_std = cfg.init_std
+        self.weight.tp_partial_grad = True
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # (n, E)
+            probs = logits.softmax(dim=-1)  # (n, E)
+            weights, indices = probs.topk(self.top_k, dim=-1)  # (n, K), (n, K)
+            if self.normalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(weights, indices, probs, logits)
+
+
+def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
+                        counts: torch.Tensor | None = None, num_tokens: int | None = None) -> torch.Tensor:
+    """Switch Transformer load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2021, eq. 4).
+
+    f_i: fraction of the A = n*K routed assignments that went to expert i (no gradient).
+    P_i: mean router probability of expert i over the tokens (carries the gradient).
+    Uniform routing gives exactly 1.0; total collapse onto one expert gives E.
+    When a micro-batch's tokens are split over ranks, pass `counts` (E,) summed over those
+    ranks and their total `num_tokens`: the result is then this rank's share of the loss,
+    and the shares of all ranks add up to the loss of the whole micro-batch."""
+    if counts is None:
+        counts = torch.bincount(indices.reshape(-1), minlength=num_experts)
+    if num_tokens is None:
+        num_tokens = probs.shape[0]
+    f = counts.float() / (num_tokens * indices.shape[1])  # (E,)
+    p = probs.sum(dim=0) / num_tokens  # (E,)
+    return num_experts * torch.sum(f * p)
+
+
+def router_z_loss(logits: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss mean_tokens(logsumexp(logits)^2) (Zoph et al. 2022, eq. 5).
+
+    Keeps router logits small so the softmax stays accurate in low precision. With
+    `num_tokens` (the micro-batch total when tokens are split over ranks) it returns this
+    rank's share of the mean."""
+    if num_tokens is None:
+        num_tokens = logits.shape[0]
+    return torch.logsumexp(logits, dim=-1).pow(2).sum() / num_tokens
+
+
+# --------------------------------------------------------------------------- experts
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity that makes the incoming gradient contiguous (torch._grouped_mm needs 16-byte strides)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g.contiguous()
+
+
+class MoEExpert(nn.Module):
+    """The E_local SwiGLU experts of one MoE layer on this rank, as stacked weights.
+
+    w_gate, w_up (E_local, D, F) and w_down (E_local, F, D) hold expert e at index e, so that
+    x @ w multiplies without transposes. Experts run on rows already grouped by expert:
+    one grouped GEMM per projection (torch._grouped_mm, CUDA) or a loop over experts on
+    contiguous slices (CPU, where it is the faster of the two)."""
+
+    def __init__(self, cfg: ModelConfig, par: ModelParallel):
+        super().__init__()
+        e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
+        self.num_local = e // par.ep_size
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.w_gate = nn.Parameter(torch.empty(self.num_local, d, f))
+        self.w_up = nn.Parameter(torch.empty(self.num_local, d, f))
+        self.w_down = nn.Parameter(torch.empty(self.num_local, f, d))
+        for w, std in ((self.w_gate, cfg.init_std), (self.w_up, cfg.init_std), (self.w_down, out_std)):
+            mark_sharded(w, (e,) + tuple(w.shape[1:]), 0, par.ep_rank, par.ep_size, "ep")
+            w.init_std = std
+        self.use_grouped_mm = False  # set by the trainer (see `can_use_grouped_mm`)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, D) rows grouped by local expert; counts (E_local,) rows per expert -> (M, D)."""
+        if self.use_grouped_mm:
+            offs = counts.cumsum(0).to(torch.int32)  # (E_local,) end row of each expert, stays on device
+            gate = torch._grouped_mm(x, self.w_gate.to(x.dtype), offs=offs)  # (M, F)
+            up = torch._grouped_mm(x, self.w_up.to(x.dtype), offs=offs)  # (M, F)
+            h = _ContiguousGrad.apply(F.silu(gate) * up)
+            return _ContiguousGrad.apply(torch._grouped_mm(h, self.w_down.to(x.dtype), offs=offs))  # (M, D)
+        # unbind, not w[e] per expert: indexing a stacked weight per expert is slow in backward
+        outs = []
+        for xe, wg, wu, wd in zip(x.split(counts.tolist()), self.w_gate.unbind(0),
+                                  self.w_up.unbind(0), self.w_down.unbind(0)):
+            outs.append((F.silu(xe @ wg) * (xe @ wu)) @ wd)  # (rows of e, D)
+        return torch.cat(outs, dim=0)  # (M, D)
+
+
+def can_use_grouped_mm(device: torch.device, cfg: ModelConfig, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm on CUDA (Hopper or newer) when every row stride is a multiple of 16 bytes."""
+    if device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    elt = torch.finfo(dtype).bits // 8
+    return (cfg.hidden_size * elt) % 16 == 0 and (cfg.moe_ffn_hidden_size * elt) % 16 == 0
+
+
+# ------------------------------------------------------------------ expert dispatcher
+@dataclass
+class DispatchPlan:
+    """What the combine step needs to send expert outputs back (split sizes, row order)."""
+
+    send_splits: list[int]  # rows this rank sent to each EP rank
+    recv_splits: list[int]  # rows this rank received from each EP rank
+    unsort: torch.Tensor  # (M,) puts expert-grouped rows back in received order
+
+
+def dispatch_to_experts(x_sorted: torch.Tensor, counts: torch.Tensor, par: ModelParallel):
+    """Send rows (grouped by global expert id) to the EP rank that owns each expert.
+
+    x_sorted (A, D) rows sorted by expert id; counts (E,) rows per global expert.
+    Returns rows grouped by *local* expert (M, D), rows per local expert (E_local,) and the plan
+    for `combine_from_experts`. Expert e lives on EP rank e // E_local."""
+    ep = par.ep_size
+    e_local = counts.numel() // ep
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=par.ep_group)  # (EP*E_local,) [src, local expert]
+    # The one host synchronisation of EP: all_to_all needs the split sizes as Python ints.
+    send_splits = counts.view(ep, e_local).sum(1).tolist()
+    recv_by_src = recv_counts.view(ep, e_local)  # (EP, E_local)
+    recv_splits = recv_by_src.sum(1).tolist()
+    x_recv = all_to_all(x_sorted, recv_splits, send_splits, par.ep_group)  # (M, D) by source rank
+    # Rows arrive grouped by source, then by expert; regroup by local expert for the GEMMs.
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(e_local, device=counts.device).repeat(ep), recv_by_src.reshape(-1))  # (M,)
+    sort = torch.argsort(expert_of_row, stable=True)  # (M,)
+    plan = DispatchPlan(send_splits, recv_splits, torch.argsort(sort))
+    return x_recv[sort], recv_by_src.sum(0), plan  # (M, D), (E_local,)
+
+
+def combine_from_experts(y: torch.Tensor, plan: DispatchPlan, par: ModelParallel) -> torch.Tensor:
+    """Inverse of `dispatch_to_experts`: (M, D) expert outputs -> (A, D) in the sender's order."""
+    y = y[plan.unsort]  # (M, D) back in received order
+    return all_to_all(y, plan.send_splits, plan.recv_splits, par.ep_group)  # (A, D)
+
+
+# ------------------------------------------------------------------------- MoE layer
+@dataclass
+class MoEStats:
+    """Router losses and loads of one MoE layer on one micro-batch (this rank's share)."""
+
+    aux_loss: torch.Tensor  # scalar, load-balancing loss (before its coefficient)
+    z_loss: torch.Tensor  # scalar, router z-loss (before its coefficient)
+    counts: torch.Tensor  # (E,) assignments per expert made by this rank's tokens
+
+
+class SparseMoELayer(nn.Module):
+    """Dropless top-k Mixture-of-Experts feed-forward layer.
+
+    forward(x (B, T, D)) -> (y (B, T, D), MoEStats), in four steps:
+      1. route:    the router picks K experts and weights per token (fp32).
+      2. dispatch: the A = n*K (token, expert) assignments are sorted by expert, so each
+                   expert's rows are contiguous; under EP they travel by all-to-all to the
+                   rank holding the expert.
+      3. experts:  each local expert runs once on its block of rows (no capacity, no padding,
+                   no token dropped: dropless as in MegaBlocks, Gale et al. 2022).
+      4. combine:  rows come back, are scaled by their router weight and summed per token.
+    Under TP the ranks hold the same N tokens; each routes only its N/TP slice and the outputs
+    are all-gathered, so no token is computed or counted twice. The returned losses are this
+    rank's share of the micro-batch losses (they add up over TP ranks)."""
+
+    def __init__(self, cfg: ModelConfig, par: ModelParallel):
+        super().__init__()
+        self.par = par
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.num_experts_per_token
+        self.router = TopKRouter(cfg)
+        self.experts = MoEExpert(cfg, par)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)  # (N, D)
+        if self.par.tp_size > 1:
+            tokens = _SplitTokens.apply(tokens, self.par.tp_group)  # (n, D), n = N / TP
+        n = tokens.shape[0]
+        num_tokens = n * self.par.tp_size  # N, the micro-batch the losses average over
+
+        # 1. route
+        r = self.router(tokens)
+        flat_expert = r.indices.reshape(-1)  # (A,)
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        counts_all = counts
+        if self.par.tp_size > 1:
+            counts_all = counts.clone()
+            dist.all_reduce(counts_all, group=self.par.tp_group)  # f_i over the whole micro-batch
+        stats = MoEStats(
+            aux_loss=load_balancing_loss(r.probs, r.indices, self.num_experts, counts_all, num_tokens),
+            z_loss=router_z_loss(r.logits, num_tokens),
+            counts=counts.detach(),
+        )
+
+        # 2. dispatch: group the assignments by expert
+        order = torch.argsort(flat_expert, stable=True)  # (A,)
+        token_of_row = order // self.top_k  # (A,) source token of each sorted row
+        x_sorted = tokens[token_of_row]  # (A, D)
+        if self.par.ep_size > 1:
+            x_local, local_counts, plan = dispatch_to_experts(x_sorted, counts, self.par)
+        else:
+            x_local, local_counts = x_sorted, counts
+
+        # 3. experts
+        y_local = self.experts(x_local, local_counts)  # (M, D)
+
+        # 4. combine
+        y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local
+        w = r.weights.reshape(-1)[order].to(y_sorted.dtype)  # (A,)
+        out = torch.zeros_like(tokens, dtype=y_sorted.dtype).index_add_(0, token_of_row, y_sorted * w[:, None])
+        if self.par.tp_size > 1:
+            out = _GatherTokens.apply(out, self.par.tp_group)  # (N, D)
+        return out.view(b, t, d), stats
+
+
+# ----------------------------------------------------------------------------- block
+class MoETransformerBlock(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)); mlp is MoE or dense."""
+
+    def __init__(self, cfg: ModelConfig, par: ModelParallel, layer: int):
+        super().__init__()
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, par, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SparseMoELayer(cfg, par) if self.is_moe else DenseMLP(cfg, par)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+                kv_cache: dict | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.self_attn(self.input_layernorm(x), rope, positions, kv_cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            y, stats = self.mlp(h)
+            return x + y, stats
+        return x + self.mlp(h), None
+
+
+# ----------------------------------------------------------------------- transformer
+@dataclass
+class ModelOutput:
+    output: torch.Tensor  # last stage: logits (B, T, V_local); other stages: hidden (B, T, D)
+    aux_loss: torch.Tensor  # scalar, sum over this stage's MoE layers (0 when none)
+    z_loss: torch.Tensor  # scalar, sum over this stage's MoE layers
+    counts: dict[int, torch.Tensor]  # global layer index -> (E,) assignments per expert
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only MoE language model, or the layers of one pipeline stage of it.
+
+    Parameter names follow transformers' Qwen3-MoE without the `model.` prefix
+    (`layers.3.mlp.router.weight` is its `model.layers.3.mlp.gate.weight`)."""
+
+    def __init__(self, cfg: ModelConfig, par: ModelParallel | None = None, seed: int = 0):
+        super().__init__()
+        par = par or ModelParallel()
+        self.cfg, self.par = cfg, par
+        end = cfg.num_layers if par.layer_end < 0 else par.layer_end
+        self.layer_ids = list(range(par.layer_start, end))
+        if par.first_stage:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par, cfg.init_std)
+        self.layers = nn.ModuleDict({str(i): MoETransformerBlock(cfg, par, i) for i in self.layer_ids})
+        if par.last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, par, cfg.init_std)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+        layout_free_init_(self, seed)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                kv_caches: list[dict] | None = None) -> ModelOutput:
+        """x: token ids (B, T) on the first stage, hidden states (B, T, D) on the others."""
+        if self.par.first_stage:
+            x = self.embed_tokens(x)  # (B, T, D)
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        zero = torch.zeros((), device=x.device)
+        aux, z, counts = zero, zero, {}
+        for j, (name, block) in enumerate(self.layers.items()):
+            x, stats = block(x, self.rope, positions, kv_caches[j] if kv_caches is not None else None)
+            if stats is not None:
+                aux, z = aux + stats.aux_loss, z + stats.z_loss
+                counts[int(name)] = stats.counts
+        if self.par.last_stage:
+            x = self.lm_head(copy_to_tp(self.norm(x), self.par))  # (B, T, V_local)
+        return ModelOutput(x, aux, z, counts)
