@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint as ckpt_io
 from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm,
                         vocab_parallel_cross_entropy)
 
@@ -63,7 +64,11 @@ class TrainConfig:
     metrics_file: str = arg("", "write JSON lines of train and eval metrics here (rank 0)")
     save: str = arg("", "checkpoint folder")
     save_interval: int = arg(0, "save every this many steps (and at the end); 0: only at the end")
-    load: str = arg("", "resume from this checkpoint folder")
+    keep_last: int = arg(0, "keep only the newest this many checkpoints; 0 keeps all")
+    load: str = arg("", "resume from this checkpoint folder (a --save root or one step folder); "
+                        "empty: resume from --save when it holds a checkpoint")
+    max_skipped_steps: int = arg(5, "stop after this many consecutive steps with a non-finite loss or "
+                                    "gradient norm (each is skipped, not applied)")
     device: str = arg("auto", "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
     dtype: str = arg("auto", "auto | float32 | bfloat16 (autocast; bf16 on CUDA for auto)",
                      choices=["auto", "float32", "bfloat16"])
@@ -120,6 +125,15 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelConfig, TrainConfi
     model = ModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)})
     train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     return model, train, given
+
+
+def model_config_from_checkpoint(saved: dict, mc: ModelConfig, given: set[str]) -> ModelConfig:
+    """The checkpoint's model config; a model flag given on the command line must agree with it."""
+    for name, value in saved.items():
+        if name in given and getattr(mc, name) != value:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(mc, name)} conflicts with the checkpoint's "
+                              f"{value}; drop the flag (model flags come from the checkpoint)")
+    return ModelConfig(**saved)
 
 
 def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
@@ -634,6 +648,28 @@ def fail(message: str, is_main: bool) -> None:
     sys.exit(2)
 
 
+def check_writable(root: str) -> None:
+    """Fail at start, not after hours of training, when checkpoints cannot be written."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--save {root}: not writable ({e.strerror}); choose another folder") from None
+
+
+def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.Module,
+         optimizer: torch.optim.Optimizer, step: int, skipped: int) -> str:
+    """Write a checkpoint of the state after `step` updates (all ranks call this)."""
+    payload = ckpt_io.rank_payload(model, optimizer, pg.tp_rank, pg.dp_rank,
+                                   pg.rank % (pg.dp * pg.tp), pg.ep)
+    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": step,
+            "skipped_steps": skipped, "model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc),
+            "layout": {"world_size": pg.world_size, "tp": pg.tp, "pp": pg.pp, "dp": pg.dp, "ep": pg.ep}}
+    return ckpt_io.save_checkpoint(tc.save, step, payload, meta, pg.rank, pg.world_size, tc.keep_last)
+
+
 def resolve_device(tc: TrainConfig, local_rank: int) -> torch.device:
     use_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
     if use_cuda:
@@ -655,14 +691,26 @@ def main(argv: list[str] | None = None) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     is_main = rank == 0
+    if not tc.load and tc.save and os.path.exists(os.path.join(tc.save, "latest")):
+        tc.load = tc.save  # auto-resume: a restarted run (torchrun --max-restarts) continues by itself
+    resume = None
     try:
-        corpus = load_corpus(tc.data, mc.vocab_size if "vocab_size" in given else None)
+        if tc.load:
+            # Read every file before any collective: a bad checkpoint fails all ranks alike, fast.
+            resume = ckpt_io.read_checkpoint(tc.load)
+            mc = model_config_from_checkpoint(resume.meta["model"], mc, given)
+        corpus = load_corpus(tc.data, mc.vocab_size if "vocab_size" in given or resume else None)
+        if resume and corpus.vocab_size != mc.vocab_size:
+            raise ConfigError(f"--data {tc.data or '(built-in)'} has vocab {corpus.vocab_size}, "
+                              f"the checkpoint's model {mc.vocab_size}")
         mc.vocab_size = corpus.vocab_size
         validate(mc, tc, world_size)
         if min(len(corpus.train), len(corpus.val)) < mc.seq_length + 2:
             raise ConfigError(f"data too short: {len(corpus.train)} train / {len(corpus.val)} val tokens, "
                               f"need more than --seq-length {mc.seq_length} + 1 in each split")
-    except ConfigError as e:
+        if tc.save:
+            check_writable(tc.save)
+    except (ConfigError, ckpt_io.CheckpointError) as e:
         fail(str(e), is_main)
     tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
 
@@ -693,18 +741,29 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------- optimizer and schedule
     optimizer = build_optimizer(model, tc)
+    start_step, skipped_total = 0, 0
+    if resume:
+        ckpt_io.load_into(resume, model, optimizer)
+        start_step, skipped_total = resume.meta["step"], resume.meta.get("skipped_steps", 0)
+        saved_layout = resume.meta["layout"]
+        if saved_layout["world_size"] == pg.world_size and saved_layout["tp"] == pg.tp and saved_layout["pp"] == pg.pp:
+            torch.set_rng_state(resume.rng[pg.rank]["torch"])
+        if is_main:
+            print(f"resumed from {resume.path} at step {start_step} (saved on layout {saved_layout})")
+        del resume
     global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
     metrics = open(tc.metrics_file, "w") if (is_main and tc.metrics_file) else None
     bar = None
     if is_main and tc.progress:
         from tqdm import tqdm
-        bar = tqdm(total=tc.max_steps, desc="train", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     # ------------------------------------------------------------------- loop
     start_time = time.time()
     val_loss = None
     last = {}
-    for step in range(tc.max_steps):
+    bad_in_a_row = 0
+    for step in range(start_step, tc.max_steps):
         t0 = time.time()
         lr = get_lr(step, tc)
         for group in optimizer.param_groups:
@@ -715,13 +774,28 @@ def main(argv: list[str] | None = None) -> None:
                                  autocast_dtype, train=True)
         sync_gradients(model, pg)
         grad_norm = global_grad_norm(model, pg)
-        if tc.grad_clip > 0:
-            scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
-        optimizer.step()
         done = step + 1
+        # The norm is summed over all ranks, so every rank takes the same decision.
+        if not torch.isfinite(grad_norm):
+            skipped_total += 1
+            bad_in_a_row += 1
+            if is_main:
+                (bar.write if bar else print)(f"Step {done} | non-finite gradient norm: update skipped "
+                                              f"({bad_in_a_row} in a row, {skipped_total} in all)")
+            if bad_in_a_row >= tc.max_skipped_steps:
+                if tc.save:
+                    save(tc, mc, pg, model, optimizer, step, skipped_total)
+                fail(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last: step {done}); "
+                     f"lower --lr or raise --router-z-loss-coef, then resume"
+                     + (f" from {tc.save}" if tc.save else ""), is_main)
+        else:
+            bad_in_a_row = 0
+            if tc.grad_clip > 0:
+                scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scale.to(p.grad.dtype))
+            optimizer.step()
         if done % tc.log_interval == 0 or done == tc.max_steps:
             last = reduce_step_stats(stats, pg, mc, tc)
             if device.type == "cuda":
@@ -730,7 +804,7 @@ def main(argv: list[str] | None = None) -> None:
             record = {"step": done, "loss": last["loss"], "lm_loss": last["lm_loss"],
                       "aux_loss": last["aux_loss"], "z_loss": last["z_loss"], "lr": lr,
                       "grad_norm": grad_norm.item(), "tokens_per_sec": global_batch * mc.seq_length / dt,
-                      "expert_load": last["expert_load"]}
+                      "skipped_steps": skipped_total, "expert_load": last["expert_load"]}
             if is_main:
                 line = (f"Step {done} | Loss: {last['loss']:.4f} | Aux Loss: {last['aux_loss']:.4f} | "
                         f"LR: {lr:.2e} | Throughput: {global_batch / dt:.2f} samples/s | "
@@ -746,6 +820,10 @@ def main(argv: list[str] | None = None) -> None:
                 if metrics:
                     metrics.write(json.dumps({"step": done, "val_loss": val_loss}) + "\n")
                     metrics.flush()
+        if tc.save and ((tc.save_interval > 0 and done % tc.save_interval == 0) or done == tc.max_steps):
+            path = save(tc, mc, pg, model, optimizer, done, skipped_total)
+            if is_main:
+                (bar.write if bar else print)(f"Step {done} | saved {path}")
         if bar:
             bar.update(1)
 
@@ -754,7 +832,8 @@ def main(argv: list[str] | None = None) -> None:
         bar.close()
     if is_main:
         wall = time.time() - start_time
-        print(f"done: {tc.max_steps} steps, {tc.max_steps * global_batch * mc.seq_length:,} tokens "
+        steps = tc.max_steps - start_step
+        print(f"done: {steps} steps, {steps * global_batch * mc.seq_length:,} tokens "
               f"in {wall:.1f}s | final train loss {last.get('loss', float('nan')):.4f}")
         if val_loss is not None:
             h = unigram_entropy(corpus.val, mc.vocab_size)

@@ -1,0 +1,247 @@
+"""Checkpoints that any layout writes and any layout reads back.
+
+Kept beside minimal_pretrain.py (not in it) because scripts/inspect_checkpoint.py and the
+export script read the same format without the trainer.
+
+Format of `DIR/step_00000100/` (a plain, documented format rather than
+torch.distributed.checkpoint, so that one process can read a folder written by 8 ranks with
+nothing but torch.load, and each file says in its own entries where its slices belong):
+    meta.json        format version, step, model and train configs, layout, file list,
+    rank_00003.pt    {"params": {name: entry}, "optim": {name: {"step", "exp_avg": entry,
+                     "exp_avg_sq": entry}}, "rng": {...}} where an entry is
+                     {"tensor", "dim", "rank", "size"}: slice `rank` of `size` along `dim`
+                     (dim None: the whole tensor). Each slice is written by exactly one rank.
+`DIR/latest` names the newest complete step folder. A save writes into `DIR/.tmp-step_...`,
+flushes every file to disk, renames the folder and only then replaces `latest` (itself by
+rename), so a crash at any moment leaves the previous checkpoint whole and `latest` valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+FORMAT = "moe-minimal-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def writes_param(p: torch.nn.Parameter, tp_rank: int, dp_rank: int, stage_rank: int, ep: int) -> bool:
+    """Whether this rank writes `p`: one copy of every slice over the whole world.
+
+    TP shards: the DP-rank-0 copy. Replicated weights: DP rank 0, TP rank 0. Experts: the
+    first EP group of the stage (`stage_rank` is the rank within the pipeline stage)."""
+    kind = getattr(p, "shard_kind", None)
+    if kind == "ep":
+        return stage_rank < ep
+    if kind == "tp":
+        return dp_rank == 0
+    return dp_rank == 0 and tp_rank == 0
+
+
+def _entry(t: torch.Tensor, p: torch.nn.Parameter) -> dict:
+    if hasattr(p, "full_shape") and p.shard_size > 1:
+        return {"tensor": t.detach().cpu().clone(), "dim": p.shard_dim, "rank": p.shard_rank, "size": p.shard_size}
+    return {"tensor": t.detach().cpu().clone(), "dim": None, "rank": 0, "size": 1}
+
+
+def _fsync_write(path: str, write: Any) -> None:
+    """Write through `write(file)`, flush it to disk, then atomically move it into place."""
+    part = path + ".part"
+    with open(part, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_rank: int, dp_rank: int,
+                 stage_rank: int, ep: int) -> dict:
+    """This rank's slices of the weights and of the AdamW moments, plus its RNG states."""
+    params, optim = {}, {}
+    for name, p in model.named_parameters():
+        if not writes_param(p, tp_rank, dp_rank, stage_rank, ep):
+            continue
+        params[name] = _entry(p, p)
+        state = optimizer.state.get(p, {})
+        if state:
+            optim[name] = {"step": float(state["step"]), "exp_avg": _entry(state["exp_avg"], p),
+                           "exp_avg_sq": _entry(state["exp_avg_sq"], p)}
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {"params": params, "optim": optim, "rng": rng}
+
+
+def save_checkpoint(root: str, step: int, payload: dict, meta: dict, rank: int, world_size: int,
+                    keep_last: int = 0) -> str:
+    """Write every rank's payload into `root/step_N` atomically; return that folder.
+
+    All ranks call it; rank 0 alone creates, renames, points `latest` and prunes."""
+    final = os.path.join(root, step_dir_name(step))
+    tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+        os.makedirs(tmp)
+    if world_size > 1:
+        dist.barrier()  # the temporary folder exists before anyone writes into it
+    _fsync_write(os.path.join(tmp, f"rank_{rank:05d}.pt"), lambda f: torch.save(payload, f))
+    if world_size > 1:
+        dist.barrier()  # every rank's file is on disk
+    if rank == 0:
+        meta = dict(meta, files=[f"rank_{r:05d}.pt" for r in range(world_size)])
+        _fsync_write(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_write(os.path.join(root, "latest"), lambda f: f.write(step_dir_name(step).encode()))
+        _fsync_dir(root)
+        if keep_last > 0:
+            prune(root, keep_last)
+    if world_size > 1:
+        dist.barrier()  # nobody moves on (or exits) before `latest` points at the new folder
+    return final
+
+
+def list_checkpoints(root: str) -> list[str]:
+    return sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
+
+
+def prune(root: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints."""
+    for d in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def resolve(path: str) -> str:
+    """A checkpoint root (follow `latest`) or a step folder -> the step folder."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--load {path}: no such folder")
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return path
+    latest = os.path.join(path, "latest")
+    if not os.path.exists(latest):
+        raise CheckpointError(f"--load {path}: neither a checkpoint folder (meta.json) nor a root with a "
+                              f"`latest` file; point it at the folder given to --save")
+    step_dir = os.path.join(path, open(latest).read().strip())
+    if not os.path.exists(os.path.join(step_dir, "meta.json")):
+        raise CheckpointError(f"{latest} points to {step_dir}, which has no meta.json; "
+                              f"load one of {list_checkpoints(path)} directly")
+    return step_dir
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    meta: dict
+    params: dict[str, list[dict]]  # name -> its slices, from every file
+    optim: dict[str, list[dict]]  # name -> slices of {"step", "exp_avg", "exp_avg_sq"}
+    rng: dict[int, dict]  # writing rank -> its RNG states
+
+
+def read_meta(path: str) -> tuple[str, dict]:
+    step_dir = resolve(path)
+    meta_path = os.path.join(step_dir, "meta.json")
+    try:
+        meta = json.load(open(meta_path))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({e}); load an earlier checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: not a checkpoint of this trainer (format "
+                              f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format version {meta.get('version')}, this code reads {FORMAT_VERSION}")
+    return step_dir, meta
+
+
+def read_checkpoint(path: str) -> Checkpoint:
+    """Read every file of a checkpoint, checking that each is whole and that all slices are there."""
+    step_dir, meta = read_meta(path)
+    params: dict[str, list[dict]] = {}
+    optim: dict[str, list[dict]] = {}
+    rng = {}
+    for r, fname in enumerate(meta["files"]):
+        fpath = os.path.join(step_dir, fname)
+        if not os.path.exists(fpath):
+            raise CheckpointError(f"{fpath}: missing; the checkpoint is incomplete, load an earlier one")
+        try:
+            payload = torch.load(fpath, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign files raise many different errors
+            raise CheckpointError(f"{fpath}: unreadable ({type(e).__name__}); load an earlier checkpoint") from None
+        for name, entry in payload["params"].items():
+            params.setdefault(name, []).append(entry)
+        for name, entry in payload["optim"].items():
+            optim.setdefault(name, []).append(entry)
+        rng[r] = payload["rng"]
+    for name, entries in params.items():
+        try:
+            assemble(entries)
+        except (CheckpointError, RuntimeError) as e:
+            raise CheckpointError(f"{step_dir}: slices of {name} do not fit together ({e})") from None
+    return Checkpoint(step_dir, meta, params, optim, rng)
+
+
+def assemble(entries: list[dict], key: str | None = None) -> torch.Tensor:
+    """Concatenate the slices of one tensor (sorted by rank) into the full tensor."""
+    if key is not None:
+        entries = [e[key] for e in entries]
+    if entries[0]["dim"] is None:
+        return entries[0]["tensor"]
+    ordered = sorted(entries, key=lambda e: e["rank"])
+    if [e["rank"] for e in ordered] != list(range(ordered[0]["size"])):
+        raise CheckpointError(f"slices {[e['rank'] for e in ordered]} of {ordered[0]['size']} found")
+    return torch.cat([e["tensor"] for e in ordered], dim=ordered[0]["dim"])
+
+
+def my_slice(full: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
+    """The part of a full tensor that parameter `p` holds on this rank."""
+    if hasattr(p, "full_shape"):
+        return full.chunk(p.shard_size, dim=p.shard_dim)[p.shard_rank]
+    return full
+
+
+def full_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The whole model's weights, whatever layout wrote them."""
+    return {name: assemble(entries) for name, entries in ckpt.params.items()}
+
+
+def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Copy this rank's slices of weights (and AdamW moments) out of a checkpoint of any layout."""
+    for name, p in model.named_parameters():
+        if name not in ckpt.params:
+            raise CheckpointError(f"{ckpt.path}: has no parameter {name}; it was written by another model")
+        full = assemble(ckpt.params[name])
+        want = tuple(getattr(p, "full_shape", p.shape))
+        if tuple(full.shape) != want:
+            raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(full.shape)}, the model needs {want}")
+        with torch.no_grad():
+            p.copy_(my_slice(full, p))
+        if optimizer is not None and name in ckpt.optim:
+            entries = ckpt.optim[name]
+            optimizer.state[p] = {
+                "step": torch.tensor(entries[0]["step"]),
+                "exp_avg": my_slice(assemble(entries, "exp_avg"), p).to(p.device).clone(),
+                "exp_avg_sq": my_slice(assemble(entries, "exp_avg_sq"), p).to(p.device).clone(),
+            }
