@@ -534,7 +534,7 @@ def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc:
     lm = packed[0].item() / num_micro
     aux = packed[1].item() / (num_micro * n_moe) if n_moe else 0.0
     z = packed[2].item() / (num_micro * n_moe) if n_moe else 0.0
-    counts = packed[3:].view(n_moe, -1)
+    counts = packed[3:].view(n_moe, max(mc.num_experts, 1))
     load = {str(layer): (counts[i] / counts[i].sum()).tolist() for i, layer in enumerate(mc.moe_layers)}
     return {"loss": lm + tc.router_aux_loss_coef * aux + tc.router_z_loss_coef * z, "lm_loss": lm,
             "aux_loss": aux, "z_loss": z, "expert_load": load}

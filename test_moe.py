@@ -1,0 +1,434 @@
+"""Tests of the MoE toolkit. `python test_moe.py` runs the quick smoke set; `python -m pytest` all.
+
+Every test compares against something independent of the code under test: a per-token loop,
+a formula by hand, or a single-process run of the same flags (the parity backbone)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import checkpoint as ckpt_io
+import minimal_pretrain as mp
+from moe_layers import (ModelConfig, ModelParallel, MoEExpert, MoETransformer, MoETransformerBlock,
+                        RotaryEmbedding, SparseMoELayer, TopKRouter, layout_free_init_, load_balancing_loss,
+                        router_z_loss)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+smoke = pytest.mark.smoke
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2,
+                ffn_hidden_size=64, moe_ffn_hidden_size=24, num_experts=4, num_experts_per_token=2,
+                seq_length=16)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def moe_layer(cfg: ModelConfig, seed: int = 0) -> SparseMoELayer:
+    layer = SparseMoELayer(cfg, ModelParallel())
+    layout_free_init_(layer, seed)
+    return layer
+
+
+# ------------------------------------------------------------- slow references
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) for one expert, weights as stored (D, F), (D, F), (F, D)."""
+    gate = x @ w_gate
+    return ((gate / (1 + torch.exp(-gate))) * (x @ w_up)) @ w_down
+
+
+def reference_moe(layer: SparseMoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Per token: the router-weighted sum of its K experts applied to that token alone."""
+    e = layer.experts
+    out = []
+    for token in x.reshape(-1, x.shape[-1]):
+        logits = token.float() @ layer.router.weight.float().T  # (E,)
+        probs = torch.exp(logits - logits.max())
+        probs = probs / probs.sum()
+        order = sorted(range(len(probs)), key=lambda i: -probs[i].item())[:layer.top_k]
+        weights = torch.stack([probs[i] for i in order])
+        if layer.router.normalize:
+            weights = weights / weights.sum()
+        acc = torch.zeros_like(token)
+        for w, i in zip(weights, order):
+            acc = acc + w * swiglu(token, e.w_gate[i], e.w_up[i], e.w_down[i])
+        out.append(acc)
+    return torch.stack(out).view_as(x)
+
+
+# ----------------------------------------------------------------------- router
+@smoke
+def test_router_topk_equals_k_largest_logits():
+    cfg = tiny_config(num_experts=8, num_experts_per_token=3)
+    router = TopKRouter(cfg)
+    layout_free_init_(router, 1)
+    x = torch.randn(50, cfg.hidden_size)
+    r = router(x)
+    logits = (x @ router.weight.T).tolist()
+    for n in range(50):
+        expected = sorted(range(8), key=lambda i: -logits[n][i])[:3]
+        assert r.indices[n].tolist() == expected
+
+
+@smoke
+def test_router_weights_sum_to_one_when_renormalised():
+    x = torch.randn(40, 32)
+    for normalize in (True, False):
+        router = TopKRouter(tiny_config(num_experts=8, num_experts_per_token=2, norm_topk_prob=normalize))
+        layout_free_init_(router, 2)
+        r = router(x)
+        sums = r.weights.sum(-1)
+        if normalize:
+            assert torch.allclose(sums, torch.ones(40), atol=1e-6)
+        else:  # plain softmax probabilities of the chosen experts
+            assert torch.allclose(r.weights, r.probs.gather(1, r.indices))
+            assert (sums < 1).all()
+
+
+@smoke
+def test_router_math_is_fp32_under_bf16_autocast():
+    router = TopKRouter(tiny_config())
+    layout_free_init_(router, 3)
+    x = torch.randn(10, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router(x)
+    assert r.logits.dtype == r.probs.dtype == r.weights.dtype == torch.float32
+    expected = (x.float() @ router.weight.T).softmax(-1)
+    assert torch.allclose(r.probs, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- experts
+@smoke
+def test_expert_equals_handwritten_swiglu():
+    cfg = tiny_config()
+    experts = MoEExpert(cfg, ModelParallel())
+    layout_free_init_(experts, 4)
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, cfg.hidden_size)
+    y = experts(x, counts)
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        rows = x[start:start + c]
+        expected = swiglu(rows, experts.w_gate[e], experts.w_up[e], experts.w_down[e])
+        assert torch.allclose(y[start:start + c], expected, atol=1e-6)
+        start += c
+
+
+# -------------------------------------------------------------------- MoE layer
+@smoke
+@pytest.mark.parametrize("top_k,normalize", [(1, True), (2, True), (2, False), (4, True)])
+def test_moe_layer_matches_per_token_reference(top_k, normalize):
+    cfg = tiny_config(num_experts=4, num_experts_per_token=top_k, norm_topk_prob=normalize)
+    layer = moe_layer(cfg, 5)
+    x = torch.randn(2, 7, cfg.hidden_size, requires_grad=True)
+    y, _ = layer(x)
+    ref = reference_moe(layer, x)
+    assert torch.allclose(y, ref, atol=1e-5)
+    # gradients of the inputs and of every weight match the reference's too
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x] + list(layer.parameters()), g)
+    ref_grads = torch.autograd.grad(ref, [x] + list(layer.parameters()), g)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@smoke
+def test_no_token_dropped_when_router_sends_all_tokens_to_one_expert():
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2)
+    layer = moe_layer(cfg, 6)
+    x = torch.randn(1, 32, cfg.hidden_size)
+    direction = x.mean(dim=(0, 1))
+    with torch.no_grad():  # every token now prefers expert 2, then expert 0
+        layer.router.weight.zero_()
+        layer.router.weight[2] = 2 * direction / direction.norm() ** 2
+        layer.router.weight[0] = 1 * direction / direction.norm() ** 2
+        x += 10 * direction  # the direction dominates each token: logits about 22, 11, 0, 0
+    y, stats = layer(x)
+    assert stats.counts.tolist() == [32, 0, 32, 0]  # every token got exactly its 2 experts
+    assert torch.allclose(y, reference_moe(layer, x), atol=1e-5)
+
+
+# ------------------------------------------------------------- router losses
+@smoke
+def test_aux_loss_equals_formula_on_hand_made_routing():
+    # 4 tokens, 2 experts, top-1: tokens 0-2 go to expert 0, token 3 to expert 1
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+    indices = torch.tensor([[0], [0], [0], [1]])
+    f = [3 / 4, 1 / 4]
+    p = [(0.9 + 0.8 + 0.6 + 0.3) / 4, (0.1 + 0.2 + 0.4 + 0.7) / 4]
+    expected = 2 * (f[0] * p[0] + f[1] * p[1])
+    assert math.isclose(load_balancing_loss(probs, indices, 2).item(), expected, rel_tol=1e-6)
+
+
+@smoke
+def test_aux_loss_is_one_for_uniform_routing():
+    e, k, n = 8, 2, 64
+    probs = torch.full((n, e), 1 / e)
+    indices = torch.tensor([[(2 * i) % e, (2 * i + 1) % e] for i in range(n)])  # each expert 16 times
+    assert math.isclose(load_balancing_loss(probs, indices, e).item(), 1.0, rel_tol=1e-6)
+    collapsed = torch.zeros(n, e)
+    collapsed[:, 0] = 1
+    assert math.isclose(load_balancing_loss(collapsed, torch.zeros(n, 1, dtype=torch.long), e).item(), e)
+
+
+@smoke
+def test_z_loss_equals_formula():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    lse = [math.log(math.e + math.e ** 2 + math.e ** 3), math.log(3)]
+    expected = (lse[0] ** 2 + lse[1] ** 2) / 2
+    assert math.isclose(router_z_loss(logits).item(), expected, rel_tol=1e-6)
+
+
+def _train_collapsed_router(aux_coef: float) -> tuple[float, float]:
+    """Max/mean expert load before and after 60 Adam steps from a router that sends all to 2 experts."""
+    torch.manual_seed(0)
+    cfg = tiny_config(num_experts=8, num_experts_per_token=2, moe_ffn_hidden_size=32)
+    layer = moe_layer(cfg, 0)
+    c = torch.randn(32)
+    c = c / c.norm()
+    x = torch.randn(1, 256, 32) * 0.5 + 2 * c
+    with torch.no_grad():
+        layer.router.weight[0] += 3 * c
+        layer.router.weight[1] += 2.5 * c
+    target = torch.randn(1, 256, 32)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+
+    def max_over_mean() -> float:
+        with torch.no_grad():
+            counts = layer(x)[1].counts.float()
+        return (counts.max() / counts.mean()).item()
+
+    before = max_over_mean()
+    for _ in range(60):
+        y, stats = layer(x)
+        loss = F.mse_loss(y, target) + aux_coef * stats.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return before, max_over_mean()
+
+
+def test_aux_loss_rebalances_a_collapsed_router_and_nothing_else_does():
+    before, with_aux = _train_collapsed_router(0.1)
+    _, without_aux = _train_collapsed_router(0.0)
+    assert before == 4.0  # all 2 x 256 assignments on 2 of 8 experts
+    assert with_aux < 1.6
+    assert without_aux > 3.5
+
+
+# ------------------------------------------------------- block and transformer
+@smoke
+def test_moe_layer_placement_by_interval_and_dense_mode():
+    cfg = tiny_config(num_layers=6, moe_layer_interval=2)
+    model = MoETransformer(cfg)
+    assert [i for i, b in model.layers.items() if b.is_moe] == ["1", "3", "5"]
+    dense = MoETransformer(tiny_config(num_experts=0))
+    assert not any(b.is_moe for b in dense.layers.values())
+    assert not any("router" in n or "experts" in n for n, _ in dense.named_parameters())
+    out = dense(torch.randint(0, 64, (2, 8)))
+    assert out.aux_loss.item() == 0 and out.counts == {}
+
+
+@smoke
+def test_block_and_transformer_shapes():
+    cfg = tiny_config()
+    block = MoETransformerBlock(cfg, ModelParallel(), 0)
+    layout_free_init_(block, 0)
+    rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+    h, stats = block(torch.randn(3, 10, 32), rope, torch.arange(10))
+    assert h.shape == (3, 10, 32) and stats.counts.shape == (4,) and stats.counts.sum() == 3 * 10 * 2
+    out = MoETransformer(cfg)(torch.randint(0, 64, (3, 10)))
+    assert out.output.shape == (3, 10, 64)
+    assert set(out.counts) == {0, 1}
+
+
+@smoke
+def test_changing_token_t_changes_no_logit_before_t():
+    cfg = tiny_config()
+    model = MoETransformer(cfg)
+    x = torch.randint(0, 64, (1, 12))
+    t = 7
+    x2 = x.clone()
+    x2[0, t] = (x[0, t] + 1) % 64
+    a, b = model(x).output, model(x2).output
+    # Not bitwise: the changed token regroups the expert GEMMs, which changes float rounding.
+    assert torch.allclose(a[0, :t], b[0, :t], atol=1e-5, rtol=0)
+    assert (a[0, t:] - b[0, t:]).abs().max() > 1e-3
+
+
+@smoke
+def test_initialisation_does_not_depend_on_construction_order():
+    """Each weight is drawn from (seed, name): the same whether built whole or stage by stage."""
+    cfg = tiny_config(num_layers=3)
+    whole = dict(MoETransformer(cfg, seed=7).named_parameters())
+    stage = MoETransformer(cfg, ModelParallel(layer_start=2, first_stage=False), seed=7)
+    for name, p in stage.named_parameters():
+        assert torch.equal(p, whole[name]), name
+
+
+@smoke
+def test_loss_falls_on_a_fixed_batch():
+    cfg = tiny_config()
+    model = MoETransformer(cfg, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 64, (4, 16))
+    losses = []
+    for _ in range(30):
+        out = model(x[:, :-1])
+        loss = F.cross_entropy(out.output.flatten(0, 1), x[:, 1:].flatten()) + 0.01 * out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ------------------------------------------------------------ data and schedule
+@smoke
+def test_batches_depend_on_seed_and_step_only():
+    tokens = np.arange(1000, dtype=np.uint16)
+    x1, y1 = mp.get_batch(tokens, 1, 0, 5, 4, 8)
+    x2, _ = mp.get_batch(tokens, 1, 0, 5, 4, 8)
+    x3, _ = mp.get_batch(tokens, 1, 0, 6, 4, 8)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.equal(y1[:, :-1], x1[:, 1:])  # targets are the next tokens
+    assert (x1[:, 1:] - x1[:, :-1] == 1).all()  # contiguous windows of the corpus
+
+
+@smoke
+def test_unigram_entropy_by_hand():
+    tokens = np.array([0, 0, 1, 2], dtype=np.uint8)
+    expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert math.isclose(mp.unigram_entropy(tokens, 256), expected)
+
+
+@smoke
+def test_lr_warmup_then_cosine():
+    tc = mp.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert math.isclose(mp.get_lr(0, tc), 0.1)
+    assert math.isclose(mp.get_lr(9, tc), 1.0)
+    assert math.isclose(mp.get_lr(60, tc), 0.55)  # half way down the cosine
+    assert math.isclose(mp.get_lr(110, tc), 0.1)
+
+
+@smoke
+def test_builtin_corpus_holds_out_a_fixed_tenth_of_files():
+    train, val = mp.split_files(mp.builtin_corpus_files())
+    assert len(train) > 100 and len(val) >= len(train) // 10 and not set(train) & set(val)
+
+
+# ---------------------------------------------------------------- CLI runs
+TINY_FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-kv-heads", "2",
+              "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32", "--num-experts", "4",
+              "--num-experts-per-token", "2", "--seq-length", "16", "--micro-batch-size", "2",
+              "--router-aux-loss-coef", "0.1", "--router-z-loss-coef", "0.01", "--lr", "1e-2",
+              "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "0", "--no-progress"]
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: float = 240, env: dict | None = None,
+            extra_torchrun: list[str] | None = None) -> subprocess.CompletedProcess:
+    """minimal_pretrain.py in a subprocess: plain python for one rank, torchrun for more."""
+    if nproc == 1 and not extra_torchrun:
+        cmd = [sys.executable, os.path.join(HERE, "minimal_pretrain.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + (extra_torchrun or []) + \
+              [os.path.join(HERE, "minimal_pretrain.py")]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=HERE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def train_records(path: str) -> list[dict]:
+    return [r for r in read_metrics(path) if "loss" in r]
+
+
+@smoke
+def test_cli_tiny_run_writes_valid_metrics(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    r = run_cli(TINY_FLAGS + ["--max-steps", "4", "--num-microbatches", "2", "--eval-interval", "2",
+                              "--eval-iters", "2", "--metrics-file", str(metrics)])
+    assert r.returncode == 0, r.stderr
+    assert "Step 4 | Loss: " in r.stdout and "| Aux Loss: " in r.stdout and "samples/s" in r.stdout
+    records = read_metrics(metrics)
+    train = [x for x in records if "loss" in x]
+    evals = [x for x in records if "val_loss" in x]
+    assert [x["step"] for x in train] == [1, 2, 3, 4] and [x["step"] for x in evals] == [2, 4]
+    keys = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec", "expert_load"}
+    for x in train:
+        assert keys <= set(x)
+        assert math.isclose(x["loss"], x["lm_loss"] + 0.1 * x["aux_loss"] + 0.01 * x["z_loss"], rel_tol=1e-9)
+        assert set(x["expert_load"]) == {"0", "1"}
+        for load in x["expert_load"].values():
+            assert len(load) == 4 and math.isclose(sum(load), 1.0, rel_tol=1e-9)
+    assert "final val loss" in r.stdout and "unigram entropy" in r.stdout
+
+
+@smoke
+@pytest.mark.parametrize("flags,message", [
+    (["--num-experts-per-token", "5"], "--num-experts-per-token"),
+    (["--num-attention-heads", "3"], "--num-attention-heads"),
+    (["--num-kv-heads", "3"], "--num-kv-heads"),
+    (["--data", "/no/such/file"], "/no/such/file"),
+    (["--max-steps", "0"], "--max-steps"),
+])
+def test_invalid_flags_exit_2_with_one_error_line(flags, message):
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2"] + flags, timeout=60)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@smoke
+def test_too_short_data_exits_2(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--data", str(short)], timeout=60)
+    assert r.returncode == 2 and "data too short" in r.stderr
+
+
+@smoke
+def test_text_folder_and_token_files_train(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"f{i:02d}.txt").write_text(("hello moe world %d " % i) * 50)
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--data", str(folder)])
+    assert r.returncode == 0, r.stderr
+    assert "12 text files (1 held out)" in r.stdout
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    np.arange(5000, dtype=np.uint16).__mod__(100).astype(np.uint16).tofile(bins / "train.bin")
+    np.arange(500, dtype=np.uint16).astype(np.uint16).__mod__(100).astype(np.uint16).tofile(bins / "val.bin")
+    (bins / "meta.json").write_text(json.dumps({"vocab_size": 100}))
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--data", str(bins), "--num-experts", "0"])
+    assert r.returncode == 0, r.stderr
+    assert '"vocab_size": 100' in r.stdout
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-m", "smoke"]))
