@@ -430,5 +430,169 @@ def test_text_folder_and_token_files_train(tmp_path):
     assert '"vocab_size": 100' in r.stdout
 
 
+
+# ------------------------------------------------ parallel layouts vs one process
+PARITY_STEPS = 5
+
+
+def parity_run(tmp_path, name: str, nproc: int, layout: list[str], micro: int, extra: list[str] = ()):
+    """Train PARITY_STEPS steps; return (train records, full weights gathered from the checkpoint)."""
+    out = tmp_path / name
+    args = TINY_FLAGS + list(extra) + layout + ["--max-steps", str(PARITY_STEPS), "--num-microbatches",
+                                                str(micro), "--metrics-file", str(out) + ".jsonl",
+                                                "--save", str(out), "--dist-timeout", "60"]
+    r = run_cli(args, nproc=nproc)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return train_records(str(out) + ".jsonl"), ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(out)))
+
+
+def assert_same_training(reference, candidate, rel: float = 1e-4, weight_atol: float = 2e-5) -> float:
+    """Every step's loss and lm_loss within `rel`; the trained weights equal to float rounding."""
+    (ref_records, ref_weights), (records, weights) = reference, candidate
+    assert [r["step"] for r in records] == list(range(1, PARITY_STEPS + 1))
+    worst = 0.0
+    for a, b in zip(ref_records, records):
+        for key in ("loss", "lm_loss"):
+            diff = abs(a[key] - b[key]) / abs(a[key])
+            worst = max(worst, diff)
+            assert diff < rel, (a["step"], key, a[key], b[key])
+    assert a["aux_loss"] > 0 and a["z_loss"] > 0
+    assert set(weights) == set(ref_weights)
+    for name, w in ref_weights.items():
+        assert torch.allclose(weights[name], w, atol=weight_atol, rtol=0), name
+    return worst
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """Single-process references: global batch 8 sequences = 2 per micro-batch x 4 micro-batches."""
+    tmp = tmp_path_factory.mktemp("one_process")
+    return {"interval1": parity_run(tmp, "interval1", 1, [], 4),
+            "interval2": parity_run(tmp, "interval2", 1, [], 4, ["--moe-layer-interval", "2"])}
+
+
+# name: (ranks, layout flags, micro-batches per DP rank, reference, extra flags)
+LAYOUTS = {
+    "dp2": (2, [], 2, "interval1", []),
+    "tp2_ep2": (2, ["--tensor-parallel-size", "2"], 4, "interval1", []),
+    "ep2_over_dp2": (2, ["--expert-parallel-size", "2"], 2, "interval1", []),
+    "pp2_1f1b_4mb": (2, ["--pipeline-parallel-size", "2"], 4, "interval1", []),
+    "dp2_tp2_ep4": (4, ["--tensor-parallel-size", "2", "--expert-parallel-size", "4"], 2, "interval1", []),
+    "tp2_pp2_dp2_ep2": (8, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"], 2, "interval1", []),
+    "pp2_moe_interval2": (2, ["--pipeline-parallel-size", "2"], 4, "interval2", ["--moe-layer-interval", "2"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_one_process(name, one_process, tmp_path):
+    nproc, layout, micro, ref, extra = LAYOUTS[name]
+    worst = assert_same_training(one_process[ref], parity_run(tmp_path, name, nproc, layout, micro, extra))
+    print(f"{name}: max relative loss difference {worst:.2e}")
+
+
+def test_two_torchrun_nodes_on_loopback_train_together(one_process, tmp_path):
+    """Two launches with --nnodes 2 on 127.0.0.1 form one DP2 job equal to one process."""
+    port = str(free_port())
+    out = tmp_path / "two_nodes"
+    args = TINY_FLAGS + ["--max-steps", str(PARITY_STEPS), "--num-microbatches", "2",
+                         "--metrics-file", str(out) + ".jsonl", "--save", str(out), "--dist-timeout", "60"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+               os.path.join(HERE, "minimal_pretrain.py")] + args
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    two_nodes = (train_records(str(out) + ".jsonl"), ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(out))))
+    assert_same_training(one_process["interval1"], two_nodes)
+
+
+# name: (world size, flags, words the error line must hold)
+BAD_LAYOUTS = {
+    "world_vs_sizes": (3, ["--tensor-parallel-size", "2"], "world size 3"),
+    "heads_vs_tp": (4, ["--tensor-parallel-size", "4", "--num-kv-heads", "2"], "--num-kv-heads"),
+    "experts_vs_ep": (2, ["--expert-parallel-size", "2", "--num-experts", "3", "--num-experts-per-token", "1"],
+                      "--num-experts"),
+    "ep_vs_stage_ranks": (2, ["--expert-parallel-size", "4"], "ranks of a pipeline stage"),
+    "layers_vs_pp": (4, ["--pipeline-parallel-size", "4", "--num-layers", "2"], "--num-layers"),
+    "microbatches_vs_pp": (2, ["--pipeline-parallel-size", "2", "--num-microbatches", "1"], "--num-microbatches"),
+    "vocab_vs_tp": (2, ["--tensor-parallel-size", "2", "--vocab-size", "255", "--data", "BINS"], "vocabulary"),
+}
+
+
+@pytest.fixture(scope="module")
+def odd_vocab_bins(tmp_path_factory):
+    """train.bin / val.bin with a 255-token vocabulary (odd, so TP2 cannot split it)."""
+    d = tmp_path_factory.mktemp("bins255")
+    (np.arange(4000) % 255).astype(np.uint16).tofile(d / "train.bin")
+    (np.arange(400) % 255).astype(np.uint16).tofile(d / "val.bin")
+    return str(d)
+
+
+@smoke
+@pytest.mark.parametrize("name", list(BAD_LAYOUTS))
+def test_invalid_layout_exits_2_before_any_collective(name, odd_vocab_bins):
+    """Every rank validates alone, so rank 0 of a would-be world fails at once (no peer needed)."""
+    world, flags, words = BAD_LAYOUTS[name]
+    flags = [odd_vocab_bins if f == "BINS" else f for f in flags]
+    start = time.time()
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2"] + flags, timeout=60,
+                env={"WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"})
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], r.stderr
+    assert time.time() - start < 30
+
+
+def test_invalid_layout_under_torchrun_ends_every_rank_fast():
+    start = time.time()
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--tensor-parallel-size", "2", "--num-kv-heads", "1",
+                              "--num-attention-heads", "2"], nproc=2, timeout=120)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--num-kv-heads" in errors[0]  # rank 0 alone speaks
+    assert 'minimal_pretrain.py", line' not in r.stderr  # no worker traceback (torchrun prints its own)
+    assert "exitcode  : 2" in r.stderr
+    assert time.time() - start < 60
+
+
+def _dispatch_worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    """One rank of the dispatcher test: tokens go to their expert's rank and come back in order."""
+    import torch.distributed as dist
+    from moe_layers import combine_from_experts, dispatch_to_experts
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    e_local, num_experts = 2, 2 * world
+    # Uneven, rank-dependent counts; expert 1 never receives a token from anyone.
+    counts = torch.tensor([(rank + e) % 4 if e != 1 else 0 for e in range(num_experts)])
+    rows = int(counts.sum())
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts), counts)
+    # Row value encodes (source rank, row index, expert) so every row can be traced.
+    x = torch.stack([torch.tensor([rank, i, int(expert_of_row[i])], dtype=torch.float32) for i in range(rows)]) \
+        if rows else torch.zeros(0, 3)
+    par = ModelParallel(ep_group=dist.group.WORLD, ep_rank=rank, ep_size=world)
+    got, local_counts, plan = dispatch_to_experts(x, counts, par)
+    # Grouped by local expert, each row must belong to that expert of this rank.
+    owner = torch.repeat_interleave(torch.arange(e_local), local_counts) + rank * e_local
+    ok_owner = bool((got[:, 2] == owner.float()).all())
+    expected_rows = sum(((r + e) % 4 if e != 1 else 0) for r in range(world) for e in range(rank * e_local,
+                                                                                           (rank + 1) * e_local))
+    ok_count = got.shape[0] == expected_rows
+    # "Expert" = scale by (expert id + 1); the combine must return rows in the sender's order.
+    back = combine_from_experts(got * (got[:, 2:3] + 1), plan, par)
+    ok_back = torch.equal(back, x * (x[:, 2:3] + 1))
+    with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
+        json.dump({"owner": ok_owner, "count": ok_count, "back": ok_back}, f)
+    dist.destroy_process_group()
+
+
+def test_dispatcher_routes_rows_to_owner_and_back_in_order(tmp_path):
+    import torch.multiprocessing as tmp_mp
+    world = 3
+    tmp_mp.spawn(_dispatch_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    for r in range(world):
+        assert json.load(open(tmp_path / f"{r}.json")) == {"owner": True, "count": True, "back": True}
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-m", "smoke"]))

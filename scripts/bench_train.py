@@ -1,0 +1,199 @@
+"""Tokens/s and MFU of full training steps of one model on one device.
+
+    python scripts/bench_train.py --preset small --steps 3 --warmup 1      # CPU is fine
+    python scripts/bench_train.py --preset moe-0.5b --steps 10 --json     # one GPU
+    python scripts/bench_train.py --preset fine-0.5b --micro-batch-size 4 --compile
+    python scripts/bench_train.py --preset moe-0.5b --num-layers 4 --seq-length 4096
+
+A step is what minimal_pretrain.py does in one process: forward of one micro-batch of random
+tokens (bf16 autocast on CUDA, fp32 on CPU unless --dtype says otherwise), loss =
+cross-entropy + (aux_coef * aux + z_coef * z) / MoE layers with the trainer's default
+coefficients, backward, the trainer's gradient-norm clip, AdamW step. The experts use
+torch._grouped_mm when moe_layers.can_use_grouped_mm says so, as in the trainer.
+
+Presets (any model flag overrides a preset's value):
+  small      the trainer's default model (ModelConfig defaults, byte vocabulary)
+  moe-0.5b   vocab 32000, D 1024, 12 layers, 16 heads / 8 kv, 8 experts of width 1408, top-2
+  fine-0.5b  the same with 64 experts of width 176, top-8: the same total parameters,
+             half the active expert width (8 x 176 = 1408 vs 2 x 1408)
+
+MFU = achieved model FLOP/s / the card's peak dense bf16 FLOP/s, with
+    FLOPs per token = 6 * N_active + 12 * L * D * T        (PaLM, Chowdhery et al. 2022, app. B)
+where N_active counts the parameters a token passes through, without the input embedding:
+attention, norms, router, K/E of the expert weights, and the LM head; 12 * L * D * T is the
+attention score and value matmuls (forward + backward). Peaks: H100 SXM and H200 989e12,
+H100 PCIe 756e12, A100 312e12; any other card prints MFU as n/a unless --peak-tflops is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+# `python scripts/bench_train.py` puts scripts/ on the path, not the repository root.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from minimal_pretrain import (MODEL_HELP, TrainConfig, build_optimizer, build_process_groups,  # noqa: E402
+                              global_grad_norm, resolve_autocast, resolve_device)
+from moe_layers import ModelConfig, MoETransformer, can_use_grouped_mm, vocab_parallel_cross_entropy  # noqa: E402
+
+_HALF_B = dict(vocab_size=32000, hidden_size=1024, num_layers=12, num_attention_heads=16, num_kv_heads=8,
+               ffn_hidden_size=2816, seq_length=2048)
+# name -> (model fields that differ from ModelConfig's defaults, micro-batch size)
+PRESETS = {
+    "small": ({}, TrainConfig().micro_batch_size),
+    "moe-0.5b": ({**_HALF_B, "num_experts": 8, "num_experts_per_token": 2, "moe_ffn_hidden_size": 1408}, 8),
+    "fine-0.5b": ({**_HALF_B, "num_experts": 64, "num_experts_per_token": 8, "moe_ffn_hidden_size": 176}, 8),
+}
+
+# Peak dense bf16 FLOP/s by a substring of torch.cuda.get_device_name(); the first match wins.
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
+
+
+def count_params(model: MoETransformer, cfg: ModelConfig) -> tuple[int, int]:
+    """(total parameters, active non-embedding parameters per token: K/E of each expert weight)."""
+    total = sum(p.numel() for p in model.parameters())
+    active = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("embed_tokens."):
+            continue
+        share = cfg.num_experts_per_token / cfg.num_experts if getattr(p, "shard_kind", None) == "ep" else 1.0
+        active += p.numel() * share
+    return total, int(active)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def main() -> None:
+    # ---------------------------------------------------------------- config
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="small", choices=list(PRESETS))
+    for f in dataclasses.fields(ModelConfig):  # every model flag, default: the preset's value
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=MODEL_HELP.get(f.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, default=None, type=kind, help=MODEL_HELP.get(f.name))
+    p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median step is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto: bf16 on CUDA, none (fp32) on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s for MFU on another card")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="also print one JSON line of results")
+    args = p.parse_args()
+
+    fields, preset_batch = PRESETS[args.preset]
+    fields = {**fields, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)
+                           if getattr(args, f.name) is not None}}
+    cfg = ModelConfig(**fields)
+    batch = args.micro_batch_size or preset_batch
+    try:
+        cfg.validate()
+        if args.steps <= 0 or args.warmup < 0 or batch <= 0:
+            raise ValueError("--steps and --micro-batch-size must be positive, --warmup non-negative")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    tc = TrainConfig(device=args.device, dtype=args.dtype, micro_batch_size=batch)  # the trainer's defaults
+    device = resolve_device(tc, 0)
+    autocast_dtype = resolve_autocast(tc, device)
+    torch.manual_seed(args.seed)
+
+    # ----------------------------------------------------------------- model
+    model = MoETransformer(cfg, seed=args.seed).to(device)
+    grouped = can_use_grouped_mm(device, cfg, autocast_dtype or torch.float32)
+    for module in model.modules():
+        if hasattr(module, "use_grouped_mm"):
+            module.use_grouped_mm = grouped
+    total, active = count_params(model, cfg)
+    embed = model.embed_tokens.weight.numel()
+    flops_per_token = 6 * active + 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_length
+    optimizer = build_optimizer(model, tc)
+    pg = build_process_groups(1, 1, 1, 0, 1)  # one process: no groups, no collectives
+    n_moe = len(cfg.moe_layers)
+    step_model = torch.compile(model) if args.compile else model
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"model: {json.dumps(dataclasses.asdict(cfg))}")
+    print(f"preset {args.preset} | device {device} ({device_name}) | autocast {autocast_dtype} | "
+          f"grouped GEMM {grouped} | compile {args.compile} | micro-batch {batch} x {cfg.seq_length} tokens")
+    print(f"parameters: total {total / 1e6:.1f}M | active per token {(active + embed) / 1e6:.1f}M "
+          f"({active / 1e6:.1f}M without the input embedding) | {flops_per_token / 1e9:.2f} GFLOP per token")
+
+    # ------------------------------------------------------------------ loop
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_ms = []
+    try:
+        for step in range(args.warmup + args.steps):
+            tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_length + 1), device=device)
+            x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
+            sync()
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = step_model(x)
+            lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), model.par)
+            router = (tc.router_aux_loss_coef * out.aux_loss + tc.router_z_loss_coef * out.z_loss) / max(n_moe, 1)
+            loss = lm + router
+            loss.backward()
+            grad_norm = global_grad_norm(model, pg)  # clip as the trainer does
+            scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(scale.to(param.grad.dtype))
+            optimizer.step()
+            sync()
+            if step >= args.warmup:
+                step_ms.append((time.perf_counter() - t0) * 1e3)
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory at micro-batch {batch} x {cfg.seq_length}; try a smaller "
+              f"--micro-batch-size", file=sys.stderr)
+        sys.exit(1)
+
+    # --------------------------------------------------------------- report
+    ms = statistics.median(step_ms)
+    tokens_per_sec = batch * cfg.seq_length / (ms / 1e3)
+    peak = peak_flops(device, args.peak_tflops)
+    mfu = tokens_per_sec * flops_per_token / peak if peak else None
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    print(f"step {ms:.1f} ms (median of {args.steps}) | {tokens_per_sec:,.0f} tokens/s | "
+          f"peak memory {f'{mem:.1f} GiB' if mem is not None else 'n/a'} | "
+          f"MFU {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | last loss {loss.item():.3f}")
+    if args.json:
+        print(json.dumps({
+            "preset": args.preset, "device": str(device), "device_name": device_name,
+            "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
+            "compile": args.compile, "grouped_mm": grouped, "micro_batch_size": batch,
+            "seq_length": cfg.seq_length, "total_params": total, "active_params": active + embed,
+            "active_non_embedding_params": active, "flops_per_token": flops_per_token, "step_ms": ms,
+            "tokens_per_sec": tokens_per_sec, "peak_mem_gib": mem, "mfu": mfu, "loss": loss.item(),
+        }))
+
+
+if __name__ == "__main__":
+    main()
