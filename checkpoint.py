@@ -11,6 +11,9 @@ nothing but torch.load, and each file says in its own entries where its slices b
                      "exp_avg_sq": entry}}, "rng": {...}} where an entry is
                      {"tensor", "dim", "rank", "size"}: slice `rank` of `size` along `dim`
                      (dim None: the whole tensor). Each slice is written by exactly one rank.
+                     Experts are stored one key per expert in transformers' naming and
+                     orientation (`layers.0.mlp.experts.5.gate_proj.weight`, shape (F, D)), so
+                     any EP size can read them and export is a renaming.
 `DIR/latest` names the newest complete step folder. A save writes into `DIR/.tmp-step_...`,
 flushes every file to disk, renames the folder and only then replaces `latest` (itself by
 rename), so a crash at any moment leaves the previous checkpoint whole and `latest` valid.
@@ -52,6 +55,22 @@ def writes_param(p: torch.nn.Parameter, tp_rank: int, dp_rank: int, stage_rank: 
     return dp_rank == 0 and tp_rank == 0
 
 
+EXPERT_PROJ = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
+
+
+def expert_key(stacked_name: str, expert: int) -> str:
+    """`layers.0.mlp.experts.w_gate`, 5 -> `layers.0.mlp.experts.5.gate_proj.weight`."""
+    prefix, leaf = stacked_name.rsplit(".", 1)
+    return f"{prefix}.{expert}.{EXPERT_PROJ[leaf]}.weight"
+
+
+def per_expert(name: str, t: torch.Tensor, p: torch.nn.Parameter) -> dict[str, dict]:
+    """Split a stacked (E_local, in, out) expert tensor into per-expert (out, in) entries."""
+    first = p.shard_rank * t.shape[0]
+    return {expert_key(name, first + i): {"tensor": t[i].detach().T.cpu().clone(), "dim": None, "rank": 0, "size": 1}
+            for i in range(t.shape[0])}
+
+
 def _entry(t: torch.Tensor, p: torch.nn.Parameter) -> dict:
     if hasattr(p, "full_shape") and p.shard_size > 1:
         return {"tensor": t.detach().cpu().clone(), "dim": p.shard_dim, "rank": p.shard_rank, "size": p.shard_size}
@@ -83,8 +102,15 @@ def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_ra
     for name, p in model.named_parameters():
         if not writes_param(p, tp_rank, dp_rank, stage_rank, ep):
             continue
-        params[name] = _entry(p, p)
         state = optimizer.state.get(p, {})
+        if getattr(p, "shard_kind", None) == "ep":
+            params.update(per_expert(name, p, p))
+            if state:
+                avg, avg_sq = per_expert(name, state["exp_avg"], p), per_expert(name, state["exp_avg_sq"], p)
+                for key in avg:
+                    optim[key] = {"step": float(state["step"]), "exp_avg": avg[key], "exp_avg_sq": avg_sq[key]}
+            continue
+        params[name] = _entry(p, p)
         if state:
             optim[name] = {"step": float(state["step"]), "exp_avg": _entry(state["exp_avg"], p),
                            "exp_avg_sq": _entry(state["exp_avg_sq"], p)}
@@ -227,21 +253,35 @@ def full_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return {name: assemble(entries) for name, entries in ckpt.params.items()}
 
 
+def _tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, want: tuple[int, ...],
+            key: str | None = None) -> torch.Tensor:
+    if name not in table:
+        raise CheckpointError(f"{ckpt.path}: has no tensor {name}; it was written by another model")
+    full = assemble(table[name], key)
+    if tuple(full.shape) != tuple(want):
+        raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(full.shape)}, the model needs {tuple(want)}")
+    return full
+
+
+def local_tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, p: torch.nn.Parameter,
+                 key: str | None = None) -> torch.Tensor:
+    """This rank's part of parameter `name` (or of its AdamW moment `key`) from any layout's files."""
+    if getattr(p, "shard_kind", None) == "ep":  # re-stack this rank's experts from per-expert keys
+        first = p.shard_rank * p.shape[0]
+        return torch.stack([_tensor(ckpt, table, expert_key(name, first + i), p.shape[1:][::-1], key).T
+                            for i in range(p.shape[0])])
+    return my_slice(_tensor(ckpt, table, name, getattr(p, "full_shape", p.shape), key), p)
+
+
 def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Copy this rank's slices of weights (and AdamW moments) out of a checkpoint of any layout."""
     for name, p in model.named_parameters():
-        if name not in ckpt.params:
-            raise CheckpointError(f"{ckpt.path}: has no parameter {name}; it was written by another model")
-        full = assemble(ckpt.params[name])
-        want = tuple(getattr(p, "full_shape", p.shape))
-        if tuple(full.shape) != want:
-            raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(full.shape)}, the model needs {want}")
         with torch.no_grad():
-            p.copy_(my_slice(full, p))
-        if optimizer is not None and name in ckpt.optim:
-            entries = ckpt.optim[name]
+            p.copy_(local_tensor(ckpt, ckpt.params, name, p))
+        first_key = expert_key(name, p.shard_rank * p.shape[0]) if getattr(p, "shard_kind", None) == "ep" else name
+        if optimizer is not None and first_key in ckpt.optim:
             optimizer.state[p] = {
-                "step": torch.tensor(entries[0]["step"]),
-                "exp_avg": my_slice(assemble(entries, "exp_avg"), p).to(p.device).clone(),
-                "exp_avg_sq": my_slice(assemble(entries, "exp_avg_sq"), p).to(p.device).clone(),
+                "step": torch.tensor(ckpt.optim[first_key][0]["step"]),
+                "exp_avg": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg").to(p.device).clone(),
+                "exp_avg_sq": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg_sq").to(p.device).clone(),
             }
