@@ -219,6 +219,17 @@ class ParallelGroups:
         return self.pp_rank == self.pp - 1
 
 
+def init_process_group(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
+    """The default group, with store keys scoped to this torchrun restart.
+
+    torchrun --max-restarts keeps its key-value store across restarts; without the prefix the
+    restarted workers would read the previous workers' (dead) connection addresses."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
+
+
 def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
     """Layers [start, end) of a stage: as even as possible, earlier stages take the remainder."""
     base, extra = divmod(num_layers, pp)
@@ -718,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(tc, local_rank)
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=tc.dist_timeout))
+        init_process_group(backend, rank, world_size, timedelta(seconds=tc.dist_timeout))
     pg = build_process_groups(tc.tensor_parallel_size, tc.pipeline_parallel_size, tc.expert_parallel_size,
                               rank, world_size)
     autocast_dtype = resolve_autocast(tc, device)

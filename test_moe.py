@@ -594,5 +594,271 @@ def test_dispatcher_routes_rows_to_owner_and_back_in_order(tmp_path):
     for r in range(world):
         assert json.load(open(tmp_path / f"{r}.json")) == {"owner": True, "count": True, "back": True}
 
+
+# -------------------------------------------------------------------- checkpoints
+RESUME_STEPS = 6  # runs of 6 steps saving at 3; a resumed run continues from the step-3 checkpoint
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in records]
+
+
+def interrupted_at_3(root) -> str:
+    """Make `root` look like a run that stopped after saving step 3 (later checkpoints gone)."""
+    import shutil
+    for d in ckpt_io.list_checkpoints(str(root)):
+        if d != ckpt_io.step_dir_name(3):
+            shutil.rmtree(os.path.join(str(root), d))
+    (root / "latest").write_text(ckpt_io.step_dir_name(3))
+    return str(root)
+
+
+def run_for_resume(tmp_path, name: str, nproc: int, layout: list[str], micro: int,
+                   load: str | None = None) -> list[dict]:
+    """RESUME_STEPS steps (from scratch, or resumed from `load`), saving every 3; return train records."""
+    save = tmp_path / name
+    metrics = str(save) + ".jsonl"
+    args = TINY_FLAGS + layout + ["--max-steps", str(RESUME_STEPS), "--num-microbatches", str(micro),
+                                  "--save", str(save), "--save-interval", "3", "--metrics-file", metrics,
+                                  "--dist-timeout", "60"]
+    if load:
+        args += ["--load", load]
+    r = run_cli(args, nproc=nproc)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    if load:
+        assert "resumed from" in r.stdout and "at step 3" in r.stdout
+    return train_records(metrics)
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+    """Uninterrupted 6-step runs on one process and on 8 ranks (TP2 x PP2 x DP2), checkpoints at 3 and 6."""
+    tmp = tmp_path_factory.mktemp("full_runs")
+    return tmp, {"one": run_for_resume(tmp, "one", 1, [], 4),
+                 "tp2_pp2_dp2": run_for_resume(tmp, "tp2_pp2_dp2", 8, ["--tensor-parallel-size", "2",
+                                                                         "--pipeline-parallel-size", "2"], 2)}
+
+
+@smoke
+def test_resume_is_exact_in_one_process(full_runs, tmp_path):
+    tmp, runs = full_runs
+    import shutil
+    shutil.copytree(tmp / "one", tmp_path / "ck")
+    resumed = run_for_resume(tmp_path, "resumed", 1, [], 4, load=interrupted_at_3(tmp_path / "ck"))
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert without_timing(resumed) == without_timing(runs["one"][3:])  # bitwise: every float of every record
+
+
+def test_resume_is_exact_on_4_ranks(tmp_path):
+    layout = ["--tensor-parallel-size", "2", "--expert-parallel-size", "4"]
+    full = run_for_resume(tmp_path, "full", 4, layout, 2)
+    resumed = run_for_resume(tmp_path, "resumed", 4, layout, 2, load=interrupted_at_3(tmp_path / "full"))
+    assert without_timing(resumed) == without_timing(full[3:])
+
+
+def _assert_continues_like(reference: list[dict], resumed: list[dict]) -> float:
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    worst = 0.0
+    for a, b in zip(reference[3:], resumed):
+        for key in ("loss", "lm_loss"):
+            worst = max(worst, abs(a[key] - b[key]) / a[key])
+    assert worst < 1e-4
+    return worst
+
+
+@pytest.mark.parametrize("target", ["one_process", "pp2_dp2_ep2"])
+def test_checkpoint_of_8_ranks_reshards_onto_other_layouts(full_runs, tmp_path, target):
+    tmp, runs = full_runs
+    import shutil
+    shutil.copytree(tmp / "tp2_pp2_dp2", tmp_path / "ck")
+    nproc, layout, micro = {"one_process": (1, [], 4),
+                            "pp2_dp2_ep2": (4, ["--pipeline-parallel-size", "2", "--expert-parallel-size", "2"], 2),
+                            }[target]
+    resumed = run_for_resume(tmp_path, "resumed", nproc, layout, micro, load=interrupted_at_3(tmp_path / "ck"))
+    worst = _assert_continues_like(runs["tp2_pp2_dp2"], resumed)
+    print(f"8 ranks -> {target}: max relative loss difference {worst:.2e}")
+
+
+def test_checkpoint_of_one_process_reshards_onto_8_ranks(full_runs, tmp_path):
+    tmp, runs = full_runs
+    import shutil
+    shutil.copytree(tmp / "one", tmp_path / "ck")
+    resumed = run_for_resume(tmp_path, "resumed", 8, ["--tensor-parallel-size", "2", "--pipeline-parallel-size",
+                                                      "2"], 2, load=interrupted_at_3(tmp_path / "ck"))
+    worst = _assert_continues_like(runs["one"], resumed)
+    print(f"1 rank -> 8 ranks: max relative loss difference {worst:.2e}")
+
+
+@smoke
+def test_save_that_crashes_between_files_leaves_latest_loadable(tmp_path, monkeypatch):
+    model = MoETransformer(tiny_config(), seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 3, "skipped_steps": 0,
+            "model": {}, "train": {}, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}}
+    ckpt_io.save_checkpoint(str(tmp_path), 3, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), meta, 0, 1)
+    before = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path)))
+    real_write = ckpt_io._fsync_write
+
+    def crash_on_meta(path, write):  # the rank file is written, then the process "dies"
+        if path.endswith("meta.json"):
+            raise KeyboardInterrupt("killed")
+        real_write(path, write)
+
+    monkeypatch.setattr(ckpt_io, "_fsync_write", crash_on_meta)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_io.save_checkpoint(str(tmp_path), 6, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1),
+                                dict(meta, step=6), 0, 1)
+    assert (tmp_path / "latest").read_text() == "step_00000003"
+    after = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path)))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.setattr(ckpt_io, "_fsync_write", real_write)  # the next save cleans up and succeeds
+    ckpt_io.save_checkpoint(str(tmp_path), 6, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), dict(meta, step=6), 0, 1)
+    assert ckpt_io.read_checkpoint(str(tmp_path)).meta["step"] == 6
+    assert not any(d.startswith(".tmp") for d in os.listdir(tmp_path))
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    r = run_cli(TINY_FLAGS + ["--max-steps", "4", "--save", str(tmp_path / "ck"), "--save-interval", "1",
+                              "--keep-last", "2"])
+    assert r.returncode == 0, r.stderr
+    assert ckpt_io.list_checkpoints(str(tmp_path / "ck")) == ["step_00000003", "step_00000004"]
+
+
+def _worker_pids(marker: str) -> list[int]:
+    """Pids of minimal_pretrain.py workers (not the torchrun agent) whose command line holds `marker`."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        args = [c.decode(errors="replace") for c in cmd]
+        if marker in args and any(a.endswith("minimal_pretrain.py") for a in args) \
+                and "torch.distributed.run" not in args:
+            pids.append(int(pid))
+    return pids
+
+
+def test_killed_worker_restarts_from_latest_and_finishes_like_an_uninterrupted_run(tmp_path):
+    steps = 30
+    args = TINY_FLAGS + ["--max-steps", str(steps), "--num-microbatches", "2", "--dist-timeout", "30"]
+    clean = run_cli(args + ["--metrics-file", str(tmp_path / "clean.jsonl")], nproc=2)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    save = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+           os.path.join(HERE, "minimal_pretrain.py")]
+    cmd += args + ["--save", str(save), "--save-interval", "2", "--metrics-file", str(tmp_path / "killed.jsonl")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not (save / "step_00000004").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    victims = _worker_pids(str(save))
+    assert victims and not (save / f"step_{steps:08d}").exists(), "the run ended before it could be killed"
+    os.kill(victims[-1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("resumed from") == 1  # the restarted workers found `latest` by themselves
+    final_clean = train_records(str(tmp_path / "clean.jsonl"))[-1]
+    final_killed = train_records(str(tmp_path / "killed.jsonl"))[-1]
+    assert final_killed["step"] == steps and final_killed["loss"] == final_clean["loss"]
+
+
+@smoke
+def test_non_finite_loss_skips_the_update_and_stops_after_too_many(tmp_path, monkeypatch):
+    real_ce = mp.vocab_parallel_cross_entropy
+    calls = {"n": 0}
+
+    def nan_on_steps_2_and_3(logits, targets, par):  # one micro-batch per step
+        calls["n"] += 1
+        loss = real_ce(logits, targets, par)
+        return loss * float("nan") if calls["n"] in (2, 3) else loss
+
+    monkeypatch.setattr(mp, "vocab_parallel_cross_entropy", nan_on_steps_2_and_3)
+    metrics = tmp_path / "m.jsonl"
+    save = tmp_path / "ck"
+    mp.main(TINY_FLAGS + ["--max-steps", "5", "--metrics-file", str(metrics), "--save", str(save)])
+    records = train_records(str(metrics))
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2, 2, 2]
+    assert all(math.isfinite(r["loss"]) for r in records if r["step"] not in (2, 3))
+    # A skipped step leaves the weights alone: the norm of step 4's update sees step 1's weights.
+    calls["n"] = 0
+    monkeypatch.setattr(mp, "vocab_parallel_cross_entropy",
+                        lambda lg, tg, par: real_ce(lg, tg, par) * float("nan"))
+    with pytest.raises(SystemExit) as stop:
+        mp.main(TINY_FLAGS + ["--max-steps", "9", "--save", str(tmp_path / "ck2"), "--max-skipped-steps", "3"])
+    assert stop.value.code == 2
+    assert ckpt_io.read_checkpoint(str(tmp_path / "ck2")).meta["step"] == 2  # final checkpoint, 3 bad steps
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("saved") / "ck"
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--save", str(d)])
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def _bad_input(tmp_path, saved_tiny, case: str) -> tuple[list[str], str]:
+    """Flags for one bad-input case and the words its error line must hold."""
+    import shutil
+    ck = tmp_path / "ck"
+    shutil.copytree(saved_tiny, ck)
+    step = ck / "step_00000002"
+    if case == "missing_folder":
+        return ["--load", str(tmp_path / "nothing")], "no such folder"
+    if case == "missing_rank_file":
+        (step / "rank_00000.pt").unlink()
+        return ["--load", str(ck)], "rank_00000.pt: missing"
+    if case == "truncated_rank_file":
+        data = (step / "rank_00000.pt").read_bytes()
+        (step / "rank_00000.pt").write_bytes(data[:len(data) // 2])
+        return ["--load", str(ck)], "rank_00000.pt: unreadable"
+    if case == "foreign_meta":
+        (step / "meta.json").write_text(json.dumps({"format": "something-else"}))
+        return ["--load", str(ck)], "not a checkpoint of this trainer"
+    if case == "conflicting_model_flag":
+        return ["--load", str(ck), "--hidden-size", "64"], "--hidden-size 64 conflicts"
+    if case == "unwritable_save":
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        return ["--save", str(blocker / "sub")], "not writable"
+    if case == "corrupt_data_file":
+        bins = tmp_path / "bins"
+        bins.mkdir()
+        (bins / "train.bin").write_bytes(b"\x01\x00\x02")  # odd size: not uint16
+        (bins / "val.bin").write_bytes(b"\x01\x00")
+        (bins / "meta.json").write_text('{"vocab_size": 256}')
+        return ["--data", str(bins)], "train.bin: odd size"
+    raise AssertionError(case)
+
+
+@smoke
+@pytest.mark.parametrize("case", ["missing_folder", "missing_rank_file", "truncated_rank_file", "foreign_meta",
+                                  "conflicting_model_flag", "unwritable_save", "corrupt_data_file"])
+def test_bad_checkpoint_or_data_exits_2_and_harms_nothing(case, tmp_path, saved_tiny):
+    flags, words = _bad_input(tmp_path, saved_tiny, case)
+    before = {p: p.read_bytes() for p in (tmp_path / "ck").rglob("*") if p.is_file()}
+    r = run_cli(TINY_FLAGS + ["--max-steps", "4"] + flags, timeout=60)
+    assert r.returncode == 2, r.stdout[-1000:] + r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert before == {p: p.read_bytes() for p in (tmp_path / "ck").rglob("*") if p.is_file()}
+
+
+def test_inspect_checkpoint_prints_step_layout_and_shapes(saved_tiny):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "inspect_checkpoint.py"), str(saved_tiny)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "step: 2" in r.stdout and "world 1 = PP 1 x DP 1 x TP 1" in r.stdout
+    assert "layers.1.mlp.experts.3.down_proj.weight" in r.stdout and "(32, 32)" in r.stdout
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-m", "smoke"]))
