@@ -106,7 +106,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for cls, helps in ((ModelConfig, MODEL_HELP), (TrainConfig, None)):
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            help_text = helps[f.name] if helps else f.metadata["help"]
+            help_text = (helps[f.name] if helps else f.metadata["help"]).replace("%", "%%")
             if f.type in ("bool", bool):
                 p.add_argument(flag, default=f.default, help=help_text, action=argparse.BooleanOptionalAction)
             else:

@@ -404,6 +404,20 @@ def test_invalid_flags_exit_2_with_one_error_line(flags, message):
 
 
 @smoke
+def test_help_lists_every_contract_flag():
+    r = run_cli(["--help"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--num-experts", "--num-experts-per-token", "--moe-layer-interval", "--router-aux-loss-coef",
+                 "--router-z-loss-coef", "--tensor-parallel-size", "--expert-parallel-size",
+                 "--pipeline-parallel-size", "--num-microbatches", "--max-steps", "--hidden-size", "--num-layers",
+                 "--num-attention-heads", "--num-kv-heads", "--ffn-hidden-size", "--moe-ffn-hidden-size",
+                 "--seq-length", "--micro-batch-size", "--lr", "--min-lr", "--warmup-steps", "--weight-decay",
+                 "--grad-clip", "--seed", "--data", "--eval-interval", "--eval-iters", "--log-interval",
+                 "--metrics-file", "--save", "--save-interval", "--load", "--device", "--dtype"):
+        assert flag + " " in r.stdout, flag
+
+
+@smoke
 def test_too_short_data_exits_2(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("tiny")
