@@ -605,13 +605,15 @@ def global_grad_norm(model: torch.nn.Module, pg: ParallelGroups) -> torch.Tensor
     A rank's squared norms are divided by how many ranks hold the same tensor, then summed
     over all ranks: DP replicas of TP shards, DP x TP replicas of replicated weights,
     (DP x TP) / EP replicas of an expert."""
-    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    by_replicas: dict[int, list[torch.Tensor]] = {}
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        kind = getattr(p, "shard_kind", None)
-        replicas = {"tp": pg.dp, "ep": pg.expert_dp_size}.get(kind, pg.dp * pg.tp)
-        sq += p.grad.double().pow(2).sum() / replicas
+        if p.grad is not None:
+            replicas = {"tp": pg.dp, "ep": pg.expert_dp_size}.get(getattr(p, "shard_kind", None), pg.dp * pg.tp)
+            by_replicas.setdefault(replicas, []).append(p.grad)
+    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for replicas, grads in by_replicas.items():
+        norms = torch.stack(torch._foreach_norm(grads)).double()  # one fused kernel per dtype, no copies
+        sq += norms.pow(2).sum() / replicas
     if pg.world_size > 1:
         dist.all_reduce(sq, group=None)  # sum over every rank of every stage
     return sq.sqrt()
@@ -802,10 +804,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             bad_in_a_row = 0
             if tc.grad_clip > 0:
-                scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(scale.to(p.grad.dtype))
+                scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float()
+                torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], scale)
             optimizer.step()
         if done % tc.log_interval == 0 or done == tc.max_steps:
             last = reduce_step_stats(stats, pg, mc, tc)

@@ -643,7 +643,9 @@ class SparseMoELayer(nn.Module):
         # 1. route
         r = self.router(tokens)
         flat_expert = r.indices.reshape(-1)  # (A,)
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        # scatter_add, not bincount: bincount reads the max id back to the host (a CUDA sync)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_expert, torch.ones_like(flat_expert))  # (E,)
         counts_all = counts
         if self.par.tp_size > 1:
             counts_all = counts.clone()

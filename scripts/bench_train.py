@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s for MFU on another card")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print one JSON line of results")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, profile two steps and print the top ROWS operators")
     args = p.parse_args()
 
     fields, preset_batch = PRESETS[args.preset]
@@ -147,29 +149,40 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    def train_step() -> torch.Tensor:
+        tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_length + 1), device=device)
+        x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = step_model(x)
+        lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), model.par)
+        router = (tc.router_aux_loss_coef * out.aux_loss + tc.router_z_loss_coef * out.z_loss) / max(n_moe, 1)
+        loss = lm + router
+        loss.backward()
+        grad_norm = global_grad_norm(model, pg)  # clip as the trainer does
+        scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float()
+        torch._foreach_mul_([q.grad for q in model.parameters() if q.grad is not None], scale)
+        optimizer.step()
+        return loss
+
     step_ms = []
     try:
         for step in range(args.warmup + args.steps):
-            tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_length + 1), device=device)
-            x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
             sync()
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = step_model(x)
-            lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), model.par)
-            router = (tc.router_aux_loss_coef * out.aux_loss + tc.router_z_loss_coef * out.z_loss) / max(n_moe, 1)
-            loss = lm + router
-            loss.backward()
-            grad_norm = global_grad_norm(model, pg)  # clip as the trainer does
-            scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-            for param in model.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(scale.to(param.grad.dtype))
-            optimizer.step()
+            loss = train_step()
             sync()
             if step >= args.warmup:
                 step_ms.append((time.perf_counter() - t0) * 1e3)
+        if args.profile:  # where the time goes: the top operators of two more steps
+            from torch.profiler import ProfilerActivity, profile
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for _ in range(2):
+                    train_step()
+                sync()
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=args.profile))
     except torch.OutOfMemoryError:
         print(f"error: out of memory at micro-batch {batch} x {cfg.seq_length}; try a smaller "
               f"--micro-batch-size", file=sys.stderr)
