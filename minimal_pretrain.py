@@ -72,6 +72,8 @@ class TrainConfig:
     device: str = arg("auto", "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
     dtype: str = arg("auto", "auto | float32 | bfloat16 (autocast; bf16 on CUDA for auto)",
                      choices=["auto", "float32", "bfloat16"])
+    recompute: bool = arg(False, "activation checkpointing: recompute each block in backward (less memory)")
+    compile: bool = arg(False, "torch.compile each block (CUDA; works on CPU too, slowly)")
     dist_timeout: float = arg(300.0, "seconds before a stuck collective fails the run")
     progress: bool = arg(True, "show a tqdm progress bar on rank 0")
 
@@ -683,6 +685,25 @@ def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.M
     return ckpt_io.save_checkpoint(tc.save, step, payload, meta, pg.rank, pg.world_size, tc.keep_last)
 
 
+# Dense bf16 peak FLOP/s by a substring of the CUDA device name; the first match wins.
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def resolve_device(tc: TrainConfig, local_rank: int) -> torch.device:
     use_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
     if use_cuda:
@@ -747,10 +768,16 @@ def main(argv: list[str] | None = None) -> None:
     for module in model.modules():
         if hasattr(module, "use_grouped_mm"):
             module.use_grouped_mm = grouped
+    model.recompute = tc.recompute
+    if tc.compile:
+        for block in model.layers.values():
+            block.compile()  # each block on its own: pipeline stages and checkpointing stay eager
     n_params = sum(p.numel() for p in model.parameters())
     if is_main:
         print(f"parameters on rank 0: {n_params:,} | device {device} | "
               f"autocast {autocast_dtype} | grouped GEMM {grouped}")
+
+    peak_flops = peak_bf16_flops(device)
 
     # ------------------------------------------------- optimizer and schedule
     optimizer = build_optimizer(model, tc)
@@ -812,14 +839,17 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
+            tokens_per_sec = global_batch * mc.seq_length / dt
             record = {"step": done, "loss": last["loss"], "lm_loss": last["lm_loss"],
                       "aux_loss": last["aux_loss"], "z_loss": last["z_loss"], "lr": lr,
-                      "grad_norm": grad_norm.item(), "tokens_per_sec": global_batch * mc.seq_length / dt,
+                      "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
                       "skipped_steps": skipped_total, "expert_load": last["expert_load"]}
             if is_main:
                 line = (f"Step {done} | Loss: {last['loss']:.4f} | Aux Loss: {last['aux_loss']:.4f} | "
                         f"LR: {lr:.2e} | Throughput: {global_batch / dt:.2f} samples/s | "
-                        f"Tokens/s: {record['tokens_per_sec']:.0f} | Grad Norm: {record['grad_norm']:.3f}")
+                        f"Tokens/s: {tokens_per_sec:.0f} | Grad Norm: {record['grad_norm']:.3f}")
+                if peak_flops:  # model FLOPs of the whole step over the peak of all GPUs
+                    line += f" | MFU: {100 * tokens_per_sec * mc.flops_per_token() / (peak_flops * pg.world_size):.1f}%"
                 (bar.write if bar else print)(line)
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
@@ -841,11 +871,18 @@ def main(argv: list[str] | None = None) -> None:
     # --------------------------------------------------------------- teardown
     if bar:
         bar.close()
+    peak = torch.tensor([peak_memory_mib(device)], device=device)
+    if world_size > 1:
+        peaks = [torch.zeros_like(peak) for _ in range(world_size)]
+        dist.all_gather(peaks, peak, group=None)  # every rank's peak memory, for the summary
+        peak = torch.cat(peaks)
     if is_main:
         wall = time.time() - start_time
         steps = tc.max_steps - start_step
         print(f"done: {steps} steps, {steps * global_batch * mc.seq_length:,} tokens "
               f"in {wall:.1f}s | final train loss {last.get('loss', float('nan')):.4f}")
+        kind = "CUDA allocated" if device.type == "cuda" else "resident"
+        print(f"peak memory per rank ({kind}, MiB): " + ", ".join(f"{m:.0f}" for m in peak.tolist()))
         if val_loss is not None:
             h = unigram_entropy(corpus.val, mc.vocab_size)
             print(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {h:.4f} nats/token "

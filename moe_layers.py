@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 # --------------------------------------------------------------------------- config
@@ -65,6 +66,24 @@ class ModelConfig:
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    def active_params_per_token(self) -> int:
+        """Parameters one token's forward pass multiplies by, without the input embedding
+        (a lookup): attention, norms, dense MLPs, router, K of E experts, final norm, LM head."""
+        d, dh = self.hidden_size, self.head_dim
+        attn = d * dh * (2 * self.num_attention_heads + 2 * self.num_kv_heads) + 2 * dh + 2 * d
+        total = self.vocab_size * d + d
+        for i in range(self.num_layers):
+            if self.is_moe_layer(i):
+                total += attn + d * self.num_experts + self.num_experts_per_token * 3 * d * self.moe_ffn_hidden_size
+            else:
+                total += attn + 3 * d * self.ffn_hidden_size
+        return total
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 x active parameters + 12 x layers x D x T for the attention
+        scores and values (PaLM, Chowdhery et al. 2022, appendix B). Basis of the MFU figure."""
+        return 6 * self.active_params_per_token() + 12 * self.num_layers * self.hidden_size * self.seq_length
 
     def validate(self) -> None:
         """Raise ValueError naming the flag to change."""
@@ -727,6 +746,7 @@ class MoETransformer(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, par, cfg.init_std)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+        self.recompute = False  # set by the trainer: recompute each block's activations in backward
         layout_free_init_(self, seed)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
@@ -739,7 +759,11 @@ class MoETransformer(nn.Module):
         zero = torch.zeros((), device=x.device)
         aux, z, counts = zero, zero, {}
         for j, (name, block) in enumerate(self.layers.items()):
-            x, stats = block(x, self.rope, positions, kv_caches[j] if kv_caches is not None else None)
+            if self.recompute and self.training and torch.is_grad_enabled():
+                # Activation checkpointing: keep only the block's input, rerun it during backward.
+                x, stats = torch.utils.checkpoint.checkpoint(block, x, self.rope, positions, use_reentrant=False)
+            else:
+                x, stats = block(x, self.rope, positions, kv_caches[j] if kv_caches is not None else None)
             if stats is not None:
                 aux, z = aux + stats.aux_loss, z + stats.z_loss
                 counts[int(name)] = stats.counts

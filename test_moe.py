@@ -898,6 +898,39 @@ def test_inspect_checkpoint_prints_step_layout_and_shapes(saved_tiny):
     assert "layers.1.mlp.experts.3.down_proj.weight" in r.stdout and "(32, 32)" in r.stdout
 
 
+def test_recompute_gives_identical_losses(tmp_path):
+    runs = {}
+    for name, extra in (("eager", []), ("recompute", ["--recompute"])):
+        metrics = tmp_path / f"{name}.jsonl"
+        r = run_cli(TINY_FLAGS + ["--max-steps", "3", "--num-microbatches", "2", "--metrics-file", str(metrics)] + extra)
+        assert r.returncode == 0, r.stderr
+        runs[name] = without_timing(train_records(str(metrics)))
+    assert runs["eager"] == runs["recompute"]
+
+
+def test_compile_gives_the_same_losses_to_rounding(tmp_path):
+    runs = {}
+    for name, extra in (("eager", []), ("compile", ["--compile"])):
+        metrics = tmp_path / f"{name}.jsonl"
+        r = run_cli(TINY_FLAGS + ["--max-steps", "3", "--metrics-file", str(metrics)] + extra, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = train_records(str(metrics))
+    for a, b in zip(runs["eager"], runs["compile"]):
+        assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-5
+
+
+def test_flops_formula_counts_the_active_parameters_of_a_built_model():
+    cfg = tiny_config(num_layers=3, moe_layer_interval=2, num_experts=4, num_experts_per_token=2)
+    model = MoETransformer(cfg)
+    by_hand = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("embed_tokens"):
+            continue
+        by_hand += p.numel() * (2 / 4 if "experts" in name else 1.0)
+    assert cfg.active_params_per_token() == by_hand
+    assert cfg.flops_per_token() == 6 * by_hand + 12 * 3 * 32 * 16
+
+
 # ---------------------------------------------------------------- CUDA (GPU machines)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

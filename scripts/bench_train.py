@@ -39,8 +39,8 @@ import torch
 
 # `python scripts/bench_train.py` puts scripts/ on the path, not the repository root.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minimal_pretrain import (MODEL_HELP, TrainConfig, build_optimizer, build_process_groups,  # noqa: E402
-                              global_grad_norm, resolve_autocast, resolve_device)
+from minimal_pretrain import (MODEL_HELP, PEAK_BF16_FLOPS, TrainConfig, build_optimizer,  # noqa: E402
+                              build_process_groups, global_grad_norm, resolve_autocast, resolve_device)
 from moe_layers import ModelConfig, MoETransformer, can_use_grouped_mm, vocab_parallel_cross_entropy  # noqa: E402
 
 _HALF_B = dict(vocab_size=32000, hidden_size=1024, num_layers=12, num_attention_heads=16, num_kv_heads=8,
@@ -51,9 +51,6 @@ PRESETS = {
     "moe-0.5b": ({**_HALF_B, "num_experts": 8, "num_experts_per_token": 2, "moe_ffn_hidden_size": 1408}, 8),
     "fine-0.5b": ({**_HALF_B, "num_experts": 64, "num_experts_per_token": 8, "moe_ffn_hidden_size": 176}, 8),
 }
-
-# Peak dense bf16 FLOP/s by a substring of torch.cuda.get_device_name(); the first match wins.
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
 
 
 def count_params(model: MoETransformer, cfg: ModelConfig) -> tuple[int, int]:
@@ -130,7 +127,8 @@ def main() -> None:
             module.use_grouped_mm = grouped
     total, active = count_params(model, cfg)
     embed = model.embed_tokens.weight.numel()
-    flops_per_token = 6 * active + 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_length
+    flops_per_token = cfg.flops_per_token()
+    assert cfg.active_params_per_token() == active, "parameter count and formula disagree"
     optimizer = build_optimizer(model, tc)
     pg = build_process_groups(1, 1, 1, 0, 1)  # one process: no groups, no collectives
     n_moe = len(cfg.moe_layers)
