@@ -76,6 +76,7 @@ class TrainConfig:
     compile: bool = arg(False, "torch.compile each block (CUDA; works on CPU too, slowly)")
     dist_timeout: float = arg(300.0, "seconds before a stuck collective fails the run")
     progress: bool = arg(True, "show a tqdm progress bar on rank 0")
+    eval_only: bool = arg(False, "with --load: report validation loss, perplexity (and bits per byte) and exit")
 
 
 MODEL_HELP = {
@@ -127,6 +128,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelConfig, TrainConfi
     model = ModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)})
     train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     return model, train, given
+
+
+# Train flags that define which sequences a step sees: on --load they default to the checkpoint's.
+DATA_STREAM_FLAGS = ("seed", "data", "micro_batch_size")
 
 
 def model_config_from_checkpoint(saved: dict, mc: ModelConfig, given: set[str]) -> ModelConfig:
@@ -656,6 +661,40 @@ def evaluate(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: Mode
 
 
 # ======================================================================== main
+def report_eval_only(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: ModelConfig,
+                     tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None, step: int) -> None:
+    """--eval-only: validation loss of a checkpoint, as perplexity and (byte-level data) bits per byte."""
+    val_loss = evaluate(model, corpus, pg, mc, tc, device, autocast_dtype)
+    if pg.is_main:
+        line = f"eval-only: step {step} | val loss {val_loss:.4f} nats/token | perplexity {math.exp(val_loss):.3f}"
+        if corpus.vocab_size == 256:  # one token is one byte
+            line += f" | {val_loss / math.log(2):.4f} bits per byte"
+        print(line)
+        if tc.metrics_file:
+            with open(tc.metrics_file, "a") as f:
+                f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+
+
+def print_run_summary(tc: TrainConfig, steps: int, tokens: int, wall: float, last: dict, val_loss: float | None,
+                      unigram: float, peak: list[float], kind: str) -> None:
+    """The end of a run at a glance (rank 0)."""
+    print("=" * 24 + " run summary " + "=" * 24)
+    print(f"steps {steps} | tokens {tokens:,} | wall time {wall:.1f}s | {tokens / max(wall, 1e-9):,.0f} tokens/s")
+    print(f"final train loss {last.get('loss', float('nan')):.4f} (lm {last.get('lm_loss', float('nan')):.4f})")
+    if val_loss is not None:
+        print(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {unigram:.4f} nats/token "
+              f"({'beats' if val_loss < unigram else 'does not beat'} it by {unigram - val_loss:.4f})")
+    for layer, load in last.get("expert_load", {}).items():
+        hi = max(range(len(load)), key=load.__getitem__)
+        lo = min(range(len(load)), key=load.__getitem__)
+        print(f"layer {layer}: most loaded expert {hi} ({load[hi]:.1%}), least loaded expert {lo} ({load[lo]:.1%})")
+    print(f"peak memory per rank ({kind}, MiB): " + ", ".join(f"{m:.0f}" for m in peak))
+    if tc.save:
+        print(f"checkpoints: {tc.save} (latest: {open(os.path.join(tc.save, 'latest')).read().strip()})")
+    if tc.metrics_file:
+        print(f"metrics: {tc.metrics_file}")
+
+
 def fail(message: str, is_main: bool) -> None:
     """Bad input: one line on stderr from rank 0, exit status 2 on every rank."""
     if is_main:
@@ -733,6 +772,9 @@ def main(argv: list[str] | None = None) -> None:
             # Read every file before any collective: a bad checkpoint fails all ranks alike, fast.
             resume = ckpt_io.read_checkpoint(tc.load)
             mc = model_config_from_checkpoint(resume.meta["model"], mc, given)
+            for name in DATA_STREAM_FLAGS:  # the batches of a resumed run continue the saved stream
+                if name not in given and name in resume.meta["train"]:
+                    setattr(tc, name, resume.meta["train"][name])
         corpus = load_corpus(tc.data, mc.vocab_size if "vocab_size" in given or resume else None)
         if resume and corpus.vocab_size != mc.vocab_size:
             raise ConfigError(f"--data {tc.data or '(built-in)'} has vocab {corpus.vocab_size}, "
@@ -744,6 +786,8 @@ def main(argv: list[str] | None = None) -> None:
                               f"need more than --seq-length {mc.seq_length} + 1 in each split")
         if tc.save:
             check_writable(tc.save)
+        if tc.eval_only and not resume:
+            raise ConfigError("--eval-only needs a checkpoint: give --load DIR")
     except (ConfigError, ckpt_io.CheckpointError) as e:
         fail(str(e), is_main)
     tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
@@ -792,13 +836,20 @@ def main(argv: list[str] | None = None) -> None:
             print(f"resumed from {resume.path} at step {start_step} (saved on layout {saved_layout})")
         del resume
     global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
-    metrics = open(tc.metrics_file, "w") if (is_main and tc.metrics_file) else None
+
+    if tc.eval_only:
+        report_eval_only(model, corpus, pg, mc, tc, device, autocast_dtype, start_step)
+        if world_size > 1:
+            dist.destroy_process_group()
+        return
+
+    # ------------------------------------------------------------------- loop
+    # A resumed run appends to the metrics of the run it continues.
+    metrics = open(tc.metrics_file, "a" if start_step else "w") if (is_main and tc.metrics_file) else None
     bar = None
     if is_main and tc.progress:
         from tqdm import tqdm
         bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
-
-    # ------------------------------------------------------------------- loop
     start_time = time.time()
     val_loss = None
     last = {}
@@ -877,16 +928,10 @@ def main(argv: list[str] | None = None) -> None:
         dist.all_gather(peaks, peak, group=None)  # every rank's peak memory, for the summary
         peak = torch.cat(peaks)
     if is_main:
-        wall = time.time() - start_time
         steps = tc.max_steps - start_step
-        print(f"done: {steps} steps, {steps * global_batch * mc.seq_length:,} tokens "
-              f"in {wall:.1f}s | final train loss {last.get('loss', float('nan')):.4f}")
-        kind = "CUDA allocated" if device.type == "cuda" else "resident"
-        print(f"peak memory per rank ({kind}, MiB): " + ", ".join(f"{m:.0f}" for m in peak.tolist()))
-        if val_loss is not None:
-            h = unigram_entropy(corpus.val, mc.vocab_size)
-            print(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {h:.4f} nats/token "
-                  f"({'beats' if val_loss < h else 'does not beat'} it by {h - val_loss:.4f})")
+        print_run_summary(tc, steps, steps * global_batch * mc.seq_length, time.time() - start_time, last, val_loss,
+                          unigram_entropy(corpus.val, mc.vocab_size), peak.tolist(),
+                          "CUDA allocated" if device.type == "cuda" else "resident")
     if metrics:
         metrics.close()
     if world_size > 1:

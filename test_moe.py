@@ -410,6 +410,15 @@ def test_cli_tiny_run_writes_valid_metrics(tmp_path):
     assert "final val loss" in r.stdout and "unigram entropy" in r.stdout
 
 
+def test_default_run_beats_the_unigram_baseline(tmp_path):
+    """`python minimal_pretrain.py` with no model flags: the README's first command (about 90 s)."""
+    r = run_cli(["--no-progress", "--metrics-file", str(tmp_path / "m.jsonl")], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [x for x in r.stdout.splitlines() if x.startswith("final val loss")][0]
+    val, unigram = float(line.split()[3]), float(line.split("unigram entropy ")[1].split()[0])
+    assert val < unigram - 1.0, line
+
+
 @smoke
 @pytest.mark.parametrize("flags,message", [
     (["--num-experts-per-token", "5"], "--num-experts-per-token"),
@@ -438,6 +447,22 @@ def test_help_lists_every_contract_flag():
                  "--grad-clip", "--seed", "--data", "--eval-interval", "--eval-iters", "--log-interval",
                  "--metrics-file", "--save", "--save-interval", "--load", "--device", "--dtype"):
         assert flag + " " in r.stdout, flag
+
+
+def test_eval_only_reports_the_checkpoints_val_loss_and_summary_names_experts(tmp_path):
+    save, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
+    r = run_cli(TINY_FLAGS + ["--max-steps", "4", "--eval-interval", "4", "--eval-iters", "3", "--save", str(save),
+                              "--metrics-file", str(metrics)])
+    assert r.returncode == 0, r.stderr
+    assert "run summary" in r.stdout and "layer 1: most loaded expert" in r.stdout
+    assert f"checkpoints: {save} (latest: step_00000004)" in r.stdout
+    val = [x for x in read_metrics(metrics) if "val_loss" in x][-1]["val_loss"]
+    r = run_cli(["--load", str(save), "--eval-only", "--eval-iters", "3", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    line = [x for x in r.stdout.splitlines() if x.startswith("eval-only:")][0]
+    loss = float(line.split("val loss ")[1].split()[0])
+    assert math.isclose(loss, val, abs_tol=1e-4)
+    assert f"perplexity {math.exp(val):.3f}" in line and f"{val / math.log(2):.4f} bits per byte" in line
 
 
 @smoke
