@@ -95,6 +95,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that are part of the model's state (the routers' expert_bias), not derived tables."""
+    params = dict(model.named_parameters())
+    return {k: v for k, v in model.state_dict().items() if k not in params}
+
+
+def buffer_entries(model: torch.nn.Module, tp_rank: int, dp_rank: int) -> dict[str, dict]:
+    """Buffers are the same on every TP and DP rank of a stage: DP rank 0, TP rank 0 writes them."""
+    if tp_rank or dp_rank:
+        return {}
+    return {k: {"tensor": v.detach().cpu().clone(), "dim": None, "rank": 0, "size": 1}
+            for k, v in persistent_buffers(model).items()}
+
+
 def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_rank: int, dp_rank: int,
                  stage_rank: int, ep: int) -> dict:
     """This rank's slices of the weights and of the AdamW moments, plus its RNG states."""
@@ -114,6 +128,7 @@ def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_ra
         if state:
             optim[name] = {"step": float(state["step"]), "exp_avg": _entry(state["exp_avg"], p),
                            "exp_avg_sq": _entry(state["exp_avg_sq"], p)}
+    params.update(buffer_entries(model, tp_rank, dp_rank))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -275,6 +290,9 @@ def local_tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, p: t
 
 def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Copy this rank's slices of weights (and AdamW moments) out of a checkpoint of any layout."""
+    for name, buf in persistent_buffers(model).items():
+        with torch.no_grad():
+            buf.copy_(_tensor(ckpt, ckpt.params, name, buf.shape))
     for name, p in model.named_parameters():
         with torch.no_grad():
             p.copy_(local_tensor(ckpt, ckpt.params, name, p))

@@ -55,6 +55,8 @@ class TrainConfig:
     grad_clip: float = arg(1.0, "clip the global gradient norm to this; 0 disables")
     router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss")
     router_z_loss_coef: float = arg(0.001, "weight of the router z-loss")
+    router_bias_update_rate: float = arg(0.0, "aux-loss-free balancing: after each step move every expert's "
+                                              "routing bias by this times sign(mean load - load); 0 = off")
     seed: int = arg(1234, "seed of the initial weights and of every batch")
     data: str = arg("", "text file, folder of text files, or folder with train.bin/val.bin; "
                         "empty: the Python standard library sources")
@@ -79,6 +81,9 @@ class TrainConfig:
     eval_only: bool = arg(False, "with --load: report validation loss, perplexity (and bits per byte) and exit")
 
 
+MODEL_CHOICES = {"router_score_function": ["softmax", "sigmoid"],
+                 "router_type": ["topk", "expert-choice", "round-robin"],
+                 "router_aux_loss_type": ["micro-batch", "global-batch", "sequence"]}
 MODEL_HELP = {
     "vocab_size": "vocabulary size (byte-level data: 256; token files: from meta.json)",
     "hidden_size": "model width D",
@@ -91,6 +96,15 @@ MODEL_HELP = {
     "num_experts_per_token": "top-k: experts each token is sent to",
     "moe_layer_interval": "layer i is an MoE layer iff (i + 1) % interval == 0",
     "norm_topk_prob": "renormalise the top-k router weights to sum to 1",
+    "num_shared_experts": "always-on shared experts per MoE layer (DeepSeekMoE)",
+    "shared_expert_ffn_hidden_size": "width of each shared expert; 0 = --moe-ffn-hidden-size",
+    "router_score_function": "softmax | sigmoid (sigmoid: top-k weights renormalised, as DeepSeek-V3)",
+    "router_type": "topk | expert-choice (each expert takes its best tokens; not causal) | "
+                   "round-robin (forced balance, for benchmarks)",
+    "router_aux_loss_type": "micro-batch | global-batch | sequence: where the balancing loss counts f_i",
+    "moe_capacity_factor": "expert capacity = factor x tokens x top-k / experts; lowest-scored "
+                           "assignments beyond it are dropped; 0 = dropless",
+    "router_jitter_noise": "multiply router inputs by U(1-eps, 1+eps) in training (Switch); 0 = off",
     "seq_length": "tokens per training sequence",
     "rope_theta": "rotary embedding base",
     "rms_norm_eps": "RMSNorm epsilon",
@@ -114,8 +128,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag, default=f.default, help=help_text, action=argparse.BooleanOptionalAction)
             else:
                 kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-                p.add_argument(flag, default=f.default, type=kind, help=help_text,
-                               choices=f.metadata.get("choices") if f.metadata else None)
+                choices = f.metadata.get("choices") if f.metadata else MODEL_CHOICES.get(f.name)
+                p.add_argument(flag, default=f.default, type=kind, help=help_text, choices=choices)
     return p
 
 
@@ -448,12 +462,14 @@ class StepStats:
     lm_loss: float = 0.0  # sum of micro-batch mean LM losses (last stage, TP rank 0 only)
     aux_loss: torch.Tensor | None = None  # sum over micro-batches and this stage's MoE layers
     z_loss: torch.Tensor | None = None
-    counts: torch.Tensor | None = None  # (num MoE layers, E) assignments per expert
+    counts: torch.Tensor | None = None  # (num MoE layers, E) rows each expert computed
+    routed: torch.Tensor | None = None  # (num MoE layers, E) the routers' top-k choices
+    dropped: torch.Tensor | None = None  # (num MoE layers,) assignments over capacity
 
 
 def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torch.Tensor]],
                      pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, device: torch.device,
-                     autocast_dtype: torch.dtype | None, train: bool) -> StepStats:
+                     autocast_dtype: torch.dtype | None, train: bool, step: int | None = None) -> StepStats:
     """Forward (and backward when `train`) of this rank's micro-batches, pipelined over stages.
 
     1F1B (PipeDream-Flush, Narayanan et al. 2021): stage s runs PP-s-1 warm-up forwards, then
@@ -461,28 +477,34 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
     PP micro-batches of activations are alive. With PP = 1 it is plain gradient accumulation.
 
     Each micro-batch's loss is scaled by 1/M so the gradients are those of the mean over the
-    M micro-batches; the aux and z losses of every stage join that stage's backward."""
+    M micro-batches; the aux and z losses of every stage join that stage's backward.
+    `step` seeds the router jitter of each micro-batch by its index in the global batch."""
     n_moe = len(mc.moe_layers)
     moe_row = {layer: i for i, layer in enumerate(mc.moe_layers)}
     m = len(micro)
     b, t = micro[0][0].shape
     shape = (b, t, mc.hidden_size)
+    width = max(mc.num_experts, 1)
     stats = StepStats(aux_loss=torch.zeros((), device=device), z_loss=torch.zeros((), device=device),
-                      counts=torch.zeros(n_moe, max(mc.num_experts, 1), device=device))
+                      counts=torch.zeros(n_moe, width, device=device), routed=torch.zeros(n_moe, width, device=device),
+                      dropped=torch.zeros(n_moe, device=device))
     queue: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
 
     def forward_step(i: int, inp: torch.Tensor | None) -> torch.Tensor:
         x, y = micro[i]
+        noise_seed = None if step is None else (tc.seed * 1_000_003 + step) * 65_537 + pg.dp_rank * m + i
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(x if pg.first_stage else inp)
+            out = model(x if pg.first_stage else inp, noise_seed=noise_seed)
         router_loss = torch.zeros((), device=device)
         if n_moe:
             # Means over all MoE layers of the model: each stage adds its layers' share.
             router_loss = (tc.router_aux_loss_coef * out.aux_loss + tc.router_z_loss_coef * out.z_loss) / n_moe
             stats.aux_loss += out.aux_loss.detach()
             stats.z_loss += out.z_loss.detach()
-            for layer, c in out.counts.items():
-                stats.counts[moe_row[layer]] += c.float()
+            for layer, s in out.stats.items():
+                stats.counts[moe_row[layer]] += s.counts.float()
+                stats.routed[moe_row[layer]] += s.routed.float()
+                stats.dropped[moe_row[layer]] += s.dropped.float()
         if pg.last_stage:
             lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), model.par)
             if pg.tp_rank == 0:
@@ -544,7 +566,8 @@ def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc:
     """Global-batch means of the losses and per-expert load fractions (same on every rank)."""
     n_moe = len(mc.moe_layers)
     packed = torch.cat([torch.tensor([stats.lm_loss], device=stats.counts.device),
-                        stats.aux_loss.reshape(1), stats.z_loss.reshape(1), stats.counts.flatten()]).double()
+                        stats.aux_loss.reshape(1), stats.z_loss.reshape(1), stats.dropped,
+                        stats.counts.flatten()]).double()
     if pg.world_size > 1:
         # lm: last stage, TP rank 0; aux / z: TP ranks hold shares, stages hold layers; counts likewise
         dist.all_reduce(packed, group=None)
@@ -552,10 +575,40 @@ def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc:
     lm = packed[0].item() / num_micro
     aux = packed[1].item() / (num_micro * n_moe) if n_moe else 0.0
     z = packed[2].item() / (num_micro * n_moe) if n_moe else 0.0
-    counts = packed[3:].view(n_moe, max(mc.num_experts, 1))
+    dropped = packed[3:3 + n_moe]
+    counts = packed[3 + n_moe:].view(n_moe, max(mc.num_experts, 1))
     load = {str(layer): (counts[i] / counts[i].sum()).tolist() for i, layer in enumerate(mc.moe_layers)}
-    return {"loss": lm + tc.router_aux_loss_coef * aux + tc.router_z_loss_coef * z, "lm_loss": lm,
-            "aux_loss": aux, "z_loss": z, "expert_load": load}
+    result = {"loss": lm + tc.router_aux_loss_coef * aux + tc.router_z_loss_coef * z, "lm_loss": lm,
+              "aux_loss": aux, "z_loss": z, "expert_load": load}
+    if mc.moe_capacity_factor > 0 and mc.router_type == "topk":
+        result["dropped_fraction"] = {str(layer): (dropped[i] / (dropped[i] + counts[i].sum())).item()
+                                      for i, layer in enumerate(mc.moe_layers)}
+    return result
+
+
+def global_expert_counts(stats: StepStats, pg: ParallelGroups, routed: bool) -> torch.Tensor:
+    """(num MoE layers, E) router choices (or computed rows) of the whole global batch, on every rank."""
+    counts = (stats.routed if routed else stats.counts).clone()
+    if pg.world_size > 1:
+        dist.all_reduce(counts, group=None)  # TP ranks hold slices, DP ranks batches, stages layers
+    return counts
+
+
+def set_global_batch_counts(model: MoETransformer, mc: ModelConfig, counts: torch.Tensor) -> None:
+    """Give every MoE layer of this stage the f_i of the global batch (global-batch balancing)."""
+    for layer, moe in model.moe_layers().items():
+        moe.global_counts = counts[mc.moe_layers.index(layer)]
+
+
+def update_expert_bias(model: MoETransformer, mc: ModelConfig, counts: torch.Tensor, rate: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3, Wang et al. 2024): after the step, raise the routing bias
+    of under-loaded experts and lower it for over-loaded ones by a fixed amount.
+
+    counts (num MoE layers, E): rows each expert computed in the whole global batch. The bias
+    only enters the top-k choice, never the weights, so it needs no gradient."""
+    for layer, moe in model.moe_layers().items():
+        load = counts[mc.moe_layers.index(layer)]
+        moe.router.expert_bias += rate * torch.sign(load.mean() - load)
 
 
 # ======================================================== gradients and optimizer
@@ -861,8 +914,13 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = lr
         x, y = get_batch(corpus.train, tc.seed, 0, step, global_batch, mc.seq_length)
         optimizer.zero_grad(set_to_none=True)
-        stats = run_microbatches(model, local_microbatches(x, y, pg, tc, device), pg, mc, tc, device,
-                                 autocast_dtype, train=True)
+        micro = local_microbatches(x, y, pg, tc, device)
+        if mc.router_aux_loss_type == "global-batch" and mc.moe_layers:
+            # f_i of the whole global batch must be known before any backward: a forward-only pass
+            # over every micro-batch routes the tokens first (one extra forward per step).
+            pre = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=False, step=step)
+            set_global_batch_counts(model, mc, global_expert_counts(pre, pg, routed=True))
+        stats = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=True, step=step)
         sync_gradients(model, pg)
         grad_norm = global_grad_norm(model, pg)
         done = step + 1
@@ -885,6 +943,9 @@ def main(argv: list[str] | None = None) -> None:
                 scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float()
                 torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], scale)
             optimizer.step()
+            if tc.router_bias_update_rate > 0 and mc.moe_layers:
+                update_expert_bias(model, mc, global_expert_counts(stats, pg, routed=False),
+                                   tc.router_bias_update_rate)
         if done % tc.log_interval == 0 or done == tc.max_steps:
             last = reduce_step_stats(stats, pg, mc, tc)
             if device.type == "cuda":
@@ -895,6 +956,8 @@ def main(argv: list[str] | None = None) -> None:
                       "aux_loss": last["aux_loss"], "z_loss": last["z_loss"], "lr": lr,
                       "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
                       "skipped_steps": skipped_total, "expert_load": last["expert_load"]}
+            if "dropped_fraction" in last:
+                record["dropped_fraction"] = last["dropped_fraction"]
             if is_main:
                 line = (f"Step {done} | Loss: {last['loss']:.4f} | Aux Loss: {last['aux_loss']:.4f} | "
                         f"LR: {lr:.2e} | Throughput: {global_batch / dt:.2f} samples/s | "

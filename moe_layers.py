@@ -51,6 +51,13 @@ class ModelConfig:
     num_experts_per_token: int = 2  # K
     moe_layer_interval: int = 1  # layer i is MoE iff (i + 1) % interval == 0
     norm_topk_prob: bool = True  # renormalise the K chosen router weights to sum to 1
+    num_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeekMoE)
+    shared_expert_ffn_hidden_size: int = 0  # width of each shared expert; 0 means moe_ffn_hidden_size
+    router_score_function: str = "softmax"  # softmax | sigmoid (sigmoid: top-k weights renormalised)
+    router_type: str = "topk"  # topk | expert-choice | round-robin (forced balance, for benchmarks)
+    router_aux_loss_type: str = "micro-batch"  # micro-batch | global-batch | sequence
+    moe_capacity_factor: float = 0.0  # tokens per expert = factor * N * K / E; 0 = dropless
+    router_jitter_noise: float = 0.0  # multiply router inputs by U(1-eps, 1+eps) in training (Switch)
     seq_length: int = 256  # T, longest sequence (size of the rotary table)
     rope_theta: float = 10000.0  # rotary base
     rms_norm_eps: float = 1e-6  # RMSNorm epsilon
@@ -64,6 +71,11 @@ class ModelConfig:
         return self.num_experts > 0 and (i + 1) % self.moe_layer_interval == 0
 
     @property
+    def shared_ffn_hidden_size(self) -> int:
+        """Width of the one SwiGLU that holds all shared experts side by side."""
+        return self.num_shared_experts * (self.shared_expert_ffn_hidden_size or self.moe_ffn_hidden_size)
+
+    @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
@@ -75,7 +87,8 @@ class ModelConfig:
         total = self.vocab_size * d + d
         for i in range(self.num_layers):
             if self.is_moe_layer(i):
-                total += attn + d * self.num_experts + self.num_experts_per_token * 3 * d * self.moe_ffn_hidden_size
+                total += (attn + d * self.num_experts + self.num_experts_per_token * 3 * d * self.moe_ffn_hidden_size
+                          + 3 * d * self.shared_ffn_hidden_size)
             else:
                 total += attn + 3 * d * self.ffn_hidden_size
         return total
@@ -106,6 +119,20 @@ class ModelConfig:
         if c.num_experts > 0 and not 1 <= c.num_experts_per_token <= c.num_experts:
             raise ValueError(f"--num-experts-per-token ({c.num_experts_per_token}) must be between 1 and "
                              f"--num-experts ({c.num_experts})")
+        choices = {"router_score_function": ("softmax", "sigmoid"),
+                   "router_type": ("topk", "expert-choice", "round-robin"),
+                   "router_aux_loss_type": ("micro-batch", "global-batch", "sequence")}
+        for name, allowed in choices.items():
+            if getattr(c, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(c, name)!r}")
+        for name in ("num_shared_experts", "shared_expert_ffn_hidden_size", "moe_capacity_factor",
+                     "router_jitter_noise"):
+            if getattr(c, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+        if c.router_type == "expert-choice" and c.router_aux_loss_type != "micro-batch":
+            raise ValueError("--router-type expert-choice is balanced by construction; it takes no "
+                             "--router-aux-loss-type")
 
 
 @dataclass
@@ -437,13 +464,14 @@ class Attention(nn.Module):
 class DenseMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
 
-    def __init__(self, cfg: ModelConfig, par: ModelParallel):
+    def __init__(self, cfg: ModelConfig, par: ModelParallel, width: int | None = None):
         super().__init__()
         self.par = par
+        width = width or cfg.ffn_hidden_size
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, par, cfg.init_std)
-        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, par, cfg.init_std)
-        self.down_proj = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, par, out_std)
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, width, par, cfg.init_std)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, width, par, cfg.init_std)
+        self.down_proj = RowParallelLinear(width, cfg.hidden_size, par, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tp(x, self.par)
@@ -455,52 +483,64 @@ class DenseMLP(nn.Module):
 class RouterOutput:
     weights: torch.Tensor  # (n, K) fp32 combine weights of the chosen experts
     indices: torch.Tensor  # (n, K) chosen expert ids, best first
-    probs: torch.Tensor  # (n, E) fp32 softmax over all experts
+    probs: torch.Tensor  # (n, E) fp32 router distribution over experts (sums to 1 per token)
     logits: torch.Tensor  # (n, E) fp32 router logits
+    scores: torch.Tensor  # (n, E) fp32 per-expert scores: softmax probs or sigmoid gates
 
 
 class TopKRouter(nn.Module):
-    """Linear scores hidden -> E, softmax in fp32, top-k (Shazeer et al. 2017; Switch, Fedus 2021).
+    """Linear scores hidden -> E in fp32, top-k (Shazeer et al. 2017; Switch, Fedus et al. 2021).
 
-    Contract: for x (n, D) returns, per token, the K experts with the largest logits and their
-    softmax probabilities, renormalised over the K when `norm_topk_prob` (as Qwen3-MoE and
-    Mixtral). The math runs in fp32 even under bf16 autocast: small logit differences decide
-    the choice, and the z-loss needs an accurate logsumexp. Under TP each rank routes only its
-    1/TP slice of the tokens, so the weight's gradient is a partial sum over TP ranks."""
+    Contract: for x (n, D) returns, per token, the K experts with the largest scores and their
+    weights. Scores are softmax probabilities (Mixtral, Qwen3-MoE; the K weights renormalised
+    when `norm_topk_prob`) or sigmoid gates (DeepSeek-V3; the K weights always renormalised).
+    `expert_bias` (E,) is added to the scores for the *choice* only, never to the weights: the
+    aux-loss-free balancing of DeepSeek-V3 (Wang et al. 2024) moves it between steps; it stays
+    zero otherwise. The math runs in fp32 even under bf16 autocast: small score differences
+    decide the choice, and the z-loss needs an accurate logsumexp. Under TP each rank routes
+    only its 1/TP slice of the tokens, so the weight's gradient is a partial sum over TP ranks."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k = cfg.num_experts_per_token
-        self.normalize = cfg.norm_topk_prob
+        self.sigmoid = cfg.router_score_function == "sigmoid"
+        self.normalize = cfg.norm_topk_prob or self.sigmoid
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.weight.init_std = cfg.init_std
         self.weight.tp_partial_grad = True
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))  # saved in checkpoints
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())  # (n, E)
-            probs = logits.softmax(dim=-1)  # (n, E)
-            weights, indices = probs.topk(self.top_k, dim=-1)  # (n, K), (n, K)
+            if self.sigmoid:
+                scores = logits.sigmoid()  # (n, E)
+                probs = scores / scores.sum(dim=-1, keepdim=True)  # (n, E), for the balancing loss
+            else:
+                scores = probs = logits.softmax(dim=-1)  # (n, E)
+            _, indices = (scores + self.expert_bias).topk(self.top_k, dim=-1)  # (n, K)
+            weights = scores.gather(1, indices)  # (n, K)
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-        return RouterOutput(weights, indices, probs, logits)
+        return RouterOutput(weights, indices, probs, logits, scores)
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
                         counts: torch.Tensor | None = None, num_tokens: int | None = None) -> torch.Tensor:
     """Switch Transformer load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2021, eq. 4).
 
-    f_i: fraction of the A = n*K routed assignments that went to expert i (no gradient).
+    f_i: fraction of the routed assignments that went to expert i (no gradient).
     P_i: mean router probability of expert i over the tokens (carries the gradient).
     Uniform routing gives exactly 1.0; total collapse onto one expert gives E.
     When a micro-batch's tokens are split over ranks, pass `counts` (E,) summed over those
     ranks and their total `num_tokens`: the result is then this rank's share of the loss,
-    and the shares of all ranks add up to the loss of the whole micro-batch."""
+    and the shares of all ranks add up to the loss of the whole micro-batch. `counts` may also
+    come from a larger batch (global-batch balancing): f is then that batch's frequency."""
     if counts is None:
         counts = torch.bincount(indices.reshape(-1), minlength=num_experts)
     if num_tokens is None:
         num_tokens = probs.shape[0]
-    f = counts.float() / (num_tokens * indices.shape[1])  # (E,)
+    f = counts.float() / counts.sum()  # (E,) fraction of the assignments counted
     p = probs.sum(dim=0) / num_tokens  # (E,)
     return num_experts * torch.sum(f * p)
 
@@ -625,75 +665,191 @@ class MoEStats:
 
     aux_loss: torch.Tensor  # scalar, load-balancing loss (before its coefficient)
     z_loss: torch.Tensor  # scalar, router z-loss (before its coefficient)
-    counts: torch.Tensor  # (E,) assignments per expert made by this rank's tokens
+    counts: torch.Tensor  # (E,) rows each expert computed for this rank's tokens (its load)
+    routed: torch.Tensor  # (E,) the router's top-K choices of this rank's tokens (before capacity)
+    dropped: torch.Tensor  # scalar, assignments dropped by the capacity limit
+
+
+@dataclass
+class Assignments:
+    """The (token, expert, weight) rows an MoE layer computes, sorted by expert."""
+
+    token: torch.Tensor  # (A,) local token index of each row
+    weight: torch.Tensor  # (A,) fp32 combine weight
+    counts: torch.Tensor  # (E,) rows per expert
+
+
+def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int) -> Assignments:
+    """Group rows by expert (stable: rows of one expert stay in token order)."""
+    order = torch.argsort(expert, stable=True)  # (A,)
+    # scatter_add, not bincount: bincount reads the max id back to the host (a CUDA sync)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert.device).scatter_add_(
+        0, expert, torch.ones_like(expert))  # (E,)
+    return Assignments(token[order], weight[order], counts)
+
+
+def capacity_keep_mask(scores: torch.Tensor, indices: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
+    """(N, K) bool: which assignments fit, each expert keeping its `capacity` best-scored ones.
+
+    scores, indices (N, K): the router score and expert of every assignment of the micro-batch.
+    Lowest-scored assignments are dropped first (Switch Transformer drops by arrival order;
+    dropping by score keeps each expert's most confident tokens, as GShard's priority routing)."""
+    flat_e, flat_s = indices.reshape(-1), scores.reshape(-1)  # (A,)
+    by_score = torch.argsort(-flat_s, stable=True)
+    order = by_score[torch.argsort(flat_e[by_score], stable=True)]  # grouped by expert, best first
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_e.device).scatter_add_(
+        0, flat_e, torch.ones_like(flat_e))
+    starts = counts.cumsum(0) - counts  # (E,) first row of each expert in `order`
+    rank = torch.empty_like(flat_e)
+    rank[order] = torch.arange(flat_e.numel(), device=flat_e.device) - starts[flat_e[order]]
+    return (rank < capacity).view_as(indices)
+
+
+def gather_tp_rows(t: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    """All TP ranks' rows of a tensor, no gradient: the whole micro-batch's routing decisions."""
+    if par.tp_size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(par.tp_size)]
+    dist.all_gather(parts, t.contiguous(), group=par.tp_group)  # each rank routed N / TP tokens
+    return torch.cat(parts)
+
+
+def sequence_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
+                            seq_of_token: torch.Tensor, counts_seq: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Sequence-wise balancing loss (DeepSeek-V3, eq. 17-20): the Switch loss of each sequence, averaged.
+
+    probs (n, E), indices (n, K), seq_of_token (n,) sequence of each token; counts_seq (B, E)
+    top-K choices per sequence and expert over the whole micro-batch. Returns this rank's share."""
+    num_seqs = counts_seq.shape[0]
+    f = counts_seq.float() / (seq_len * indices.shape[1])  # (B, E)
+    p = torch.zeros(num_seqs, num_experts, device=probs.device).index_add_(0, seq_of_token, probs) / seq_len
+    return num_experts * (f * p).sum() / num_seqs
 
 
 class SparseMoELayer(nn.Module):
-    """Dropless top-k Mixture-of-Experts feed-forward layer.
+    """Sparse Mixture-of-Experts feed-forward layer: dropless top-k by default.
 
     forward(x (B, T, D)) -> (y (B, T, D), MoEStats), in four steps:
-      1. route:    the router picks K experts and weights per token (fp32).
-      2. dispatch: the A = n*K (token, expert) assignments are sorted by expert, so each
-                   expert's rows are contiguous; under EP they travel by all-to-all to the
-                   rank holding the expert.
-      3. experts:  each local expert runs once on its block of rows (no capacity, no padding,
-                   no token dropped: dropless as in MegaBlocks, Gale et al. 2022).
-      4. combine:  rows come back, are scaled by their router weight and summed per token.
+      1. route:    the router scores experts per token (fp32) and `assign` turns the scores into
+                   (token, expert, weight) rows: top-K per token (dropless, or within a capacity),
+                   top-C tokens per expert (expert choice), or round-robin (forced balance).
+      2. dispatch: rows are sorted by expert, so each expert's rows are contiguous; under EP they
+                   travel by all-to-all to the rank holding the expert.
+      3. experts:  each local expert runs once on its block of rows (no padding; dropless top-k
+                   as in MegaBlocks, Gale et al. 2022).
+      4. combine:  rows come back, are scaled by their weight and summed per token; shared
+                   experts (DeepSeekMoE, Dai et al. 2024), if any, add a dense SwiGLU of all tokens.
     Under TP the ranks hold the same N tokens; each routes only its N/TP slice and the outputs
-    are all-gathered, so no token is computed or counted twice. The returned losses are this
-    rank's share of the micro-batch losses (they add up over TP ranks)."""
+    are all-gathered, so no token is computed or counted twice. Decisions that need the whole
+    micro-batch (capacity, expert choice) see every TP rank's scores. The returned losses are
+    this rank's share of the micro-batch losses (they add up over TP ranks)."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
         self.par = par
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_experts_per_token
+        self.router_type = cfg.router_type
+        self.aux_loss_type = cfg.router_aux_loss_type
+        self.capacity_factor = cfg.moe_capacity_factor
+        self.jitter = cfg.router_jitter_noise
         self.router = TopKRouter(cfg)
         self.experts = MoEExpert(cfg, par)
+        self.shared_experts = DenseMLP(cfg, par, cfg.shared_ffn_hidden_size) if cfg.num_shared_experts else None
+        self.global_counts: torch.Tensor | None = None  # (E,) set by the trainer for global-batch balancing
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def assign(self, r: RouterOutput, n: int, first: int, num_tokens: int) -> tuple[Assignments, torch.Tensor]:
+        """Rows to compute for this rank's n tokens (global indices first .. first+n-1), and drops."""
+        k, e, device = self.top_k, self.num_experts, r.logits.device
+        local = torch.arange(n, device=device)
+        dropped = torch.zeros((), dtype=torch.long, device=device)
+        if self.router_type == "round-robin":  # token g takes experts gK .. gK+K-1 (mod E), weight 1/K
+            experts = ((local + first)[:, None] * k + torch.arange(k, device=device)) % e  # (n, K)
+            weight = torch.full((n * k,), 1.0 / k, device=device)
+            return sort_by_expert(local.repeat_interleave(k), experts.reshape(-1), weight, e), dropped
+        if self.router_type == "expert-choice":  # each expert takes its C best tokens (Zhou et al. 2022)
+            capacity = min(num_tokens, math.ceil((self.capacity_factor or 1.0) * num_tokens * k / e))
+            chosen = gather_tp_rows(r.scores.detach(), self.par).topk(capacity, dim=0).indices  # (C, E)
+            token = chosen.T.reshape(-1)  # (E*C,) global token ids, expert-major
+            expert = torch.arange(e, device=device).repeat_interleave(capacity)
+            mine = (token >= first) & (token < first + n)
+            token, expert = token[mine] - first, expert[mine]
+            return sort_by_expert(token, expert, r.scores[token, expert], e), dropped
+        token, expert, weight = local.repeat_interleave(k), r.indices.reshape(-1), r.weights.reshape(-1)
+        if self.capacity_factor > 0:
+            capacity = math.ceil(self.capacity_factor * num_tokens * k / e)
+            raw = r.scores.gather(1, r.indices).detach()  # (n, K) the scores that rank assignments
+            keep = capacity_keep_mask(gather_tp_rows(raw, self.par), gather_tp_rows(r.indices, self.par),
+                                      capacity, e)[first:first + n].reshape(-1)  # (A,)
+            dropped = (~keep).sum()
+            token, expert, weight = token[keep], expert[keep], weight[keep]
+        return sort_by_expert(token, expert, weight, e), dropped
+
+    def balancing_loss(self, r: RouterOutput, routed: torch.Tensor, first: int, num_tokens: int,
+                       seq_len: int) -> torch.Tensor:
+        """This rank's share of the load-balancing loss of the micro-batch (see README_MOE.md)."""
+        if self.aux_loss_type == "sequence":
+            seq_of_token = (torch.arange(r.indices.shape[0], device=routed.device) + first) // seq_len  # (n,)
+            num_seqs = num_tokens // seq_len
+            flat = (seq_of_token[:, None] * self.num_experts + r.indices).reshape(-1)
+            counts_seq = torch.zeros(num_seqs * self.num_experts, dtype=torch.long, device=routed.device)
+            counts_seq.scatter_add_(0, flat, torch.ones_like(flat))
+            if self.par.tp_size > 1:
+                dist.all_reduce(counts_seq, group=self.par.tp_group)  # f per sequence over all its tokens
+            return sequence_balancing_loss(r.probs, r.indices, self.num_experts, seq_of_token,
+                                           counts_seq.view(num_seqs, self.num_experts), seq_len)
+        counts = routed.clone()
+        if self.par.tp_size > 1:
+            dist.all_reduce(counts, group=self.par.tp_group)  # f_i over the whole micro-batch
+        if self.aux_loss_type == "global-batch" and self.global_counts is not None:
+            counts = self.global_counts  # f_i over the whole global batch (all micro-batches, all DP ranks)
+        return load_balancing_loss(r.probs, r.indices, self.num_experts, counts, num_tokens)
+
+    def forward(self, x: torch.Tensor, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats]:
         b, t, d = x.shape
         tokens = x.reshape(b * t, d)  # (N, D)
         if self.par.tp_size > 1:
             tokens = _SplitTokens.apply(tokens, self.par.tp_group)  # (n, D), n = N / TP
         n = tokens.shape[0]
-        num_tokens = n * self.par.tp_size  # N, the micro-batch the losses average over
+        num_tokens, first = n * self.par.tp_size, n * self.par.tp_rank  # N, global index of token 0
 
         # 1. route
-        r = self.router(tokens)
-        flat_expert = r.indices.reshape(-1)  # (A,)
-        # scatter_add, not bincount: bincount reads the max id back to the host (a CUDA sync)
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat_expert, torch.ones_like(flat_expert))  # (E,)
-        counts_all = counts
-        if self.par.tp_size > 1:
-            counts_all = counts.clone()
-            dist.all_reduce(counts_all, group=self.par.tp_group)  # f_i over the whole micro-batch
-        stats = MoEStats(
-            aux_loss=load_balancing_loss(r.probs, r.indices, self.num_experts, counts_all, num_tokens),
-            z_loss=router_z_loss(r.logits, num_tokens),
-            counts=counts.detach(),
-        )
+        router_in = tokens
+        if self.jitter > 0 and self.training and noise_seed is not None:
+            # The noise of a token depends on (seed, step, micro-batch, layer, token) only, not on the layout.
+            gen = torch.Generator(device=x.device).manual_seed(noise_seed)
+            noise = torch.empty(num_tokens, d, device=x.device).uniform_(1 - self.jitter, 1 + self.jitter,
+                                                                         generator=gen)
+            router_in = tokens * noise[first:first + n].to(tokens.dtype)
+        r = self.router(router_in)
+        rows, dropped = self.assign(r, n, first, num_tokens)
+        flat = r.indices.reshape(-1)
+        routed = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))  # (E,)
+        stats = MoEStats(aux_loss=self.balancing_loss(r, routed, first, num_tokens, t),
+                         z_loss=router_z_loss(r.logits, num_tokens), counts=rows.counts.detach(),
+                         routed=routed, dropped=dropped)
 
-        # 2. dispatch: group the assignments by expert
-        order = torch.argsort(flat_expert, stable=True)  # (A,)
-        token_of_row = order // self.top_k  # (A,) source token of each sorted row
-        x_sorted = tokens.index_select(0, token_of_row)  # (A, D); index_select: faster backward than []
+        # 2. dispatch
+        x_sorted = tokens.index_select(0, rows.token)  # (A, D); index_select: faster backward than []
         if self.par.ep_size > 1:
-            x_local, local_counts, plan = dispatch_to_experts(x_sorted, counts, self.par)
+            x_local, local_counts, plan = dispatch_to_experts(x_sorted, rows.counts, self.par)
         else:
-            x_local, local_counts = x_sorted, counts
+            x_local, local_counts = x_sorted, rows.counts
 
         # 3. experts
         y_local = self.experts(x_local, local_counts)  # (M, D)
 
         # 4. combine
-        y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local
-        w = r.weights.reshape(-1)[order].to(y_sorted.dtype)  # (A,)
-        out = torch.zeros_like(tokens, dtype=y_sorted.dtype).index_add_(0, token_of_row, y_sorted * w[:, None])
+        y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local  # (A, D)
+        weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]
+        out = torch.zeros_like(tokens, dtype=y_sorted.dtype).index_add_(0, rows.token, weighted)  # (n, D)
         if self.par.tp_size > 1:
             out = _GatherTokens.apply(out, self.par.tp_group)  # (N, D)
-        return out.view(b, t, d), stats
+        out = out.view(b, t, d)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)  # (B, T, D), every token
+        return out, stats
 
 
 # ----------------------------------------------------------------------------- block
@@ -709,11 +865,11 @@ class MoETransformerBlock(nn.Module):
         self.mlp = SparseMoELayer(cfg, par) if self.is_moe else DenseMLP(cfg, par)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
-                kv_cache: dict | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+                kv_cache: dict | None = None, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         x = x + self.self_attn(self.input_layernorm(x), rope, positions, kv_cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, stats = self.mlp(h)
+            y, stats = self.mlp(h, noise_seed)
             return x + y, stats
         return x + self.mlp(h), None
 
@@ -724,7 +880,7 @@ class ModelOutput:
     output: torch.Tensor  # last stage: logits (B, T, V_local); other stages: hidden (B, T, D)
     aux_loss: torch.Tensor  # scalar, sum over this stage's MoE layers (0 when none)
     z_loss: torch.Tensor  # scalar, sum over this stage's MoE layers
-    counts: dict[int, torch.Tensor]  # global layer index -> (E,) assignments per expert
+    stats: dict[int, MoEStats]  # global layer index -> that MoE layer's stats
 
 
 class MoETransformer(nn.Module):
@@ -749,24 +905,34 @@ class MoETransformer(nn.Module):
         self.recompute = False  # set by the trainer: recompute each block's activations in backward
         layout_free_init_(self, seed)
 
+    def moe_layers(self) -> dict[int, SparseMoELayer]:
+        """This stage's MoE layers by global layer index."""
+        return {int(i): b.mlp for i, b in self.layers.items() if b.is_moe}
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                kv_caches: list[dict] | None = None) -> ModelOutput:
-        """x: token ids (B, T) on the first stage, hidden states (B, T, D) on the others."""
+                kv_caches: list[dict] | None = None, noise_seed: int | None = None) -> ModelOutput:
+        """x: token ids (B, T) on the first stage, hidden states (B, T, D) on the others.
+
+        noise_seed: seeds router jitter (each layer adds its index), given by the trainer per
+        micro-batch so that the noise does not depend on the layout."""
         if self.par.first_stage:
             x = self.embed_tokens(x)  # (B, T, D)
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
         zero = torch.zeros((), device=x.device)
-        aux, z, counts = zero, zero, {}
+        aux, z, all_stats = zero, zero, {}
         for j, (name, block) in enumerate(self.layers.items()):
+            seed = None if noise_seed is None else noise_seed * 1009 + int(name)
             if self.recompute and self.training and torch.is_grad_enabled():
-                # Activation checkpointing: keep only the block's input, rerun it during backward.
-                x, stats = torch.utils.checkpoint.checkpoint(block, x, self.rope, positions, use_reentrant=False)
+                # Activation checkpointing: keep only the block's input, rerun it during backward
+                # (with the same noise seed, so the rerun routes exactly as the forward did).
+                x, stats = torch.utils.checkpoint.checkpoint(block, x, self.rope, positions, None, seed,
+                                                             use_reentrant=False)
             else:
-                x, stats = block(x, self.rope, positions, kv_caches[j] if kv_caches is not None else None)
+                x, stats = block(x, self.rope, positions, kv_caches[j] if kv_caches is not None else None, seed)
             if stats is not None:
                 aux, z = aux + stats.aux_loss, z + stats.z_loss
-                counts[int(name)] = stats.counts
+                all_stats[int(name)] = stats
         if self.par.last_stage:
             x = self.lm_head(copy_to_tp(self.norm(x), self.par))  # (B, T, V_local)
-        return ModelOutput(x, aux, z, counts)
+        return ModelOutput(x, aux, z, all_stats)

@@ -262,7 +262,7 @@ def test_moe_layer_placement_by_interval_and_dense_mode():
     assert not any(b.is_moe for b in dense.layers.values())
     assert not any("router" in n or "experts" in n for n, _ in dense.named_parameters())
     out = dense(torch.randint(0, 64, (2, 8)))
-    assert out.aux_loss.item() == 0 and out.counts == {}
+    assert out.aux_loss.item() == 0 and out.stats == {}
 
 
 @smoke
@@ -275,7 +275,7 @@ def test_block_and_transformer_shapes():
     assert h.shape == (3, 10, 32) and stats.counts.shape == (4,) and stats.counts.sum() == 3 * 10 * 2
     out = MoETransformer(cfg)(torch.randint(0, 64, (3, 10)))
     assert out.output.shape == (3, 10, 64)
-    assert set(out.counts) == {0, 1}
+    assert set(out.stats) == {0, 1}
 
 
 @smoke

@@ -1,0 +1,154 @@
+"""Sample text from a checkpoint, with a KV cache.
+
+    python scripts/generate.py --checkpoint out/ckpt --prompt "def main(" --max-new-tokens 200
+    python scripts/generate.py --checkpoint out/ckpt --prompt "import " --temperature 0    # greedy
+    python scripts/generate.py --checkpoint out/tok --prompt-ids 17,4,99                 # token files
+
+Tokens: byte-level models (vocab 256) take the prompt's UTF-8 bytes and print the text decoded
+with errors="replace"; other vocabularies (token files; this toolkit has no tokenizer) take
+--prompt-ids and print ids.
+Sampling: logits / temperature (0 = greedy argmax), keep the top-k, then the smallest set of
+most likely tokens whose probability reaches top-p (nucleus sampling, Holtzman et al. 2020),
+and draw from a torch.Generator seeded by --seed: a seed gives the same text every time.
+KV cache (default): the prompt runs once at positions 0..T-1 and fills one cache per layer with
+its keys and values; each new token then runs alone at its own position and attends to the
+cache, so it costs one position instead of the whole sequence. --no-cache recomputes the
+sequence for every token (the slow, obvious reference).
+Length: a prompt longer than seq_length is refused (exit 2); the rotary table has seq_length
+positions. With the cache, generation stops (with a note) once a token would need position
+seq_length; without it the model reads the last seq_length tokens (a sliding window), so it
+goes on. Up to that point both give the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint as ckpt_io  # noqa: E402
+from moe_layers import ModelConfig, MoETransformer  # noqa: E402
+
+BYTE_VOCAB = 256
+
+
+def load_model(path: str, device: str = "cpu") -> MoETransformer:
+    """The whole model of a checkpoint of any layout, in eval mode."""
+    ckpt = ckpt_io.read_checkpoint(path)
+    model = MoETransformer(ModelConfig(**ckpt.meta["model"]))
+    ckpt_io.load_into(ckpt, model, None)
+    return model.to(device).eval()
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(V,) logits -> (V,) probabilities to draw from, after temperature, top-k and top-p (temperature > 0)."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)  # (V,), (V,)
+        before = sorted_probs.cumsum(0) - sorted_probs  # probability of the more likely tokens
+        drop = order[before >= top_p]  # already reached top-p without them (the first is always kept)
+        probs = probs.index_fill(0, drop, 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(sampling_probs(logits, temperature, top_k, top_p).cpu(), 1, generator=gen))
+
+
+@torch.no_grad()
+def generate(model: MoETransformer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> tuple[list[int], bool]:
+    """Return (new tokens, whether the cache stopped generation at seq_length)."""
+    seq_length = model.cfg.seq_length
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    ids = list(prompt)
+    new: list[int] = []
+    if use_cache:
+        caches = [{} for _ in model.layers]  # per layer: "k", "v" (B, Hkv, T_seen, Dh), filled by Attention
+        x = torch.tensor([ids], device=device)  # (1, T)
+        logits = model(x, positions=torch.arange(len(ids), device=device), kv_caches=caches).output[0, -1]
+        while len(new) < max_new_tokens:
+            new.append(next_token(logits, temperature, top_k, top_p, gen))
+            pos = len(ids) + len(new) - 1  # the position the new token is fed at
+            if len(new) == max_new_tokens:
+                break
+            if pos >= seq_length:
+                return new, True
+            x = torch.tensor([[new[-1]]], device=device)  # (1, 1)
+            logits = model(x, positions=torch.tensor([pos], device=device), kv_caches=caches).output[0, -1]
+        return new, False
+    for _ in range(max_new_tokens):
+        window = (ids + new)[-seq_length:]
+        logits = model(torch.tensor([window], device=device)).output[0, -1]  # (V,)
+        new.append(next_token(logits, temperature, top_k, top_p, gen))
+    return new, False
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a --save folder (follows `latest`) or one step folder")
+    p.add_argument("--prompt", default=None, help="text prompt (byte-level models)")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (any vocabulary)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this mass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    args = p.parse_args()
+
+    try:
+        if (args.prompt is None) == (args.prompt_ids is None):
+            raise ValueError("give exactly one of --prompt and --prompt-ids")
+        if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
+            raise ValueError("--temperature and --top-k must be >= 0, --top-p in (0, 1], --max-new-tokens >= 0")
+        model = load_model(args.checkpoint, args.device)
+        vocab, seq_length = model.cfg.vocab_size, model.cfg.seq_length
+        if args.prompt is not None:
+            if vocab != BYTE_VOCAB:
+                raise ValueError(f"the model's vocabulary has {vocab} tokens, not bytes; give --prompt-ids")
+            prompt = list(args.prompt.encode("utf-8"))
+        else:
+            prompt = [int(i) for i in args.prompt_ids.split(",")]
+        if not prompt:
+            raise ValueError("the prompt is empty; give at least one token")
+        if not all(0 <= i < vocab for i in prompt):
+            raise ValueError(f"--prompt-ids must lie in [0, {vocab})")
+        if len(prompt) > seq_length:
+            raise ValueError(f"the prompt has {len(prompt)} tokens, more than the model's seq_length {seq_length}; "
+                             f"shorten it")
+    except (ValueError, ckpt_io.CheckpointError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    t0 = time.time()
+    new, stopped = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                            args.seed, use_cache=not args.no_cache)
+    dt = time.time() - t0
+    if vocab == BYTE_VOCAB and args.prompt is not None:
+        print(bytes(prompt + new).decode("utf-8", errors="replace"))
+    else:
+        print(",".join(str(i) for i in prompt + new))
+    if stopped:
+        print(f"note: stopped after {len(new)} new tokens at seq_length {seq_length} (the end of the rotary "
+              f"table); --no-cache slides a window instead", file=sys.stderr)
+    print(f"{len(new)} tokens in {dt:.2f}s ({len(new) / max(dt, 1e-9):.1f} tokens/s, "
+          f"KV cache {'off' if args.no_cache else 'on'})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
