@@ -688,13 +688,22 @@ def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tens
     return Assignments(token[order], weight[order], counts)
 
 
-def capacity_keep_mask(scores: torch.Tensor, indices: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
-    """(N, K) bool: which assignments fit, each expert keeping its `capacity` best-scored ones.
+def priority(scores: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Integer ranking key of (score, token): the score quantised to 2^-16, ties to the earlier token.
 
-    scores, indices (N, K): the router score and expert of every assignment of the micro-batch.
+    Exact ties are common (tokens with identical contexts have identical hidden states), and float
+    rounding differs between parallel layouts, so ranking by the raw float would keep a different
+    token of a tie on each layout; the quantised key ranks them the same everywhere."""
+    return torch.floor(scores.double() * 65536).long() * num_tokens + (num_tokens - 1 - token)
+
+
+def capacity_keep_mask(keys: torch.Tensor, indices: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
+    """(N, K) bool: which assignments fit, each expert keeping its `capacity` best-ranked ones.
+
+    keys, indices (N, K): the `priority` and expert of every assignment of the micro-batch.
     Lowest-scored assignments are dropped first (Switch Transformer drops by arrival order;
     dropping by score keeps each expert's most confident tokens, as GShard's priority routing)."""
-    flat_e, flat_s = indices.reshape(-1), scores.reshape(-1)  # (A,)
+    flat_e, flat_s = indices.reshape(-1), keys.reshape(-1)  # (A,)
     by_score = torch.argsort(-flat_s, stable=True)
     order = by_score[torch.argsort(flat_e[by_score], stable=True)]  # grouped by expert, best first
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat_e.device).scatter_add_(
@@ -769,7 +778,9 @@ class SparseMoELayer(nn.Module):
             return sort_by_expert(local.repeat_interleave(k), experts.reshape(-1), weight, e), dropped
         if self.router_type == "expert-choice":  # each expert takes its C best tokens (Zhou et al. 2022)
             capacity = min(num_tokens, math.ceil((self.capacity_factor or 1.0) * num_tokens * k / e))
-            chosen = gather_tp_rows(r.scores.detach(), self.par).topk(capacity, dim=0).indices  # (C, E)
+            scores = gather_tp_rows(r.scores.detach(), self.par)  # (N, E) the whole micro-batch
+            keys = priority(scores, torch.arange(num_tokens, device=device)[:, None], num_tokens)
+            chosen = keys.topk(capacity, dim=0).indices  # (C, E) each expert's best tokens
             token = chosen.T.reshape(-1)  # (E*C,) global token ids, expert-major
             expert = torch.arange(e, device=device).repeat_interleave(capacity)
             mine = (token >= first) & (token < first + n)
@@ -778,8 +789,8 @@ class SparseMoELayer(nn.Module):
         token, expert, weight = local.repeat_interleave(k), r.indices.reshape(-1), r.weights.reshape(-1)
         if self.capacity_factor > 0:
             capacity = math.ceil(self.capacity_factor * num_tokens * k / e)
-            raw = r.scores.gather(1, r.indices).detach()  # (n, K) the scores that rank assignments
-            keep = capacity_keep_mask(gather_tp_rows(raw, self.par), gather_tp_rows(r.indices, self.par),
+            keys = priority(r.scores.gather(1, r.indices).detach(), (local + first)[:, None], num_tokens)  # (n, K)
+            keep = capacity_keep_mask(gather_tp_rows(keys, self.par), gather_tp_rows(r.indices, self.par),
                                       capacity, e)[first:first + n].reshape(-1)  # (A,)
             dropped = (~keep).sum()
             token, expert, weight = token[keep], expert[keep], weight[keep]

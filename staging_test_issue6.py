@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.join(HERE, "scripts"))
 import export_hf  # noqa: E402
 import generate  # noqa: E402
 import import_hf  # noqa: E402
-import plot_metrics  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -144,7 +143,7 @@ def test_export_cli_writes_config_and_bf16_weights(trained, tmp_path):
     assert (config["num_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]) == (4, 2, 32)
     weights = safetensors.load_file(str(tmp_path / "hf" / "model.safetensors"))
     ours = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(trained / "ck")))
-    assert len(weights) == len(ours)
+    assert len(weights) == sum(not k.endswith(".expert_bias") for k in ours)  # zero biases are left out
     assert torch.equal(weights["model.layers.1.mlp.gate.weight"], ours["layers.1.mlp.router.weight"].bfloat16())
     assert torch.equal(weights["model.layers.0.mlp.experts.3.down_proj.weight"],
                        ours["layers.0.mlp.experts.3.down_proj.weight"].bfloat16())
@@ -161,6 +160,10 @@ def test_export_refuses_options_qwen3_cannot_express(trained, tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(export_hf.UnsupportedModel, match="num_shared_experts"):
         export_hf.export(str(ck), str(tmp_path / "hf"))
+    model = MoETransformer(tiny_config(), seed=3)
+    model.layers["1"].mlp.router.expert_bias[2] = 0.5  # aux-loss-free balancing moved it
+    with pytest.raises(export_hf.UnsupportedModel, match="layers.1.mlp.router.expert_bias is non-zero"):
+        export_hf.export(save_in_process(model, tmp_path / "biased"), str(tmp_path / "hf"))
 
 
 # --------------------------------------------------------------------------- import
@@ -222,7 +225,8 @@ def test_pretraining_continues_from_an_imported_transformers_model(tmp_path):
     import_hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "ck"))
     metrics = tmp_path / "m.jsonl"
     r = run_cli(["--load", str(tmp_path / "ck"), "--max-steps", "3", "--micro-batch-size", "2", "--log-interval", "1",
-                 "--eval-interval", "0", "--no-progress", "--metrics-file", str(metrics), "--save", str(tmp_path / "ck")])
+                 "--eval-interval", "0", "--no-progress", "--metrics-file", str(metrics),
+                 "--save", str(tmp_path / "ck")])
     assert r.returncode == 0, r.stderr
     records = train_records(str(metrics))
     assert [x["step"] for x in records] == [1, 2, 3] and all(math.isfinite(x["loss"]) for x in records)
@@ -236,13 +240,14 @@ def test_import_reads_sharded_files_and_fused_experts(tmp_path):
     model.save_pretrained(str(tmp_path / "hf"))
     import_hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "plain"))
     weights = st.load_file(str(tmp_path / "hf" / "model.safetensors"))
-    rest, fused = {}, {}
+    fused = {}
     for layer in range(2):
         p = f"model.layers.{layer}.mlp.experts"
-        fused[f"{p}.gate_up_proj"] = torch.stack([torch.cat([weights.pop(f"{p}.{e}.gate_proj.weight"),
-                                                             weights.pop(f"{p}.{e}.up_proj.weight")]) for e in range(4)])
+        gate_up = [torch.cat([weights.pop(f"{p}.{e}.gate_proj.weight"), weights.pop(f"{p}.{e}.up_proj.weight")])
+                   for e in range(4)]  # (2F, D) each
+        fused[f"{p}.gate_up_proj"] = torch.stack(gate_up)  # (E, 2F, D)
         fused[f"{p}.down_proj"] = torch.stack([weights.pop(f"{p}.{e}.down_proj.weight") for e in range(4)])
-    rest = weights
+    rest = weights  # everything but the experts
     out = tmp_path / "sharded"
     out.mkdir()
     (out / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
@@ -363,6 +368,19 @@ def test_generate_cli_prints_the_greedy_text_and_refuses_long_prompts(trained, s
     assert "tokens/s" in r.stderr
     r = run_script("generate.py", ["--checkpoint", str(trained / "ck"), "--prompt", "x" * 17])
     assert r.returncode == 2 and "more than the model's seq_length 16" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_cli_takes_and_prints_ids_for_token_vocabularies(tmp_path):
+    model = MoETransformer(tiny_config(vocab_size=64), seed=5).eval()
+    ck = save_in_process(model, tmp_path / "ck")
+    r = run_script("generate.py", ["--checkpoint", ck, "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                                   "--temperature", "0"])
+    assert r.returncode == 0, r.stderr
+    ids = [1, 2, 3]
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(model(torch.tensor([ids])).output[0, -1].argmax()))
+    assert r.stdout.strip() == ",".join(map(str, ids))
 
 
 # ---------------------------------------------------------------------------- plots

@@ -184,6 +184,221 @@ def test_no_token_dropped_when_router_sends_all_tokens_to_one_expert():
     assert torch.allclose(y, reference_moe(layer, x), atol=1e-5)
 
 
+# ----------------------------------------------------------- routing methods
+def run_layer(layer: SparseMoELayer, x: torch.Tensor):
+    y, stats = layer(x)
+    return y, stats
+
+
+@smoke
+def test_shared_expert_output_is_a_dense_swiglu_added_to_the_routed_output():
+    cfg = tiny_config(num_shared_experts=2, shared_expert_ffn_hidden_size=8)
+    layer = moe_layer(cfg, 11)
+    x = torch.randn(2, 5, cfg.hidden_size)
+    y, _ = layer(x)
+    sh = layer.shared_experts
+    shared = swiglu(x, sh.gate_proj.weight.T, sh.up_proj.weight.T, sh.down_proj.weight.T)
+    assert sh.gate_proj.weight.shape == (16, cfg.hidden_size)  # 2 experts x 8 side by side
+    assert torch.allclose(y, reference_moe(layer, x) + shared, atol=1e-5)
+
+
+@smoke
+def test_sigmoid_router_weights_are_normalised_sigmoid_scores_of_the_top_k():
+    router = TopKRouter(tiny_config(num_experts=6, num_experts_per_token=2, router_score_function="sigmoid",
+                                    norm_topk_prob=False))
+    layout_free_init_(router, 12)
+    x = torch.randn(20, 32)
+    r = router(x)
+    gates = 1 / (1 + torch.exp(-(x @ router.weight.T)))
+    for n in range(20):
+        best = sorted(range(6), key=lambda i: -gates[n, i].item())[:2]
+        assert r.indices[n].tolist() == best
+        expected = gates[n, best] / gates[n, best].sum()
+        assert torch.allclose(r.weights[n], expected, atol=1e-6)
+
+
+@smoke
+def test_expert_bias_changes_the_choice_but_not_the_weights():
+    router = TopKRouter(tiny_config(num_experts=4, num_experts_per_token=1, norm_topk_prob=False))
+    layout_free_init_(router, 13)
+    x = torch.randn(30, 32)
+    with torch.no_grad():
+        router.expert_bias[3] = 10.0  # far above any probability: every token now picks expert 3
+    r = router(x)
+    assert (r.indices == 3).all()
+    assert torch.allclose(r.weights[:, 0], (x @ router.weight.T).softmax(-1)[:, 3])
+
+
+@smoke
+def test_bias_update_moves_each_expert_by_the_rate_against_its_load():
+    cfg = tiny_config(num_layers=2, num_experts=4)
+    model = MoETransformer(cfg)
+    counts = torch.tensor([[10.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 6.0]])  # means 5 and 3
+    mp.update_expert_bias(model, cfg, counts, 0.5)
+    assert model.layers["0"].mlp.router.expert_bias.tolist() == [-0.5, 0.5, 0.0, 0.0]
+    assert model.layers["1"].mlp.router.expert_bias.tolist() == [0.5, 0.5, 0.0, -0.5]
+
+
+def slow_capacity_keep(scores: torch.Tensor, indices: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Per expert: list its assignments, keep the `capacity` with the highest scores."""
+    keep = torch.zeros_like(indices, dtype=torch.bool)
+    for e in range(int(indices.max()) + 1):
+        mine = [(scores[t, j].item(), t, j) for t in range(indices.shape[0]) for j in range(indices.shape[1])
+                if indices[t, j] == e]
+        for _, t, j in sorted(mine, key=lambda m: -m[0])[:capacity]:
+            keep[t, j] = True
+    return keep
+
+
+@smoke
+def test_capacity_drops_exactly_the_lowest_scored_assignments():
+    from moe_layers import capacity_keep_mask, priority
+    torch.manual_seed(0)
+    scores = (torch.randperm(80).float() / 80).view(40, 2)  # distinct scores, far apart
+    indices = torch.stack([torch.randint(0, 3, (40,)), torch.randint(3, 5, (40,))], 1)  # 5 experts, uneven
+    keys = priority(scores, torch.arange(40)[:, None], 40)
+    for capacity in (1, 7, 16, 40):
+        assert torch.equal(capacity_keep_mask(keys, indices, capacity, 5), slow_capacity_keep(scores, indices, capacity))
+    # an exact tie goes to the earlier token, as the slow reference's stable sort does
+    tied = torch.full((6, 1), 0.5)
+    keep = capacity_keep_mask(priority(tied, torch.arange(6)[:, None], 6), torch.zeros(6, 1, dtype=torch.long), 2, 1)
+    assert keep.view(-1).tolist() == [True, True, False, False, False, False]
+
+
+@smoke
+def test_capacity_layer_output_equals_reference_without_the_dropped_assignments():
+    torch.manual_seed(0)  # no near-ties within the 2^-16 ranking quantum
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2, moe_capacity_factor=0.5, norm_topk_prob=False)
+    layer = moe_layer(cfg, 14)
+    x = torch.randn(1, 24, cfg.hidden_size)
+    y, stats = layer(x)
+    r = layer.router(x.view(24, -1))
+    capacity = math.ceil(0.5 * 24 * 2 / 4)
+    keep = slow_capacity_keep(r.scores.gather(1, r.indices), r.indices, capacity)
+    e = layer.experts
+    expected = torch.zeros(24, cfg.hidden_size)
+    for t in range(24):
+        for j in range(2):
+            if keep[t, j]:
+                i = r.indices[t, j]
+                expected[t] += r.weights[t, j] * swiglu(x[0, t], e.w_gate[i], e.w_up[i], e.w_down[i])
+    assert torch.allclose(y[0], expected, atol=1e-5)
+    assert stats.dropped.item() == (~keep).sum().item() > 0
+    assert (stats.counts <= capacity).all() and stats.counts.sum() == keep.sum()
+
+
+@smoke
+def test_expert_choice_gives_each_expert_exactly_its_capacity_of_best_tokens():
+    torch.manual_seed(0)  # no near-ties within the 2^-16 ranking quantum
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2, router_type="expert-choice")
+    layer = moe_layer(cfg, 15)
+    x = torch.randn(1, 20, cfg.hidden_size)
+    y, stats = layer(x)
+    capacity = math.ceil(20 * 2 / 4)
+    assert stats.counts.tolist() == [capacity] * 4
+    probs = (x[0] @ layer.router.weight.T).softmax(-1)  # (N, E)
+    e = layer.experts
+    expected = torch.zeros(20, cfg.hidden_size)
+    for i in range(4):
+        for t in sorted(range(20), key=lambda t: -probs[t, i].item())[:capacity]:
+            expected[t] += probs[t, i] * swiglu(x[0, t], e.w_gate[i], e.w_up[i], e.w_down[i])
+    assert torch.allclose(y[0], expected, atol=1e-5)
+
+
+@smoke
+def test_round_robin_routing_is_perfectly_balanced():
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2, router_type="round-robin")
+    layer = moe_layer(cfg, 16)
+    x = torch.randn(2, 6, cfg.hidden_size)
+    y, stats = layer(x)
+    assert stats.counts.tolist() == [6, 6, 6, 6]
+    e = layer.experts
+    expected = torch.stack([sum(0.5 * swiglu(tok, e.w_gate[i], e.w_up[i], e.w_down[i]) for i in ((2 * t) % 4,
+                                                                                            (2 * t + 1) % 4))
+                            for t, tok in enumerate(x.view(12, -1))])
+    assert torch.allclose(y.view(12, -1), expected, atol=1e-5)
+
+
+@smoke
+def test_sequence_balancing_loss_by_hand():
+    cfg = tiny_config(num_experts=2, num_experts_per_token=1, router_aux_loss_type="sequence")
+    layer = moe_layer(cfg, 17)
+    x = torch.randn(2, 3, cfg.hidden_size)  # 2 sequences of 3 tokens
+    _, stats = layer(x)
+    probs = (x.view(6, -1) @ layer.router.weight.T).softmax(-1)
+    choice = probs.argmax(-1)
+    expected = 0.0
+    for s in range(2):
+        rows = range(3 * s, 3 * s + 3)
+        f = [sum(int(choice[t] == i) for t in rows) / 3 for i in range(2)]
+        p = [sum(probs[t, i].item() for t in rows) / 3 for i in range(2)]
+        expected += 2 * (f[0] * p[0] + f[1] * p[1]) / 2
+    assert math.isclose(stats.aux_loss.item(), expected, rel_tol=1e-5)
+
+
+@smoke
+def test_global_batch_balancing_uses_the_given_global_frequencies():
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2, router_aux_loss_type="global-batch")
+    layer = moe_layer(cfg, 18)
+    x = torch.randn(1, 10, cfg.hidden_size)
+    layer.global_counts = torch.tensor([30, 10, 0, 40])
+    _, stats = layer(x)
+    p = (x[0] @ layer.router.weight.T).softmax(-1).mean(0)
+    expected = 4 * sum(c / 80 * p[i].item() for i, c in enumerate([30, 10, 0, 40]))
+    assert math.isclose(stats.aux_loss.item(), expected, rel_tol=1e-5)
+
+
+@smoke
+def test_jitter_changes_training_routing_inputs_only_with_a_seed_and_in_training():
+    cfg = tiny_config(router_jitter_noise=0.5)
+    layer = moe_layer(cfg, 19)
+    x = torch.randn(1, 16, cfg.hidden_size)
+    plain = layer(x)[0]
+    a, b, c = layer(x, noise_seed=1)[0], layer(x, noise_seed=1)[0], layer(x, noise_seed=2)[0]
+    assert torch.equal(a, b) and not torch.allclose(a, c) and not torch.allclose(a, plain)
+    layer.eval()
+    assert torch.equal(layer(x, noise_seed=1)[0], plain)
+
+
+ROUTING_METHODS = {
+    "shared_sigmoid_bias_jitter_sequence": ["--num-shared-experts", "1", "--router-score-function", "sigmoid",
+                                           "--router-bias-update-rate", "0.01", "--router-jitter-noise", "0.1",
+                                           "--router-aux-loss-type", "sequence"],
+    "global_batch_capacity": ["--router-aux-loss-type", "global-batch", "--moe-capacity-factor", "1.0"],
+    "expert_choice": ["--router-type", "expert-choice"],
+    "round_robin": ["--router-type", "round-robin"],
+}
+# layout name: (ranks, flags, micro-batches per DP rank)
+METHOD_LAYOUTS = {"dp2_ep2": (2, ["--expert-parallel-size", "2"], 2),
+                  "pp2": (2, ["--pipeline-parallel-size", "2"], 4),
+                  "tp2": (2, ["--tensor-parallel-size", "2"], 4)}
+
+
+@pytest.fixture(scope="module")
+def method_references(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("methods")
+    return {m: parity_run(tmp, m, 1, [], 4, flags) for m, flags in ROUTING_METHODS.items()}
+
+
+@pytest.mark.parametrize("layout", list(METHOD_LAYOUTS))
+@pytest.mark.parametrize("method", list(ROUTING_METHODS))
+def test_routing_method_matches_one_process(method, layout, method_references, tmp_path):
+    if layout == "tp2" and method not in ("global_batch_capacity", "expert_choice"):
+        pytest.skip("TP only changes whole-micro-batch decisions (capacity, expert choice); covered there")
+    nproc, flags, micro = METHOD_LAYOUTS[layout]
+    run = parity_run(tmp_path, f"{method}_{layout}", nproc, flags, micro, ROUTING_METHODS[method])
+    worst = assert_same_training(method_references[method], run)
+    print(f"{method} on {layout}: max relative loss difference {worst:.2e}")
+
+
+def test_router_bias_survives_a_checkpoint_round_trip(tmp_path):
+    flags = ["--router-bias-update-rate", "0.05", "--router-score-function", "sigmoid"]
+    full = run_for_resume(tmp_path, "full", 1, flags, 2)
+    bias = ckpt_io.read_checkpoint(str(tmp_path / "full" / "step_00000003")).params["layers.0.mlp.router.expert_bias"]
+    assert bias[0]["tensor"].abs().sum() > 0
+    resumed = run_for_resume(tmp_path, "resumed", 1, flags, 2, load=interrupted_at_3(tmp_path / "full"))
+    assert without_timing(resumed) == without_timing(full[3:])
+
 # ------------------------------------------------------------- router losses
 @smoke
 def test_aux_loss_equals_formula_on_hand_made_routing():
@@ -508,8 +723,11 @@ def parity_run(tmp_path, name: str, nproc: int, layout: list[str], micro: int, e
     return train_records(str(out) + ".jsonl"), ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(out)))
 
 
-def assert_same_training(reference, candidate, rel: float = 1e-4, weight_atol: float = 2e-5) -> float:
-    """Every step's loss and lm_loss within `rel`; the trained weights equal to float rounding."""
+def assert_same_training(reference, candidate, rel: float = 1e-4, weight_atol: float = 1e-4) -> float:
+    """Every step's loss and lm_loss within `rel`; the trained weights equal to float rounding.
+
+    weight_atol is 1% of one AdamW step at lr 1e-2: Adam divides by sqrt(v), so a weight whose
+    gradient is nearly zero moves by rounding-sized differences scaled up towards the step size."""
     (ref_records, ref_weights), (records, weights) = reference, candidate
     assert [r["step"] for r in records] == list(range(1, PARITY_STEPS + 1))
     worst = 0.0

@@ -17,7 +17,8 @@ sequence for every token (the slow, obvious reference).
 Length: a prompt longer than seq_length is refused (exit 2); the rotary table has seq_length
 positions. With the cache, generation stops (with a note) once a token would need position
 seq_length; without it the model reads the last seq_length tokens (a sliding window), so it
-goes on. Up to that point both give the same tokens.
+goes on. Up to that point both give the same tokens (with dropless token-choice routing; it
+prints a note for routers whose choices depend on the other tokens of a pass).
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+    cfg = model.cfg
+    if cfg.num_experts and (getattr(cfg, "router_type", "topk") != "topk" or getattr(cfg, "moe_capacity_factor", 0)):
+        print("note: with expert-choice / round-robin routing or a capacity limit, an expert's tokens depend on "
+              "the other tokens of a forward pass, so cached (one token per pass) and full passes can differ",
+              file=sys.stderr)
     t0 = time.time()
     new, stopped = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                             args.seed, use_cache=not args.no_cache)

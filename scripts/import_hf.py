@@ -5,11 +5,12 @@
 
 Writes `OUT/step_00000000/` (meta.json, rank_00000.pt) and `OUT/latest` with
 checkpoint.save_checkpoint, so a crash leaves nothing half written: step 0, layout world 1, the
-default TrainConfig, no optimizer state (AdamW starts fresh on `--load`). The inverse of
-scripts/export_hf.py: our names are theirs without `model.`, their `mlp.gate` is our `mlp.router`,
-and experts stay one key per expert. Weights may be one model.safetensors or shards listed in
-model.safetensors.index.json; experts fused as transformers 5.x holds them in memory
-(`mlp.experts.gate_up_proj` (E, 2F, D), `mlp.experts.down_proj` (E, D, F)) are split per expert.
+default TrainConfig, no optimizer state (AdamW starts fresh on `--load`), the routers' expert_bias
+buffers at zero (Qwen3 routes without one). The inverse of scripts/export_hf.py: our names are
+theirs without `model.`, their `mlp.gate` is our `mlp.router`, experts stay one key per expert.
+Weights may be one model.safetensors or shards listed in model.safetensors.index.json; experts
+fused as transformers 5.x holds them in memory (`mlp.experts.gate_up_proj` (E, 2F, D),
+`mlp.experts.down_proj` (E, D, F)) are split per expert.
 Needs safetensors (requirements-extras.txt), not transformers.
 
 --seq-length sets the training sequence length (default: max_position_embeddings); rotary
@@ -133,8 +134,9 @@ def checkpoint_tensors(hf_weights: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Checkpoint key -> full shape for this config, read off a model built on the meta device (no memory)."""
+def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Checkpoint key -> full shape of every weight, and of every persistent buffer, for this config;
+    read off a model built on the meta device (no memory, no initialisation)."""
     with torch.device("meta"):
         model = MoETransformer(cfg)
     shapes = {}
@@ -144,7 +146,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 shapes[ckpt_io.expert_key(name, e)] = tuple(p.shape[1:][::-1])
         else:
             shapes[name] = tuple(p.shape)
-    return shapes
+    buffers = {name: tuple(b.shape) for name, b in ckpt_io.persistent_buffers(model).items()}
+    return shapes, buffers
 
 
 def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
@@ -154,7 +157,7 @@ def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
         raise UnsupportedModel(f"{hf_dir}: no config.json; point --hf at a save_pretrained folder")
     cfg = model_config_from_hf(json.load(open(config_path)), seq_length)
     tensors = checkpoint_tensors(read_safetensors(hf_dir))
-    want = expected_shapes(cfg)
+    want, buffers = expected_shapes(cfg)
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
         raise UnsupportedModel(f"{hf_dir}: weights do not fit the config: missing {missing[:3]}, "
@@ -162,6 +165,8 @@ def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
     for name, shape in want.items():
         if tuple(tensors[name].shape) != shape:
             raise UnsupportedModel(f"{hf_dir}: {name} has shape {tuple(tensors[name].shape)}, the config gives {shape}")
+    for name, shape in buffers.items():
+        tensors[name] = torch.zeros(shape)  # the routers' expert_bias: Qwen3 routes without a bias
     train = TrainConfig()
     payload = {"params": {name: {"tensor": t, "dim": None, "rank": 0, "size": 1} for name, t in tensors.items()},
                "optim": {},  # AdamW starts fresh

@@ -1,0 +1,283 @@
+"""Train the same small MoE once per routing method and tabulate quality, balance and speed.
+
+    python scripts/compare_routing.py --out docs               # about 10 minutes on 2 CPU cores
+    python scripts/compare_routing.py --quick --out /tmp/rc    # tiny model, seconds (the test)
+
+Every method runs `minimal_pretrain.py` in a subprocess with the same model, seed, data
+(the built-in corpus), batches and steps, and the same active parameters per token (checked
+before any run): the methods differ only in the flags of the table. The baseline is dropless
+top-2 of 8 experts, softmax, Switch aux loss 0.01 and z-loss 0.001 (the trainer's defaults).
+All runs use 2 micro-batches of 4 sequences, so that global-batch balancing (f_i over the
+global batch) differs from micro-batch balancing.
+
+Writes DIR/routing_comparison.md (a Markdown table; the definitions of every column are
+written under it) and DIR/routing_comparison.png (bar charts of the final val loss and of
+max/mean expert load; skipped with a message when matplotlib is missing). --keep-metrics
+keeps each run's --metrics-file in DIR/runs/. --jobs N runs N methods at a time (each with
+cpu_count / N threads): faster, but tokens/s then measure shared cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import minimal_pretrain as mp  # noqa: E402
+
+# The trainer's default model (D 128, 4 layers, 8 experts top-2, F 256) on shorter sequences.
+FULL = dict(steps=300, log_interval=10, window=5, experts=8, top_k=2,
+            flags=["--seq-length", "128", "--micro-batch-size", "4", "--num-microbatches", "2",
+                   "--eval-iters", "10"])
+QUICK = dict(steps=6, log_interval=1, window=3, experts=4, top_k=2,
+             flags=["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-kv-heads", "2",
+                    "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32", "--num-experts", "4",
+                    "--num-experts-per-token", "2", "--seq-length", "16", "--micro-batch-size", "2",
+                    "--num-microbatches", "2", "--eval-iters", "2", "--lr", "1e-2"])
+DEAD_SHARE = 0.01  # an expert is dead when its load is below 1% of the mean load (1/E of the assignments)
+
+
+def methods(top_k: int) -> list[tuple[str, list[str]]]:
+    """(name, flags added to the common ones) of every method compared, baseline first."""
+    return [
+        ("top-k softmax + aux (baseline)", []),
+        ("no balancing", ["--router-aux-loss-coef", "0", "--router-z-loss-coef", "0"]),
+        ("z-loss only", ["--router-aux-loss-coef", "0"]),
+        ("sigmoid + aux-loss-free bias", ["--router-score-function", "sigmoid", "--router-bias-update-rate", "1e-3",
+                                          "--router-aux-loss-coef", "0"]),
+        ("global-batch aux", ["--router-aux-loss-type", "global-batch"]),
+        ("sequence aux", ["--router-aux-loss-type", "sequence"]),
+        ("capacity factor 1.0 (drops)", ["--moe-capacity-factor", "1.0"]),
+        # balanced by construction, so no aux loss (Zhou et al. 2022)
+        ("expert choice", ["--router-type", "expert-choice", "--router-aux-loss-coef", "0"]),
+        (f"1 shared + top-{top_k - 1} routed", ["--num-shared-experts", "1", "--num-experts-per-token", str(top_k - 1)]),
+        ("jitter 0.01", ["--router-jitter-noise", "0.01"]),
+        ("round-robin (forced balance)", ["--router-type", "round-robin"]),
+    ]
+
+
+@dataclass
+class Result:
+    name: str
+    flags: list[str]
+    rc: int = 0
+    wall: float = 0.0  # seconds, the whole subprocess (start-up and evaluation included)
+    val_loss: float = math.nan
+    max_over_mean: float = math.nan
+    cv: float = math.nan
+    dead: int = 0
+    slots: int = 0  # (MoE layer, expert) pairs
+    dropped: float | None = None  # None: the trainer does not report drops for this method
+    tokens_per_sec: float = math.nan
+    error: str = ""  # last line of stderr of a failed run
+
+
+def load_stats(train: list[dict], window: int) -> tuple[float, float, int, int, float | None]:
+    """(max/mean load, coefficient of variation, dead experts, layer-expert slots, dropped fraction)
+    over the last `window` logged steps; see the definitions written under the table."""
+    last = train[-window:]
+    ratios, cvs, dropped = [], [], []
+    for r in last:
+        for load in r["expert_load"].values():  # fractions of the layer's assignments, sum to 1
+            mean = sum(load) / len(load)
+            ratios.append(max(load) / mean)
+            cvs.append(statistics.pstdev(load) / mean)
+        if "dropped_fraction" in r:
+            dropped.extend(r["dropped_fraction"].values())
+    dead, slots = 0, 0
+    for layer in last[0]["expert_load"]:
+        avg = [sum(col) / len(last) for col in zip(*(r["expert_load"][layer] for r in last))]  # (E,)
+        mean = sum(avg) / len(avg)
+        dead += sum(x < DEAD_SHARE * mean for x in avg)
+        slots += len(avg)
+    return (statistics.fmean(ratios), statistics.fmean(cvs), dead, slots,
+            statistics.fmean(dropped) if dropped else None)
+
+
+def run_method(name: str, flags: list[str], common: list[str], metrics: str, window: int, threads: int) -> Result:
+    """One training run in a subprocess; its metrics file parsed into a Result."""
+    cmd = [sys.executable, os.path.join(ROOT, "minimal_pretrain.py")] + common + flags + ["--metrics-file", metrics]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    res = Result(name, flags, proc.returncode, time.time() - t0)
+    if proc.returncode != 0:
+        res.error = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
+        return res
+    records = [json.loads(line) for line in open(metrics) if line.strip()]
+    train = [r for r in records if "loss" in r]
+    res.val_loss = [r["val_loss"] for r in records if "val_loss" in r][-1]
+    res.max_over_mean, res.cv, res.dead, res.slots, res.dropped = load_stats(train, window)
+    if res.dropped is None and "expert-choice" not in flags:
+        res.dropped = 0.0  # dropless: the trainer logs no dropped_fraction
+    speeds = [r["tokens_per_sec"] for r in train]
+    res.tokens_per_sec = statistics.median(speeds[1:] if len(speeds) > 1 else speeds)  # the first step warms up
+    return res
+
+
+def active_params(common: list[str], flags: list[str]) -> int:
+    mc, _, _ = mp.parse_config(common + flags)
+    return mc.active_params_per_token()
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def write_markdown(path: str, results: list[Result], common: list[str], setup: dict, total: float,
+                   jobs: int) -> None:
+    steps, window, log_interval = setup["steps"], setup["window"], setup["log_interval"]
+    mc, tc, _ = mp.parse_config(common)
+    tokens = steps * tc.micro_batch_size * tc.num_microbatches * mc.seq_length
+    lines = [
+        "# Routing methods compared",
+        "",
+        f"Same model, seed, batches and steps for every method: D {mc.hidden_size}, {mc.num_layers} layers "
+        f"(all MoE), {setup['experts']} experts of width F {mc.moe_ffn_hidden_size}, top-{setup['top_k']}, "
+        f"T {mc.seq_length}, {tc.num_microbatches} micro-batches x {tc.micro_batch_size} sequences, "
+        f"{steps} steps ({tokens:,} tokens) of the built-in corpus (byte-level), "
+        f"{active_params(common, []):,} active parameters per token in every run. "
+        f"Val loss: nats per byte on {tc.eval_iters} fixed validation batches after the last step.",
+        "",
+        f"Common flags: `{' '.join(common)}`",
+        "",
+        "| method | flags | final val loss | max/mean load | load CV | dead experts | dropped | tokens/s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        flags = f"`{' '.join(r.flags)}`" if r.flags else "(defaults)"
+        if r.rc != 0:
+            lines.append(f"| {r.name} | {flags} | failed (exit {r.rc}): {r.error} | | | | | | {r.wall:.0f} |")
+            continue
+        lines.append(f"| {r.name} | {flags} | {r.val_loss:.4f} | {r.max_over_mean:.2f} | {r.cv:.2f} | "
+                     f"{r.dead} / {r.slots} | {fmt(r.dropped, '.1%')} | {r.tokens_per_sec:,.0f} | {r.wall:.0f} |")
+    lines += [
+        "",
+        f"Definitions. Load of an expert: its share of the layer's computed (token, expert) rows, as the "
+        f"trainer logs it every {log_interval} steps (`expert_load`). **max/mean load** and **load CV** "
+        f"(population std / mean of the E loads) are computed per MoE layer and logged step, then averaged "
+        f"over the layers and the last {window} logged steps (steps {steps - (window - 1) * log_interval}-{steps}); "
+        f"1.00 and 0.00 are perfect balance. **Dead experts**: (layer, expert) pairs whose load averaged over "
+        f"those steps is below {DEAD_SHARE:.0%} of the mean load (that is, under {DEAD_SHARE:.0%} x 1/E of the "
+        f"layer's rows), out of layers x E. **Dropped**: the share of top-k assignments over capacity "
+        f"(`dropped_fraction`), averaged the same way; 0% for dropless methods; – for expert choice, where "
+        f"a token that no expert picks skips the layer and the trainer does not count it. **tokens/s**: "
+        f"median over the logged steps after the first (one step's training tokens over its time). "
+        f"**wall s**: the whole run, start-up and evaluation included.",
+        "",
+        "Notes. Expert choice routes each token by comparing it with every token of the batch, later ones "
+        "included: it is not causal, so its val loss is not comparable with the others and it cannot "
+        "generate as is. Round-robin ignores the router (forced balance, a speed reference). "
+        "Global-batch balancing runs an extra forward pass per step to count f_i first. "
+        f"The shared-expert run has one more expert in total ({setup['experts']} routed + 1 shared) but the "
+        f"same active width.",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+        f"{__import__('torch').__version__}, {jobs} run(s) at a time. Other heavy jobs (test suites) may have "
+        f"shared these cores, so tokens/s and wall times are noisy; losses and loads are not (seeded). "
+        f"The whole comparison took {total / 60:.1f} minutes.",
+        "",
+        f"Reproduce: `python scripts/compare_routing.py {' '.join(sys.argv[1:])}`",
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def write_png(path: str, results: list[Result]) -> bool:
+    """Two horizontal bar charts; False when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    ok = [r for r in results if r.rc == 0]
+    names = [r.name for r in ok][::-1]  # baseline on top
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 0.28 * len(ok) + 1.2), dpi=80, sharey=True)
+    val = [r.val_loss for r in ok][::-1]
+    ax1.barh(names, val, color="tab:blue")
+    lo, hi = min(val), max(val)
+    ax1.set_xlim(lo - 0.1 * (hi - lo + 1e-3) - 0.01, hi + 0.05 * (hi - lo + 1e-3) + 0.01)
+    ax1.axvline(ok[0].val_loss, color="k", linewidth=0.8, linestyle="--")
+    ax1.set(title="final val loss (nats/byte; lower is better)")
+    ax2.barh(names, [r.max_over_mean for r in ok][::-1], color="tab:orange")
+    ax2.axvline(1.0, color="k", linewidth=0.8, linestyle="--")
+    ax2.set(title="max / mean expert load (1 = balanced)")
+    for ax in (ax1, ax2):
+        ax.tick_params(labelsize=8)
+        ax.title.set_fontsize(9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="out/routing", help="folder for routing_comparison.md and .png")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per method; 0: 300 (6 with --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny model and few steps (seconds; for tests)")
+    p.add_argument("--jobs", type=int, default=1, help="methods trained at the same time")
+    p.add_argument("--keep-metrics", action="store_true", help="keep each run's metrics file in OUT/runs/")
+    args = p.parse_args()
+    setup = dict(QUICK if args.quick else FULL)
+    setup["steps"] = args.steps or setup["steps"]
+    steps = setup["steps"]
+    setup["log_interval"] = min(setup["log_interval"], steps)
+    setup["window"] = max(1, min(setup["window"], steps // setup["log_interval"]))
+    common = setup["flags"] + ["--max-steps", str(steps), "--warmup-steps", str(max(1, steps // 10)),
+                               "--log-interval", str(setup["log_interval"]), "--eval-interval", str(steps),
+                               "--no-progress"]
+    todo = methods(setup["top_k"])
+    actives = {name: active_params(common, flags) for name, flags in todo}
+    if len(set(actives.values())) != 1:
+        print(f"error: methods differ in active parameters per token: {actives}", file=sys.stderr)
+        sys.exit(2)
+    os.makedirs(args.out, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        def one(i: int) -> Result:
+            name, flags = todo[i]
+            res = run_method(name, flags, common, os.path.join(tmp, f"{i:02d}.jsonl"), setup["window"], threads)
+            status = f"val loss {res.val_loss:.4f}" if res.rc == 0 else f"FAILED: {res.error}"
+            print(f"[{i + 1}/{len(todo)}] {name}: {status} ({res.wall:.0f} s)", flush=True)
+            return res
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(one, range(len(todo))))
+        if args.keep_metrics:
+            runs = os.path.join(args.out, "runs")
+            os.makedirs(runs, exist_ok=True)
+            for i in range(len(todo)):
+                if os.path.exists(os.path.join(tmp, f"{i:02d}.jsonl")):
+                    shutil.copy(os.path.join(tmp, f"{i:02d}.jsonl"), runs)
+    total = time.time() - start
+    md = os.path.join(args.out, "routing_comparison.md")
+    write_markdown(md, results, common, setup, total, args.jobs)
+    print(f"wrote {md} ({total / 60:.1f} min)")
+    png = os.path.join(args.out, "routing_comparison.png")
+    if write_png(png, results):
+        print(f"wrote {png}")
+    else:
+        print("matplotlib is not installed: no routing_comparison.png (pip install -r requirements-extras.txt)")
+    if any(r.rc != 0 for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Turn a dense checkpoint into an MoE checkpoint whose experts start as copies of the dense MLPs.
+
+    python minimal_pretrain.py --num-experts 0 --save out/dense
+    python scripts/upcycle.py --checkpoint out/dense --out out/upcycled --num-experts 8 --num-experts-per-token 2
+    python minimal_pretrain.py --load out/upcycled --max-steps 400 --save out/moe
+
+Sparse upcycling (Komatsuzaki et al. 2022): in every MoE layer (layer i with
+(i + 1) % --moe-layer-interval == 0) each of the E experts gets the dense layer's
+gate/up/down weights (`layers.L.mlp.gate_proj.weight` (F, D) -> `layers.L.mlp.experts.e.gate_proj.weight`
+(F, D) for every e; same orientation), the router `layers.L.mlp.router.weight` (E, D) is drawn
+fresh from normal(0, --router-init-std) with --seed, and `expert_bias` starts at zero. Every
+other tensor is copied. The model config gets E, K, the interval, moe_ffn_hidden_size = the dense
+ffn_hidden_size and norm_topk_prob on: the K weights of a token then sum to 1 and K identical
+experts give exactly the dense MLP's output, so the upcycled model starts with the dense model's
+logits (to rounding). --noise eps multiplies every expert copy by its own 1 + eps * normal(0, 1)
+to break the symmetry between experts (default 0: exact copies; the router alone breaks it).
+
+Writes `OUT/step_00000000/` and `OUT/latest` with checkpoint.save_checkpoint: step 0, layout
+world 1, no optimizer state (AdamW starts fresh on `--load`) and the dense run's train config,
+so `--load` reads the same data stream (--seed, --data, --micro-batch-size), restarted at step 0;
+give --seed on the continued run to draw other batches. The dense checkpoint may come from any
+layout. Bad input (missing folder, not dense, an OUT that already holds a checkpoint) is one
+`error:` line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint as ckpt_io  # noqa: E402
+from moe_layers import ModelConfig  # noqa: E402
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def upcycled_config(dense: ModelConfig, num_experts: int, top_k: int, interval: int) -> ModelConfig:
+    """The MoE config whose experts have the dense MLP's width; raises ValueError naming the flag."""
+    if dense.num_experts != 0:
+        raise ValueError(f"the checkpoint is already an MoE model (num_experts {dense.num_experts}); "
+                         f"upcycling needs a dense one (trained with --num-experts 0)")
+    cfg = dataclasses.replace(dense, num_experts=num_experts, num_experts_per_token=top_k,
+                              moe_layer_interval=interval, moe_ffn_hidden_size=dense.ffn_hidden_size,
+                              norm_topk_prob=True)
+    if num_experts < 1:
+        raise ValueError(f"--num-experts must be >= 1, got {num_experts}")
+    cfg.validate()
+    if not cfg.moe_layers:
+        raise ValueError(f"--moe-layer-interval {interval} makes no layer of {cfg.num_layers} an MoE layer")
+    return cfg
+
+
+def upcycle_state(dense: dict[str, torch.Tensor], cfg: ModelConfig, router_std: float, seed: int,
+                  noise: float = 0.0) -> dict[str, torch.Tensor]:
+    """Dense full state dict -> MoE full state dict in checkpoint naming (one key per expert)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(dense)
+    for layer in cfg.moe_layers:
+        prefix = f"layers.{layer}.mlp"
+        for proj in PROJECTIONS:
+            if f"{prefix}.{proj}.weight" not in out:
+                raise ValueError(f"the checkpoint has no {prefix}.{proj}.weight; it is not a dense model")
+            w = out.pop(f"{prefix}.{proj}.weight")  # gate, up (F, D); down (D, F)
+            for e in range(cfg.num_experts):
+                scale = 1 + noise * torch.randn(w.shape, generator=gen) if noise > 0 else 1.0
+                out[f"{prefix}.experts.{e}.{proj}.weight"] = (w * scale).clone()  # same orientation
+        out[f"{prefix}.router.weight"] = torch.randn(cfg.num_experts, cfg.hidden_size, generator=gen) * router_std
+        out[f"{prefix}.router.expert_bias"] = torch.zeros(cfg.num_experts)  # (E,)
+    return out
+
+
+def upcycle(checkpoint: str, out: str, num_experts: int, top_k: int, interval: int = 1,
+            router_std: float = 0.02, seed: int = 0, noise: float = 0.0) -> str:
+    """Read the dense checkpoint, write the upcycled one; return the step folder written."""
+    if not os.path.isdir(checkpoint):
+        raise ValueError(f"--checkpoint {checkpoint}: no such folder")
+    if os.path.exists(os.path.join(out, "latest")):
+        raise ValueError(f"--out {out} already holds a checkpoint; choose an empty folder")
+    ckpt = ckpt_io.read_checkpoint(checkpoint)
+    cfg = upcycled_config(ModelConfig(**ckpt.meta["model"]), num_experts, top_k, interval)
+    tensors = upcycle_state(ckpt_io.full_state_dict(ckpt), cfg, router_std, seed, noise)
+    train = ckpt.meta.get("train", {})
+    payload = {"params": {name: {"tensor": t, "dim": None, "rank": 0, "size": 1} for name, t in tensors.items()},
+               "optim": {},  # AdamW starts fresh
+               "rng": {"torch": torch.Generator().manual_seed(train.get("seed", seed)).get_state()}}
+    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 0, "skipped_steps": 0,
+            "model": dataclasses.asdict(cfg), "train": train,
+            "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1},
+            "upcycled_from": ckpt.path}
+    return ckpt_io.save_checkpoint(out, 0, payload, meta, rank=0, world_size=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="dense checkpoint (a --save root or one step folder)")
+    p.add_argument("--out", required=True, help="checkpoint root to write (then give it to --load)")
+    p.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer, E")
+    p.add_argument("--num-experts-per-token", type=int, required=True, help="top-k, K")
+    p.add_argument("--moe-layer-interval", type=int, default=1, help="layer i is MoE iff (i + 1) %% interval == 0")
+    p.add_argument("--router-init-std", type=float, default=0.02, help="std of the fresh router weights")
+    p.add_argument("--seed", type=int, default=0, help="seeds the router weights and the noise")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="multiply each expert copy by 1 + noise * normal(0, 1); 0: exact copies")
+    args = p.parse_args()
+    try:
+        path = upcycle(args.checkpoint, args.out, args.num_experts, args.num_experts_per_token,
+                       args.moe_layer_interval, args.router_init_std, args.seed, args.noise)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {path} (step 0, no optimizer state); continue with: "
+          f"python minimal_pretrain.py --load {args.out} --max-steps N")
+
+
+if __name__ == "__main__":
+    main()
