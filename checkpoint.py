@@ -291,8 +291,9 @@ def local_tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, p: t
 def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Copy this rank's slices of weights (and AdamW moments) out of a checkpoint of any layout."""
     for name, buf in persistent_buffers(model).items():
-        with torch.no_grad():
-            buf.copy_(_tensor(ckpt, ckpt.params, name, buf.shape))
+        if name in ckpt.params:  # checkpoints from before expert_bias existed keep its initial zero
+            with torch.no_grad():
+                buf.copy_(_tensor(ckpt, ckpt.params, name, buf.shape))
     for name, p in model.named_parameters():
         with torch.no_grad():
             p.copy_(local_tensor(ckpt, ckpt.params, name, p))

@@ -898,6 +898,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------------------------- loop
     # A resumed run appends to the metrics of the run it continues.
+    if is_main and tc.metrics_file:
+        os.makedirs(os.path.dirname(os.path.abspath(tc.metrics_file)), exist_ok=True)
     metrics = open(tc.metrics_file, "a" if start_step else "w") if (is_main and tc.metrics_file) else None
     bar = None
     if is_main and tc.progress:
