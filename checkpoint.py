@@ -166,6 +166,17 @@ def save_checkpoint(root: str, step: int, payload: dict, meta: dict, rank: int, 
     return final
 
 
+def save_full_state(root: str, tensors: dict[str, torch.Tensor], model: dict, train: dict,
+                    extra_meta: dict | None = None) -> str:
+    """Write whole tensors as a one-rank checkpoint at step 0 with no optimizer state (AdamW starts
+    fresh): how scripts/import_hf.py and scripts/upcycle.py make a checkpoint that --load trains on."""
+    payload = {"params": {name: {"tensor": t, "dim": None, "rank": 0, "size": 1} for name, t in tensors.items()},
+               "optim": {}, "rng": {"torch": torch.Generator().manual_seed(train.get("seed", 0)).get_state()}}
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": 0, "skipped_steps": 0, "model": model,
+            "train": train, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}, **(extra_meta or {})}
+    return save_checkpoint(root, 0, payload, meta, rank=0, world_size=1)
+
+
 def list_checkpoints(root: str) -> list[str]:
     return sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
 

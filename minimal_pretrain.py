@@ -182,6 +182,9 @@ def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"--tensor-parallel-size {tp} must divide the vocabulary ({mc.vocab_size})")
     if mc.ffn_hidden_size % tp:
         raise ConfigError(f"--tensor-parallel-size {tp} must divide --ffn-hidden-size ({mc.ffn_hidden_size})")
+    if mc.shared_ffn_hidden_size % tp:
+        raise ConfigError(f"--tensor-parallel-size {tp} must divide the shared experts' width "
+                          f"(--num-shared-experts x size = {mc.shared_ffn_hidden_size})")
     if mc.num_experts > 0:
         if mc.num_experts % ep:
             raise ConfigError(f"--expert-parallel-size {ep} must divide --num-experts ({mc.num_experts})")

@@ -415,7 +415,7 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     """Causal grouped-query attention with per-head RMSNorm on q and k (Qwen3) and rotary."""
 
-    def __init__(self, cfg: ModelConfig, par: ModelParallel, layer: int):
+    def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
         self.par = par
         dh, d = cfg.head_dim, cfg.hidden_size
@@ -871,7 +871,7 @@ class MoETransformerBlock(nn.Module):
         super().__init__()
         self.is_moe = cfg.is_moe_layer(layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, par, layer)
+        self.self_attn = Attention(cfg, par)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoELayer(cfg, par) if self.is_moe else DenseMLP(cfg, par)
 

@@ -418,9 +418,9 @@ def test_aux_loss_equals_formula_on_hand_made_routing():
 
 @smoke
 def test_aux_loss_is_one_for_uniform_routing():
-    e, k, n = 8, 2, 64
+    e, n = 8, 64
     probs = torch.full((n, e), 1 / e)
-    indices = torch.tensor([[(2 * i) % e, (2 * i + 1) % e] for i in range(n)])  # each expert 16 times
+    indices = torch.tensor([[(2 * i) % e, (2 * i + 1) % e] for i in range(n)])  # top-2, each expert 16 times
     assert math.isclose(load_balancing_loss(probs, indices, e).item(), 1.0, rel_tol=1e-6)
     collapsed = torch.zeros(n, e)
     collapsed[:, 0] = 1
@@ -804,6 +804,8 @@ BAD_LAYOUTS = {
     "layers_vs_pp": (4, ["--pipeline-parallel-size", "4", "--num-layers", "2"], "--num-layers"),
     "microbatches_vs_pp": (2, ["--pipeline-parallel-size", "2", "--num-microbatches", "1"], "--num-microbatches"),
     "vocab_vs_tp": (2, ["--tensor-parallel-size", "2", "--vocab-size", "255", "--data", "BINS"], "vocabulary"),
+    "shared_width_vs_tp": (2, ["--tensor-parallel-size", "2", "--num-shared-experts", "1",
+                               "--shared-expert-ffn-hidden-size", "7"], "shared experts"),
 }
 
 

@@ -167,14 +167,7 @@ def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
             raise UnsupportedModel(f"{hf_dir}: {name} has shape {tuple(tensors[name].shape)}, the config gives {shape}")
     for name, shape in buffers.items():
         tensors[name] = torch.zeros(shape)  # the routers' expert_bias: Qwen3 routes without a bias
-    train = TrainConfig()
-    payload = {"params": {name: {"tensor": t, "dim": None, "rank": 0, "size": 1} for name, t in tensors.items()},
-               "optim": {},  # AdamW starts fresh
-               "rng": {"torch": torch.Generator().manual_seed(train.seed).get_state()}}
-    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 0, "skipped_steps": 0,
-            "model": dataclasses.asdict(cfg), "train": dataclasses.asdict(train),
-            "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}}
-    return ckpt_io.save_checkpoint(out, 0, payload, meta, rank=0, world_size=1)
+    return ckpt_io.save_full_state(out, tensors, dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig()))
 
 
 def main() -> None:

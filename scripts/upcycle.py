@@ -84,15 +84,8 @@ def upcycle(checkpoint: str, out: str, num_experts: int, top_k: int, interval: i
     ckpt = ckpt_io.read_checkpoint(checkpoint)
     cfg = upcycled_config(ModelConfig(**ckpt.meta["model"]), num_experts, top_k, interval)
     tensors = upcycle_state(ckpt_io.full_state_dict(ckpt), cfg, router_std, seed, noise)
-    train = ckpt.meta.get("train", {})
-    payload = {"params": {name: {"tensor": t, "dim": None, "rank": 0, "size": 1} for name, t in tensors.items()},
-               "optim": {},  # AdamW starts fresh
-               "rng": {"torch": torch.Generator().manual_seed(train.get("seed", seed)).get_state()}}
-    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 0, "skipped_steps": 0,
-            "model": dataclasses.asdict(cfg), "train": train,
-            "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1},
-            "upcycled_from": ckpt.path}
-    return ckpt_io.save_checkpoint(out, 0, payload, meta, rank=0, world_size=1)
+    return ckpt_io.save_full_state(out, tensors, dataclasses.asdict(cfg), ckpt.meta.get("train", {}),
+                                   {"upcycled_from": ckpt.path})
 
 
 def main() -> None:
