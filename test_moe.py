@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.join(HERE, "scripts"))
 import export_hf  # noqa: E402  (scripts/: the extras are imported inside their functions)
 import generate  # noqa: E402
 import import_hf  # noqa: E402
+import compare_routing  # noqa: E402
+import upcycle  # noqa: E402
 smoke = pytest.mark.smoke
 
 
@@ -1219,9 +1221,11 @@ def test_cuda_training_run_bf16(tmp_path):
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_script(name: str, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(HERE, "scripts", name)] + args, capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=HERE)
+def run_script(name: str, args: list, timeout: float = 240) -> subprocess.CompletedProcess:
+    """A script of scripts/ in a subprocess (arguments may be paths or numbers)."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "scripts", name)] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=HERE)
 
 
 def save_in_process(model: MoETransformer, root) -> str:
@@ -1585,6 +1589,156 @@ def test_plot_metrics_writes_every_figure_as_small_pngs(trained, tmp_path):
     for name in expected:
         data = (tmp_path / "plots" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and 1000 < len(data) < 60_000, (name, len(data))
+
+
+# ------------------------------------------- upcycling and the routing comparison
+def build(path) -> MoETransformer:
+    """The model a checkpoint describes, with its weights."""
+    ckpt = ckpt_io.read_checkpoint(str(path))
+    model = MoETransformer(ModelConfig(**ckpt.meta["model"]))
+    ckpt_io.load_into(ckpt, model, None)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- upcycling
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory):
+    """A dense tiny model trained 3 steps (norms and weights off their init), then upcycled by the CLI."""
+    root = tmp_path_factory.mktemp("upcycle")
+    r = run_cli(TINY_FLAGS + ["--num-experts", "0", "--max-steps", "3", "--save", str(root / "dense")])
+    assert r.returncode == 0, r.stderr
+    r = run_script("upcycle.py", ["--checkpoint", root / "dense", "--out", root / "moe", "--num-experts", 4,
+                                  "--num-experts-per-token", 2, "--seed", 5])
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "--load" in r.stdout
+    return root
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+def test_upcycled_model_gives_the_dense_models_logits(dense_ckpt, tmp_path, interval):
+    upcycle.upcycle(str(dense_ckpt / "dense"), str(tmp_path / "moe"), 4, 2, interval, seed=1)
+    dense, moe = build(dense_ckpt / "dense"), build(tmp_path / "moe")
+    assert sorted(moe.moe_layers()) == ([0, 1] if interval == 1 else [1])
+    assert all(isinstance(moe.layers[str(i)].mlp, SparseMoELayer) for i in moe.moe_layers())
+    x = torch.randint(0, dense.cfg.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = dense(x).output, moe(x).output  # (B, T, V)
+        r = moe.layers[str(max(moe.moe_layers()))].mlp.router(torch.randn(64, moe.cfg.hidden_size))
+    assert (got - want).abs().max().item() < 1e-5
+    assert len(set(r.indices[:, 0].tolist())) > 1  # the fresh router really spreads tokens over experts
+
+
+def test_upcycled_experts_are_the_dense_mlp_and_the_router_is_fresh(dense_ckpt):
+    dense = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(dense_ckpt / "dense")))
+    ckpt = ckpt_io.read_checkpoint(str(dense_ckpt / "moe"))
+    moe = ckpt_io.full_state_dict(ckpt)
+    cfg = ckpt.meta["model"]
+    assert (cfg["num_experts"], cfg["num_experts_per_token"], cfg["moe_layer_interval"]) == (4, 2, 1)
+    assert cfg["moe_ffn_hidden_size"] == 64 and cfg["norm_topk_prob"]  # the dense --ffn-hidden-size
+    assert ckpt.meta["step"] == 0 and ckpt.optim == {} and ckpt.meta["layout"]["world_size"] == 1
+    gen = torch.Generator().manual_seed(5)  # --seed 5, no noise: the routers are the only draws, layer order
+    for layer in (0, 1):
+        prefix = f"layers.{layer}.mlp"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert f"{prefix}.{proj}.weight" not in moe
+            for e in range(4):
+                assert torch.equal(moe[f"{prefix}.experts.{e}.{proj}.weight"], dense[f"{prefix}.{proj}.weight"])
+        assert torch.equal(moe[f"{prefix}.router.weight"], torch.randn(4, 32, generator=gen) * 0.02)
+        assert torch.equal(moe[f"{prefix}.router.expert_bias"], torch.zeros(4))
+    others = [k for k in dense if ".mlp." not in k]
+    assert len(others) == len(dense) - 6 and all(torch.equal(moe[k], dense[k]) for k in others)
+
+
+def test_noise_scales_each_expert_copy_by_its_own_factors(dense_ckpt, tmp_path):
+    upcycle.upcycle(str(dense_ckpt / "dense"), str(tmp_path / "moe"), 4, 2, noise=0.01, seed=2)
+    dense = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(dense_ckpt / "dense")))
+    moe = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path / "moe")))
+    w = dense["layers.0.mlp.up_proj.weight"]  # (F, D) = (64, 32): 2048 factors per expert
+    factors = [moe[f"layers.0.mlp.experts.{e}.up_proj.weight"] / w for e in range(4)]
+    for f in factors:
+        assert abs(f.mean().item() - 1) < 1e-3 and 0.009 < f.std().item() < 0.011
+    assert not torch.allclose(factors[0], factors[1])
+
+
+def test_upcycled_checkpoint_trains_on_with_load(dense_ckpt, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    r = run_cli(["--load", str(dense_ckpt / "moe"), "--max-steps", "10", "--micro-batch-size", "8", "--lr", "1e-2",
+                 "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "0", "--no-progress",
+                 "--metrics-file", str(metrics)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "at step 0" in r.stdout
+    losses = [x["lm_loss"] for x in train_records(metrics)]
+    assert len(losses) == 10 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
+    assert set(train_records(metrics)[-1]["expert_load"]) == {"0", "1"}
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "not_dense", "out_taken"])
+def test_upcycle_bad_input_exits_2_with_one_error_line(dense_ckpt, tmp_path, case):
+    src, out, words = {"missing_folder": (tmp_path / "nothing", tmp_path / "o", "no such folder"),
+                       "not_dense": (dense_ckpt / "moe", tmp_path / "o", "already an MoE model"),
+                       "out_taken": (dense_ckpt / "dense", dense_ckpt / "moe", "already holds a checkpoint")}[case]
+    r = run_script("upcycle.py", ["--checkpoint", src, "--out", out, "--num-experts", 4, "--num-experts-per-token", 2])
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------ routing comparison
+@pytest.fixture(scope="module")
+def quick_comparison(tmp_path_factory):
+    out = tmp_path_factory.mktemp("routing")
+    r = run_script("compare_routing.py", ["--quick", "--jobs", "2", "--noise-seeds", 1, "--keep-metrics",
+                                          "--out", out], timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out, r.stdout
+
+
+def table_rows(md: str) -> list[list[str]]:
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[1:]]  # without the header
+
+
+def test_quick_comparison_has_one_finite_row_per_method(quick_comparison):
+    out, _ = quick_comparison
+    rows = table_rows((out / "routing_comparison.md").read_text())
+    assert [r[0] for r in rows] == [name for name, _ in compare_routing.methods(2)]
+    for r in rows:
+        val, ratio, cv = float(r[2]), float(r[3]), float(r[4])
+        assert math.isfinite(val) and 0 < val < math.log(256) + 1
+        assert ratio >= 1.0 and cv >= 0.0 and math.isfinite(float(r[7].replace(",", ""))) and float(r[8]) > 0
+    by_name = {r[0]: r for r in rows}
+    for forced in ("expert choice", "round-robin (forced balance)"):  # balanced by construction
+        assert (by_name[forced][3], by_name[forced][4]) == ("1.00", "0.00")
+    assert float(by_name["capacity factor 1.0 (drops)"][6].rstrip("%")) > 0
+    assert by_name["top-k softmax + aux (baseline)"][6] == "0.0%" and by_name["expert choice"][6] == "–"
+
+
+def test_quick_comparison_numbers_match_the_runs_metrics(quick_comparison):
+    out, _ = quick_comparison
+    rows = table_rows((out / "routing_comparison.md").read_text())
+    for i in (0, 6):  # baseline, capacity factor 1.0
+        records = read_metrics(out / "runs" / f"{i:02d}.jsonl")
+        val = [x["val_loss"] for x in records if "val_loss" in x][-1]
+        last = [x for x in records if "loss" in x][-3:]  # --quick: the last 3 logged steps
+        loads = [load for x in last for load in x["expert_load"].values()]
+        ratio = sum(max(load) * len(load) for load in loads) / len(loads)
+        assert rows[i][2] == f"{val:.4f}" and rows[i][3] == f"{ratio:.2f}"
+    last = [x for x in read_metrics(out / "runs" / "06.jsonl") if "loss" in x][-3:]
+    drops = [d for x in last for d in x["dropped_fraction"].values()]
+    assert rows[6][6] == f"{sum(drops) / len(drops):.1%}"
+    other_seed = [x["val_loss"] for x in read_metrics(out / "runs" / "11.jsonl") if "val_loss" in x][-1]
+    md = (out / "routing_comparison.md").read_text()
+    assert f"val loss {other_seed:.4f} (--seed 1235) against {rows[0][2]}" in md
+
+
+def test_quick_comparison_writes_the_png(quick_comparison):
+    pytest.importorskip("matplotlib")
+    out, stdout = quick_comparison
+    png = out / "routing_comparison.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 100_000
+    assert f"wrote {png}" in stdout
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ Every method runs `minimal_pretrain.py` in a subprocess with the same model, see
 before any run): the methods differ only in the flags of the table. The baseline is dropless
 top-2 of 8 experts, softmax, Switch aux loss 0.01 and z-loss 0.001 (the trainer's defaults).
 All runs use 2 micro-batches of 4 sequences, so that global-batch balancing (f_i over the
-global batch) differs from micro-batch balancing.
+global batch) differs from micro-batch balancing. The baseline also runs with --noise-seeds
+other seeds (default 2): their spread of val loss says which differences are noise.
 
 Writes DIR/routing_comparison.md (a Markdown table; the definitions of every column are
 written under it) and DIR/routing_comparison.png (bar charts of the final val loss and of
 max/mean expert load; skipped with a message when matplotlib is missing). --keep-metrics
-keeps each run's --metrics-file in DIR/runs/. --jobs N runs N methods at a time (each with
-cpu_count / N threads): faster, but tokens/s then measure shared cores.
+keeps each run's --metrics-file in DIR/runs/. --jobs N runs N methods at a time, each with
+OMP_NUM_THREADS threads (default: cpu_count / N). On a busy machine prefer OMP_NUM_THREADS=1:
+OpenMP threads that wait for a descheduled sibling spin and can make a run many times slower.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -62,7 +66,8 @@ def methods(top_k: int) -> list[tuple[str, list[str]]]:
         ("capacity factor 1.0 (drops)", ["--moe-capacity-factor", "1.0"]),
         # balanced by construction, so no aux loss (Zhou et al. 2022)
         ("expert choice", ["--router-type", "expert-choice", "--router-aux-loss-coef", "0"]),
-        (f"1 shared + top-{top_k - 1} routed", ["--num-shared-experts", "1", "--num-experts-per-token", str(top_k - 1)]),
+        (f"1 shared + top-{top_k - 1} routed",
+         ["--num-shared-experts", "1", "--num-experts-per-token", str(top_k - 1)]),
         ("jitter 0.01", ["--router-jitter-noise", "0.01"]),
         ("round-robin (forced balance)", ["--router-type", "round-robin"]),
     ]
@@ -106,10 +111,10 @@ def load_stats(train: list[dict], window: int) -> tuple[float, float, int, int, 
             statistics.fmean(dropped) if dropped else None)
 
 
-def run_method(name: str, flags: list[str], common: list[str], metrics: str, window: int, threads: int) -> Result:
+def run_method(name: str, flags: list[str], common: list[str], metrics: str, window: int, threads: str) -> Result:
     """One training run in a subprocess; its metrics file parsed into a Result."""
     cmd = [sys.executable, os.path.join(ROOT, "minimal_pretrain.py")] + common + flags + ["--metrics-file", metrics]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     res = Result(name, flags, proc.returncode, time.time() - t0)
@@ -136,10 +141,18 @@ def fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
-def write_markdown(path: str, results: list[Result], common: list[str], setup: dict, total: float,
-                   jobs: int) -> None:
+def write_markdown(path: str, results: list[Result], seeds: list[Result], common: list[str], setup: dict,
+                   total: float, jobs: int, threads: str) -> None:
     steps, window, log_interval = setup["steps"], setup["window"], setup["log_interval"]
     mc, tc, _ = mp.parse_config(common)
+    noise = ""
+    if seeds and all(r.rc == 0 for r in seeds) and results[0].rc == 0:
+        vals = [results[0].val_loss] + [r.val_loss for r in seeds]
+        noise = ("Seed-to-seed noise: the baseline reaches val loss "
+                 + ", ".join(f"{v:.4f} (--seed {r.flags[-1]})" for v, r in zip(vals[1:], seeds))
+                 + f" against {vals[0]:.4f} with the table's seed {tc.seed}, a range of {max(vals) - min(vals):.4f} "
+                   f"(the seed also picks the initial weights, the training and the validation batches). "
+                   f"Differences in val loss smaller than that range are not significant.")
     tokens = steps * tc.micro_batch_size * tc.num_microbatches * mc.seq_length
     lines = [
         "# Routing methods compared",
@@ -177,6 +190,9 @@ def write_markdown(path: str, results: list[Result], common: list[str], setup: d
         f"median over the logged steps after the first (one step's training tokens over its time). "
         f"**wall s**: the whole run, start-up and evaluation included.",
         "",
+    ]
+    lines += [noise, ""] if noise else []
+    lines += [
         "Notes. Expert choice routes each token by comparing it with every token of the batch, later ones "
         "included: it is not causal, so its val loss is not comparable with the others and it cannot "
         "generate as is. Round-robin ignores the router (forced balance, a speed reference). "
@@ -185,19 +201,19 @@ def write_markdown(path: str, results: list[Result], common: list[str], setup: d
         f"same active width.",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-        f"{__import__('torch').__version__}, {jobs} run(s) at a time. Other heavy jobs (test suites) may have "
-        f"shared these cores, so tokens/s and wall times are noisy; losses and loads are not (seeded). "
-        f"The whole comparison took {total / 60:.1f} minutes.",
+        f"{torch.__version__}, {jobs} run(s) at a time with {threads} thread(s) each. Other heavy jobs "
+        f"(test suites) may have shared these cores, so tokens/s and wall times are noisy; losses and loads "
+        f"are not (seeded, the same on a quiet machine). The whole comparison took {total / 60:.1f} minutes.",
         "",
-        f"Reproduce: `python scripts/compare_routing.py {' '.join(sys.argv[1:])}`",
+        f"Reproduce: `OMP_NUM_THREADS={threads} python scripts/compare_routing.py {' '.join(sys.argv[1:])}`",
         "",
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
 
-def write_png(path: str, results: list[Result]) -> bool:
-    """Two horizontal bar charts; False when matplotlib is missing."""
+def write_png(path: str, results: list[Result], seeds: list[Result]) -> bool:
+    """Two horizontal bar charts (the baseline's seed-to-seed range shaded); False when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
@@ -208,11 +224,15 @@ def write_png(path: str, results: list[Result]) -> bool:
     names = [r.name for r in ok][::-1]  # baseline on top
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 0.28 * len(ok) + 1.2), dpi=80, sharey=True)
     val = [r.val_loss for r in ok][::-1]
+    spread = [r.val_loss for r in [results[0]] + seeds if r.rc == 0]
     ax1.barh(names, val, color="tab:blue")
-    lo, hi = min(val), max(val)
+    lo, hi = min(val + spread), max(val + spread)
     ax1.set_xlim(lo - 0.1 * (hi - lo + 1e-3) - 0.01, hi + 0.05 * (hi - lo + 1e-3) + 0.01)
     ax1.axvline(ok[0].val_loss, color="k", linewidth=0.8, linestyle="--")
-    ax1.set(title="final val loss (nats/byte; lower is better)")
+    if len(spread) > 1:
+        ax1.axvspan(min(spread), max(spread), color="gray", alpha=0.3)  # the baseline's seed-to-seed range
+    ax1.set(title="final val loss (nats/byte; lower is better)"
+            + (f"\ngray: baseline over {len(spread)} seeds" if len(spread) > 1 else ""))
     ax2.barh(names, [r.max_over_mean for r in ok][::-1], color="tab:orange")
     ax2.axvline(1.0, color="k", linewidth=0.8, linestyle="--")
     ax2.set(title="max / mean expert load (1 = balanced)")
@@ -233,6 +253,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per method; 0: 300 (6 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (seconds; for tests)")
     p.add_argument("--jobs", type=int, default=1, help="methods trained at the same time")
+    p.add_argument("--noise-seeds", type=int, default=-1,
+                   help="extra seeds of the baseline, to measure seed-to-seed noise; -1: 2 (0 with --quick)")
     p.add_argument("--keep-metrics", action="store_true", help="keep each run's metrics file in OUT/runs/")
     args = p.parse_args()
     setup = dict(QUICK if args.quick else FULL)
@@ -244,12 +266,16 @@ def main() -> None:
                                "--log-interval", str(setup["log_interval"]), "--eval-interval", str(steps),
                                "--no-progress"]
     todo = methods(setup["top_k"])
+    n_methods = len(todo)
+    base_seed = mp.parse_config(common)[1].seed
+    n_seeds = args.noise_seeds if args.noise_seeds >= 0 else (0 if args.quick else 2)
+    todo += [(f"baseline, --seed {base_seed + s}", ["--seed", str(base_seed + s)]) for s in range(1, n_seeds + 1)]
     actives = {name: active_params(common, flags) for name, flags in todo}
     if len(set(actives.values())) != 1:
         print(f"error: methods differ in active parameters per token: {actives}", file=sys.stderr)
         sys.exit(2)
     os.makedirs(args.out, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.jobs))
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         def one(i: int) -> Result:
@@ -268,14 +294,15 @@ def main() -> None:
                     shutil.copy(os.path.join(tmp, f"{i:02d}.jsonl"), runs)
     total = time.time() - start
     md = os.path.join(args.out, "routing_comparison.md")
-    write_markdown(md, results, common, setup, total, args.jobs)
+    results, seeds = results[:n_methods], results[n_methods:]
+    write_markdown(md, results, seeds, common, setup, total, args.jobs, threads)
     print(f"wrote {md} ({total / 60:.1f} min)")
     png = os.path.join(args.out, "routing_comparison.png")
-    if write_png(png, results):
+    if write_png(png, results, seeds):
         print(f"wrote {png}")
     else:
         print("matplotlib is not installed: no routing_comparison.png (pip install -r requirements-extras.txt)")
-    if any(r.rc != 0 for r in results):
+    if any(r.rc != 0 for r in results + seeds):
         sys.exit(1)
 
 
