@@ -472,7 +472,8 @@ class StepStats:
 
 def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torch.Tensor]],
                      pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, device: torch.device,
-                     autocast_dtype: torch.dtype | None, train: bool, step: int | None = None) -> StepStats:
+                     autocast_dtype: torch.dtype | None, train: bool, step: int | None = None,
+                     reducers: list[OverlappedGradReduce] = ()) -> StepStats:
     """Forward (and backward when `train`) of this rank's micro-batches, pipelined over stages.
 
     1F1B (PipeDream-Flush, Narayanan et al. 2021): stage s runs PP-s-1 warm-up forwards, then
@@ -481,7 +482,8 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
 
     Each micro-batch's loss is scaled by 1/M so the gradients are those of the mean over the
     M micro-batches; the aux and z losses of every stage join that stage's backward.
-    `step` seeds the router jitter of each micro-batch by its index in the global batch."""
+    `step` seeds the router jitter of each micro-batch by its index in the global batch.
+    The `reducers` are armed before the last backward, so gradient all-reduces overlap it."""
     n_moe = len(mc.moe_layers)
     moe_row = {layer: i for i, layer in enumerate(mc.moe_layers)}
     m = len(micro)
@@ -519,8 +521,14 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
             queue.append((inp, out.output, loss))
         return out.output
 
+    backwards_done = [0]
+
     def backward_step(grad_out: torch.Tensor | None) -> torch.Tensor | None:
         inp, out, loss = queue.pop(0)
+        backwards_done[0] += 1
+        if backwards_done[0] == m:  # the last backward completes every gradient of the step
+            for reducer in reducers:
+                reducer.arm()
         if pg.last_stage:
             loss.backward()
         else:
@@ -640,26 +648,92 @@ def bucketed_all_reduce(tensors: list[torch.Tensor], group: Any, bucket_bytes: i
     flush()
 
 
-def sync_gradients(model: torch.nn.Module, pg: ParallelGroups) -> None:
+class OverlappedGradReduce:
+    """Sums gradients over `group` in buckets while the backward pass is still running, then scales.
+
+    Buckets hold parameters in reverse order (the order backward finishes them). `arm()` is
+    called before the last micro-batch's backward (earlier ones only accumulate); from then on
+    each parameter's post-accumulate hook counts it ready, and a full bucket's all-reduce starts
+    at once (async), overlapping the backward of the layers below. `finish()` starts what is
+    left, waits, and copies the sums back. The result is the same as reducing after backward."""
+
+    def __init__(self, params: list[torch.nn.Parameter], group: Any, size: int, scale: float,
+                 bucket_bytes: int = 32 << 20):
+        self.group, self.size, self.scale = group, size, scale
+        self.buckets: list[list[torch.nn.Parameter]] = [[]]
+        filled = 0
+        for p in reversed(params):
+            if filled >= bucket_bytes:
+                self.buckets.append([])
+                filled = 0
+            self.buckets[-1].append(p)
+            filled += p.numel() * p.element_size()
+        self.bucket_of = {p: i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.armed = False
+        self.ready: list[int] = []
+        self.work: dict[int, tuple[torch.Tensor, Any]] = {}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self.on_grad_ready)
+
+    def arm(self) -> None:
+        self.armed, self.ready, self.work = True, [0] * len(self.buckets), {}
+
+    def on_grad_ready(self, p: torch.nn.Parameter) -> None:
+        if not self.armed:
+            return
+        b = self.bucket_of[p]
+        self.ready[b] += 1
+        if self.ready[b] == len(self.buckets[b]):
+            self.launch(b)
+
+    def launch(self, b: int) -> None:
+        grads = [p.grad for p in self.buckets[b] if p.grad is not None]
+        if self.size == 1 or not grads:
+            self.work[b] = (None, None)
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.work[b] = (flat, dist.all_reduce(flat, group=self.group, async_op=True))  # sum over replicas
+
+    def finish(self) -> None:
+        for b in range(len(self.buckets)):
+            if b not in self.work:  # a bucket whose parameters got no gradient this step
+                self.launch(b)
+        for b, (flat, work) in self.work.items():
+            grads = [p.grad for p in self.buckets[b] if p.grad is not None]
+            if work is not None:
+                work.wait()
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+            for g in grads:
+                g.mul_(self.scale)
+        self.armed = False
+
+
+def build_grad_reducers(model: torch.nn.Module, pg: ParallelGroups) -> list[OverlappedGradReduce]:
+    """Dense weights averaged over DP; expert weights summed over the ranks holding the same
+    experts (their tokens came from every rank of the EP group already), then divided by DP."""
+    params = list(model.parameters())
+    dense = [p for p in params if getattr(p, "shard_kind", None) != "ep"]
+    experts = [p for p in params if getattr(p, "shard_kind", None) == "ep"]
+    reducers = [OverlappedGradReduce(dense, pg.dp_group, pg.dp, 1.0 / pg.dp)]
+    if experts:
+        reducers.append(OverlappedGradReduce(experts, pg.expert_dp_group, pg.expert_dp_size, 1.0 / pg.dp))
+    return reducers
+
+
+def sync_gradients(model: torch.nn.Module, pg: ParallelGroups, reducers: list[OverlappedGradReduce]) -> None:
     """Turn each rank's local gradients into the gradient of the global-batch mean loss.
 
-    - router and q/k-norm weights: summed over TP (each TP rank saw part of the tokens / heads);
-    - dense weights: averaged over DP;
-    - expert weights: summed over the ranks holding the same experts (their tokens came from
-      every rank of the EP group already), then divided by DP like the dense ones."""
-    params = [p for p in model.parameters() if p.grad is not None]
+    - dense and expert weights: the reducers' all-reduces, started during the last backward;
+    - router and q/k-norm weights: also summed over TP (each TP rank saw part of the tokens /
+      heads; sums over TP and DP commute, so the order does not matter)."""
+    for reducer in reducers:
+        reducer.finish()
     if pg.tp > 1:
-        partial = [p.grad for p in params if getattr(p, "tp_partial_grad", False)]
+        partial = [p.grad for p in model.parameters() if p.grad is not None and getattr(p, "tp_partial_grad", False)]
         bucketed_all_reduce(partial, pg.tp_group)  # sum partial router / q,k-norm grads over TP
-    dense = [p.grad for p in params if getattr(p, "shard_kind", None) != "ep"]
-    experts = [p.grad for p in params if getattr(p, "shard_kind", None) == "ep"]
-    if pg.dp > 1:
-        bucketed_all_reduce(dense, pg.dp_group)  # sum over data-parallel replicas
-    if pg.expert_dp_size > 1:
-        bucketed_all_reduce(experts, pg.expert_dp_group)  # sum over ranks with the same experts
-    if pg.dp > 1:
-        for g in dense + experts:
-            g.div_(pg.dp)
 
 
 def global_grad_norm(model: torch.nn.Module, pg: ParallelGroups) -> torch.Tensor:
@@ -881,6 +955,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------- optimizer and schedule
     optimizer = build_optimizer(model, tc)
+    reducers = build_grad_reducers(model, pg)
     start_step, skipped_total = 0, 0
     if resume:
         ckpt_io.load_into(resume, model, optimizer)
@@ -925,8 +1000,9 @@ def main(argv: list[str] | None = None) -> None:
             # over every micro-batch routes the tokens first (one extra forward per step).
             pre = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=False, step=step)
             set_global_batch_counts(model, mc, global_expert_counts(pre, pg, routed=True))
-        stats = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=True, step=step)
-        sync_gradients(model, pg)
+        stats = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=True, step=step,
+                                 reducers=reducers)
+        sync_gradients(model, pg, reducers)
         grad_norm = global_grad_norm(model, pg)
         done = step + 1
         # The norm is summed over all ranks, so every rank takes the same decision.

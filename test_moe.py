@@ -1153,6 +1153,25 @@ def test_inspect_checkpoint_prints_step_layout_and_shapes(saved_tiny):
     assert "layers.1.mlp.experts.3.down_proj.weight" in r.stdout and "(32, 32)" in r.stdout
 
 
+@smoke
+def test_gradient_buckets_are_launched_during_the_last_backward():
+    """The overlap: every bucket's reduction starts from hooks inside backward, before finish()."""
+    model = MoETransformer(tiny_config(), seed=0)
+    params = list(model.parameters())
+    reducer = mp.OverlappedGradReduce(params, group=None, size=1, scale=0.5, bucket_bytes=4096)
+    assert len(reducer.buckets) > 5
+    x = torch.randint(0, 64, (2, 8))
+    model(x).output.sum().backward()  # an earlier micro-batch: accumulates only
+    assert reducer.work == {}
+    first = [p.grad.clone() for p in params]
+    reducer.arm()
+    model(x).output.sum().backward()  # the last micro-batch
+    assert sorted(reducer.work) == list(range(len(reducer.buckets)))  # all launched inside backward
+    reducer.finish()
+    for p, g in zip(params, first):
+        assert torch.allclose(p.grad, g * 2 * 0.5)  # two equal backwards accumulated, then scaled
+
+
 def test_recompute_gives_identical_losses(tmp_path):
     runs = {}
     for name, extra in (("eager", []), ("recompute", ["--recompute"])):
