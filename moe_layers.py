@@ -525,6 +525,14 @@ class TopKRouter(nn.Module):
         return RouterOutput(weights, indices, probs, logits, scores)
 
 
+def count_per_expert(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) how many of the given expert ids name each expert.
+
+    scatter_add, not bincount: bincount reads the max id back to the host (a CUDA sync)."""
+    flat = expert.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
                         counts: torch.Tensor | None = None, num_tokens: int | None = None) -> torch.Tensor:
     """Switch Transformer load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2021, eq. 4).
@@ -537,7 +545,7 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts:
     and the shares of all ranks add up to the loss of the whole micro-batch. `counts` may also
     come from a larger batch (global-batch balancing): f is then that batch's frequency."""
     if counts is None:
-        counts = torch.bincount(indices.reshape(-1), minlength=num_experts)
+        counts = count_per_expert(indices, num_experts)
     if num_tokens is None:
         num_tokens = probs.shape[0]
     f = counts.float() / counts.sum()  # (E,) fraction of the assignments counted
@@ -682,10 +690,7 @@ class Assignments:
 def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int) -> Assignments:
     """Group rows by expert (stable: rows of one expert stay in token order)."""
     order = torch.argsort(expert, stable=True)  # (A,)
-    # scatter_add, not bincount: bincount reads the max id back to the host (a CUDA sync)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=expert.device).scatter_add_(
-        0, expert, torch.ones_like(expert))  # (E,)
-    return Assignments(token[order], weight[order], counts)
+    return Assignments(token[order], weight[order], count_per_expert(expert, num_experts))
 
 
 def priority(scores: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -706,8 +711,7 @@ def capacity_keep_mask(keys: torch.Tensor, indices: torch.Tensor, capacity: int,
     flat_e, flat_s = indices.reshape(-1), keys.reshape(-1)  # (A,)
     by_score = torch.argsort(-flat_s, stable=True)
     order = by_score[torch.argsort(flat_e[by_score], stable=True)]  # grouped by expert, best first
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_e.device).scatter_add_(
-        0, flat_e, torch.ones_like(flat_e))
+    counts = count_per_expert(flat_e, num_experts)
     starts = counts.cumsum(0) - counts  # (E,) first row of each expert in `order`
     rank = torch.empty_like(flat_e)
     rank[order] = torch.arange(flat_e.numel(), device=flat_e.device) - starts[flat_e[order]]
@@ -802,9 +806,9 @@ class SparseMoELayer(nn.Module):
         if self.aux_loss_type == "sequence":
             seq_of_token = (torch.arange(r.indices.shape[0], device=routed.device) + first) // seq_len  # (n,)
             num_seqs = num_tokens // seq_len
-            flat = (seq_of_token[:, None] * self.num_experts + r.indices).reshape(-1)
-            counts_seq = torch.zeros(num_seqs * self.num_experts, dtype=torch.long, device=routed.device)
-            counts_seq.scatter_add_(0, flat, torch.ones_like(flat))
+            # (sequence, expert) pairs numbered s * E + e, counted like experts
+            counts_seq = count_per_expert(seq_of_token[:, None] * self.num_experts + r.indices,
+                                          num_seqs * self.num_experts)
             if self.par.tp_size > 1:
                 dist.all_reduce(counts_seq, group=self.par.tp_group)  # f per sequence over all its tokens
             return sequence_balancing_loss(r.probs, r.indices, self.num_experts, seq_of_token,
@@ -834,9 +838,7 @@ class SparseMoELayer(nn.Module):
             router_in = tokens * noise[first:first + n].to(tokens.dtype)
         r = self.router(router_in)
         rows, dropped = self.assign(r, n, first, num_tokens)
-        flat = r.indices.reshape(-1)
-        routed = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat))  # (E,)
+        routed = count_per_expert(r.indices, self.num_experts)  # (E,)
         stats = MoEStats(aux_loss=self.balancing_loss(r, routed, first, num_tokens, t),
                          z_loss=router_z_loss(r.logits, num_tokens), counts=rows.counts.detach(),
                          routed=routed, dropped=dropped)

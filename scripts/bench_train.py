@@ -39,8 +39,8 @@ import torch
 
 # `python scripts/bench_train.py` puts scripts/ on the path, not the repository root.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minimal_pretrain import (MODEL_HELP, PEAK_BF16_FLOPS, TrainConfig, build_optimizer,  # noqa: E402
-                              build_process_groups, global_grad_norm, resolve_autocast, resolve_device)
+from minimal_pretrain import (MODEL_HELP, TrainConfig, build_optimizer, build_process_groups,  # noqa: E402
+                              global_grad_norm, peak_bf16_flops, resolve_autocast, resolve_device)
 from moe_layers import ModelConfig, MoETransformer, can_use_grouped_mm, vocab_parallel_cross_entropy  # noqa: E402
 
 _HALF_B = dict(vocab_size=32000, hidden_size=1024, num_layers=12, num_attention_heads=16, num_kv_heads=8,
@@ -51,27 +51,6 @@ PRESETS = {
     "moe-0.5b": ({**_HALF_B, "num_experts": 8, "num_experts_per_token": 2, "moe_ffn_hidden_size": 1408}, 8),
     "fine-0.5b": ({**_HALF_B, "num_experts": 64, "num_experts_per_token": 8, "moe_ffn_hidden_size": 176}, 8),
 }
-
-
-def count_params(model: MoETransformer, cfg: ModelConfig) -> tuple[int, int]:
-    """(total parameters, active non-embedding parameters per token: K/E of each expert weight)."""
-    total = sum(p.numel() for p in model.parameters())
-    active = 0.0
-    for name, p in model.named_parameters():
-        if name.startswith("embed_tokens."):
-            continue
-        share = cfg.num_experts_per_token / cfg.num_experts if getattr(p, "shard_kind", None) == "ep" else 1.0
-        active += p.numel() * share
-    return total, int(active)
-
-
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
 def main() -> None:
@@ -125,10 +104,10 @@ def main() -> None:
     for module in model.modules():
         if hasattr(module, "use_grouped_mm"):
             module.use_grouped_mm = grouped
-    total, active = count_params(model, cfg)
+    total = sum(q.numel() for q in model.parameters())
+    active = cfg.active_params_per_token()  # without the input embedding (tested against a count)
     embed = model.embed_tokens.weight.numel()
     flops_per_token = cfg.flops_per_token()
-    assert cfg.active_params_per_token() == active, "parameter count and formula disagree"
     optimizer = build_optimizer(model, tc)
     pg = build_process_groups(1, 1, 1, 0, 1)  # one process: no groups, no collectives
     n_moe = len(cfg.moe_layers)
@@ -189,7 +168,7 @@ def main() -> None:
     # --------------------------------------------------------------- report
     ms = statistics.median(step_ms)
     tokens_per_sec = batch * cfg.seq_length / (ms / 1e3)
-    peak = peak_flops(device, args.peak_tflops)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_bf16_flops(device)
     mfu = tokens_per_sec * flops_per_token / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     print(f"step {ms:.1f} ms (median of {args.steps}) | {tokens_per_sec:,.0f} tokens/s | "
