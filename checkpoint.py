@@ -17,10 +17,15 @@ nothing but torch.load, and each file says in its own entries where its slices b
 `DIR/latest` names the newest complete step folder. A save writes into `DIR/.tmp-step_...`,
 flushes every file to disk, renames the folder and only then replaces `latest` (itself by
 rename), so a crash at any moment leaves the previous checkpoint whole and `latest` valid.
+Saving a step whose folder exists (a rewound run) first renames the old folder to
+`.old-step_...` and deletes it only after the new one is in place; if a crash falls between
+the two renames, `latest` is followed to that `.old-` folder. `DIR/.lock` is held (flock) by
+the run that saves into DIR, so a second run on the same folder is refused, not interleaved.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -155,12 +160,18 @@ def save_checkpoint(root: str, step: int, payload: dict, meta: dict, rank: int, 
         meta = dict(meta, files=[f"rank_{r:05d}.pt" for r in range(world_size)])
         _fsync_write(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        old = os.path.join(root, ".old-" + step_dir_name(step))
+        if os.path.lexists(final):  # re-saving a step: move the old copy aside, never delete it first
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_write(os.path.join(root, "latest"), lambda f: f.write(step_dir_name(step).encode()))
         _fsync_dir(root)
+        for d in os.listdir(root):  # old copies whose replacement is now in place
+            if d.startswith(".old-step_"):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
         if keep_last > 0:
-            prune(root, keep_last)
+            prune(root, keep_last, step)
     if world_size > 1:
         dist.barrier()  # nobody moves on (or exits) before `latest` points at the new folder
     return final
@@ -178,28 +189,77 @@ def save_full_state(root: str, tensors: dict[str, torch.Tensor], model: dict, tr
 
 
 def list_checkpoints(root: str) -> list[str]:
-    return sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
+    return sorted(d for d in os.listdir(root) if is_step_dir_name(d) and os.path.isdir(os.path.join(root, d)))
 
 
-def prune(root: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints."""
-    for d in list_checkpoints(root)[:-keep_last]:
+def is_step_dir_name(name: str) -> bool:
+    return name.startswith("step_") and name[5:].isdigit()
+
+
+def acquire_save_lock(root: str) -> Any:
+    """Hold an exclusive lock on `root/.lock` for the life of the run (rank 0 only).
+
+    Two runs saving into one folder would interleave their checkpoints and `latest`; the
+    second is refused. flock is released by the kernel when the process dies, so a killed
+    run (or torchrun's restart of it) never leaves a stale lock behind."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise CheckpointError(f"--save {root} is in use by another run ({holder}); wait for it to end "
+                              f"or choose another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    return f
+
+
+def prune(root: str, keep_last: int, current: int) -> None:
+    """Keep the checkpoint of step `current` (the one `latest` names) and the `keep_last - 1`
+    newest before it; delete older ones. Folders of later steps (left by a run that was
+    rewound with --load DIR/step_N) are another timeline: they are kept, never pruned."""
+    older = [d for d in list_checkpoints(root) if d < step_dir_name(current)]
+    for d in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def read_latest(root: str) -> str:
+    """The step folder that `root/latest` names; CheckpointError if it is unreadable or odd."""
+    latest = os.path.join(root, "latest")
+    try:
+        with open(latest) as f:
+            name = f.read(256).strip()
+    except (OSError, UnicodeDecodeError) as e:  # a folder, a link loop, unreadable bytes...
+        raise CheckpointError(f"{latest}: unreadable ({getattr(e, 'strerror', None) or e}); load one of "
+                              f"{list_checkpoints(root)} directly with --load DIR/step_N") from None
+    if not is_step_dir_name(name):
+        raise CheckpointError(f"{latest}: names {name!r}, not a step folder; load one of "
+                              f"{list_checkpoints(root)} directly with --load DIR/step_N")
+    return name
 
 
 def resolve(path: str) -> str:
     """A checkpoint root (follow `latest`) or a step folder -> the step folder."""
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {path}: no such folder")
-    if os.path.exists(os.path.join(path, "meta.json")):
+    if os.path.lexists(os.path.join(path, "meta.json")):
         return path
-    latest = os.path.join(path, "latest")
-    if not os.path.exists(latest):
+    if not os.path.lexists(os.path.join(path, "latest")):
         raise CheckpointError(f"--load {path}: neither a checkpoint folder (meta.json) nor a root with a "
                               f"`latest` file; point it at the folder given to --save")
-    step_dir = os.path.join(path, open(latest).read().strip())
-    if not os.path.exists(os.path.join(step_dir, "meta.json")):
-        raise CheckpointError(f"{latest} points to {step_dir}, which has no meta.json; "
+    name = read_latest(path)
+    step_dir = os.path.join(path, name)
+    if not os.path.lexists(os.path.join(step_dir, "meta.json")):
+        moved = os.path.join(path, ".old-" + name)  # a re-save of this step crashed between its renames
+        if os.path.isfile(os.path.join(moved, "meta.json")):
+            return moved
+        raise CheckpointError(f"{os.path.join(path, 'latest')} points to {step_dir}, which has no meta.json; "
                               f"load one of {list_checkpoints(path)} directly")
     return step_dir
 
@@ -225,7 +285,34 @@ def read_meta(path: str) -> tuple[str, dict]:
                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: format version {meta.get('version')}, this code reads {FORMAT_VERSION}")
+    check_meta(meta, meta_path)
     return step_dir, meta
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_meta(meta: dict, meta_path: str) -> None:
+    """Every field the loaders use, with its type: a hand-edited or foreign meta.json fails here,
+    with its name, rather than as a KeyError deep inside loading."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{meta_path}: {what}; the file is damaged, load an earlier checkpoint")
+
+    for key in ("step", "skipped_steps"):
+        if not _is_int(meta.get(key, 0 if key == "skipped_steps" else None)) or meta.get(key, 0) < 0:
+            raise bad(f"\"{key}\" must be a non-negative integer, got {meta.get(key)!r}")
+    for key in ("model", "train", "layout"):
+        if not isinstance(meta.get(key), dict):
+            raise bad(f"\"{key}\" must be an object, got {type(meta.get(key)).__name__}")
+    layout = meta["layout"]
+    for key in ("world_size", "tp", "pp", "dp", "ep"):
+        if not _is_int(layout.get(key)) or layout[key] <= 0:
+            raise bad(f"\"layout\" needs a positive integer \"{key}\", got {layout.get(key)!r}")
+    files = meta.get("files")
+    if (not isinstance(files, list) or len(files) != layout["world_size"]
+            or not all(isinstance(f, str) and f.startswith("rank_") and os.sep not in f for f in files)):
+        raise bad(f"\"files\" must list {layout['world_size']} rank files, got {files!r}")
 
 
 def read_checkpoint(path: str) -> Checkpoint:
@@ -236,23 +323,50 @@ def read_checkpoint(path: str) -> Checkpoint:
     rng = {}
     for r, fname in enumerate(meta["files"]):
         fpath = os.path.join(step_dir, fname)
-        if not os.path.exists(fpath):
+        if not os.path.isfile(fpath):
             raise CheckpointError(f"{fpath}: missing; the checkpoint is incomplete, load an earlier one")
         try:
             payload = torch.load(fpath, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or foreign files raise many different errors
             raise CheckpointError(f"{fpath}: unreadable ({type(e).__name__}); load an earlier checkpoint") from None
+        check_payload(payload, fpath)
         for name, entry in payload["params"].items():
             params.setdefault(name, []).append(entry)
         for name, entry in payload["optim"].items():
             optim.setdefault(name, []).append(entry)
         rng[r] = payload["rng"]
-    for name, entries in params.items():
-        try:
-            assemble(entries)
-        except (CheckpointError, RuntimeError) as e:
-            raise CheckpointError(f"{step_dir}: slices of {name} do not fit together ({e})") from None
+    for table, keys in ((params, [None]), (optim, ["exp_avg", "exp_avg_sq"])):
+        for name, entries in table.items():
+            for key in keys:
+                try:
+                    assemble(entries, key)
+                except (CheckpointError, RuntimeError) as e:
+                    raise CheckpointError(f"{step_dir}: slices of {name} do not fit together ({e})") from None
     return Checkpoint(step_dir, meta, params, optim, rng)
+
+
+def _check_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("tensor"), torch.Tensor)
+            and (entry.get("dim") is None or (_is_int(entry["dim"]) and 0 <= entry["dim"] < entry["tensor"].dim()))
+            and _is_int(entry.get("rank")) and _is_int(entry.get("size")) and 0 <= entry["rank"] < entry["size"])
+
+
+def check_payload(payload: Any, fpath: str) -> None:
+    """A rank file's structure (see the module docstring); a foreign torch.save file fails here."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{fpath}: not a rank file of this trainer ({what}); load an earlier checkpoint")
+
+    if not isinstance(payload, dict) or not all(isinstance(payload.get(k), dict) for k in ("params", "optim", "rng")):
+        raise bad("expected a dict with params, optim and rng")
+    for name, entry in payload["params"].items():
+        if not _check_entry(entry):
+            raise bad(f"entry {name!r} is malformed")
+    for name, state in payload["optim"].items():
+        if not (isinstance(state, dict) and isinstance(state.get("step"), (int, float))
+                and _check_entry(state.get("exp_avg")) and _check_entry(state.get("exp_avg_sq"))):
+            raise bad(f"optimizer entry {name!r} is malformed")
+    if not isinstance(payload["rng"].get("torch"), torch.Tensor) or payload["rng"]["torch"].dtype != torch.uint8:
+        raise bad("no torch RNG state")
 
 
 def assemble(entries: list[dict], key: str | None = None) -> torch.Tensor:

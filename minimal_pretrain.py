@@ -12,27 +12,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import math
 import os
+import signal
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import checkpoint as ckpt_io
+from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
 from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm,
                         vocab_parallel_cross_entropy)
 
 
 # =========================================================================== config
+class ConfigError(ValueError):
+    """Bad flags or layout, the same on every rank: one `error:` line, exit status 2, at once."""
+
+
+class LocalInputError(ConfigError):
+    """Bad input found in this rank's own files or machine (--save, --metrics-file, memory, GPUs).
+
+    Another node may not see it, so ranks agree before exiting (see fail_together), as they
+    do for data (DataError) and checkpoint (CheckpointError) problems."""
+
+
 def arg(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field that also carries its command-line help."""
     return field(default=default, metadata={"help": help, **kw})
@@ -80,6 +90,36 @@ class TrainConfig:
     progress: bool = arg(True, "show a tqdm progress bar on rank 0")
     eval_only: bool = arg(False, "with --load: report validation loss, perplexity (and bits per byte) and exit")
 
+    def validate(self) -> None:
+        """Ranges and finiteness of every field; raise ConfigError naming the flag to change."""
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "num_microbatches", "micro_batch_size",
+                     "max_steps", "log_interval", "eval_iters", "max_skipped_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("expert_parallel_size", "warmup_steps", "eval_interval", "save_interval", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        # `not x >= 0` is also true for NaN, which argparse's float() accepts.
+        for name in ("min_lr", "weight_decay", "grad_clip", "router_aux_loss_coef", "router_z_loss_coef",
+                     "router_bias_update_rate"):
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{flag(name)} must be finite and >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"--lr must be finite and > 0, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be between 0 and 2^63 - 1, got {self.seed}")
+        if not 1 <= self.dist_timeout <= 7 * 86400:  # also false for NaN
+            raise ConfigError(f"--dist-timeout must be between 1 second and 7 days, got {self.dist_timeout}")
+        if self.eval_only and not self.load:
+            raise ConfigError("--eval-only needs a checkpoint: give --load DIR")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
+
 
 MODEL_CHOICES = {"router_score_function": ["softmax", "sigmoid"],
                  "router_type": ["topk", "expert-choice", "round-robin"],
@@ -110,10 +150,6 @@ MODEL_HELP = {
     "rms_norm_eps": "RMSNorm epsilon",
     "init_std": "std of the normal initialisation",
 }
-
-
-class ConfigError(ValueError):
-    """Bad input that the user can fix: reported as one `error:` line, exit status 2."""
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -148,11 +184,34 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelConfig, TrainConfi
 DATA_STREAM_FLAGS = ("seed", "data", "micro_batch_size")
 
 
-def model_config_from_checkpoint(saved: dict, mc: ModelConfig, given: set[str]) -> ModelConfig:
+def checked_fields(cls: type, saved: dict, where: str) -> dict:
+    """The entries of a saved config that are fields of `cls`, each of its field's type.
+
+    Unknown names or wrong types mean the checkpoint was written by another trainer (or
+    edited by hand): refused here, with the field named, not as a TypeError later."""
+    kinds = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type if isinstance(f.type, str)
+                                                                        else f.type.__name__]
+             for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - set(kinds))
+    if unknown:
+        raise ckpt_io.CheckpointError(f"{where}: unknown fields {unknown}; the checkpoint was written by another trainer "
+                          f"or version")
+    for name, value in saved.items():
+        kind = kinds[name]
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ckpt_io.CheckpointError(f"{where}: {name} = {value!r} is not a {kind.__name__}; the checkpoint is damaged")
+    return saved
+
+
+def model_config_from_checkpoint(saved: dict, mc: ModelConfig, given: set[str], where: str) -> ModelConfig:
     """The checkpoint's model config; a model flag given on the command line must agree with it."""
+    saved = checked_fields(ModelConfig, saved, where)
     for name, value in saved.items():
         if name in given and getattr(mc, name) != value:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(mc, name)} conflicts with the checkpoint's "
+            raise ckpt_io.CheckpointError(f"--{name.replace('_', '-')} {getattr(mc, name)} conflicts with the checkpoint's "
                               f"{value}; drop the flag (model flags come from the checkpoint)")
     return ModelConfig(**saved)
 
@@ -163,14 +222,9 @@ def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
         mc.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    tc.validate()
     tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
     ep = tc.expert_parallel_size or tp
-    for name in ("tensor_parallel_size", "pipeline_parallel_size", "num_microbatches", "micro_batch_size",
-                 "max_steps", "log_interval", "eval_iters"):
-        if getattr(tc, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(tc, name)}")
-    if tc.expert_parallel_size < 0:
-        raise ConfigError(f"--expert-parallel-size must be >= 0, got {tc.expert_parallel_size}")
     if world_size % (tp * pp):
         raise ConfigError(f"world size {world_size} is not divisible by --tensor-parallel-size {tp} x "
                           f"--pipeline-parallel-size {pp}; launch a multiple of {tp * pp} ranks")
@@ -201,10 +255,6 @@ def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
     if tc.num_microbatches < pp:
         raise ConfigError(f"--num-microbatches ({tc.num_microbatches}) must be >= --pipeline-parallel-size "
                           f"({pp}) or stages sit idle; use {pp} or more")
-    if tc.warmup_steps < 0 or tc.lr <= 0 or tc.min_lr < 0:
-        raise ConfigError("--lr must be positive, --min-lr and --warmup-steps non-negative")
-    if tc.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
 
 
 # ============================================================ distributed setup
@@ -333,100 +383,6 @@ def describe_layout(pg: ParallelGroups, mc: ModelConfig) -> str:
 
 
 # ========================================================================= data
-@dataclass
-class Corpus:
-    train: np.ndarray  # token ids of the training split
-    val: np.ndarray  # token ids of the validation split
-    vocab_size: int
-    description: str
-
-
-def builtin_corpus_files() -> list[str]:
-    """The top-level .py files of this interpreter's standard library, sorted."""
-    return sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-
-
-def split_files(files: list[str]) -> tuple[list[str], list[str]]:
-    """Every 10th file (in sorted order) is held out for validation."""
-    return [f for i, f in enumerate(files) if i % 10 != 9], [f for i, f in enumerate(files) if i % 10 == 9]
-
-
-def read_bytes(files: list[str]) -> np.ndarray:
-    return np.frombuffer(b"".join(open(f, "rb").read() for f in files), dtype=np.uint8)
-
-
-def load_corpus(path: str, vocab_size_flag: int | None) -> Corpus:
-    """--data rules of DESIGN.md: built-in corpus, text file / folder, or train.bin + val.bin."""
-    if not path:
-        train, val = split_files(builtin_corpus_files())
-        return Corpus(read_bytes(train), read_bytes(val), 256,
-                      f"built-in: {len(train) + len(val)} Python stdlib files ({len(val)} held out), bytes")
-    if not os.path.exists(path):
-        raise ConfigError(f"--data {path}: no such file or folder")
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "train.bin")):
-        return load_token_files(path, vocab_size_flag)
-    if os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                       if os.path.isfile(f) and not f.endswith((".bin", ".json")))
-        if not files:
-            raise ConfigError(f"--data {path}: folder holds no text files (nor train.bin)")
-        if len(files) < 2:
-            data = read_bytes(files)
-            cut = int(len(data) * 0.9)
-            return Corpus(data[:cut], data[cut:], 256, f"{files[0]}: last 10% held out, bytes")
-        train, val = split_files(files)
-        if not val:
-            train, val = files[:-1], files[-1:]
-        return Corpus(read_bytes(train), read_bytes(val), 256,
-                      f"{path}: {len(files)} text files ({len(val)} held out), bytes")
-    data = read_bytes([path])
-    cut = int(len(data) * 0.9)
-    return Corpus(data[:cut], data[cut:], 256, f"{path}: last 10% held out, bytes")
-
-
-def load_token_files(path: str, vocab_size_flag: int | None) -> Corpus:
-    """nanoGPT convention: uint16 train.bin / val.bin, vocab size from meta.json or the flag."""
-    val_path = os.path.join(path, "val.bin")
-    if not os.path.exists(val_path):
-        raise ConfigError(f"--data {path}: train.bin found but val.bin missing; run scripts/prepare_data.py")
-    vocab = vocab_size_flag
-    meta = os.path.join(path, "meta.json")
-    if os.path.exists(meta):
-        try:
-            vocab = int(json.load(open(meta))["vocab_size"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{meta}: unreadable ({e}); it must hold {{\"vocab_size\": N}}") from None
-    if vocab is None:
-        raise ConfigError(f"--data {path}: no meta.json; give --vocab-size")
-    for f in ("train.bin", "val.bin"):
-        if os.path.getsize(os.path.join(path, f)) % 2:
-            raise ConfigError(f"{os.path.join(path, f)}: odd size, not a uint16 token file")
-    train = np.memmap(os.path.join(path, "train.bin"), dtype=np.uint16, mode="r")
-    val = np.memmap(val_path, dtype=np.uint16, mode="r")
-    if len(train) and int(train.max()) >= vocab:
-        raise ConfigError(f"{path}/train.bin holds token {int(train.max())} >= vocab size {vocab}")
-    return Corpus(train, val, vocab, f"{path}: train.bin / val.bin, vocab {vocab}")
-
-
-def get_batch(tokens: np.ndarray, seed: int, split: int, index: int, batch: int,
-              seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `index`-th global batch of a split: a function of (seed, split, index) only.
-
-    Returns inputs and next-token targets, both (batch, seq_len) int64."""
-    rng = np.random.default_rng([seed, split, index])
-    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch)
-    rows = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
-    rows = torch.from_numpy(rows)
-    return rows[:, :-1], rows[:, 1:]
-
-
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """Entropy (nats per token) of the token frequencies: the loss of the best context-free model."""
-    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def local_microbatches(x: torch.Tensor, y: torch.Tensor, pg: ParallelGroups, tc: TrainConfig,
                        device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """DP rank d takes the d-th contiguous slice of the global batch, cut into micro-batches."""
@@ -782,7 +738,7 @@ def evaluate(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: Mode
     total = 0.0
     global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
     for i in range(tc.eval_iters):
-        x, y = get_batch(corpus.val, tc.seed, 1, i, global_batch, mc.seq_length)
+        x, y = get_batch(corpus.val, tc.seed, 1, i, global_batch, mc.seq_length, corpus.vocab_size)
         stats = run_microbatches(model, local_microbatches(x, y, pg, tc, device), pg, mc, tc, device,
                                  autocast_dtype, train=False)
         total += reduce_step_stats(stats, pg, mc, tc)["lm_loss"]
@@ -790,7 +746,219 @@ def evaluate(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: Mode
     return total / tc.eval_iters
 
 
-# ======================================================================== main
+# ==================================================================== the step
+def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
+               micro: list[tuple[torch.Tensor, torch.Tensor]], pg: ParallelGroups, mc: ModelConfig,
+               tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None,
+               step: int) -> tuple[StepStats, torch.Tensor]:
+    """One optimizer step on this rank's micro-batches: what the trainer runs and the benchmarks time.
+
+    Set the learning rate -> (global-batch balancing: route every micro-batch first) ->
+    forward and backward of every micro-batch (1F1B) -> gradient all-reduces -> global norm
+    -> clip and AdamW, or skip the update when the norm is not finite -> expert-bias update.
+    Returns this rank's step statistics and the global gradient norm (finite iff applied)."""
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(step, tc)
+    optimizer.zero_grad(set_to_none=True)
+    if mc.router_aux_loss_type == "global-batch" and mc.moe_layers:
+        # f_i of the whole global batch must be known before any backward: a forward-only pass
+        # over every micro-batch routes the tokens first (one extra forward per step).
+        pre = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=False, step=step)
+        set_global_batch_counts(model, mc, global_expert_counts(pre, pg, routed=True))
+    stats = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=True, step=step,
+                             reducers=reducers)
+    sync_gradients(model, pg, reducers)
+    grad_norm = global_grad_norm(model, pg)
+    # The norm is summed over all ranks, so every rank takes the same decision.
+    if torch.isfinite(grad_norm):
+        if tc.grad_clip > 0:
+            scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float()
+            torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], scale)
+        optimizer.step()
+        if tc.router_bias_update_rate > 0 and mc.moe_layers:
+            update_expert_bias(model, mc, global_expert_counts(stats, pg, routed=False), tc.router_bias_update_rate)
+    return stats, grad_norm
+
+
+# ================================================================ start-up checks
+def fail(message: str, is_main: bool) -> None:
+    """Bad input: one line on stderr from rank 0, exit status 2 on every rank."""
+    if is_main:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(2)
+
+
+def fail_together(error: str | None, rank: int, world_size: int) -> None:
+    """Every rank reports whether its own checks passed; if any failed, all exit 2 together.
+
+    Ranks on other nodes see other files (data, checkpoints, memory), so one rank alone can
+    fail. Without this, that rank would exit and the others would wait in their first
+    collective for --dist-timeout; here rank 0 prints the first failing rank's message."""
+    if world_size > 1:
+        errors: list[str | None] = [None] * world_size
+        dist.all_gather_object(errors, error)  # every rank's error message, or None (over the CPU backend)
+        failing = [(r, e) for r, e in enumerate(errors) if e]
+        if failing:
+            r, error = failing[0]
+            if any(e != error for _, e in failing) or r != 0:
+                error = f"rank {r}: {error}"
+    if error:
+        fail(error, rank == 0)
+
+
+def check_writable(root: str) -> None:
+    """Fail at start, not after hours of training, when checkpoints cannot be written."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise LocalInputError(f"--save {root}: not writable ({e.strerror}); choose another folder") from None
+
+
+def check_metrics_file(path: str) -> None:
+    """The metrics file must be a writable regular file, or creatable; checked without touching it."""
+    if os.path.isdir(path):
+        raise LocalInputError(f"--metrics-file {path}: is a folder; give a file name")
+    if os.path.lexists(path):
+        if not os.path.isfile(path) or not os.access(path, os.W_OK):
+            raise LocalInputError(f"--metrics-file {path}: not a writable regular file")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise LocalInputError(f"--metrics-file {path}: cannot create its folder ({e.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise LocalInputError(f"--metrics-file {path}: folder {parent} is not writable")
+
+
+def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int) -> list[int]:
+    """Parameters one rank of each pipeline stage holds (TP and EP slices), without building the model."""
+    d, dh = mc.hidden_size, mc.head_dim
+    attn = d * dh * (2 * mc.num_attention_heads + 2 * mc.num_kv_heads) // tp + 2 * dh + 2 * d
+    moe = d * mc.num_experts + 3 * d * mc.moe_ffn_hidden_size * mc.num_experts // ep \
+        + 3 * d * mc.shared_ffn_hidden_size // tp
+    counts = []
+    for stage in range(pp):
+        start, end = stage_layers(mc.num_layers, pp, stage)
+        n = sum(attn + (moe if mc.is_moe_layer(i) else 3 * d * mc.ffn_hidden_size // tp) for i in range(start, end))
+        n += mc.vocab_size * d // tp if stage == 0 else 0  # input embedding
+        n += mc.vocab_size * d // tp + d if stage == pp - 1 else 0  # LM head and final norm
+        counts.append(n)
+    return counts
+
+
+def estimate_rank_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool) -> tuple[int, int]:
+    """(weights + gradients + AdamW state, activations) in bytes on the busiest rank: a lower bound.
+
+    State: fp32 weights, gradients and two moments (16 bytes a parameter), plus a flat
+    all-reduce buffer of the gradients when they are reduced over replicas. Activations: per
+    micro-batch in flight (1F1B keeps up to PP on the first stage) about 10 D-wide tensors per
+    layer, the K expert copies of each token, fp32 logits three times (softmax and its grad),
+    and the global batch of token ids every rank draws."""
+    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
+    ep = tc.expert_parallel_size or tp
+    dp = world_size // (tp * pp)
+    state = max(params_per_stage(mc, tp, pp, ep)) * (16 + (4 if dp > 1 else 0))
+    tokens = tc.micro_batch_size * mc.seq_length
+    el = 2 if bf16 else 4
+    layers = -(-mc.num_layers // pp)
+    per_layer = 10 * mc.hidden_size + (mc.num_experts_per_token * (2 * mc.hidden_size + 3 * mc.moe_ffn_hidden_size)
+                                       if mc.num_experts else 3 * mc.ffn_hidden_size // tp)
+    in_flight = min(pp, tc.num_microbatches)
+    acts = tokens * el * (mc.hidden_size * layers if tc.recompute else per_layer * layers) * in_flight
+    acts += 3 * 4 * tokens * mc.vocab_size // tp
+    acts += 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)
+    return state, acts
+
+
+def available_memory_bytes(device_type: str, local_rank: int) -> int | None:
+    """Free memory for one rank: the GPU's free memory, or this host's available RAM shared by its ranks."""
+    if device_type == "cuda":
+        return torch.cuda.mem_get_info(local_rank)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None  # not Linux: no check
+    return avail // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def check_memory(mc: ModelConfig, tc: TrainConfig, world_size: int, local_rank: int) -> None:
+    """Refuse, before allocating, a run that cannot fit: an OOM kill prints nothing at all."""
+    device_type = "cuda" if tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available()) else "cpu"
+    bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device_type == "cuda")
+    state, acts = estimate_rank_bytes(mc, tc, world_size, bf16)
+    avail = available_memory_bytes(device_type, local_rank)
+    if avail is not None and state + acts > avail:
+        gib = 2**30
+        raise LocalInputError(f"this run needs at least {(state + acts) / gib:.1f} GiB per rank (weights, gradients and "
+                          f"AdamW state {state / gib:.1f} GiB, activations {acts / gib:.1f} GiB) but "
+                          f"{avail / gib:.1f} GiB is free on this {device_type}; shrink the model or "
+                          f"--micro-batch-size, or split it over more ranks (TP / PP / EP)")
+
+
+@dataclass
+class RunInputs:
+    """What the start-up checks produce: the resolved configs, the data and the checkpoint to resume."""
+
+    mc: ModelConfig
+    tc: TrainConfig
+    corpus: Corpus
+    resume: ckpt_io.Checkpoint | None
+    save_lock: Any  # the open lock file of --save (rank 0), held until the run ends
+
+
+def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int, world_size: int,
+                   local_rank: int) -> RunInputs:
+    """Every check that needs no communication: flags, checkpoint, data, layout, memory, --save.
+
+    Raises ConfigError / CheckpointError; reads the whole checkpoint, so a bad one fails here."""
+    if not tc.load and tc.save and os.path.isdir(tc.save):
+        if os.path.lexists(os.path.join(tc.save, "latest")):
+            tc.load = tc.save  # auto-resume: a restarted run (torchrun --max-restarts) continues by itself
+        elif ckpt_io.list_checkpoints(tc.save):
+            raise LocalInputError(f"--save {tc.save} holds checkpoints {ckpt_io.list_checkpoints(tc.save)[-3:]} but no "
+                              f"`latest`; resume one with --load {tc.save}/step_N, or choose another folder")
+    resume = None
+    if tc.load:
+        resume = ckpt_io.read_checkpoint(tc.load)
+        mc = model_config_from_checkpoint(resume.meta["model"], mc, given, f"{resume.path}/meta.json")
+        saved_train = resume.meta["train"]
+        for name in DATA_STREAM_FLAGS:  # the batches of a resumed run continue the saved stream
+            if name not in given and name in saved_train:
+                setattr(tc, name, checked_fields(TrainConfig, {name: saved_train[name]},
+                                                 f"{resume.path}/meta.json")[name])
+    tc.validate()  # before the data: --seed and the sizes must be sane to read batches
+    corpus = load_corpus(tc.data, mc.vocab_size if "vocab_size" in given or resume else None)
+    if resume and corpus.vocab_size != mc.vocab_size:
+        raise LocalInputError(f"--data {tc.data or '(built-in)'} has vocab {corpus.vocab_size}, "
+                          f"the checkpoint's model {mc.vocab_size}")
+    mc.vocab_size = corpus.vocab_size
+    validate(mc, tc, world_size)
+    if min(len(corpus.train), len(corpus.val)) < mc.seq_length + 2:
+        raise LocalInputError(f"data too short: {len(corpus.train)} train / {len(corpus.val)} val tokens, "
+                          f"need more than --seq-length {mc.seq_length} + 1 in each split")
+    if tc.device != "cpu" and torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+        raise LocalInputError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                          f"launch at most that many processes per node")
+    check_memory(mc, tc, world_size, local_rank)
+    if tc.metrics_file and rank == 0:
+        check_metrics_file(tc.metrics_file)
+    save_lock = None
+    if tc.save:
+        check_writable(tc.save)
+        if rank == 0:
+            save_lock = ckpt_io.acquire_save_lock(tc.save)
+    tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
+    return RunInputs(mc, tc, corpus, resume, save_lock)
+
+
+# ======================================================================== the run
 def report_eval_only(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: ModelConfig,
                      tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None, step: int) -> None:
     """--eval-only: validation loss of a checkpoint, as perplexity and (byte-level data) bits per byte."""
@@ -820,27 +988,9 @@ def print_run_summary(tc: TrainConfig, steps: int, tokens: int, wall: float, las
         print(f"layer {layer}: most loaded expert {hi} ({load[hi]:.1%}), least loaded expert {lo} ({load[lo]:.1%})")
     print(f"peak memory per rank ({kind}, MiB): " + ", ".join(f"{m:.0f}" for m in peak))
     if tc.save:
-        print(f"checkpoints: {tc.save} (latest: {open(os.path.join(tc.save, 'latest')).read().strip()})")
+        print(f"checkpoints: {tc.save} (latest: {ckpt_io.read_latest(tc.save)})")
     if tc.metrics_file:
         print(f"metrics: {tc.metrics_file}")
-
-
-def fail(message: str, is_main: bool) -> None:
-    """Bad input: one line on stderr from rank 0, exit status 2 on every rank."""
-    if is_main:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def check_writable(root: str) -> None:
-    """Fail at start, not after hours of training, when checkpoints cannot be written."""
-    try:
-        os.makedirs(root, exist_ok=True)
-        probe = os.path.join(root, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--save {root}: not writable ({e.strerror}); choose another folder") from None
 
 
 def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.Module,
@@ -852,6 +1002,37 @@ def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.M
             "skipped_steps": skipped, "model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc),
             "layout": {"world_size": pg.world_size, "tp": pg.tp, "pp": pg.pp, "dp": pg.dp, "ep": pg.ep}}
     return ckpt_io.save_checkpoint(tc.save, step, payload, meta, pg.rank, pg.world_size, tc.keep_last)
+
+
+class StopRequest:
+    """SIGTERM (what SLURM and Kubernetes send before a kill) or SIGINT asks the run to stop after
+    the current step, saving a checkpoint; a second SIGINT stops at once.
+
+    The handler only sets a flag; ranks agree on it after every step (one all-reduce), so all
+    stop after the same step even when the signal reaches them at different moments."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        if signum == signal.SIGINT:  # Ctrl-C twice: the default behaviour, at once
+            signal.signal(signum, self.previous[signum])
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, pg: ParallelGroups) -> bool:
+        flag = torch.tensor([0 if self.signum is None else 1])
+        if pg.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=None)  # did any rank get a signal? (CPU backend)
+        return bool(flag.item())
 
 
 # Dense bf16 peak FLOP/s by a substring of the CUDA device name; the first match wins.
@@ -887,56 +1068,9 @@ def resolve_autocast(tc: TrainConfig, device: torch.device) -> torch.dtype | Non
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    # ---------------------------------------------------------------- config
-    mc, tc, given = parse_config(argv)
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    is_main = rank == 0
-    if not tc.load and tc.save and os.path.exists(os.path.join(tc.save, "latest")):
-        tc.load = tc.save  # auto-resume: a restarted run (torchrun --max-restarts) continues by itself
-    resume = None
-    try:
-        if tc.load:
-            # Read every file before any collective: a bad checkpoint fails all ranks alike, fast.
-            resume = ckpt_io.read_checkpoint(tc.load)
-            mc = model_config_from_checkpoint(resume.meta["model"], mc, given)
-            for name in DATA_STREAM_FLAGS:  # the batches of a resumed run continue the saved stream
-                if name not in given and name in resume.meta["train"]:
-                    setattr(tc, name, resume.meta["train"][name])
-        corpus = load_corpus(tc.data, mc.vocab_size if "vocab_size" in given or resume else None)
-        if resume and corpus.vocab_size != mc.vocab_size:
-            raise ConfigError(f"--data {tc.data or '(built-in)'} has vocab {corpus.vocab_size}, "
-                              f"the checkpoint's model {mc.vocab_size}")
-        mc.vocab_size = corpus.vocab_size
-        validate(mc, tc, world_size)
-        if min(len(corpus.train), len(corpus.val)) < mc.seq_length + 2:
-            raise ConfigError(f"data too short: {len(corpus.train)} train / {len(corpus.val)} val tokens, "
-                              f"need more than --seq-length {mc.seq_length} + 1 in each split")
-        if tc.save:
-            check_writable(tc.save)
-        if tc.eval_only and not resume:
-            raise ConfigError("--eval-only needs a checkpoint: give --load DIR")
-    except (ConfigError, ckpt_io.CheckpointError) as e:
-        fail(str(e), is_main)
-    tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
-
-    # ---------------------------------------------------- distributed setup
-    device = resolve_device(tc, local_rank)
-    if world_size > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        init_process_group(backend, rank, world_size, timedelta(seconds=tc.dist_timeout))
-    pg = build_process_groups(tc.tensor_parallel_size, tc.pipeline_parallel_size, tc.expert_parallel_size,
-                              rank, world_size)
-    autocast_dtype = resolve_autocast(tc, device)
-    if is_main:
-        print(f"model: {json.dumps(dataclasses.asdict(mc))}")
-        print(f"train: {json.dumps(dataclasses.asdict(tc))}")
-        print(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
-        print(describe_layout(pg, mc))
-
-    # ------------------------------------------------------------------ model
+def build_model(mc: ModelConfig, tc: TrainConfig, pg: ParallelGroups, device: torch.device,
+                autocast_dtype: torch.dtype | None) -> MoETransformer:
+    """This rank's slice of the model, with the expert kernel, recomputation and compilation chosen."""
     model = MoETransformer(mc, model_parallel_for(pg, mc), seed=tc.seed).to(device)
     grouped = can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)
     for module in model.modules():
@@ -946,140 +1080,195 @@ def main(argv: list[str] | None = None) -> None:
     if tc.compile:
         for block in model.layers.values():
             block.compile()  # each block on its own: pipeline stages and checkpointing stay eager
-    n_params = sum(p.numel() for p in model.parameters())
-    if is_main:
-        print(f"parameters on rank 0: {n_params:,} | device {device} | "
-              f"autocast {autocast_dtype} | grouped GEMM {grouped}")
+    return model
 
-    peak_flops = peak_bf16_flops(device)
 
-    # ------------------------------------------------- optimizer and schedule
-    optimizer = build_optimizer(model, tc)
-    reducers = build_grad_reducers(model, pg)
-    start_step, skipped_total = 0, 0
-    if resume:
-        ckpt_io.load_into(resume, model, optimizer)
-        start_step, skipped_total = resume.meta["step"], resume.meta.get("skipped_steps", 0)
-        saved_layout = resume.meta["layout"]
-        if saved_layout["world_size"] == pg.world_size and saved_layout["tp"] == pg.tp and saved_layout["pp"] == pg.pp:
-            torch.set_rng_state(resume.rng[pg.rank]["torch"])
-        if is_main:
-            print(f"resumed from {resume.path} at step {start_step} (saved on layout {saved_layout})")
-        del resume
+def resume_from(resume: ckpt_io.Checkpoint, model: MoETransformer, optimizer: torch.optim.Optimizer,
+                pg: ParallelGroups, tc: TrainConfig) -> tuple[int, int]:
+    """Load this rank's slices of a checkpoint; return (step, skipped steps) and say what resumed."""
+    ckpt_io.load_into(resume, model, optimizer)
+    step, skipped = resume.meta["step"], resume.meta.get("skipped_steps", 0)
+    saved = resume.meta["layout"]
+    if saved["world_size"] == pg.world_size and saved["tp"] == pg.tp and saved["pp"] == pg.pp:
+        torch.set_rng_state(resume.rng[pg.rank]["torch"])
+    if pg.is_main:
+        print(f"resumed from {resume.path} at step {step} (saved on layout {saved})")
+        later = [d for d in ckpt_io.list_checkpoints(tc.save) if d > ckpt_io.step_dir_name(step)] if tc.save else []
+        if later:
+            print(f"note: {tc.save} also holds later checkpoints {later[:3]}{'...' if len(later) > 3 else ''} "
+                  f"from before this rewind; they are kept, and `latest` will name this run's saves")
+    return step, skipped
+
+
+def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
+               corpus: Corpus, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, device: torch.device,
+               autocast_dtype: torch.dtype | None, start_step: int, skipped_total: int) -> None:
+    """Steps start_step .. --max-steps: batches, train_step, logging, evaluation, checkpoints, summary."""
+    is_main = pg.is_main
     global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
-
-    if tc.eval_only:
-        report_eval_only(model, corpus, pg, mc, tc, device, autocast_dtype, start_step)
-        if world_size > 1:
-            dist.destroy_process_group()
-        return
-
-    # ------------------------------------------------------------------- loop
+    peak_flops = peak_bf16_flops(device)
     # A resumed run appends to the metrics of the run it continues.
-    if is_main and tc.metrics_file:
-        os.makedirs(os.path.dirname(os.path.abspath(tc.metrics_file)), exist_ok=True)
     metrics = open(tc.metrics_file, "a" if start_step else "w") if (is_main and tc.metrics_file) else None
     bar = None
     if is_main and tc.progress:
         from tqdm import tqdm
         bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
+    say = (bar.write if bar else print) if is_main else (lambda line: None)
+    stop = StopRequest()
+    stop.install()
     start_time = time.time()
-    val_loss = None
-    last = {}
-    bad_in_a_row = 0
-    for step in range(start_step, tc.max_steps):
-        t0 = time.time()
-        lr = get_lr(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(corpus.train, tc.seed, 0, step, global_batch, mc.seq_length)
-        optimizer.zero_grad(set_to_none=True)
-        micro = local_microbatches(x, y, pg, tc, device)
-        if mc.router_aux_loss_type == "global-batch" and mc.moe_layers:
-            # f_i of the whole global batch must be known before any backward: a forward-only pass
-            # over every micro-batch routes the tokens first (one extra forward per step).
-            pre = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=False, step=step)
-            set_global_batch_counts(model, mc, global_expert_counts(pre, pg, routed=True))
-        stats = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=True, step=step,
-                                 reducers=reducers)
-        sync_gradients(model, pg, reducers)
-        grad_norm = global_grad_norm(model, pg)
-        done = step + 1
-        # The norm is summed over all ranks, so every rank takes the same decision.
-        if not torch.isfinite(grad_norm):
-            skipped_total += 1
-            bad_in_a_row += 1
-            if is_main:
-                (bar.write if bar else print)(f"Step {done} | non-finite gradient norm: update skipped "
-                                              f"({bad_in_a_row} in a row, {skipped_total} in all)")
-            if bad_in_a_row >= tc.max_skipped_steps:
-                if tc.save:
-                    save(tc, mc, pg, model, optimizer, step, skipped_total)
-                fail(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last: step {done}); "
-                     f"lower --lr or raise --router-z-loss-coef, then resume"
-                     + (f" from {tc.save}" if tc.save else ""), is_main)
-        else:
-            bad_in_a_row = 0
-            if tc.grad_clip > 0:
-                scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float()
-                torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], scale)
-            optimizer.step()
-            if tc.router_bias_update_rate > 0 and mc.moe_layers:
-                update_expert_bias(model, mc, global_expert_counts(stats, pg, routed=False),
-                                   tc.router_bias_update_rate)
-        if done % tc.log_interval == 0 or done == tc.max_steps:
-            last = reduce_step_stats(stats, pg, mc, tc)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            tokens_per_sec = global_batch * mc.seq_length / dt
-            record = {"step": done, "loss": last["loss"], "lm_loss": last["lm_loss"],
-                      "aux_loss": last["aux_loss"], "z_loss": last["z_loss"], "lr": lr,
-                      "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
-                      "skipped_steps": skipped_total, "expert_load": last["expert_load"]}
-            if "dropped_fraction" in last:
-                record["dropped_fraction"] = last["dropped_fraction"]
-            if is_main:
+    val_loss, last, bad_in_a_row, done = None, {}, 0, start_step
+    try:
+        for step in range(start_step, tc.max_steps):
+            t0 = time.time()
+            x, y = get_batch(corpus.train, tc.seed, 0, step, global_batch, mc.seq_length, corpus.vocab_size)
+            micro = local_microbatches(x, y, pg, tc, device)
+            stats, grad_norm = train_step(model, optimizer, reducers, micro, pg, mc, tc, device, autocast_dtype, step)
+            done = step + 1
+            if not torch.isfinite(grad_norm):
+                skipped_total += 1
+                bad_in_a_row += 1
+                say(f"Step {done} | non-finite gradient norm: update skipped "
+                    f"({bad_in_a_row} in a row, {skipped_total} in all)")
+                if bad_in_a_row >= tc.max_skipped_steps:
+                    if tc.save:
+                        save(tc, mc, pg, model, optimizer, step, skipped_total)
+                    fail(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last: step {done}); "
+                         f"lower --lr or raise --router-z-loss-coef, then resume"
+                         + (f" from {tc.save}" if tc.save else ""), is_main)
+            else:
+                bad_in_a_row = 0
+            if done % tc.log_interval == 0 or done == tc.max_steps:
+                last = reduce_step_stats(stats, pg, mc, tc)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.time() - t0
+                tokens_per_sec = global_batch * mc.seq_length / dt
+                lr = get_lr(step, tc)
+                record = {"step": done, "loss": last["loss"], "lm_loss": last["lm_loss"],
+                          "aux_loss": last["aux_loss"], "z_loss": last["z_loss"], "lr": lr,
+                          "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
+                          "skipped_steps": skipped_total, "expert_load": last["expert_load"]}
+                if "dropped_fraction" in last:
+                    record["dropped_fraction"] = last["dropped_fraction"]
                 line = (f"Step {done} | Loss: {last['loss']:.4f} | Aux Loss: {last['aux_loss']:.4f} | "
                         f"LR: {lr:.2e} | Throughput: {global_batch / dt:.2f} samples/s | "
                         f"Tokens/s: {tokens_per_sec:.0f} | Grad Norm: {record['grad_norm']:.3f}")
                 if peak_flops:  # model FLOPs of the whole step over the peak of all GPUs
                     line += f" | MFU: {100 * tokens_per_sec * mc.flops_per_token() / (peak_flops * pg.world_size):.1f}%"
-                (bar.write if bar else print)(line)
+                say(line)
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-        if tc.eval_interval > 0 and (done % tc.eval_interval == 0 or done == tc.max_steps):
-            val_loss = evaluate(model, corpus, pg, mc, tc, device, autocast_dtype)
-            if is_main:
-                (bar.write if bar else print)(f"Step {done} | Val Loss: {val_loss:.4f}")
+            if tc.eval_interval > 0 and (done % tc.eval_interval == 0 or done == tc.max_steps):
+                val_loss = evaluate(model, corpus, pg, mc, tc, device, autocast_dtype)
+                say(f"Step {done} | Val Loss: {val_loss:.4f}")
                 if metrics:
                     metrics.write(json.dumps({"step": done, "val_loss": val_loss}) + "\n")
                     metrics.flush()
-        if tc.save and ((tc.save_interval > 0 and done % tc.save_interval == 0) or done == tc.max_steps):
-            path = save(tc, mc, pg, model, optimizer, done, skipped_total)
-            if is_main:
-                (bar.write if bar else print)(f"Step {done} | saved {path}")
+            stopping = stop.agreed(pg)
+            if tc.save and ((tc.save_interval > 0 and done % tc.save_interval == 0) or done == tc.max_steps
+                            or stopping):
+                say(f"Step {done} | saved {save(tc, mc, pg, model, optimizer, done, skipped_total)}")
+            if bar:
+                bar.update(1)
+            if stopping:
+                say(f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} after step {done}"
+                    + (f"; resume with the same command (it continues from {tc.save})" if tc.save
+                       else " (no --save: nothing kept)"))
+                break
+    finally:
+        stop.restore()
         if bar:
-            bar.update(1)
+            bar.close()
 
-    # --------------------------------------------------------------- teardown
-    if bar:
-        bar.close()
+    # --------------------------------------------------------------- summary
     peak = torch.tensor([peak_memory_mib(device)], device=device)
-    if world_size > 1:
-        peaks = [torch.zeros_like(peak) for _ in range(world_size)]
+    if pg.world_size > 1:
+        peaks = [torch.zeros_like(peak) for _ in range(pg.world_size)]
         dist.all_gather(peaks, peak, group=None)  # every rank's peak memory, for the summary
         peak = torch.cat(peaks)
     if is_main:
-        steps = tc.max_steps - start_step
+        steps = done - start_step
         print_run_summary(tc, steps, steps * global_batch * mc.seq_length, time.time() - start_time, last, val_loss,
                           unigram_entropy(corpus.val, mc.vocab_size), peak.tolist(),
                           "CUDA allocated" if device.type == "cuda" else "resident")
     if metrics:
         metrics.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    # ---------------------------------------------------------------- config
+    mc, tc, given = parse_config(argv)
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    inputs, error = None, None
+    try:
+        inputs = prepare_inputs(mc, tc, given, rank, world_size, local_rank)
+    except (LocalInputError, DataError, ckpt_io.CheckpointError) as e:
+        error = str(e)  # this rank's files or machine: settled with the others below
+    except ConfigError as e:
+        fail(str(e), rank == 0)  # flags and layout fail alike on every rank: no peer needed
+
+    # ---------------------------------------------------- distributed setup
+    if world_size > 1:
+        # gloo for CPU tensors (the start-up agreement, stop flags), NCCL for CUDA tensors.
+        backend = "cpu:gloo,cuda:nccl" if tc.device != "cpu" and torch.cuda.is_available() else "gloo"
+        timeout = tc.dist_timeout if error is None else 300.0  # the flag itself may be what is wrong
+        init_process_group(backend, rank, world_size, timedelta(seconds=timeout))
+    fail_together(error, rank, world_size)  # all ranks passed their checks, or all exit 2 now
+    try:
+        run(inputs, rank, world_size, local_rank)
+    finally:
+        if inputs.save_lock:
+            inputs.save_lock.close()
     if world_size > 1:
         dist.destroy_process_group()
+
+
+def run(inputs: RunInputs, rank: int, world_size: int, local_rank: int) -> None:
+    """Process groups, model, optimizer and checkpoint, then training (or evaluation) to the end."""
+    mc, tc, corpus, resume = inputs.mc, inputs.tc, inputs.corpus, inputs.resume
+    device = resolve_device(tc, local_rank)
+    pg = build_process_groups(tc.tensor_parallel_size, tc.pipeline_parallel_size, tc.expert_parallel_size,
+                              rank, world_size)
+    autocast_dtype = resolve_autocast(tc, device)
+    if pg.is_main:
+        print(f"model: {json.dumps(dataclasses.asdict(mc))}")
+        print(f"train: {json.dumps(dataclasses.asdict(tc))}")
+        print(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
+        print(describe_layout(pg, mc))
+
+    # ------------------------------------------------- model and optimizer
+    model = build_model(mc, tc, pg, device, autocast_dtype)
+    if pg.is_main:
+        grouped = can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)
+        print(f"parameters on rank 0: {sum(p.numel() for p in model.parameters()):,} | device {device} | "
+              f"autocast {autocast_dtype} | grouped GEMM {grouped}")
+    optimizer = build_optimizer(model, tc)
+    reducers = build_grad_reducers(model, pg)
+    start_step, skipped, error = 0, 0, None
+    if resume:
+        try:  # tensors of another model fail here, on every rank alike
+            start_step, skipped = resume_from(resume, model, optimizer, pg, tc)
+        except ckpt_io.CheckpointError as e:
+            error = str(e)
+        fail_together(error, rank, world_size)
+        inputs.resume = resume = None  # free the whole checkpoint's tensors
+
+    # ----------------------------------------------------------- training
+    try:
+        if tc.eval_only:
+            report_eval_only(model, corpus, pg, mc, tc, device, autocast_dtype, start_step)
+        elif start_step >= tc.max_steps:
+            if pg.is_main:
+                print(f"nothing to do: the checkpoint is at step {start_step} and --max-steps is {tc.max_steps}; "
+                      f"raise --max-steps to train on")
+        else:
+            train_loop(model, optimizer, reducers, corpus, pg, mc, tc, device, autocast_dtype, start_step, skipped)
+    except DataError as e:  # a token file with ids past the vocabulary, found by a batch: every rank alike
+        fail(str(e), pg.is_main)
 
 
 if __name__ == "__main__":

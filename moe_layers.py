@@ -128,8 +128,17 @@ class ModelConfig:
                                  f"got {getattr(c, name)!r}")
         for name in ("num_shared_experts", "shared_expert_ffn_hidden_size", "moe_capacity_factor",
                      "router_jitter_noise"):
-            if getattr(c, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+            if not getattr(c, name) >= 0 or not math.isfinite(getattr(c, name)):  # `not >=` also catches NaN
+                raise ValueError(f"--{name.replace('_', '-')} must be finite and >= 0, got {getattr(c, name)}")
+        # Zero or negative values here train NaN or an all-zero model "successfully".
+        for name in ("rope_theta", "rms_norm_eps", "init_std"):
+            if not getattr(c, name) > 0 or not math.isfinite(getattr(c, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be finite and > 0, got {getattr(c, name)}")
+        if c.rope_theta <= 1:
+            raise ValueError(f"--rope-theta must be > 1 (rotary frequencies theta^(-2i/d)), got {c.rope_theta}")
+        if c.router_jitter_noise >= 1:
+            raise ValueError(f"--router-jitter-noise must be < 1 (inputs scaled by U(1-eps, 1+eps)), "
+                             f"got {c.router_jitter_noise}")
         if c.router_type == "expert-choice" and c.router_aux_loss_type != "micro-batch":
             raise ValueError("--router-type expert-choice is balanced by construction; it takes no "
                              "--router-aux-loss-type")
@@ -176,7 +185,7 @@ def layout_free_init_(model: nn.Module, seed: int) -> None:
                 p.fill_(1.0)
             continue
         full_shape = getattr(p, "full_shape", tuple(p.shape))
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)  # any seed >= 0
         std = p.init_std if hasattr(p, "init_std") else 0.02
         full = torch.randn(full_shape, generator=gen) * std
         if hasattr(p, "full_shape"):
@@ -832,7 +841,7 @@ class SparseMoELayer(nn.Module):
         router_in = tokens
         if self.jitter > 0 and self.training and noise_seed is not None:
             # The noise of a token depends on (seed, step, micro-batch, layer, token) only, not on the layout.
-            gen = torch.Generator(device=x.device).manual_seed(noise_seed)
+            gen = torch.Generator(device=x.device).manual_seed(noise_seed % 2**64)  # generators take 64 bits
             noise = torch.empty(num_tokens, d, device=x.device).uniform_(1 - self.jitter, 1 + self.jitter,
                                                                          generator=gen)
             router_in = tokens * noise[first:first + n].to(tokens.dtype)

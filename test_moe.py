@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint as ckpt_io
+import data
 import minimal_pretrain as mp
 from moe_layers import (ModelConfig, ModelParallel, MoEExpert, MoETransformer, MoETransformerBlock,
                         RotaryEmbedding, SparseMoELayer, TopKRouter, layout_free_init_, load_balancing_loss,
@@ -548,9 +549,9 @@ def test_loss_falls_on_a_fixed_batch():
 @smoke
 def test_batches_depend_on_seed_and_step_only():
     tokens = np.arange(1000, dtype=np.uint16)
-    x1, y1 = mp.get_batch(tokens, 1, 0, 5, 4, 8)
-    x2, _ = mp.get_batch(tokens, 1, 0, 5, 4, 8)
-    x3, _ = mp.get_batch(tokens, 1, 0, 6, 4, 8)
+    x1, y1 = data.get_batch(tokens, 1, 0, 5, 4, 8)
+    x2, _ = data.get_batch(tokens, 1, 0, 5, 4, 8)
+    x3, _ = data.get_batch(tokens, 1, 0, 6, 4, 8)
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
     assert torch.equal(y1[:, :-1], x1[:, 1:])  # targets are the next tokens
     assert (x1[:, 1:] - x1[:, :-1] == 1).all()  # contiguous windows of the corpus
@@ -560,7 +561,7 @@ def test_batches_depend_on_seed_and_step_only():
 def test_unigram_entropy_by_hand():
     tokens = np.array([0, 0, 1, 2], dtype=np.uint8)
     expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
-    assert math.isclose(mp.unigram_entropy(tokens, 256), expected)
+    assert math.isclose(data.unigram_entropy(tokens, 256), expected)
 
 
 @smoke
@@ -574,7 +575,7 @@ def test_lr_warmup_then_cosine():
 
 @smoke
 def test_builtin_corpus_holds_out_a_fixed_tenth_of_files():
-    train, val = mp.split_files(mp.builtin_corpus_files())
+    train, val = data.split_files(data.builtin_corpus_files())
     assert len(train) > 100 and len(val) >= len(train) // 10 and not set(train) & set(val)
 
 
@@ -1151,6 +1152,324 @@ def test_inspect_checkpoint_prints_step_layout_and_shapes(saved_tiny):
     assert r.returncode == 0, r.stderr
     assert "step: 2" in r.stdout and "world 1 = PP 1 x DP 1 x TP 1" in r.stdout
     assert "layers.1.mlp.experts.3.down_proj.weight" in r.stdout and "(32, 32)" in r.stdout
+
+
+# ------------------------------------------------------ hardening: bad input, lost checkpoints, preemption
+def assert_clean_refusal(r: subprocess.CompletedProcess, words: str) -> None:
+    """Exit status 2, exactly one `error:` line holding `words`, no traceback."""
+    assert r.returncode == 2, r.stdout[-1000:] + r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def tree_bytes(root) -> dict:
+    """Every file below `root` (links not followed) -> its bytes: to prove nothing was touched."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(folder, n)
+            if os.path.isfile(p) and not os.path.islink(p) and n != ".lock":
+                out[p] = open(p, "rb").read()
+    return out
+
+
+def _token_folder(d, train, val, meta: dict | None, dtype=np.uint16):
+    d.mkdir()
+    np.asarray(train).astype(dtype).tofile(d / "train.bin")
+    np.asarray(val).astype(dtype).tofile(d / "val.bin")
+    if meta is not None:
+        (d / "meta.json").write_text(json.dumps(meta))
+    return str(d)
+
+
+def _bad_trainer_input(case: str, tmp_path, saved_tiny) -> tuple[list[str], str]:
+    """Flags of one hostile case (files made under tmp_path) and the words its error line holds."""
+    import shutil
+    ck = tmp_path / "ck"
+    shutil.copytree(saved_tiny, ck, symlinks=True)
+    step = ck / "step_00000002"
+    meta = json.loads((step / "meta.json").read_text())
+    ok_train, ok_val = np.arange(3000) % 50, np.arange(300) % 50
+    flags = {
+        "lr_nan": (["--lr", "nan"], "--lr"),
+        "min_lr_over_lr": (["--min-lr", "1"], "--min-lr"),
+        "rope_theta_0": (["--rope-theta", "0"], "--rope-theta"),
+        "rms_eps_negative": (["--rms-norm-eps", "-1"], "--rms-norm-eps"),
+        "init_std_0": (["--init-std", "0"], "--init-std"),
+        "weight_decay_negative": (["--weight-decay", "-0.1"], "--weight-decay"),
+        "aux_coef_negative": (["--router-aux-loss-coef", "-1"], "--router-aux-loss-coef"),
+        "z_coef_inf": (["--router-z-loss-coef", "inf"], "--router-z-loss-coef"),
+        "capacity_inf": (["--moe-capacity-factor", "inf"], "--moe-capacity-factor"),
+        "jitter_one": (["--router-jitter-noise", "1"], "--router-jitter-noise"),
+        "seed_negative": (["--seed", "-1"], "--seed"),
+        "dist_timeout_0": (["--dist-timeout", "0"], "--dist-timeout"),
+        "grad_clip_nan": (["--grad-clip", "nan"], "--grad-clip"),
+        "keep_last_negative": (["--keep-last", "-1"], "--keep-last"),
+        "experts_too_many_for_memory": (["--num-experts", "2000000"], "GiB per rank"),
+        "micro_batch_too_big_for_memory": (["--micro-batch-size", "4000000000"], "GiB per rank"),
+        "metrics_file_is_a_folder": (["--metrics-file", str(tmp_path)], "is a folder"),
+    }
+    if case in flags:
+        return flags[case]
+    if case == "empty_train_bin":
+        d = _token_folder(tmp_path / "tok", [], ok_val, {"vocab_size": 50})
+        return ["--data", d], "train.bin: empty"
+    if case == "val_id_over_vocab":
+        d = _token_folder(tmp_path / "tok", ok_train, np.append(ok_val, 77), {"vocab_size": 50})
+        return ["--data", d], "val.bin holds token 77"
+    if case == "meta_max_id_over_vocab":
+        d = _token_folder(tmp_path / "tok", ok_train, ok_val,
+                          {"vocab_size": 50, "max_id": {"train": 49, "val": 60}})
+        return ["--data", d], "val.bin holds token 60"
+    if case == "uint32_file_read_as_uint16":
+        d = _token_folder(tmp_path / "tok", ok_train, ok_val,
+                          {"vocab_size": 50, "dtype": "uint16", "tokens": {"train": 3000, "val": 300}}, np.uint32)
+        return ["--data", d], "meta.json says 3000"
+    if case == "unknown_dtype":
+        d = _token_folder(tmp_path / "tok", ok_train, ok_val, {"vocab_size": 50, "dtype": "int8"})
+        return ["--data", d], "\"dtype\""
+    if case == "vocab_too_big_for_uint16":
+        d = _token_folder(tmp_path / "tok", ok_train, ok_val, {"vocab_size": 70000, "dtype": "uint16"})
+        return ["--data", d], "does not fit uint16"
+    if case == "data_is_a_fifo":
+        os.mkfifo(tmp_path / "fifo")
+        return ["--data", str(tmp_path / "fifo")], "not a regular file"
+    if case == "meta_missing_files":
+        meta.pop("files")
+        (step / "meta.json").write_text(json.dumps(meta))
+        return ["--load", str(ck)], "\"files\""
+    if case == "meta_missing_layout":
+        meta.pop("layout")
+        (step / "meta.json").write_text(json.dumps(meta))
+        return ["--load", str(ck)], "\"layout\""
+    if case == "meta_step_not_integer":
+        (step / "meta.json").write_text(json.dumps(dict(meta, step="two")))
+        return ["--load", str(ck)], "\"step\""
+    if case == "meta_unknown_model_field":
+        (step / "meta.json").write_text(json.dumps(dict(meta, model=dict(meta["model"], n_embd=3))))
+        return ["--load", str(ck)], "unknown fields ['n_embd']"
+    if case == "meta_model_field_wrong_type":
+        (step / "meta.json").write_text(json.dumps(dict(meta, model=dict(meta["model"], hidden_size="32"))))
+        return ["--load", str(ck)], "hidden_size"
+    if case == "latest_is_a_folder":
+        (ck / "latest").unlink()
+        (ck / "latest").mkdir()
+        return ["--load", str(ck)], "latest: unreadable"
+    if case == "latest_is_a_symlink_loop_on_auto_resume":
+        (ck / "latest").unlink()
+        os.symlink(ck / "latest", ck / "latest")
+        return ["--save", str(ck)], "latest: unreadable"
+    if case == "latest_names_a_path_outside":
+        (ck / "latest").write_text("../../etc")
+        return ["--load", str(ck)], "not a step folder"
+    if case == "save_holds_steps_but_no_latest":
+        (ck / "latest").unlink()
+        return ["--save", str(ck)], "no `latest`"
+    if case == "foreign_torch_save_as_rank_file":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, step / "rank_00000.pt")
+        return ["--load", str(ck)], "not a rank file of this trainer"
+    if case == "checkpoint_of_another_model":
+        # meta.json says the tiny model; its tensors are of a wider one
+        other = tmp_path / "other"
+        r = run_cli(TINY_FLAGS + ["--max-steps", "1", "--hidden-size", "64", "--save", str(other)])
+        assert r.returncode == 0, r.stderr
+        shutil.copy(other / "step_00000001" / "rank_00000.pt", step / "rank_00000.pt")
+        return ["--load", str(ck)], "the model needs"
+    raise AssertionError(case)
+
+
+HOSTILE_TRAINER_CASES = [
+    "lr_nan", "min_lr_over_lr", "rope_theta_0", "rms_eps_negative", "init_std_0", "weight_decay_negative",
+    "aux_coef_negative", "z_coef_inf", "capacity_inf", "jitter_one", "seed_negative", "dist_timeout_0",
+    "grad_clip_nan", "keep_last_negative", "experts_too_many_for_memory", "micro_batch_too_big_for_memory",
+    "metrics_file_is_a_folder", "empty_train_bin", "val_id_over_vocab", "meta_max_id_over_vocab",
+    "uint32_file_read_as_uint16", "unknown_dtype", "vocab_too_big_for_uint16", "data_is_a_fifo",
+    "meta_missing_files", "meta_missing_layout", "meta_step_not_integer", "meta_unknown_model_field",
+    "meta_model_field_wrong_type", "latest_is_a_folder", "latest_is_a_symlink_loop_on_auto_resume",
+    "latest_names_a_path_outside", "save_holds_steps_but_no_latest", "foreign_torch_save_as_rank_file",
+    "checkpoint_of_another_model"]
+
+
+@pytest.mark.parametrize("case", HOSTILE_TRAINER_CASES)
+def test_hostile_input_exits_2_with_one_error_line_fast_and_touches_nothing(case, tmp_path, saved_tiny):
+    flags, words = _bad_trainer_input(case, tmp_path, saved_tiny)
+    before = tree_bytes(tmp_path / "ck")
+    start = time.time()
+    r = run_cli(TINY_FLAGS + ["--max-steps", "4"] + flags, timeout=60)
+    assert_clean_refusal(r, words)
+    assert time.time() - start < 45
+    assert tree_bytes(tmp_path / "ck") == before
+
+
+def test_text_folder_counts_each_real_file_once_and_skips_special_files(tmp_path):
+    root = tmp_path / "texts"
+    (root / "sub").mkdir(parents=True)
+    made = []
+    for i in range(3):
+        (root / f"a{i}.txt").write_text(f"text {i}")
+        made.append(str(root / f"a{i}.txt"))
+    (root / "sub" / "b.txt").write_text("more")
+    made.append(str(root / "sub" / "b.txt"))
+    os.symlink(root, root / "sub" / "loop")  # a link to an ancestor: walking it would never end
+    os.symlink(root / "a0.txt", root / "sub" / "copy_of_a0.txt")  # the same real file twice
+    os.mkfifo(root / "pipe")  # reading it would block forever
+    os.symlink(root / "missing", root / "dangling")
+    files, skipped = data.text_files_under(str(root))
+    assert sorted(os.path.realpath(f) for f in files) == sorted(os.path.realpath(f) for f in made)
+    assert skipped == 2  # the FIFO and the dangling link
+
+
+def test_uint32_token_files_are_read_exactly(tmp_path):
+    vocab = 70_000  # over 65,536: needs uint32
+    train = (np.arange(4000, dtype=np.int64) * 7919) % vocab
+    val = (np.arange(400, dtype=np.int64) * 104729) % vocab
+    d = _token_folder(tmp_path / "tok", train, val, {"vocab_size": vocab, "dtype": "uint32",
+                                                     "tokens": {"train": 4000, "val": 400}}, np.uint32)
+    corpus = data.load_corpus(d, None)
+    assert corpus.vocab_size == vocab and corpus.train.dtype == np.uint32
+    assert np.array_equal(np.asarray(corpus.train), train) and np.array_equal(np.asarray(corpus.val), val)
+    x, y = data.get_batch(corpus.train, 3, 0, 0, 4, 16, vocab)
+    starts = np.random.default_rng([3, 0, 0]).integers(0, len(train) - 17, size=4)  # get_batch's own draw
+    assert torch.equal(x, torch.from_numpy(np.stack([train[s:s + 16] for s in starts])))
+    assert x.max() > 65_535 or y.max() > 65_535
+
+
+def test_ids_over_the_vocabulary_in_a_large_split_fail_at_the_batch_that_reads_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SCAN_LIMIT_TOKENS", 10)  # as if the split were too large to scan at start
+    d = _token_folder(tmp_path / "tok", np.full(3000, 99), np.arange(300) % 50, {"vocab_size": 50})
+    corpus = data.load_corpus(d, None)  # not scanned: opens fine
+    with pytest.raises(data.DataError, match="holds token 99 >= vocab size 50"):
+        data.get_batch(corpus.train, 0, 0, 0, 2, 16, corpus.vocab_size)
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 1, 2), (1, 2, 1), (2, 2, 4), (1, 3, 1)])
+def test_memory_planner_counts_the_parameters_each_stage_builds(layout):
+    tp, pp, ep = layout
+    mc = tiny_config(num_layers=3, vocab_size=64, num_experts=4, moe_layer_interval=2, num_shared_experts=1)
+    counted = mp.params_per_stage(mc, tp, pp, ep)
+    for stage in range(pp):
+        start, end = mp.stage_layers(mc.num_layers, pp, stage)
+        par = ModelParallel(tp_size=tp, ep_size=ep, layer_start=start, layer_end=end,
+                            first_stage=stage == 0, last_stage=stage == pp - 1)
+        model = MoETransformer(mc, par)
+        assert counted[stage] == sum(p.numel() for p in model.parameters()), (layout, stage)
+
+
+def test_rewind_with_keep_last_keeps_the_new_checkpoint_and_latest(tmp_path):
+    save = tmp_path / "ck"
+    r = run_cli(TINY_FLAGS + ["--max-steps", "6", "--save", str(save), "--save-interval", "2"])
+    assert r.returncode == 0, r.stderr
+    later = tree_bytes(save / "step_00000006")
+    # Rewind to step 2 and train to 4 with --keep-last 1: the later step 6 is another timeline.
+    r = run_cli(TINY_FLAGS + ["--max-steps", "4", "--load", str(save / "step_00000002"), "--save", str(save),
+                              "--keep-last", "1"])
+    assert r.returncode == 0, r.stderr
+    assert "also holds later checkpoints ['step_00000004', 'step_00000006']" in r.stdout
+    assert (save / "latest").read_text() == "step_00000004"
+    assert ckpt_io.read_checkpoint(str(save)).meta["step"] == 4
+    assert ckpt_io.list_checkpoints(str(save)) == ["step_00000004", "step_00000006"]
+    assert tree_bytes(save / "step_00000006") == later
+
+
+def test_resave_of_the_latest_step_that_crashes_midway_still_loads(tmp_path, monkeypatch):
+    model = MoETransformer(tiny_config(), seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 3, "skipped_steps": 0,
+            "model": {}, "train": {}, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}}
+    ckpt_io.save_checkpoint(str(tmp_path), 3, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), meta, 0, 1)
+    before = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path)))
+    real_replace = os.replace
+
+    def die_before_the_new_folder_moves_in(src, dst):
+        if os.path.basename(src).startswith(".tmp-step_"):
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_io.os, "replace", die_before_the_new_folder_moves_in)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_io.save_checkpoint(str(tmp_path), 3, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), meta, 0, 1)
+    monkeypatch.setattr(ckpt_io.os, "replace", real_replace)
+    assert not (tmp_path / "step_00000003").exists()  # the crash fell between the two renames
+    after = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path)))  # `latest` -> the old copy
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    ckpt_io.save_checkpoint(str(tmp_path), 3, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), meta, 0, 1)
+    resaved = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path)))
+    assert all(torch.equal(before[k] + 1.0, resaved[k]) for k in before if k.endswith("weight"))
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_00000003"]
+
+
+def test_second_run_on_the_same_save_folder_is_refused_while_the_first_trains(tmp_path):
+    save = tmp_path / "ck"
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "minimal_pretrain.py")] + TINY_FLAGS +
+                             ["--max-steps", "100000", "--save", str(save)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        while not (save / ".lock").exists() or not (save / ".lock").read_text():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.2)
+        second = run_cli(TINY_FLAGS + ["--max-steps", "4", "--save", str(save)], timeout=60)
+        assert_clean_refusal(second, "is in use by another run")
+        assert first.poll() is None  # the first run trains on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 0
+    assert ckpt_io.read_checkpoint(str(save)).meta["step"] >= 1  # it saved where it stopped
+
+
+def test_sigterm_saves_a_checkpoint_from_which_resume_is_exact(tmp_path):
+    steps = 40
+    args = TINY_FLAGS + ["--max-steps", str(steps)]
+    clean = run_cli(args + ["--metrics-file", str(tmp_path / "clean.jsonl")])
+    assert clean.returncode == 0, clean.stderr
+    save, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "minimal_pretrain.py")] + args +
+                            ["--save", str(save), "--metrics-file", str(metrics)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM after step" in out and "Traceback" not in err
+    stopped_at = ckpt_io.read_checkpoint(str(save)).meta["step"]
+    assert 3 <= stopped_at < steps
+    resumed = run_cli(args + ["--save", str(save), "--metrics-file", str(metrics)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {save / ckpt_io.step_dir_name(stopped_at)}" in resumed.stdout
+    clean_records = {r["step"]: r["loss"] for r in train_records(str(tmp_path / "clean.jsonl"))}
+    for r in train_records(str(metrics)):
+        assert r["loss"] == clean_records[r["step"]], r["step"]  # bitwise: the same run
+    nothing = run_cli(args + ["--save", str(save)])
+    assert nothing.returncode == 0 and "nothing to do: the checkpoint is at step 40" in nothing.stdout
+
+
+def test_bad_data_on_another_node_fails_every_rank_fast_with_its_message(tmp_path):
+    """Two torchrun "nodes" on loopback; only node 1's --data is missing. With --dist-timeout 300,
+    rank 0 must not wait for it: both end in seconds, rank 0 printing rank 1's message."""
+    port = str(free_port())
+    procs = []
+    start = time.time()
+    for node, path in ((0, ""), (1, str(tmp_path / "not_on_this_node"))):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+               os.path.join(HERE, "minimal_pretrain.py")] + TINY_FLAGS + ["--max-steps", "2", "--data", path]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1")))
+    outputs = [p.communicate(timeout=200) for p in procs]
+    assert time.time() - start < 120
+    assert all(p.returncode != 0 for p in procs)
+    errors = [line for line in outputs[0][1].splitlines() if line.startswith("error:")]
+    assert errors == [f"error: rank 1: --data {tmp_path / 'not_on_this_node'}: no such file or folder"], outputs[0][1]
+    assert not any(line.startswith("error:") for line in outputs[1][1].splitlines())  # rank 0 alone speaks
+    assert "exitcode  : 2" in outputs[0][1] + outputs[1][1]
 
 
 @smoke
