@@ -1512,6 +1512,27 @@ def test_compile_gives_the_same_losses_to_rounding(tmp_path):
         assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-5
 
 
+def test_bench_train_times_the_trainers_own_step(monkeypatch, capsys):
+    """scripts/bench_train.py has no step of its own: every step it times is minimal_pretrain.train_step."""
+    import bench_train
+    steps = []
+    real = bench_train.train_step
+
+    def counted(*args, **kw):
+        steps.append(args[-1])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bench_train, "train_step", counted)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--num-layers", "1", "--hidden-size", "32",
+                                      "--num-attention-heads", "2", "--num-kv-heads", "1", "--ffn-hidden-size", "32",
+                                      "--moe-ffn-hidden-size", "16", "--seq-length", "16", "--micro-batch-size", "2",
+                                      "--steps", "2", "--warmup", "1", "--json"])
+    bench_train.main()
+    assert steps == [0, 1, 2]
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert math.isfinite(record["loss"]) and record["step_ms"] > 0 and record["total_params"] > 0
+
+
 def test_flops_formula_counts_the_active_parameters_of_a_built_model():
     cfg = tiny_config(num_layers=3, moe_layer_interval=2, num_experts=4, num_experts_per_token=2)
     model = MoETransformer(cfg)

@@ -5,11 +5,12 @@
     python scripts/bench_train.py --preset fine-0.5b --micro-batch-size 4 --compile
     python scripts/bench_train.py --preset moe-0.5b --num-layers 4 --seq-length 4096
 
-A step is what minimal_pretrain.py does in one process: forward of one micro-batch of random
-tokens (bf16 autocast on CUDA, fp32 on CPU unless --dtype says otherwise), loss =
-cross-entropy + (aux_coef * aux + z_coef * z) / MoE layers with the trainer's default
-coefficients, backward, the trainer's gradient-norm clip, AdamW step. The experts use
-torch._grouped_mm when moe_layers.can_use_grouped_mm says so, as in the trainer.
+A step is the trainer's own step, `minimal_pretrain.train_step` (no second copy of it here):
+one micro-batch of random tokens, forward (bf16 autocast on CUDA, fp32 on CPU unless --dtype
+says otherwise), loss = cross-entropy + (aux_coef * aux + z_coef * z) / MoE layers with the
+trainer's default coefficients, backward, gradient norm, clip, AdamW step. The model is built
+by `minimal_pretrain.build_model`, so the expert kernel (torch._grouped_mm where
+moe_layers.can_use_grouped_mm says so) and --compile (each block) are the trainer's too.
 
 Presets (any model flag overrides a preset's value):
   small      the trainer's default model (ModelConfig defaults, byte vocabulary)
@@ -39,9 +40,10 @@ import torch
 
 # `python scripts/bench_train.py` puts scripts/ on the path, not the repository root.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minimal_pretrain import (MODEL_HELP, TrainConfig, build_optimizer, build_process_groups,  # noqa: E402
-                              global_grad_norm, peak_bf16_flops, resolve_autocast, resolve_device)
-from moe_layers import ModelConfig, MoETransformer, can_use_grouped_mm, vocab_parallel_cross_entropy  # noqa: E402
+from minimal_pretrain import (MODEL_HELP, TrainConfig, build_grad_reducers, build_model,  # noqa: E402
+                              build_optimizer, build_process_groups, peak_bf16_flops, resolve_autocast,
+                              resolve_device, train_step)
+from moe_layers import ModelConfig, can_use_grouped_mm  # noqa: E402
 
 _HALF_B = dict(vocab_size=32000, hidden_size=1024, num_layers=12, num_attention_heads=16, num_kv_heads=8,
                ffn_hidden_size=2816, seq_length=2048)
@@ -93,25 +95,23 @@ def main() -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    tc = TrainConfig(device=args.device, dtype=args.dtype, micro_batch_size=batch)  # the trainer's defaults
+    # The trainer's defaults (losses, clip, AdamW), with this benchmark's device, dtype and compile.
+    tc = TrainConfig(device=args.device, dtype=args.dtype, micro_batch_size=batch, compile=args.compile,
+                     seed=args.seed, max_steps=args.warmup + args.steps + 1, warmup_steps=1)
     device = resolve_device(tc, 0)
     autocast_dtype = resolve_autocast(tc, device)
     torch.manual_seed(args.seed)
 
     # ----------------------------------------------------------------- model
-    model = MoETransformer(cfg, seed=args.seed).to(device)
+    pg = build_process_groups(1, 1, 1, 0, 1)  # one process: no groups, no collectives
+    model = build_model(cfg, tc, pg, device, autocast_dtype)
     grouped = can_use_grouped_mm(device, cfg, autocast_dtype or torch.float32)
-    for module in model.modules():
-        if hasattr(module, "use_grouped_mm"):
-            module.use_grouped_mm = grouped
+    optimizer = build_optimizer(model, tc)
+    reducers = build_grad_reducers(model, pg)
     total = sum(q.numel() for q in model.parameters())
     active = cfg.active_params_per_token()  # without the input embedding (tested against a count)
     embed = model.embed_tokens.weight.numel()
     flops_per_token = cfg.flops_per_token()
-    optimizer = build_optimizer(model, tc)
-    pg = build_process_groups(1, 1, 1, 0, 1)  # one process: no groups, no collectives
-    n_moe = len(cfg.moe_layers)
-    step_model = torch.compile(model) if args.compile else model
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"model: {json.dumps(dataclasses.asdict(cfg))}")
     print(f"preset {args.preset} | device {device} ({device_name}) | autocast {autocast_dtype} | "
@@ -126,28 +126,19 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    def train_step() -> torch.Tensor:
+
+    def one_step(step: int) -> float:
         tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_length + 1), device=device)
-        x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = step_model(x)
-        lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), model.par)
-        router = (tc.router_aux_loss_coef * out.aux_loss + tc.router_z_loss_coef * out.z_loss) / max(n_moe, 1)
-        loss = lm + router
-        loss.backward()
-        grad_norm = global_grad_norm(model, pg)  # clip as the trainer does
-        scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float()
-        torch._foreach_mul_([q.grad for q in model.parameters() if q.grad is not None], scale)
-        optimizer.step()
-        return loss
+        micro = [(tokens[:, :-1], tokens[:, 1:])]  # one micro-batch: (B, T) inputs, next-token targets
+        stats, _ = train_step(model, optimizer, reducers, micro, pg, cfg, tc, device, autocast_dtype, step)
+        return stats.lm_loss
 
     step_ms = []
     try:
         for step in range(args.warmup + args.steps):
             sync()
             t0 = time.perf_counter()
-            loss = train_step()
+            loss = one_step(step)
             sync()
             if step >= args.warmup:
                 step_ms.append((time.perf_counter() - t0) * 1e3)
@@ -155,8 +146,8 @@ def main() -> None:
             from torch.profiler import ProfilerActivity, profile
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as prof:
-                for _ in range(2):
-                    train_step()
+                for step in range(2):
+                    one_step(args.warmup + args.steps + step)
                 sync()
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=args.profile))
@@ -173,7 +164,7 @@ def main() -> None:
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     print(f"step {ms:.1f} ms (median of {args.steps}) | {tokens_per_sec:,.0f} tokens/s | "
           f"peak memory {f'{mem:.1f} GiB' if mem is not None else 'n/a'} | "
-          f"MFU {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | last loss {loss.item():.3f}")
+          f"MFU {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | last loss {loss:.3f}")
     if args.json:
         print(json.dumps({
             "preset": args.preset, "device": str(device), "device_name": device_name,
@@ -181,7 +172,7 @@ def main() -> None:
             "compile": args.compile, "grouped_mm": grouped, "micro_batch_size": batch,
             "seq_length": cfg.seq_length, "total_params": total, "active_params": active + embed,
             "active_non_embedding_params": active, "flops_per_token": flops_per_token, "step_ms": ms,
-            "tokens_per_sec": tokens_per_sec, "peak_mem_gib": mem, "mfu": mfu, "loss": loss.item(),
+            "tokens_per_sec": tokens_per_sec, "peak_mem_gib": mem, "mfu": mfu, "loss": loss,
         }))
 
 
