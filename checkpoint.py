@@ -424,8 +424,10 @@ def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.O
             p.copy_(local_tensor(ckpt, ckpt.params, name, p))
         first_key = expert_key(name, p.shard_rank * p.shape[0]) if getattr(p, "shard_kind", None) == "ep" else name
         if optimizer is not None and first_key in ckpt.optim:
+            fused = optimizer.defaults.get("fused")  # the fused kernel wants its step counts beside the weights
             optimizer.state[p] = {
-                "step": torch.tensor(ckpt.optim[first_key][0]["step"]),
+                "step": torch.tensor(ckpt.optim[first_key][0]["step"], dtype=torch.float32,
+                                     device=p.device if fused else "cpu"),
                 "exp_avg": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg").to(p.device).clone(),
                 "exp_avg_sq": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg_sq").to(p.device).clone(),
             }

@@ -712,12 +712,18 @@ def global_grad_norm(model: torch.nn.Module, pg: ParallelGroups) -> torch.Tensor
     return sq.sqrt()
 
 
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices (embeddings, projections, experts, router), not on norms."""
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (embeddings, projections, experts, router), not on norms.
+
+    On CUDA the fused kernel (one launch for every tensor of a group, instead of a dozen
+    element-wise kernels per tensor); on the CPU the reference implementation, whose
+    rounding the parity and transformers-equality tests are written against."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+    if fused is None:
+        fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
 def get_lr(step: int, tc: TrainConfig) -> float:
@@ -1001,7 +1007,12 @@ def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.M
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": step,
             "skipped_steps": skipped, "model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc),
             "layout": {"world_size": pg.world_size, "tp": pg.tp, "pp": pg.pp, "dp": pg.dp, "ep": pg.ep}}
-    return ckpt_io.save_checkpoint(tc.save, step, payload, meta, pg.rank, pg.world_size, tc.keep_last)
+    try:
+        return ckpt_io.save_checkpoint(tc.save, step, payload, meta, pg.rank, pg.world_size, tc.keep_last)
+    except OSError as e:  # a full disk, a vanished folder: the save is atomic, so nothing older is harmed
+        print(f"error: rank {pg.rank}: saving step {step} to {tc.save} failed ({e.strerror or e}); the previous "
+              f"checkpoint and `latest` are intact", file=sys.stderr, flush=True)
+        sys.exit(2)  # torchrun then stops the other ranks
 
 
 class StopRequest:
@@ -1200,9 +1211,14 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
 def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- config
     mc, tc, given = parse_config(argv)
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    try:  # set by torchrun (or by hand for a multi-node launch without it)
+        rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
+                                        (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+        if not 0 <= rank < world_size or local_rank < 0:
+            raise ValueError
+    except ValueError:
+        fail(f"RANK={os.environ.get('RANK')} WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
+             f"LOCAL_RANK={os.environ.get('LOCAL_RANK')} are not a valid launch; use torchrun", True)
     inputs, error = None, None
     try:
         inputs = prepare_inputs(mc, tc, given, rank, world_size, local_rank)

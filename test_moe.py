@@ -1512,6 +1512,37 @@ def test_compile_gives_the_same_losses_to_rounding(tmp_path):
         assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-5
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_state_round_trips_through_a_checkpoint_fused_or_not(fused):
+    """The fused AdamW the trainer uses on CUDA (runnable on the CPU too) resumes exactly like the reference."""
+    tc = mp.TrainConfig()
+
+    def fresh() -> tuple[MoETransformer, torch.optim.Optimizer]:
+        model = MoETransformer(tiny_config(), seed=0)
+        return model, mp.build_optimizer(model, tc, fused=fused)
+
+    def step(model: MoETransformer, opt: torch.optim.Optimizer, seed: int) -> None:
+        x = tokens(64, seed=seed)
+        out = model(x)
+        F.cross_entropy(out.output.flatten(0, 1), x.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+
+    model, opt = fresh()
+    assert bool(opt.defaults.get("fused")) == fused
+    for seed in range(2):
+        step(model, opt, seed)
+    payload = ckpt_io.rank_payload(model, opt, 0, 0, 0, 1)
+    saved = ckpt_io.Checkpoint(path="memory", meta={}, params={k: [v] for k, v in payload["params"].items()},
+                               optim={k: [v] for k, v in payload["optim"].items()}, rng={0: payload["rng"]})
+    resumed, resumed_opt = fresh()
+    ckpt_io.load_into(saved, resumed, resumed_opt)
+    step(model, opt, 2)
+    step(resumed, resumed_opt, 2)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_bench_train_times_the_trainers_own_step(monkeypatch, capsys):
     """scripts/bench_train.py has no step of its own: every step it times is minimal_pretrain.train_step."""
     import bench_train
