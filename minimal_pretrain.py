@@ -453,7 +453,9 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
 
     def forward_step(i: int, inp: torch.Tensor | None) -> torch.Tensor:
         x, y = micro[i]
-        noise_seed = None if step is None else (tc.seed * 1_000_003 + step) * 65_537 + pg.dp_rank * m + i
+        noise_seed = None  # passed only when used: torch.compile would recompile for every new int value
+        if step is not None and mc.router_jitter_noise > 0:
+            noise_seed = (tc.seed * 1_000_003 + step) * 65_537 + pg.dp_rank * m + i
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(x if pg.first_stage else inp, noise_seed=noise_seed)
         router_loss = torch.zeros((), device=device)

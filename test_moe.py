@@ -1543,6 +1543,33 @@ def test_adamw_state_round_trips_through_a_checkpoint_fused_or_not(fused):
         assert torch.equal(a, b), name
 
 
+def test_compiled_blocks_compile_once_across_steps_and_microbatches():
+    """The step's micro-batch index must not reach the compiled blocks as a new int each time
+    (dynamo guards on an int argument's value, so each one recompiles). Reference: the graphs
+    compiled for a step that passes no seeds at all. Round-robin routing keeps the expert counts
+    fixed, so any extra graph here is the trainer's doing."""
+    from torch._dynamo.utils import counters
+    mc = tiny_config(router_type="round-robin")
+    tc = mp.TrainConfig(micro_batch_size=2, num_microbatches=2)
+    pg = mp.build_process_groups(1, 1, 1, 0, 1)
+
+    def graphs_compiled(steps: list[int | None]) -> int:
+        model = MoETransformer(mc, seed=0)
+        torch._dynamo.reset()
+        counters.clear()
+        for block in model.layers.values():
+            block.compile(backend="eager")  # dynamo's tracing and guards, without code generation
+        for i, step in enumerate(steps):
+            x = tokens(64, (4, 16), seed=i)
+            mp.run_microbatches(model, list(zip(x.split(2), x.split(2))), pg, mc, tc, torch.device("cpu"), None,
+                                train=True, step=step)
+        n = counters["stats"]["unique_graphs"]
+        torch._dynamo.reset()
+        return n
+
+    assert graphs_compiled([0, 1, 2]) == graphs_compiled([None]) > 0
+
+
 def test_bench_train_times_the_trainers_own_step(monkeypatch, capsys):
     """scripts/bench_train.py has no step of its own: every step it times is minimal_pretrain.train_step."""
     import bench_train
