@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,20 +117,24 @@ def buffer_entries(model: torch.nn.Module, tp_rank: int, dp_rank: int) -> dict[s
 
 def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_rank: int, dp_rank: int,
                  stage_rank: int, ep: int) -> dict:
-    """This rank's slices of the weights and of the AdamW moments, plus its RNG states."""
+    """This rank's slices of the weights and of the AdamW moments, plus its RNG states.
+
+    With bf16 weights the fp32 masters of the optimizer are saved (see MasterWeightAdamW)."""
     params, optim = {}, {}
+    master = getattr(optimizer, "master", {})
     for name, p in model.named_parameters():
         if not writes_param(p, tp_rank, dp_rank, stage_rank, ep):
             continue
-        state = optimizer.state.get(p, {})
+        weight = master.get(p, p)
+        state = optimizer.state.get(weight, {})
         if getattr(p, "shard_kind", None) == "ep":
-            params.update(per_expert(name, p, p))
+            params.update(per_expert(name, weight, p))
             if state:
                 avg, avg_sq = per_expert(name, state["exp_avg"], p), per_expert(name, state["exp_avg_sq"], p)
                 for key in avg:
                     optim[key] = {"step": float(state["step"]), "exp_avg": avg[key], "exp_avg_sq": avg_sq[key]}
             continue
-        params[name] = _entry(p, p)
+        params[name] = _entry(weight, p)
         if state:
             optim[name] = {"step": float(state["step"]), "exp_avg": _entry(state["exp_avg"], p),
                            "exp_avg_sq": _entry(state["exp_avg_sq"], p)}
@@ -229,29 +234,36 @@ def prune(root: str, keep_last: int, current: int) -> None:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
+def open_regular(path: str, mode: str = "r") -> Any:
+    """open() for a file that must be a regular one: a FIFO or device would block or never end."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(0, "a folder" if os.path.isdir(path) else "not a regular file")
+    return open(path, mode)
+
+
 def read_latest(root: str) -> str:
     """The step folder that `root/latest` names; CheckpointError if it is unreadable or odd."""
     latest = os.path.join(root, "latest")
     try:
-        with open(latest) as f:
+        with open_regular(latest) as f:
             name = f.read(256).strip()
     except (OSError, UnicodeDecodeError) as e:  # a folder, a link loop, unreadable bytes...
         raise CheckpointError(f"{latest}: unreadable ({getattr(e, 'strerror', None) or e}); load one of "
-                              f"{list_checkpoints(root)} directly with --load DIR/step_N") from None
+                              f"{list_checkpoints(root)} directly (its step folder)") from None
     if not is_step_dir_name(name):
         raise CheckpointError(f"{latest}: names {name!r}, not a step folder; load one of "
-                              f"{list_checkpoints(root)} directly with --load DIR/step_N")
+                              f"{list_checkpoints(root)} directly (its step folder)")
     return name
 
 
 def resolve(path: str) -> str:
     """A checkpoint root (follow `latest`) or a step folder -> the step folder."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"--load {path}: no such folder")
+        raise CheckpointError(f"{path}: no such folder")
     if os.path.lexists(os.path.join(path, "meta.json")):
         return path
     if not os.path.lexists(os.path.join(path, "latest")):
-        raise CheckpointError(f"--load {path}: neither a checkpoint folder (meta.json) nor a root with a "
+        raise CheckpointError(f"{path}: neither a checkpoint folder (meta.json) nor a root with a "
                               f"`latest` file; point it at the folder given to --save")
     name = read_latest(path)
     step_dir = os.path.join(path, name)
@@ -277,7 +289,8 @@ def read_meta(path: str) -> tuple[str, dict]:
     step_dir = resolve(path)
     meta_path = os.path.join(step_dir, "meta.json")
     try:
-        meta = json.load(open(meta_path))
+        with open_regular(meta_path) as f:
+            meta = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{meta_path}: unreadable ({e}); load an earlier checkpoint") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -419,13 +432,17 @@ def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.O
         if name in ckpt.params:  # checkpoints from before expert_bias existed keep its initial zero
             with torch.no_grad():
                 buf.copy_(_tensor(ckpt, ckpt.params, name, buf.shape))
+    master = getattr(optimizer, "master", {})  # bf16 weights: their fp32 masters take the saved values
     for name, p in model.named_parameters():
+        full = local_tensor(ckpt, ckpt.params, name, p)
         with torch.no_grad():
-            p.copy_(local_tensor(ckpt, ckpt.params, name, p))
+            p.copy_(full)
+            if master.get(p, p) is not p:
+                master[p].copy_(full)
         first_key = expert_key(name, p.shard_rank * p.shape[0]) if getattr(p, "shard_kind", None) == "ep" else name
         if optimizer is not None and first_key in ckpt.optim:
             fused = optimizer.defaults.get("fused")  # the fused kernel wants its step counts beside the weights
-            optimizer.state[p] = {
+            optimizer.state[master.get(p, p)] = {
                 "step": torch.tensor(ckpt.optim[first_key][0]["step"], dtype=torch.float32,
                                      device=p.device if fused else "cpu"),
                 "exp_avg": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg").to(p.device).clone(),

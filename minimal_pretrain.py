@@ -82,8 +82,10 @@ class TrainConfig:
     max_skipped_steps: int = arg(5, "stop after this many consecutive steps with a non-finite loss or "
                                     "gradient norm (each is skipped, not applied)")
     device: str = arg("auto", "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
-    dtype: str = arg("auto", "auto | float32 | bfloat16 (autocast; bf16 on CUDA for auto)",
-                     choices=["auto", "float32", "bfloat16"])
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on the CPU) | float32 | bfloat16: bf16 weights and "
+                             "activations, fp32 master weights and AdamW state | bfloat16-autocast: fp32 weights, "
+                             "bf16 matmuls (the older, slower scheme)",
+                     choices=["auto", "float32", "bfloat16", "bfloat16-autocast"])
     recompute: bool = arg(False, "activation checkpointing: recompute each block in backward (less memory)")
     compile: bool = arg(False, "torch.compile each block (CUDA; works on CPU too, slowly)")
     dist_timeout: float = arg(300.0, "seconds before a stuck collective fails the run")
@@ -152,10 +154,18 @@ MODEL_HELP = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its complaint on one `error:` line (it prints `prog: error:`), exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """One flag per config field, named after it (`num_experts` -> `--num-experts`)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for cls, helps in ((ModelConfig, MODEL_HELP), (TrainConfig, None)):
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
@@ -395,7 +405,8 @@ def local_microbatches(x: torch.Tensor, y: torch.Tensor, pg: ParallelGroups, tc:
 # ===================================================== pipeline schedule (1F1B)
 def p2p(pg: ParallelGroups, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
         recv_prev: bool = False, recv_next: bool = False, shape: tuple[int, ...] = (),
-        device: torch.device | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Exchange activations / gradients with neighbouring stages in one batch (no deadlock)."""
     ops, from_prev, from_next = [], None, None
     if send_next is not None and pg.next_rank is not None:
@@ -403,10 +414,10 @@ def p2p(pg: ParallelGroups, send_next: torch.Tensor | None = None, send_prev: to
     if send_prev is not None and pg.prev_rank is not None:
         ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), pg.prev_rank))
     if recv_prev and pg.prev_rank is not None:
-        from_prev = torch.empty(shape, device=device)
+        from_prev = torch.empty(shape, device=device, dtype=dtype)
         ops.append(dist.P2POp(dist.irecv, from_prev, pg.prev_rank))
     if recv_next and pg.next_rank is not None:
-        from_next = torch.empty(shape, device=device)
+        from_next = torch.empty(shape, device=device, dtype=dtype)
         ops.append(dist.P2POp(dist.irecv, from_next, pg.next_rank))
     if ops:
         for req in dist.batch_isend_irecv(ops):
@@ -445,6 +456,8 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
     m = len(micro)
     b, t = micro[0][0].shape
     shape = (b, t, mc.hidden_size)
+    # Activations and their gradients cross stages in the weights' dtype (bf16 with bf16 weights).
+    act_dtype = next(iter(model.layers.values())).input_layernorm.weight.dtype
     width = max(mc.num_experts, 1)
     stats = StepStats(aux_loss=torch.zeros((), device=device), z_loss=torch.zeros((), device=device),
                       counts=torch.zeros(n_moe, width, device=device), routed=torch.zeros(n_moe, width, device=device),
@@ -500,7 +513,7 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
     def recv_forward() -> torch.Tensor | None:
         if pg.first_stage:
             return None
-        inp, _ = p2p(pg, recv_prev=True, shape=shape, device=device)
+        inp, _ = p2p(pg, recv_prev=True, shape=shape, device=device, dtype=act_dtype)
         return inp.requires_grad_(train)
 
     if not train:
@@ -517,16 +530,16 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
     inp = recv_forward() if warmup < m else None
     for i in range(warmup, m):
         out = forward_step(i, inp)
-        _, grad_out = p2p(pg, send_next=None if pg.last_stage else out, recv_next=True, shape=shape, device=device)
+        _, grad_out = p2p(pg, send_next=None if pg.last_stage else out, recv_next=True, shape=shape, device=device, dtype=act_dtype)
         in_grad = backward_step(grad_out)
         if i == m - 1:
             p2p(pg, send_prev=in_grad)
         else:  # send this gradient back while receiving the next micro-batch's input
-            inp, _ = p2p(pg, send_prev=in_grad, recv_prev=True, shape=shape, device=device)
+            inp, _ = p2p(pg, send_prev=in_grad, recv_prev=True, shape=shape, device=device, dtype=act_dtype)
             if inp is not None:
                 inp.requires_grad_(True)
     for _ in range(warmup):
-        _, grad_out = p2p(pg, recv_next=True, shape=shape, device=device)
+        _, grad_out = p2p(pg, recv_next=True, shape=shape, device=device, dtype=act_dtype)
         p2p(pg, send_prev=backward_step(grad_out))
     return stats
 
@@ -707,11 +720,45 @@ def global_grad_norm(model: torch.nn.Module, pg: ParallelGroups) -> torch.Tensor
             by_replicas.setdefault(replicas, []).append(p.grad)
     sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     for replicas, grads in by_replicas.items():
-        norms = torch.stack(torch._foreach_norm(grads)).double()  # one fused kernel per dtype, no copies
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double()  # fused, fp32 even for bf16
         sq += norms.pow(2).sum() / replicas
     if pg.world_size > 1:
         dist.all_reduce(sq, group=None)  # sum over every rank of every stage
     return sq.sqrt()
+
+
+class MasterWeightAdamW:
+    """AdamW on fp32 master copies of the model's bf16 weights: mixed precision as in Megatron-LM
+    (Micikevicius et al. 2018), without a loss scale (bf16 has fp32's exponent range).
+
+    The model computes with bf16 weights, so nothing re-casts them for every micro-batch;
+    backward leaves bf16 gradients, which are reduced and clipped in place. `step()` upcasts
+    them onto the fp32 masters, runs AdamW there (moments in fp32) and rounds the new masters
+    into the model. Weights that are fp32 already (the routers) are their own masters.
+    Checkpoints hold the masters, so a resume is exact. `master` maps model weight -> master;
+    `state` is keyed by master, as torch's optimizers key it."""
+
+    def __init__(self, model: torch.nn.Module, groups: list[dict], **adamw: Any):
+        self.master = {p: torch.nn.Parameter(p.detach().float().clone()) if p.dtype != torch.float32 else p
+                       for p in model.parameters()}
+        self.inner = torch.optim.AdamW([dict(g, params=[self.master[p] for p in g["params"]]) for g in groups],
+                                       **adamw)
+        self.param_groups, self.state, self.defaults = self.inner.param_groups, self.inner.state, self.inner.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.master:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, m in self.master.items():
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in self.master.items():
+            if m is not p:
+                p.copy_(m)  # round to bf16
+                m.grad = None
 
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
@@ -719,13 +766,17 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool | None 
 
     On CUDA the fused kernel (one launch for every tensor of a group, instead of a dozen
     element-wise kernels per tensor); on the CPU the reference implementation, whose
-    rounding the parity and transformers-equality tests are written against."""
+    rounding the parity and transformers-equality tests are written against. A model with
+    bf16 weights gets fp32 master weights (MasterWeightAdamW)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if fused is None:
         fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+    adamw = dict(lr=tc.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return MasterWeightAdamW(model, groups, **adamw)
+    return torch.optim.AdamW(groups, **adamw)
 
 
 def get_lr(step: int, tc: TrainConfig) -> float:
@@ -1076,15 +1127,29 @@ def resolve_device(tc: TrainConfig, local_rank: int) -> torch.device:
 
 
 def resolve_autocast(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda"):
+    """bf16 matmuls under every bf16 scheme; with bf16 weights autocast's casts are no-ops, and it
+    still runs the few ops it keeps in fp32 (softmax-like reductions) there."""
+    if tc.dtype in ("bfloat16", "bfloat16-autocast") or (tc.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def resolve_param_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype:
+    """The dtype the model's weights are stored and computed in (the optimizer keeps fp32 masters)."""
+    if tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
 
 
 def build_model(mc: ModelConfig, tc: TrainConfig, pg: ParallelGroups, device: torch.device,
                 autocast_dtype: torch.dtype | None) -> MoETransformer:
     """This rank's slice of the model, with the expert kernel, recomputation and compilation chosen."""
     model = MoETransformer(mc, model_parallel_for(pg, mc), seed=tc.seed).to(device)
+    dtype = resolve_param_dtype(tc, device)
+    for name, p in model.named_parameters():
+        # Routers stay fp32: small score differences decide the expert choice (they compute in fp32).
+        if not name.endswith("router.weight"):
+            p.data = p.data.to(dtype)  # weights only: buffers (expert_bias, rotary tables) stay fp32
     grouped = can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)
     for module in model.modules():
         if hasattr(module, "use_grouped_mm"):

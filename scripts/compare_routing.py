@@ -40,6 +40,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import minimal_pretrain as mp  # noqa: E402
+from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 # The trainer's default model (D 128, 4 layers, 8 experts top-2, F 256) on shorter sequences.
 FULL = dict(steps=300, log_interval=10, window=5, experts=8, top_k=2,
@@ -247,8 +248,7 @@ def write_png(path: str, results: list[Result], seeds: list[Result]) -> bool:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="out/routing", help="folder for routing_comparison.md and .png")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per method; 0: 300 (6 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (seconds; for tests)")
@@ -257,6 +257,14 @@ def main() -> None:
                    help="extra seeds of the baseline, to measure seed-to-seed noise; -1: 2 (0 with --quick)")
     p.add_argument("--keep-metrics", action="store_true", help="keep each run's metrics file in OUT/runs/")
     args = p.parse_args()
+    checks = [(args.steps >= 0, f"--steps must be >= 0 (0: the default), got {args.steps}"),
+              (args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}"),
+              (args.noise_seeds >= -1, f"--noise-seeds must be >= 0 (-1: the default), got {args.noise_seeds}"),
+              (not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file; give a folder")]
+    for ok, message in checks:
+        if not ok:
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
     setup = dict(QUICK if args.quick else FULL)
     setup["steps"] = args.steps or setup["steps"]
     steps = setup["steps"]

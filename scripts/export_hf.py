@@ -13,6 +13,9 @@ the Hub store them: transformers 4.x loads them as they are, 5.x fuses them whil
 Byte-level models (vocab 256) need no tokenizer files; when the run's --data folder holds a
 meta.json it is copied beside the weights. Needs safetensors (requirements-extras.txt); writing
 the folder does not need transformers itself.
+--out must be a new or empty folder outside the checkpoint. Before anything is written, every
+tensor's name and shape is checked against what transformers builds from the written config.json;
+a mismatch, a model Qwen3 cannot express or a bad checkpoint is one `error:` line, exit 2.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
+from moe_layers import ModelConfig  # noqa: E402
+from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Model options Qwen3 has no counterpart for, with the value that means "off"; a checkpoint
@@ -92,13 +97,55 @@ def hf_config(model: dict, train: dict, dtype: str) -> dict:
     return config
 
 
+def hf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight that transformers' Qwen3 / Qwen3-MoE builds from this config.json:
+    the folder is refused unless the weights match it exactly, so transformers never refuses it."""
+    d, v, hd = config["hidden_size"], config["vocab_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                       p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+                       p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if config.get("num_experts", 0) > 0 and (i + 1) % config["decoder_sparse_step"] == 0:
+            f = config["moe_intermediate_size"]
+            shapes[p + "mlp.gate.weight"] = (config["num_experts"], d)
+            for e in range(config["num_experts"]):
+                shapes.update({f"{p}mlp.experts.{e}.gate_proj.weight": (f, d),
+                               f"{p}mlp.experts.{e}.up_proj.weight": (f, d),
+                               f"{p}mlp.experts.{e}.down_proj.weight": (d, f)})
+        else:
+            f = config["intermediate_size"]
+            shapes.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                           p + "mlp.down_proj.weight": (d, f)})
+    return shapes
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it, links resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
 def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
-    """Write config.json and model.safetensors (and a copied data meta.json) into `out`; return their paths."""
+    """Write config.json and model.safetensors (and a copied data meta.json) into `out`, a new or empty
+    folder; return their paths. Everything is checked before anything is written, and the files are
+    written into a temporary folder renamed to `out` at the end, so a refusal or a crash writes nothing."""
     from safetensors.torch import save_file
     if not os.path.isdir(checkpoint):  # (checkpoint.resolve words this for the trainer's --load)
         raise ckpt_io.CheckpointError(f"--checkpoint {checkpoint}: no such folder")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new one (nothing is overwritten)")
     ckpt = ckpt_io.read_checkpoint(checkpoint)
     meta = ckpt.meta
+    if inside(out, checkpoint) or inside(out, ckpt.path):
+        raise ValueError(f"--out {out} lies inside the checkpoint folder; choose a folder outside it")
+    try:
+        ModelConfig(**meta["model"]).validate()  # a checkpoint of another kind fails here, not in transformers
+    except ValueError as e:
+        raise ckpt_io.CheckpointError(f"{ckpt.path}: its model config is invalid ({e})") from None
     for name, off in NOT_IN_QWEN3.items():
         if meta["model"].get(name, off) != off:
             raise UnsupportedModel(f"{ckpt.path}: {name} = {meta['model'][name]!r} has no counterpart in "
@@ -110,22 +157,40 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
                 raise UnsupportedModel(f"{ckpt.path}: {name} is non-zero; Qwen3-MoE routing has no expert bias")
             continue
         weights[hf_name(name)] = t.to(DTYPES[dtype]).contiguous()  # per-expert tensors are transposed views
-    os.makedirs(out, exist_ok=True)
-    written = [os.path.join(out, "config.json"), os.path.join(out, "model.safetensors")]
-    with open(written[0], "w") as f:
-        json.dump(hf_config(meta["model"], meta.get("train", {}), dtype), f, indent=2)
-    save_file(weights, written[1], metadata={"format": "pt"})  # transformers wants the "format" entry
-    data = meta.get("train", {}).get("data", "")
-    if data and os.path.isfile(os.path.join(data, "meta.json")):
-        written.append(shutil.copy(os.path.join(data, "meta.json"), os.path.join(out, "meta.json")))
-    return written
+    config = hf_config(meta["model"], meta.get("train", {}), dtype)
+    if config["num_hidden_layers"] > len(weights) or 3 * config.get("num_experts", 0) > len(weights):
+        raise UnsupportedModel(f"{ckpt.path}: its model config gives more layers or experts than its "
+                               f"{len(weights)} tensors hold")
+    want = hf_shapes(config)
+    missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
+    if missing or extra:
+        raise UnsupportedModel(f"{ckpt.path}: the weights do not fit the exported config.json: missing {missing[:3]}, "
+                               f"unexpected {extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
+    for name, shape in want.items():
+        if tuple(weights[name].shape) != shape:
+            raise UnsupportedModel(f"{ckpt.path}: {name} has shape {tuple(weights[name].shape)}, the exported "
+                                   f"config.json gives {shape}")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".tmp-export-{os.getpid()}")
+    os.makedirs(tmp)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})  # transformers wants it
+        names = ["config.json", "model.safetensors"]
+        data = meta.get("train", {}).get("data", "")
+        if data and os.path.isfile(os.path.join(data, "meta.json")):  # a regular file: never a FIFO
+            names.append(os.path.basename(shutil.copy(os.path.join(data, "meta.json"), os.path.join(tmp, "meta.json"))))
+        os.replace(tmp, out)  # `out` is new or an empty folder, which rename replaces
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [os.path.join(out, n) for n in names]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a --save folder (follows `latest`) or one step folder")
-    p.add_argument("--out", required=True, help="folder to write config.json and model.safetensors into")
+    p.add_argument("--out", required=True, help="new or empty folder to write config.json and model.safetensors into")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the written weights")
     args = p.parse_args()
     try:
@@ -135,8 +200,12 @@ def main() -> None:
         sys.exit(2)
     try:
         written = export(args.checkpoint, args.out, args.dtype)
-    except (ckpt_io.CheckpointError, UnsupportedModel, OSError) as e:
+    except (ValueError, OSError) as e:  # CheckpointError and UnsupportedModel are ValueErrors
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyError, TypeError) as e:  # a meta.json whose model config is not ours
+        print(f"error: --checkpoint {args.checkpoint}: not a model this code exports ({type(e).__name__}: {e})",
+              file=sys.stderr)
         sys.exit(2)
     for path in written:
         print(f"wrote {path}")

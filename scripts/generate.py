@@ -19,11 +19,15 @@ positions. With the cache, generation stops (with a note) once a token would nee
 seq_length; without it the model reads the last seq_length tokens (a sliding window), so it
 goes on. Up to that point both give the same tokens (with dropless token-choice routing; it
 prints a note for routers whose choices depend on the other tokens of a pass).
+Bad input (a sampling flag out of range or not finite, a prompt that is empty, too long or
+outside the vocabulary, a checkpoint that is not a whole, finite model of this code) is one
+`error:` line, exit 2, before anything is sampled.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -33,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
+from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 BYTE_VOCAB = 256
 
@@ -40,7 +45,12 @@ BYTE_VOCAB = 256
 def load_model(path: str, device: str = "cpu") -> MoETransformer:
     """The whole model of a checkpoint of any layout, in eval mode."""
     ckpt = ckpt_io.read_checkpoint(path)
-    model = MoETransformer(ModelConfig(**ckpt.meta["model"]))
+    cfg = ModelConfig(**ckpt.meta["model"])
+    try:
+        cfg.validate()  # a checkpoint of another kind fails here, before anything is built
+    except ValueError as e:
+        raise ckpt_io.CheckpointError(f"{ckpt.path}: its model config is invalid ({e})") from None
+    model = MoETransformer(cfg)
     ckpt_io.load_into(ckpt, model, None)
     return model.to(device).eval()
 
@@ -97,9 +107,29 @@ def generate(model: MoETransformer, prompt: list[int], max_new_tokens: int, temp
     return new, False
 
 
+def parse_prompt(args: argparse.Namespace, vocab: int, seq_length: int) -> list[int]:
+    """The prompt's token ids; raises ValueError saying which flag to change."""
+    if args.prompt is not None:
+        if vocab != BYTE_VOCAB:
+            raise ValueError(f"the model's vocabulary has {vocab} tokens, not bytes; give --prompt-ids")
+        prompt = list(args.prompt.encode("utf-8", "surrogateescape"))  # the bytes given, even if not UTF-8
+    else:
+        try:
+            prompt = [int(i) for i in args.prompt_ids.split(",")]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one token")
+    if not all(0 <= i < vocab for i in prompt):
+        raise ValueError(f"--prompt-ids must lie in [0, {vocab}), the model's vocabulary")
+    if len(prompt) > seq_length:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, more than the model's seq_length {seq_length}; "
+                         f"shorten it")
+    return prompt
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a --save folder (follows `latest`) or one step folder")
     p.add_argument("--prompt", default=None, help="text prompt (byte-level models)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (any vocabulary)")
@@ -109,31 +139,36 @@ def main() -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the most likely tokens up to this mass")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     args = p.parse_args()
 
+    # Bad flags, a checkpoint of another kind or a bad prompt: one `error:` line, exit 2, before sampling.
     try:
-        if (args.prompt is None) == (args.prompt_ids is None):
-            raise ValueError("give exactly one of --prompt and --prompt-ids")
-        if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
-            raise ValueError("--temperature and --top-k must be >= 0, --top-p in (0, 1], --max-new-tokens >= 0")
+        checks = [
+            ((args.prompt is None) != (args.prompt_ids is None), "give exactly one of --prompt and --prompt-ids"),
+            (math.isfinite(args.temperature) and args.temperature >= 0,
+             f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}"),
+            (args.top_k >= 0, f"--top-k must be >= 0 (0 keeps all), got {args.top_k}"),
+            (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),  # also refuses nan
+            (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
+            (0 <= args.seed < 2**63, f"--seed must be in [0, 2**63), got {args.seed}"),
+            (args.device == "cpu" or torch.cuda.is_available(), "--device cuda: no GPU is visible; use --device cpu"),
+            (os.path.isdir(args.checkpoint), f"--checkpoint {args.checkpoint}: no such folder"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
         model = load_model(args.checkpoint, args.device)
+        if not all(t.isfinite().all() for t in model.state_dict().values()):
+            raise ValueError(f"--checkpoint {args.checkpoint}: the weights hold NaN or Inf; load an earlier one")
         vocab, seq_length = model.cfg.vocab_size, model.cfg.seq_length
-        if args.prompt is not None:
-            if vocab != BYTE_VOCAB:
-                raise ValueError(f"the model's vocabulary has {vocab} tokens, not bytes; give --prompt-ids")
-            prompt = list(args.prompt.encode("utf-8"))
-        else:
-            prompt = [int(i) for i in args.prompt_ids.split(",")]
-        if not prompt:
-            raise ValueError("the prompt is empty; give at least one token")
-        if not all(0 <= i < vocab for i in prompt):
-            raise ValueError(f"--prompt-ids must lie in [0, {vocab})")
-        if len(prompt) > seq_length:
-            raise ValueError(f"the prompt has {len(prompt)} tokens, more than the model's seq_length {seq_length}; "
-                             f"shorten it")
-    except (ValueError, ckpt_io.CheckpointError) as e:  # CheckpointError is a ValueError
+        prompt = parse_prompt(args, vocab, seq_length)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyError, TypeError) as e:  # a meta.json whose model config is not ours
+        print(f"error: --checkpoint {args.checkpoint}: not a model this code builds ({type(e).__name__}: {e})",
+              file=sys.stderr)
         sys.exit(2)
 
     cfg = model.cfg

@@ -17,7 +17,9 @@ Needs safetensors (requirements-extras.txt), not transformers.
 positions do not depend on it, so the logits of shorter sequences are the same.
 What MoETransformer cannot represent is refused with one `error:` line, exit 2: tied embeddings,
 attention bias, sliding-window attention, dense layers picked by mlp_only_layers, rope scaling,
-an activation other than silu, or a head_dim other than hidden_size / num_attention_heads.
+an activation other than silu, or a head_dim other than hidden_size / num_attention_heads. So
+are a config.json with missing or mistyped fields, unreadable or mismatched weights, and an --out
+that is not a new or empty folder (an existing run's `latest` is never moved); nothing is written.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import stat
 import sys
 
 import torch
@@ -34,18 +38,44 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
 from minimal_pretrain import TrainConfig  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
+from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 
 class UnsupportedModel(ValueError):
     """A transformers model this toolkit cannot hold; the message says what differs."""
 
 
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings")
+# config.json keys read, with the JSON types each may have (None: absent, the default applies)
+TYPES = {**{k: (int,) for k in REQUIRED + ("num_key_value_heads", "head_dim", "moe_intermediate_size", "num_experts",
+                                          "num_local_experts", "num_experts_per_tok", "decoder_sparse_step")},
+         **{k: (int, float) for k in ("rope_theta", "rms_norm_eps", "initializer_range")},
+         **{k: (bool,) for k in ("tie_word_embeddings", "attention_bias", "use_sliding_window", "norm_topk_prob")}}
+
+
 def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig:
     """transformers' config.json (as a dict) -> our ModelConfig, refusing what we cannot represent."""
+    if not isinstance(hf, dict):
+        raise UnsupportedModel("config.json is not a JSON object")
     kind = hf.get("model_type")
     if kind not in ("qwen3_moe", "qwen3"):
         raise UnsupportedModel(f"model_type {kind!r}: only qwen3_moe and qwen3 are supported")
+    for key in REQUIRED:
+        if key not in hf:
+            raise UnsupportedModel(f"config.json lacks {key}")
+    for key, kinds in TYPES.items():  # JSON is untyped: "32", 32.0 or true would fail later, unclearly
+        value = hf.get(key)
+        ok = (bool in kinds) if isinstance(value, bool) else isinstance(value, kinds) and (
+            not isinstance(value, float) or math.isfinite(value))
+        if value is not None and not ok:
+            kind = {(int,): "an integer", (int, float): "a finite number", (bool,): "true or false"}[kinds]
+            raise UnsupportedModel(f"config.json: {key} = {value!r}; it must be {kind}")
+    if hf["num_attention_heads"] <= 0:
+        raise UnsupportedModel(f"config.json: num_attention_heads = {hf['num_attention_heads']}; it must be positive")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise UnsupportedModel(f"config.json: rope parameters {rope!r} are not a JSON object")
     refusals = [
         (hf.get("tie_word_embeddings", False), "tie_word_embeddings is true; our embedding and LM head are untied"),
         (hf.get("attention_bias", False), "attention_bias is true; our projections have no bias"),
@@ -80,7 +110,7 @@ def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig
         else defaults.num_experts_per_token,
         moe_layer_interval=hf.get("decoder_sparse_step", 1) if moe else 1,
         norm_topk_prob=hf.get("norm_topk_prob", False) if moe else defaults.norm_topk_prob,
-        seq_length=seq_length or hf["max_position_embeddings"],
+        seq_length=hf["max_position_embeddings"] if seq_length is None else seq_length,
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", defaults.rope_theta))),
         rms_norm_eps=hf.get("rms_norm_eps", defaults.rms_norm_eps),
         init_std=hf.get("initializer_range", defaults.init_std),
@@ -92,20 +122,50 @@ def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig
     return cfg
 
 
+def regular_file(path: str) -> bool:
+    """Whether `path` is a regular file; raises on a folder, a FIFO (which would block) or a device."""
+    if not os.path.exists(path):
+        return False
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise UnsupportedModel(f"{path}: not a regular file")
+    return True
+
+
+def read_json(path: str) -> object:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:  # also a file that is not UTF-8
+        raise UnsupportedModel(f"{path}: not valid JSON ({e})") from None
+
+
 def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
     """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(single):
-        return load_file(single)
-    if os.path.exists(index):
-        tensors = {}
-        for shard in sorted(set(json.load(open(index))["weight_map"].values())):
-            tensors.update(load_file(os.path.join(folder, shard)))
-        return tensors
-    raise UnsupportedModel(f"{folder}: no model.safetensors nor model.safetensors.index.json "
-                           f"(save it with safe_serialization=True)")
+    if regular_file(single):
+        files = [single]
+    elif regular_file(index):
+        index_json = read_json(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise UnsupportedModel(f"{index}: no weight_map of tensor name -> shard file")
+        files = [os.path.join(folder, shard) for shard in sorted(set(weight_map.values()))]
+        for f in files:
+            if not regular_file(f):
+                raise UnsupportedModel(f"{index} lists {f}, which does not exist")
+    else:
+        raise UnsupportedModel(f"{folder}: no model.safetensors nor model.safetensors.index.json "
+                               f"(save it with safe_serialization=True)")
+    tensors = {}
+    for f in files:
+        try:
+            tensors.update(load_file(f))
+        except SafetensorError as e:
+            raise UnsupportedModel(f"{f}: not a readable safetensors file ({e})") from None
+    return tensors
 
 
 def our_name(name: str) -> str:
@@ -122,6 +182,9 @@ def checkpoint_tensors(hf_weights: dict[str, torch.Tensor]) -> dict[str, torch.T
     for name, t in hf_weights.items():
         name, t = our_name(name), t.float()
         prefix = name.rsplit(".", 1)[0]  # layers.L.mlp.experts
+        fused = name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))
+        if fused and (t.dim() != 3 or name.endswith("gate_up_proj") and t.shape[1] % 2):
+            raise UnsupportedModel(f"{name} has shape {tuple(t.shape)}; fused experts are (E, 2F, D) and (E, D, F)")
         if name.endswith(".mlp.experts.gate_up_proj"):  # (E, 2F, D): gate rows, then up rows
             for e, (gate, up) in enumerate(zip(*t.chunk(2, dim=1))):
                 out[f"{prefix}.{e}.gate_proj.weight"] = gate.contiguous()  # (F, D)
@@ -151,12 +214,22 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[
 
 
 def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
-    """Convert the folder; return the step folder written."""
+    """Convert the folder into `out`, a new or empty folder; return the step folder written.
+    Everything is read and checked before anything is written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; give a new or empty folder")
+    if os.path.isdir(out) and os.listdir(out):  # e.g. a run's folder: its `latest` must never move
+        raise ValueError(f"--out {out} already holds a checkpoint or other files; choose a new or empty folder")
+    if not os.path.isdir(hf_dir):
+        raise UnsupportedModel(f"--hf {hf_dir}: no such folder")
     config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(config_path):
+    if not regular_file(config_path):
         raise UnsupportedModel(f"{hf_dir}: no config.json; point --hf at a save_pretrained folder")
-    cfg = model_config_from_hf(json.load(open(config_path)), seq_length)
+    cfg = model_config_from_hf(read_json(config_path), seq_length)
     tensors = checkpoint_tensors(read_safetensors(hf_dir))
+    if cfg.num_layers > len(tensors) or 3 * cfg.num_experts > len(tensors):  # before listing what they imply
+        raise UnsupportedModel(f"{hf_dir}: config.json gives {cfg.num_layers} layers of {cfg.num_experts} experts, "
+                               f"more than the {len(tensors)} tensors of the weights hold")
     want, buffers = expected_shapes(cfg)
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
@@ -171,10 +244,9 @@ def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hf", required=True, help="folder with config.json and model.safetensors (save_pretrained)")
-    p.add_argument("--out", required=True, help="checkpoint root to write (then give it to --load)")
+    p.add_argument("--out", required=True, help="new or empty folder: the checkpoint root to write (then --load it)")
     p.add_argument("--seq-length", type=int, default=None, help="training sequence length; "
                                                                 "default: max_position_embeddings")
     args = p.parse_args()
@@ -184,12 +256,15 @@ def main() -> None:
         print("error: safetensors is not installed; pip install -r requirements-extras.txt", file=sys.stderr)
         sys.exit(2)
     try:
+        if args.seq_length is not None and args.seq_length < 1:
+            raise ValueError(f"--seq-length must be >= 1, got {args.seq_length}")
         path = import_hf(args.hf, args.out, args.seq_length)
-    except KeyError as e:
-        print(f"error: {args.hf}/config.json lacks {e}", file=sys.stderr)
-        sys.exit(2)
     except (ValueError, OSError) as e:  # UnsupportedModel, unreadable JSON, unreadable files
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyError, TypeError) as e:  # a nested field of config.json or of the index of another shape
+        print(f"error: --hf {args.hf}: not a folder as transformers writes it ({type(e).__name__}: {e})",
+              file=sys.stderr)
         sys.exit(2)
     print(f"wrote {path} (step 0, no optimizer state); continue with: "
           f"python minimal_pretrain.py --load {args.out} --max-steps N")

@@ -19,14 +19,16 @@ Writes `OUT/step_00000000/` and `OUT/latest` with checkpoint.save_checkpoint: st
 world 1, no optimizer state (AdamW starts fresh on `--load`) and the dense run's train config,
 so `--load` reads the same data stream (--seed, --data, --micro-batch-size), restarted at step 0;
 give --seed on the continued run to draw other batches. The dense checkpoint may come from any
-layout. Bad input (missing folder, not dense, an OUT that already holds a checkpoint) is one
-`error:` line, exit 2.
+layout. Bad input (missing folder, not dense, bad numbers, an OUT that is not a new or empty
+folder outside the dense checkpoint, so that an existing run's `latest` never moves) is one
+`error:` line, exit 2, and nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -35,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
 from moe_layers import ModelConfig  # noqa: E402
+from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -50,6 +53,12 @@ def upcycled_config(dense: ModelConfig, num_experts: int, top_k: int, interval: 
     if num_experts < 1:
         raise ValueError(f"--num-experts must be >= 1, got {num_experts}")
     cfg.validate()
+    # the E copies of every MoE layer's MLP are built in memory, then written: refuse what cannot fit
+    need = 4 * num_experts * len(cfg.moe_layers) * 3 * cfg.hidden_size * cfg.ffn_hidden_size
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 2 * need > memory:
+        raise ValueError(f"--num-experts {num_experts}: the experts need {need / 2**30:.1f} GiB, twice that while "
+                         f"writing, and this machine has {memory / 2**30:.1f} GiB; choose fewer experts")
     if not cfg.moe_layers:
         raise ValueError(f"--moe-layer-interval {interval} makes no layer of {cfg.num_layers} an MoE layer")
     return cfg
@@ -79,9 +88,15 @@ def upcycle(checkpoint: str, out: str, num_experts: int, top_k: int, interval: i
     """Read the dense checkpoint, write the upcycled one; return the step folder written."""
     if not os.path.isdir(checkpoint):
         raise ValueError(f"--checkpoint {checkpoint}: no such folder")
-    if os.path.exists(os.path.join(out, "latest")):
-        raise ValueError(f"--out {out} already holds a checkpoint; choose an empty folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; give a new or empty folder")
+    if os.path.isdir(out) and os.listdir(out):  # e.g. a run's folder: its `latest` must never move
+        raise ValueError(f"--out {out} already holds a checkpoint or other files; choose a new or empty folder")
     ckpt = ckpt_io.read_checkpoint(checkpoint)
+    real_out = os.path.realpath(out)
+    for folder in (checkpoint, ckpt.path):
+        if real_out == os.path.realpath(folder) or real_out.startswith(os.path.realpath(folder) + os.sep):
+            raise ValueError(f"--out {out} lies inside the dense checkpoint's folder; choose a folder outside it")
     cfg = upcycled_config(ModelConfig(**ckpt.meta["model"]), num_experts, top_k, interval)
     tensors = upcycle_state(ckpt_io.full_state_dict(ckpt), cfg, router_std, seed, noise)
     return ckpt_io.save_full_state(out, tensors, dataclasses.asdict(cfg), ckpt.meta.get("train", {}),
@@ -89,10 +104,9 @@ def upcycle(checkpoint: str, out: str, num_experts: int, top_k: int, interval: i
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="dense checkpoint (a --save root or one step folder)")
-    p.add_argument("--out", required=True, help="checkpoint root to write (then give it to --load)")
+    p.add_argument("--out", required=True, help="new or empty folder: the checkpoint root to write (then --load it)")
     p.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer, E")
     p.add_argument("--num-experts-per-token", type=int, required=True, help="top-k, K")
     p.add_argument("--moe-layer-interval", type=int, default=1, help="layer i is MoE iff (i + 1) %% interval == 0")
@@ -102,10 +116,19 @@ def main() -> None:
                    help="multiply each expert copy by 1 + noise * normal(0, 1); 0: exact copies")
     args = p.parse_args()
     try:
+        for flag, value in (("--router-init-std", args.router_init_std), ("--noise", args.noise)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+        if not 0 <= args.seed < 2**63:
+            raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
         path = upcycle(args.checkpoint, args.out, args.num_experts, args.num_experts_per_token,
                        args.moe_layer_interval, args.router_init_std, args.seed, args.noise)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyError, TypeError) as e:  # a meta.json whose model config is not ours
+        print(f"error: --checkpoint {args.checkpoint}: not a model this code builds ({type(e).__name__}: {e})",
+              file=sys.stderr)
         sys.exit(2)
     print(f"wrote {path} (step 0, no optimizer state); continue with: "
           f"python minimal_pretrain.py --load {args.out} --max-steps N")
