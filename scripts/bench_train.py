@@ -6,8 +6,8 @@
     python scripts/bench_train.py --preset moe-0.5b --num-layers 4 --seq-length 4096
 
 A step is the trainer's own step, `minimal_pretrain.train_step` (no second copy of it here):
-one micro-batch of random tokens, forward (bf16 autocast on CUDA, fp32 on CPU unless --dtype
-says otherwise), loss = cross-entropy + (aux_coef * aux + z_coef * z) / MoE layers with the
+one micro-batch of random tokens, forward (bf16 weights and activations with fp32 master
+weights on CUDA, fp32 on CPU, unless --dtype says otherwise), loss = cross-entropy + (aux_coef * aux + z_coef * z) / MoE layers with the
 trainer's default coefficients, backward, gradient norm, clip, AdamW step. The model is built
 by `minimal_pretrain.build_model`, so the expert kernel (torch._grouped_mm where
 moe_layers.can_use_grouped_mm says so) and --compile (each block) are the trainer's too.
@@ -71,8 +71,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median step is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype; auto: bf16 on CUDA, none (fp32) on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "bfloat16-autocast"],
+                   help="the trainer's --dtype: auto is bfloat16 (bf16 weights, fp32 masters) on CUDA, "
+                        "float32 on CPU; bfloat16-autocast is the older fp32-weight scheme")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s for MFU on another card")
     p.add_argument("--seed", type=int, default=0)
@@ -114,7 +115,7 @@ def main() -> None:
     flops_per_token = cfg.flops_per_token()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"model: {json.dumps(dataclasses.asdict(cfg))}")
-    print(f"preset {args.preset} | device {device} ({device_name}) | autocast {autocast_dtype} | "
+    print(f"preset {args.preset} | device {device} ({device_name}) | dtype {tc.dtype} | autocast {autocast_dtype} | "
           f"grouped GEMM {grouped} | compile {args.compile} | micro-batch {batch} x {cfg.seq_length} tokens")
     print(f"parameters: total {total / 1e6:.1f}M | active per token {(active + embed) / 1e6:.1f}M "
           f"({active / 1e6:.1f}M without the input embedding) | {flops_per_token / 1e9:.2f} GFLOP per token")
@@ -168,7 +169,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({
             "preset": args.preset, "device": str(device), "device_name": device_name,
-            "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
+            "dtype": tc.dtype, "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
             "compile": args.compile, "grouped_mm": grouped, "micro_batch_size": batch,
             "seq_length": cfg.seq_length, "total_params": total, "active_params": active + embed,
             "active_non_embedding_params": active, "flops_per_token": flops_per_token, "step_ms": ms,
