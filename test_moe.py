@@ -985,14 +985,19 @@ def test_checkpoint_of_one_process_reshards_onto_8_ranks(full_runs, tmp_path):
     print(f"1 rank -> 8 ranks: max relative loss difference {worst:.2e}")
 
 
-@smoke
-def test_save_that_crashes_between_files_leaves_latest_loadable(tmp_path, monkeypatch):
+def tiny_checkpoint_at_step_3(root) -> tuple[MoETransformer, torch.optim.Optimizer, dict, dict]:
+    """A one-rank checkpoint of a tiny model at step 3 in `root`: (model, optimizer, meta, saved weights)."""
     model = MoETransformer(tiny_config(), seed=0)
     opt = torch.optim.AdamW(model.parameters())
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 3, "skipped_steps": 0,
             "model": {}, "train": {}, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}}
-    ckpt_io.save_checkpoint(str(tmp_path), 3, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), meta, 0, 1)
-    before = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path)))
+    ckpt_io.save_checkpoint(str(root), 3, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), meta, 0, 1)
+    return model, opt, meta, ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(root)))
+
+
+@smoke
+def test_save_that_crashes_between_files_leaves_latest_loadable(tmp_path, monkeypatch):
+    model, opt, meta, before = tiny_checkpoint_at_step_3(tmp_path)
     real_write = ckpt_io._fsync_write
 
     def crash_on_meta(path, write):  # the rank file is written, then the process "dies"
@@ -1384,12 +1389,7 @@ def test_rewind_with_keep_last_keeps_the_new_checkpoint_and_latest(tmp_path):
 
 
 def test_resave_of_the_latest_step_that_crashes_midway_still_loads(tmp_path, monkeypatch):
-    model = MoETransformer(tiny_config(), seed=0)
-    opt = torch.optim.AdamW(model.parameters())
-    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 3, "skipped_steps": 0,
-            "model": {}, "train": {}, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}}
-    ckpt_io.save_checkpoint(str(tmp_path), 3, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), meta, 0, 1)
-    before = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path)))
+    model, opt, meta, before = tiny_checkpoint_at_step_3(tmp_path)
     real_replace = os.replace
 
     def die_before_the_new_folder_moves_in(src, dst):
