@@ -994,9 +994,10 @@ def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
                                                  f"{resume.path}/meta.json")[name])
     tc.validate()  # before the data: --seed and the sizes must be sane to read batches
     corpus = load_corpus(tc.data, mc.vocab_size if "vocab_size" in given or resume else None)
-    if resume and corpus.vocab_size != mc.vocab_size:
+    if (resume or "vocab_size" in given) and corpus.vocab_size != mc.vocab_size:
         raise LocalInputError(f"--data {tc.data or '(built-in)'} has vocab {corpus.vocab_size}, "
-                          f"the checkpoint's model {mc.vocab_size}")
+                              + (f"the checkpoint's model {mc.vocab_size}" if resume else
+                                 f"--vocab-size says {mc.vocab_size}; drop the flag"))
     mc.vocab_size = corpus.vocab_size
     validate(mc, tc, world_size)
     if min(len(corpus.train), len(corpus.val)) < mc.seq_length + 2:
@@ -1040,7 +1041,7 @@ def print_run_summary(tc: TrainConfig, steps: int, tokens: int, wall: float, las
     print(f"final train loss {last.get('loss', float('nan')):.4f} (lm {last.get('lm_loss', float('nan')):.4f})")
     if val_loss is not None:
         print(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {unigram:.4f} nats/token "
-              f"({'beats' if val_loss < unigram else 'does not beat'} it by {unigram - val_loss:.4f})")
+              f"({'beats it' if val_loss < unigram else 'worse'} by {abs(unigram - val_loss):.4f})")
     for layer, load in last.get("expert_load", {}).items():
         hi = max(range(len(load)), key=load.__getitem__)
         lo = min(range(len(load)), key=load.__getitem__)
