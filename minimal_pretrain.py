@@ -1179,6 +1179,25 @@ def resume_from(resume: ckpt_io.Checkpoint, model: MoETransformer, optimizer: to
     return step, skipped
 
 
+def drop_metrics_after(path: str, step: int) -> None:
+    """Keep the records of steps <= `step` (and drop a half-written last line): a run restarted
+    from a checkpoint redoes the steps after it, which must not appear twice in the file."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".part", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".part", path)
+
+
 def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
                corpus: Corpus, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, device: torch.device,
                autocast_dtype: torch.dtype | None, start_step: int, skipped_total: int) -> None:
@@ -1186,7 +1205,9 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     is_main = pg.is_main
     global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
     peak_flops = peak_bf16_flops(device)
-    # A resumed run appends to the metrics of the run it continues.
+    # A resumed run appends to the metrics of the run it continues, after the records it redoes.
+    if is_main and tc.metrics_file and start_step:
+        drop_metrics_after(tc.metrics_file, start_step)
     metrics = open(tc.metrics_file, "a" if start_step else "w") if (is_main and tc.metrics_file) else None
     bar = None
     if is_main and tc.progress:

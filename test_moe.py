@@ -1069,6 +1069,8 @@ def test_killed_worker_restarts_from_latest_and_finishes_like_an_uninterrupted_r
     final_clean = train_records(str(tmp_path / "clean.jsonl"))[-1]
     final_killed = train_records(str(tmp_path / "killed.jsonl"))[-1]
     assert final_killed["step"] == steps and final_killed["loss"] == final_clean["loss"]
+    # The restart redid the steps after its checkpoint: each step is in the metrics file once.
+    assert [r["step"] for r in train_records(str(tmp_path / "killed.jsonl"))] == list(range(1, steps + 1))
 
 
 @smoke
