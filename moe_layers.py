@@ -384,7 +384,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 
 # ------------------------------------------------------------------------- norm, rope
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 (as transformers' Qwen3RMSNorm)."""
+    """x / rms(x) * weight, normalised in fp32 (as transformers' Qwen3RMSNorm)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -392,10 +392,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if x.dtype == self.weight.dtype:  # one fused kernel, weight included, on CUDA
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # lower-precision input: normalise in fp32, round to x's dtype, then scale by the fp32
+        # weight (so the result is fp32), exactly as Qwen3RMSNorm does
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -455,16 +456,16 @@ class Attention(nn.Module):
                 k = torch.cat([kv_cache["k"], k], dim=2)
                 v = torch.cat([kv_cache["v"], v], dim=2)
             kv_cache["k"], kv_cache["v"] = k, v
-        groups = self.n_heads // self.n_kv
-        k = k.repeat_interleave(groups, dim=1)  # (B, H, T_kv, Dh): query head h reads kv head h // groups
-        v = v.repeat_interleave(groups, dim=1)
+        # enable_gqa: query head h reads kv head h // (H / Hkv) inside the kernel, with no
+        # repeat_interleave copies of k and v (nor their summed gradients)
+        gqa = self.n_heads != self.n_kv
         # With a cache, T queries sit at the end of T_kv keys: causal mask aligned bottom-right.
         causal = kv_cache is None or t > 1
         if kv_cache is not None and t > 1 and k.shape[2] != t:
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, Dh)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*Dh)
         return self.o_proj(y)  # (B, T, D)
 
@@ -586,13 +587,93 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul of x in (x's own dtype outside autocast)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """SwiGLU experts run one after another on rows grouped by expert, with a hand-written backward.
+
+    forward(x (S, D), rows (M,) or None, weight (M,) or None, splits (E_local ints, sum M),
+            w_gate, w_up (E_local, D, F), w_down (E_local, F, D), num_out) -> (num_out, D)
+    Expert e owns rows s_e .. s_e + c_e - 1 (c_e = splits[e]) of the grouped order.
+    rows and weight given (dispatch and combine fused in): expert e reads x[rows[s_e : s_e + c_e]]
+    and adds its outputs, scaled by weight, into those rows of a zero (num_out, D) output.
+    rows and weight None: it reads x[s_e : s_e + c_e] and writes the same output rows.
+    Why by hand: autograd of the plain loop saves an (M, D) gathered copy of the tokens,
+    concatenates the experts' outputs and stacks E_local weight gradients. Here each expert
+    gathers its rows into a small, cache-hot block, writes its outputs and its three weight
+    gradients straight into preallocated tensors, and the backward gathers the rows again.
+    The arithmetic is autograd's, operation for operation (outputs scaled by the weights, then
+    index_add_ in expert order), so a one-process run rounds as the expert-parallel path does.
+    All tensors share one dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor | None,
+                splits: list[int], w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                num_out: int) -> torch.Tensor:
+        m, f = sum(splits), w_gate.shape[2]
+        gate, up = x.new_empty(m, f), x.new_empty(m, f)  # (M, F) pre-activations, kept for backward
+        y = x.new_empty(m, x.shape[1])  # (M, D) expert outputs, unweighted (the weights' gradient needs them)
+        out = y if rows is None else x.new_zeros(num_out, x.shape[1])  # (num_out, D)
+        s = 0
+        for e, c in enumerate(splits):
+            if c == 0:
+                continue
+            xe = x[s:s + c] if rows is None else x.index_select(0, rows[s:s + c])  # (c, D)
+            g = torch.mm(xe, w_gate[e], out=gate[s:s + c])  # (c, F)
+            h = F.silu(g) * torch.mm(xe, w_up[e], out=up[s:s + c])  # (c, F)
+            ye = torch.mm(h, w_down[e], out=y[s:s + c])  # (c, D)
+            if rows is not None:
+                out.index_add_(0, rows[s:s + c], ye * weight[s:s + c, None])  # a token's K rows add up
+            s += c
+        ctx.splits = splits
+        ctx.save_for_backward(x, rows, weight, w_gate, w_up, w_down, gate, up, None if rows is None else y)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, rows, weight, w_gate, w_up, w_down, gate, up, y = ctx.saved_tensors
+        grad = grad.contiguous()  # (num_out, D)
+        grad_x = torch.empty_like(x) if rows is None else torch.zeros_like(x)  # (S, D)
+        grad_gate, grad_up, grad_down = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
+        grad_weight = None if weight is None else torch.empty_like(weight)  # (M,)
+        s = 0
+        for e, c in enumerate(ctx.splits):
+            if c == 0:  # an expert without rows gets a zero gradient, as autograd would give it
+                grad_gate[e].zero_(), grad_up[e].zero_(), grad_down[e].zero_()
+                continue
+            if rows is None:
+                xe, grad_y = x[s:s + c], grad[s:s + c]  # (c, D)
+            else:
+                xe, grad_out = x.index_select(0, rows[s:s + c]), grad.index_select(0, rows[s:s + c])  # (c, D)
+                grad_weight[s:s + c] = (grad_out * y[s:s + c]).sum(1)  # d/dw of w * y
+                grad_y = grad_out * weight[s:s + c, None]  # (c, D)
+            g, u = gate[s:s + c], up[s:s + c]  # (c, F)
+            act = F.silu(g)  # recomputed: cheaper than keeping another (M, F) tensor
+            torch.mm((act * u).T, grad_y, out=grad_down[e])  # (F, D)
+            grad_h = grad_y @ w_down[e].T  # (c, F)
+            grad_u = grad_h * act
+            grad_g = torch.ops.aten.silu_backward(grad_h.mul_(u), g)  # (c, F) silu'(g) * grad_h * u
+            torch.mm(xe.T, grad_g, out=grad_gate[e])  # (D, F)
+            torch.mm(xe.T, grad_u, out=grad_up[e])  # (D, F)
+            grad_xe = grad_g @ w_gate[e].T + grad_u @ w_up[e].T  # (c, D)
+            if rows is None:
+                grad_x[s:s + c] = grad_xe
+            else:
+                grad_x.index_add_(0, rows[s:s + c], grad_xe)  # (S, D) a token's K rows add up
+            s += c
+        return grad_x, None, grad_weight, None, grad_gate, grad_up, grad_down, None
+
+
 class MoEExpert(nn.Module):
     """The E_local SwiGLU experts of one MoE layer on this rank, as stacked weights.
 
     w_gate, w_up (E_local, D, F) and w_down (E_local, F, D) hold expert e at index e, so that
-    x @ w multiplies without transposes. Experts run on rows already grouped by expert:
-    one grouped GEMM per projection (torch._grouped_mm, CUDA) or a loop over experts on
-    contiguous slices (CPU, where it is the faster of the two)."""
+    x @ w multiplies without transposes. Experts run on rows grouped by expert: one grouped
+    GEMM per projection (torch._grouped_mm, CUDA) or a loop over experts (`_ExpertLoop`; the
+    faster of the two on the CPU)."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
@@ -611,19 +692,28 @@ class MoEExpert(nn.Module):
         """x (M, D) rows grouped by local expert; counts (E_local,) rows per expert -> (M, D)."""
         if self.use_grouped_mm:
             # autocast does not cover torch._grouped_mm: cast to the autocast dtype by hand
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            dtype = compute_dtype(x)
             x = x.to(dtype)
             offs = counts.cumsum(0).to(torch.int32)  # (E_local,) end row of each expert, stays on device
             gate = torch._grouped_mm(x, self.w_gate.to(dtype), offs=offs)  # (M, F)
             up = torch._grouped_mm(x, self.w_up.to(dtype), offs=offs)  # (M, F)
             h = _ContiguousGrad.apply(F.silu(gate) * up)
             return _ContiguousGrad.apply(torch._grouped_mm(h, self.w_down.to(dtype), offs=offs))  # (M, D)
-        # unbind, not w[e] per expert: indexing a stacked weight per expert is slow in backward
-        outs = []
-        for xe, wg, wu, wd in zip(x.split(counts.tolist()), self.w_gate.unbind(0),
-                                  self.w_up.unbind(0), self.w_down.unbind(0)):
-            outs.append((F.silu(xe @ wg) * (xe @ wu)) @ wd)  # (rows of e, D)
-        return torch.cat(outs, dim=0)  # (M, D)
+        return self.loop(x, None, None, counts, x.shape[0])
+
+    def gather_and_combine(self, tokens: torch.Tensor, rows: Assignments) -> torch.Tensor:
+        """Dispatch, experts and combine in one pass: out[t] = sum over rows r of token t of
+        weight_r * expert_r(tokens[t]). tokens (n, D); rows sorted by expert -> (n, D)."""
+        return self.loop(tokens, rows.token, rows.weight, rows.counts, tokens.shape[0])
+
+    def loop(self, x: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor | None,
+             counts: torch.Tensor, num_out: int) -> torch.Tensor:
+        """`_ExpertLoop` in the autocast dtype (autocast does not reach inside a custom autograd Function)."""
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _ExpertLoop.apply(x.to(dtype), rows, None if weight is None else weight.to(dtype),
+                                     counts.tolist(), self.w_gate.to(dtype), self.w_up.to(dtype),
+                                     self.w_down.to(dtype), num_out)
 
 
 def can_use_grouped_mm(device: torch.device, cfg: ModelConfig, dtype: torch.dtype) -> bool:
@@ -761,6 +851,8 @@ class SparseMoELayer(nn.Module):
                    as in MegaBlocks, Gale et al. 2022).
       4. combine:  rows come back, are scaled by their weight and summed per token; shared
                    experts (DeepSeekMoE, Dai et al. 2024), if any, add a dense SwiGLU of all tokens.
+    Without EP and grouped GEMMs (the CPU), steps 2-4 run in one pass of `_ExpertLoop`: each
+    expert gathers its own rows and adds its weighted outputs into their tokens' rows.
     Under TP the ranks hold the same N tokens; each routes only its N/TP slice and the outputs
     are all-gathered, so no token is computed or counted twice. Decisions that need the whole
     micro-batch (capacity, expert choice) see every TP rank's scores. The returned losses are
@@ -852,20 +944,25 @@ class SparseMoELayer(nn.Module):
                          z_loss=router_z_loss(r.logits, num_tokens), counts=rows.counts.detach(),
                          routed=routed, dropped=dropped)
 
-        # 2. dispatch
-        x_sorted = tokens.index_select(0, rows.token)  # (A, D); index_select: faster backward than []
-        if self.par.ep_size > 1:
-            x_local, local_counts, plan = dispatch_to_experts(x_sorted, rows.counts, self.par)
+        if self.par.ep_size == 1 and not self.experts.use_grouped_mm:
+            # 2.-4. in one pass on the CPU: each expert gathers its own rows and adds its weighted
+            # outputs into their tokens' rows, with no (A, D) copies in between
+            out = self.experts.gather_and_combine(tokens, rows)  # (n, D)
         else:
-            x_local, local_counts = x_sorted, rows.counts
+            # 2. dispatch
+            x_sorted = tokens.index_select(0, rows.token)  # (A, D); index_select: faster backward than []
+            if self.par.ep_size > 1:
+                x_local, local_counts, plan = dispatch_to_experts(x_sorted, rows.counts, self.par)
+            else:
+                x_local, local_counts = x_sorted, rows.counts
 
-        # 3. experts
-        y_local = self.experts(x_local, local_counts)  # (M, D)
+            # 3. experts
+            y_local = self.experts(x_local, local_counts)  # (M, D)
 
-        # 4. combine
-        y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local  # (A, D)
-        weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]
-        out = torch.zeros_like(tokens, dtype=y_sorted.dtype).index_add_(0, rows.token, weighted)  # (n, D)
+            # 4. combine
+            y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local  # (A, D)
+            weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]
+            out = torch.zeros_like(tokens, dtype=y_sorted.dtype).index_add_(0, rows.token, weighted)  # (n, D)
         if self.par.tp_size > 1:
             out = _GatherTokens.apply(out, self.par.tp_group)  # (N, D)
         out = out.view(b, t, d)

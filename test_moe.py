@@ -30,9 +30,9 @@ import torch.nn.functional as F
 import checkpoint as ckpt_io
 import data
 import minimal_pretrain as mp
-from moe_layers import (ModelConfig, ModelParallel, MoEExpert, MoETransformer, MoETransformerBlock,
-                        RotaryEmbedding, SparseMoELayer, TopKRouter, layout_free_init_, load_balancing_loss,
-                        router_z_loss)
+from moe_layers import (Assignments, Attention, ModelConfig, ModelParallel, MoEExpert, MoETransformer,
+                        MoETransformerBlock, RMSNorm, RotaryEmbedding, SparseMoELayer, TopKRouter, _ExpertLoop,
+                        layout_free_init_, load_balancing_loss, router_z_loss)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
@@ -584,6 +584,155 @@ def test_lr_warmup_then_cosine():
 def test_builtin_corpus_holds_out_a_fixed_tenth_of_files():
     train, val = data.split_files(data.builtin_corpus_files())
     assert len(train) > 100 and len(val) >= len(train) // 10 and not set(train) & set(val)
+
+
+# --------------------------------------------- fast paths against slow references (CPU expert loop, norm, GQA)
+def per_row_reference(tokens: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, splits: list[int],
+                      experts: MoEExpert) -> torch.Tensor:
+    """out[t] = sum over rows r with rows[r] = t of weight[r] * expert_of(r)(tokens[t]), one row at a time."""
+    out = [torch.zeros_like(tokens[0]) for _ in range(tokens.shape[0])]
+    expert_of_row = torch.repeat_interleave(torch.arange(len(splits)), torch.tensor(splits))
+    for r, (t, e) in enumerate(zip(rows.tolist(), expert_of_row.tolist())):
+        out[t] = out[t] + weight[r] * swiglu(tokens[t], experts.w_gate[e], experts.w_up[e], experts.w_down[e])
+    return torch.stack(out)
+
+
+def assert_grads_match(out, ref, inputs, atol=1e-5):
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        assert torch.allclose(a, b, atol=atol), (a - b).abs().max()
+
+
+# ------------------------------------------------------------------ expert loop
+def test_gather_and_combine_matches_per_row_reference_in_outputs_and_gradients():
+    """Tokens on several experts, one expert without rows, unequal combine weights."""
+    cfg = tiny_config()
+    experts = MoEExpert(cfg, ModelParallel())
+    layout_free_init_(experts, 1)
+    torch.manual_seed(0)
+    tokens = torch.randn(6, cfg.hidden_size, requires_grad=True)
+    splits = [3, 0, 4, 2]  # rows per expert, grouped by expert
+    rows = torch.tensor([0, 2, 5, 0, 1, 3, 5, 2, 4])  # token of each row; tokens 0, 2, 5 have two experts
+    weight = torch.rand(9, requires_grad=True)
+    out = experts.gather_and_combine(tokens, Assignments(rows, weight, torch.tensor(splits)))
+    ref = per_row_reference(tokens, rows, weight, splits, experts)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert_grads_match(out, ref, [tokens, weight, experts.w_gate, experts.w_up, experts.w_down])
+
+
+@pytest.mark.parametrize("gathered", [True, False])
+def test_expert_loop_backward_passes_gradcheck_in_float64(gathered):
+    """The hand-written backward against finite differences, both modes (gathered rows, grouped rows)."""
+    torch.manual_seed(0)
+    e, d, f, n = 3, 8, 6, 5
+    w = [torch.randn(e, d, f, dtype=torch.double, requires_grad=True),
+         torch.randn(e, d, f, dtype=torch.double, requires_grad=True),
+         torch.randn(e, f, d, dtype=torch.double, requires_grad=True)]
+    splits = [2, 0, 4]
+    if gathered:
+        x = torch.randn(n, d, dtype=torch.double, requires_grad=True)
+        rows = torch.tensor([1, 4, 0, 1, 3, 4])
+        weight = torch.rand(6, dtype=torch.double, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, wt, a, b, c: _ExpertLoop.apply(x, rows, wt, splits, a, b, c, n),
+                                        (x, weight, *w))
+    else:
+        x = torch.randn(6, d, dtype=torch.double, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, a, b, c: _ExpertLoop.apply(x, None, None, splits, a, b, c, 6),
+                                        (x, *w))
+
+
+def test_moe_layer_one_pass_path_matches_dispatch_and_combine_path():
+    """The fused CPU path against the dispatch -> experts -> combine path (grouped GEMMs, fp32 on the CPU)."""
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2)
+    fused, grouped = SparseMoELayer(cfg, ModelParallel()), SparseMoELayer(cfg, ModelParallel())
+    layout_free_init_(fused, 3)
+    grouped.load_state_dict(fused.state_dict())
+    grouped.experts.use_grouped_mm = True
+    x = torch.randn(2, 7, cfg.hidden_size, requires_grad=True)
+    y, ref = fused(x)[0], grouped(x)[0]
+    assert torch.allclose(y, ref, atol=1e-6)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x] + list(fused.parameters()), g)
+    ref_grads = torch.autograd.grad(ref, [x] + list(grouped.parameters()), g)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_moe_layer_under_bf16_autocast_stays_within_bf16_rounding_of_fp32():
+    """Tolerance: bf16 keeps 8 significant bits, so outputs agree to a few 2^-8 of their scale;
+    the weights' gradients come back in fp32, the parameters' dtype."""
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2)
+    layer = SparseMoELayer(cfg, ModelParallel())
+    layout_free_init_(layer, 4)
+    x = torch.randn(2, 8, cfg.hidden_size)
+    ref = layer(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)[0]
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().max() <= 3 * 2 ** -8 * ref.abs().max()
+    y.float().sum().backward()
+    assert layer.experts.w_gate.grad.dtype == torch.float32 and torch.isfinite(layer.experts.w_down.grad).all()
+
+
+# ------------------------------------------------------------------------- norm
+def qwen3_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen3RMSNorm, written out."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_qwen3_formula_in_values_dtype_and_gradients(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(16, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (3 * torch.randn(4, 5, 16)).to(dtype).requires_grad_()
+    y, ref = norm(x), qwen3_rms_norm(x, norm.weight, 1e-6)
+    assert y.dtype == ref.dtype  # fp32 weight times a bf16 input: fp32, as in Qwen3
+    assert torch.allclose(y, ref, atol=1e-6, rtol=1e-6)
+    assert_grads_match(y, ref, [x, norm.weight], atol=1e-5)
+
+
+# -------------------------------------------------------------------- attention
+def repeated_kv_attention(attn: Attention, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+    """The same attention with k and v copied to every query head (repeat_interleave) and an explicit softmax."""
+    b, t, _ = x.shape
+    q = attn.q_norm(attn.q_proj(x).view(b, t, attn.n_heads, attn.head_dim)).transpose(1, 2)
+    k = attn.k_norm(attn.k_proj(x).view(b, t, attn.n_kv, attn.head_dim)).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, attn.n_kv, attn.head_dim).transpose(1, 2)
+    q, k = rope(q, k, torch.arange(t))
+    groups = attn.n_heads // attn.n_kv
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, T, Dh)
+    scores = (q @ k.transpose(-1, -2)) / attn.head_dim ** 0.5
+    scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    y = scores.softmax(-1) @ v  # (B, H, T, Dh)
+    return attn.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_grouped_query_attention_matches_repeated_kv_reference():
+    cfg = tiny_config(num_attention_heads=4, num_kv_heads=2)
+    attn = Attention(cfg, ModelParallel())
+    layout_free_init_(attn, 5)
+    rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+    x = torch.randn(2, 9, cfg.hidden_size, requires_grad=True)
+    y, ref = attn(x, rope, torch.arange(9)), repeated_kv_attention(attn, x, rope)
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert_grads_match(y, ref, [x] + list(attn.parameters()))
+
+
+def test_grouped_query_attention_with_cache_matches_one_full_pass():
+    """Prefill 5 positions, then 2 at once (bottom-right causal mask), then 1: the last outputs equal a full pass."""
+    cfg = tiny_config(num_attention_heads=4, num_kv_heads=2)
+    attn = Attention(cfg, ModelParallel())
+    layout_free_init_(attn, 6)
+    rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+    x = torch.randn(1, 8, cfg.hidden_size)
+    full = attn(x, rope, torch.arange(8))
+    cache: dict = {}
+    parts = [attn(x[:, a:b], rope, torch.arange(a, b), cache) for a, b in ((0, 5), (5, 7), (7, 8))]
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 
 # ---------------------------------------------------------------- CLI runs

@@ -7,7 +7,8 @@
 
 Three implementations of the same feed-forward work run on the same N tokens, in turn, in
 every timed round:
-  moe          moe_layers.SparseMoELayer (route, sort by expert, experts, index_add combine).
+  moe          moe_layers.SparseMoELayer (route, sort by expert, experts, index_add combine;
+               on the CPU all three in one pass of `_ExpertLoop`, one expert at a time).
   dense floor  one dense SwiGLU MLP of hidden width K*F: the same matmul FLOPs with no routing,
                so no sparse MoE layer can beat it on the same hardware.
   loop         the naive reference many implementations use: the same router, then for each
@@ -205,7 +206,7 @@ def main() -> None:
     if not args.json:
         print(f"device {device} ({torch.cuda.get_device_name(device) if use_cuda else 'cpu'}, "
               f"{torch.get_num_threads()} threads) | dtype {dtype} | median of {args.repeats} after "
-              f"{args.warmup} warm-up | forward + backward")
+              f"{args.warmup} warm-up | forward + backward | load average {os.getloadavg()[0]:.2f} at the end")
         head = (f"{'shape':<36} {'moe ms':>9} {'floor ms':>9} {'loop ms':>9} {'moe/floor':>9} "
                 f"{'moe/loop':>9} {'tokens/s':>11} {'busiest':>8} {'grouped':>7}")
         print(head)

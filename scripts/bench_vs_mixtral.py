@@ -89,7 +89,8 @@ def main() -> None:
         n = sum(q.numel() for q in model.parameters())
         print(f"{name:8s} {n / 1e6:6.2f} M params | step {med[name] * 1e3:8.1f} ms | {tokens / med[name]:10,.0f} tokens/s")
     print(f"throughput ratio ours / mixtral: {med['mixtral'] / med['ours']:.2f}x "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.2f} at the end)")
 
 
 if __name__ == "__main__":
