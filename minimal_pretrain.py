@@ -48,6 +48,12 @@ def arg(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def field_kind(f: dataclasses.Field) -> type:
+    """int, float, str or bool: a config field's type (annotations are strings under `from __future__`)."""
+    name = f.type if isinstance(f.type, str) else f.type.__name__
+    return {"int": int, "float": float, "str": str, "bool": bool}[name]
+
+
 @dataclass
 class TrainConfig:
     """Everything about a run that is not the model itself."""
@@ -170,12 +176,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             help_text = (helps[f.name] if helps else f.metadata["help"]).replace("%", "%%")
-            if f.type in ("bool", bool):
+            if field_kind(f) is bool:
                 p.add_argument(flag, default=f.default, help=help_text, action=argparse.BooleanOptionalAction)
             else:
-                kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
                 choices = f.metadata.get("choices") if f.metadata else MODEL_CHOICES.get(f.name)
-                p.add_argument(flag, default=f.default, type=kind, help=help_text, choices=choices)
+                p.add_argument(flag, default=f.default, type=field_kind(f), help=help_text, choices=choices)
     return p
 
 
@@ -199,20 +204,20 @@ def checked_fields(cls: type, saved: dict, where: str) -> dict:
 
     Unknown names or wrong types mean the checkpoint was written by another trainer (or
     edited by hand): refused here, with the field named, not as a TypeError later."""
-    kinds = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type if isinstance(f.type, str)
-                                                                        else f.type.__name__]
-             for f in dataclasses.fields(cls)}
+    kinds = {f.name: field_kind(f) for f in dataclasses.fields(cls)}
     unknown = sorted(set(saved) - set(kinds))
     if unknown:
-        raise ckpt_io.CheckpointError(f"{where}: unknown fields {unknown}; the checkpoint was written by another trainer "
-                          f"or version")
+        raise ckpt_io.CheckpointError(f"{where}: unknown fields {unknown}; the checkpoint was written by "
+                                      f"another trainer or version")
     for name, value in saved.items():
         kind = kinds[name]
-        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
+        if kind is bool:
+            ok = isinstance(value, bool)
+        else:  # bool is an int to Python, not to a config; an int is a fine float
+            ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
         if not ok:
-            raise ckpt_io.CheckpointError(f"{where}: {name} = {value!r} is not a {kind.__name__}; the checkpoint is damaged")
+            raise ckpt_io.CheckpointError(f"{where}: {name} = {value!r} is not a {kind.__name__}; "
+                                          f"the checkpoint is damaged")
     return saved
 
 
@@ -221,18 +226,18 @@ def model_config_from_checkpoint(saved: dict, mc: ModelConfig, given: set[str], 
     saved = checked_fields(ModelConfig, saved, where)
     for name, value in saved.items():
         if name in given and getattr(mc, name) != value:
-            raise ckpt_io.CheckpointError(f"--{name.replace('_', '-')} {getattr(mc, name)} conflicts with the checkpoint's "
-                              f"{value}; drop the flag (model flags come from the checkpoint)")
+            raise ckpt_io.CheckpointError(f"--{name.replace('_', '-')} {getattr(mc, name)} conflicts with the "
+                                          f"checkpoint's {value}; drop the flag (model flags come from the checkpoint)")
     return ModelConfig(**saved)
 
 
 def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
-    """Every check that needs no communication, so that all ranks fail together, fast."""
+    """The model's own checks, then the layout's: flags that fit each other and the world size
+    (TrainConfig.validate has checked each train flag on its own first). Needs no communication."""
     try:
         mc.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    tc.validate()
     tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
     ep = tc.expert_parallel_size or tp
     if world_size % (tp * pp):
@@ -530,7 +535,8 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
     inp = recv_forward() if warmup < m else None
     for i in range(warmup, m):
         out = forward_step(i, inp)
-        _, grad_out = p2p(pg, send_next=None if pg.last_stage else out, recv_next=True, shape=shape, device=device, dtype=act_dtype)
+        _, grad_out = p2p(pg, send_next=None if pg.last_stage else out, recv_next=True, shape=shape, device=device,
+                          dtype=act_dtype)
         in_grad = backward_step(grad_out)
         if i == m - 1:
             p2p(pg, send_prev=in_grad)
@@ -809,13 +815,13 @@ def evaluate(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: Mode
 def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
                micro: list[tuple[torch.Tensor, torch.Tensor]], pg: ParallelGroups, mc: ModelConfig,
                tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None,
-               step: int) -> tuple[StepStats, torch.Tensor]:
+               step: int) -> tuple[StepStats, torch.Tensor, bool]:
     """One optimizer step on this rank's micro-batches: what the trainer runs and the benchmarks time.
 
     Set the learning rate -> (global-batch balancing: route every micro-batch first) ->
     forward and backward of every micro-batch (1F1B) -> gradient all-reduces -> global norm
     -> clip and AdamW, or skip the update when the norm is not finite -> expert-bias update.
-    Returns this rank's step statistics and the global gradient norm (finite iff applied)."""
+    Returns this rank's step statistics, the global gradient norm and whether the update was applied."""
     for group in optimizer.param_groups:
         group["lr"] = get_lr(step, tc)
     optimizer.zero_grad(set_to_none=True)
@@ -829,14 +835,15 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     sync_gradients(model, pg, reducers)
     grad_norm = global_grad_norm(model, pg)
     # The norm is summed over all ranks, so every rank takes the same decision.
-    if torch.isfinite(grad_norm):
+    applied = bool(torch.isfinite(grad_norm))  # one host sync per step
+    if applied:
         if tc.grad_clip > 0:
             scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float()
             torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], scale)
         optimizer.step()
         if tc.router_bias_update_rate > 0 and mc.moe_layers:
             update_expert_bias(model, mc, global_expert_counts(stats, pg, routed=False), tc.router_bias_update_rate)
-    return stats, grad_norm
+    return stats, grad_norm, applied
 
 
 # ================================================================ start-up checks
@@ -949,16 +956,16 @@ def available_memory_bytes(device_type: str, local_rank: int) -> int | None:
 
 def check_memory(mc: ModelConfig, tc: TrainConfig, world_size: int, local_rank: int) -> None:
     """Refuse, before allocating, a run that cannot fit: an OOM kill prints nothing at all."""
-    device_type = "cuda" if tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available()) else "cpu"
-    bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device_type == "cuda")
+    device_type = "cuda" if uses_cuda(tc) else "cpu"
+    bf16 = resolve_param_dtype(tc, torch.device(device_type)) == torch.bfloat16
     state, acts = estimate_rank_bytes(mc, tc, world_size, bf16)
     avail = available_memory_bytes(device_type, local_rank)
     if avail is not None and state + acts > avail:
         gib = 2**30
-        raise LocalInputError(f"this run needs at least {(state + acts) / gib:.1f} GiB per rank (weights, gradients and "
-                          f"AdamW state {state / gib:.1f} GiB, activations {acts / gib:.1f} GiB) but "
-                          f"{avail / gib:.1f} GiB is free on this {device_type}; shrink the model or "
-                          f"--micro-batch-size, or split it over more ranks (TP / PP / EP)")
+        raise LocalInputError(f"this run needs at least {(state + acts) / gib:.1f} GiB per rank (weights, "
+                              f"gradients and AdamW state {state / gib:.1f} GiB, activations {acts / gib:.1f} GiB) but "
+                              f"{avail / gib:.1f} GiB is free on this {device_type}; shrink the model or "
+                              f"--micro-batch-size, or split it over more ranks (TP / PP / EP)")
 
 
 @dataclass
@@ -982,7 +989,7 @@ def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
             tc.load = tc.save  # auto-resume: a restarted run (torchrun --max-restarts) continues by itself
         elif ckpt_io.list_checkpoints(tc.save):
             raise LocalInputError(f"--save {tc.save} holds checkpoints {ckpt_io.list_checkpoints(tc.save)[-3:]} but no "
-                              f"`latest`; resume one with --load {tc.save}/step_N, or choose another folder")
+                                  f"`latest`; resume one with --load {tc.save}/step_N, or choose another folder")
     resume = None
     if tc.load:
         resume = ckpt_io.read_checkpoint(tc.load)
@@ -1002,10 +1009,10 @@ def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
     validate(mc, tc, world_size)
     if min(len(corpus.train), len(corpus.val)) < mc.seq_length + 2:
         raise LocalInputError(f"data too short: {len(corpus.train)} train / {len(corpus.val)} val tokens, "
-                          f"need more than --seq-length {mc.seq_length} + 1 in each split")
-    if tc.device != "cpu" and torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+                              f"need more than --seq-length {mc.seq_length} + 1 in each split")
+    if uses_cuda(tc) and local_rank >= torch.cuda.device_count():
         raise LocalInputError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
-                          f"launch at most that many processes per node")
+                              f"launch at most that many processes per node")
     check_memory(mc, tc, world_size, local_rank)
     if tc.metrics_file and rank == 0:
         check_metrics_file(tc.metrics_file)
@@ -1119,9 +1126,13 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def uses_cuda(tc: TrainConfig) -> bool:
+    """Whether this run trains on a GPU: --device cuda, or auto with one visible."""
+    return tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
+
+
 def resolve_device(tc: TrainConfig, local_rank: int) -> torch.device:
-    use_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
+    if uses_cuda(tc):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -1223,9 +1234,10 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
             t0 = time.time()
             x, y = get_batch(corpus.train, tc.seed, 0, step, global_batch, mc.seq_length, corpus.vocab_size)
             micro = local_microbatches(x, y, pg, tc, device)
-            stats, grad_norm = train_step(model, optimizer, reducers, micro, pg, mc, tc, device, autocast_dtype, step)
+            stats, grad_norm, applied = train_step(model, optimizer, reducers, micro, pg, mc, tc, device,
+                                                   autocast_dtype, step)
             done = step + 1
-            if not torch.isfinite(grad_norm):
+            if not applied:
                 skipped_total += 1
                 bad_in_a_row += 1
                 say(f"Step {done} | non-finite gradient norm: update skipped "
@@ -1319,7 +1331,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------- distributed setup
     if world_size > 1:
         # gloo for CPU tensors (the start-up agreement, stop flags), NCCL for CUDA tensors.
-        backend = "cpu:gloo,cuda:nccl" if tc.device != "cpu" and torch.cuda.is_available() else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if uses_cuda(tc) and torch.cuda.is_available() else "gloo"
         timeout = tc.dist_timeout if error is None else 300.0  # the flag itself may be what is wrong
         init_process_group(backend, rank, world_size, timedelta(seconds=timeout))
     fail_together(error, rank, world_size)  # all ranks passed their checks, or all exit 2 now

@@ -131,11 +131,12 @@ class ModelConfig:
             if not getattr(c, name) >= 0 or not math.isfinite(getattr(c, name)):  # `not >=` also catches NaN
                 raise ValueError(f"--{name.replace('_', '-')} must be finite and >= 0, got {getattr(c, name)}")
         # Zero or negative values here train NaN or an all-zero model "successfully".
-        for name in ("rope_theta", "rms_norm_eps", "init_std"):
+        for name in ("rms_norm_eps", "init_std"):
             if not getattr(c, name) > 0 or not math.isfinite(getattr(c, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be finite and > 0, got {getattr(c, name)}")
-        if c.rope_theta <= 1:
-            raise ValueError(f"--rope-theta must be > 1 (rotary frequencies theta^(-2i/d)), got {c.rope_theta}")
+        if not 1 < c.rope_theta < math.inf:
+            raise ValueError(f"--rope-theta must be finite and > 1 (rotary frequencies theta^(-2i/d)), "
+                             f"got {c.rope_theta}")
         if c.router_jitter_noise >= 1:
             raise ValueError(f"--router-jitter-noise must be < 1 (inputs scaled by U(1-eps, 1+eps)), "
                              f"got {c.router_jitter_noise}")

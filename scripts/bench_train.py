@@ -7,8 +7,9 @@
 
 A step is the trainer's own step, `minimal_pretrain.train_step` (no second copy of it here):
 one micro-batch of random tokens, forward (bf16 weights and activations with fp32 master
-weights on CUDA, fp32 on CPU, unless --dtype says otherwise), loss = cross-entropy + (aux_coef * aux + z_coef * z) / MoE layers with the
-trainer's default coefficients, backward, gradient norm, clip, AdamW step. The model is built
+weights on CUDA, fp32 on CPU, unless --dtype says otherwise), loss = cross-entropy +
+(aux_coef * aux + z_coef * z) / MoE layers with the trainer's default coefficients, backward,
+gradient norm, clip, AdamW step. The model is built
 by `minimal_pretrain.build_model`, so the expert kernel (torch._grouped_mm where
 moe_layers.can_use_grouped_mm says so) and --compile (each block) are the trainer's too.
 
@@ -40,7 +41,7 @@ import torch
 
 # `python scripts/bench_train.py` puts scripts/ on the path, not the repository root.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minimal_pretrain import (MODEL_HELP, TrainConfig, build_grad_reducers, build_model,  # noqa: E402
+from minimal_pretrain import (MODEL_HELP, TrainConfig, build_grad_reducers, build_model, field_kind,  # noqa: E402
                               build_optimizer, build_process_groups, peak_bf16_flops, resolve_autocast,
                               resolve_device, train_step)
 from moe_layers import ModelConfig, can_use_grouped_mm  # noqa: E402
@@ -62,11 +63,10 @@ def main() -> None:
     p.add_argument("--preset", default="small", choices=list(PRESETS))
     for f in dataclasses.fields(ModelConfig):  # every model flag, default: the preset's value
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if field_kind(f) is bool:
             p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=MODEL_HELP.get(f.name))
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, default=None, type=kind, help=MODEL_HELP.get(f.name))
+            p.add_argument(flag, default=None, type=field_kind(f), help=MODEL_HELP.get(f.name))
     p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median step is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
@@ -131,7 +131,7 @@ def main() -> None:
     def one_step(step: int) -> float:
         tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_length + 1), device=device)
         micro = [(tokens[:, :-1], tokens[:, 1:])]  # one micro-batch: (B, T) inputs, next-token targets
-        stats, _ = train_step(model, optimizer, reducers, micro, pg, cfg, tc, device, autocast_dtype, step)
+        stats, _, _ = train_step(model, optimizer, reducers, micro, pg, cfg, tc, device, autocast_dtype, step)
         return stats.lm_loss
 
     step_ms = []
