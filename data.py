@@ -100,7 +100,7 @@ def regular_file_or_error(path: str, what: str) -> None:
         raise DataError(f"{what} {path}: {e.strerror or e}") from None
     if not stat.S_ISREG(mode):
         raise DataError(f"{what} {path}: not a regular file; give a text file, a folder of them, "
-                          f"or a folder with train.bin / val.bin")
+                        f"or a folder with train.bin / val.bin")
 
 
 def load_corpus(path: str, vocab_size_flag: int | None) -> Corpus:
@@ -144,6 +144,7 @@ def read_token_meta(path: str, vocab_size_flag: int | None) -> tuple[int, str, d
         if vocab_size_flag is None:
             raise DataError(f"--data {path}: no meta.json; give --vocab-size")
         return vocab_size_flag, "uint16", {}  # nanoGPT's convention
+    regular_file_or_error(meta_path, "--data")  # a FIFO would block the read forever
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -178,7 +179,7 @@ def open_token_split(path: str, split: str, dtype: str, vocab: int, meta: dict) 
             raise DataError(f"{path}/meta.json: \"{key}\" of {split} must be a non-negative integer, got {value!r}")
     if counted is not None and counted != size // item:
         raise DataError(f"{f}: {size // item} {dtype} tokens, meta.json says {counted}; "
-                          f"was it written with another dtype?")
+                        f"was it written with another dtype?")
     tokens = np.memmap(f, dtype=TOKEN_DTYPES[dtype], mode="r")
     if stated is None and len(tokens) <= SCAN_LIMIT_TOKENS:
         stated = int(tokens.max())  # small enough to check every id now; bigger splits are checked per batch
@@ -208,7 +209,7 @@ def get_batch(tokens: np.ndarray, seed: int, split: int, index: int, batch: int,
     rows = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
     if vocab_size is not None and rows.max() >= vocab_size:  # a token file larger than the start-up scan
         raise DataError(f"{getattr(tokens, 'filename', 'data')} holds token {int(rows.max())} >= vocab size "
-                          f"{vocab_size} (batch {index} of split {split})")
+                        f"{vocab_size} (batch {index} of split {split})")
     rows = torch.from_numpy(rows)
     return rows[:, :-1], rows[:, 1:]
 
