@@ -2259,12 +2259,13 @@ def test_plot_metrics_writes_every_figure_as_small_pngs(trained, tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
     r = run_script("plot_metrics.py", [str(trained / "m.jsonl"), "--out", str(tmp_path / "plots")])
     assert r.returncode == 0, r.stderr
-    expected = {"loss.png", "router_losses.png", "lr.png", "grad_norm.png", "throughput.png",
+    expected = {"loss.png", "router_losses.png", "lr.png", "grad_norm.png", "throughput.png", "load_balance.png",
                 "expert_load_layer0.png", "expert_load_layer1.png"}
-    assert set(os.listdir(tmp_path / "plots")) == expected
+    assert set(os.listdir(tmp_path / "plots")) == expected | {"overview.png"}
     for name in expected:
         data = (tmp_path / "plots" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and 1000 < len(data) < 60_000, (name, len(data))
+    assert 1000 < (tmp_path / "plots" / "overview.png").stat().st_size < 200_000
 
 
 # ------------------------------------------- upcycling and the routing comparison
@@ -2859,3 +2860,90 @@ def test_export_writes_a_new_or_empty_folder_and_leaves_no_temporary_folder(worl
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["empty"]
+
+
+# ---- plots and routing comparison (issue 17) ----
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk that every PNG starts with, read here, not by the code under test."""
+    data = path.read_bytes()[:24]
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR", path
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def capacity_run_metrics(path: Path) -> Path:
+    """Ten train records of a 2-layer run with a capacity factor (dropped_fraction) and two evaluations
+    that report bits per byte, as the trainer writes them."""
+    lines = []
+    for step in range(1, 11):
+        load = [0.4 - 0.02 * step, 0.3, 0.2, 0.1 + 0.02 * step]
+        lines.append({"step": step, "loss": 4 - 0.1 * step, "lm_loss": 3.9 - 0.1 * step, "aux_loss": 1.1,
+                      "z_loss": 0.2, "lr": 1e-3, "grad_norm": 2.0 / step, "tokens_per_sec": 900.0 + step,
+                      "expert_load": {"0": load, "1": [0.25] * 4},
+                      "dropped_fraction": {"0": 0.2 - 0.01 * step, "1": 0.05}})
+        if step % 5 == 0:
+            lines.append({"step": step, "val_loss": 3.5 - 0.1 * step, "val_bpb": (3.5 - 0.1 * step) / math.log(2)})
+    return write(path, "".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_plot_metrics_writes_an_overview_and_laptop_sized_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    r = run_script("plot_metrics.py", [capacity_run_metrics(tmp_path / "m.jsonl"), "--out", tmp_path / "p"])
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    names = set(os.listdir(tmp_path / "p"))
+    assert names == {"overview.png", "loss.png", "router_losses.png", "lr.png", "grad_norm.png", "throughput.png",
+                     "val_bpb.png", "load_balance.png", "dropped_fraction.png", "expert_load_layer0.png",
+                     "expert_load_layer1.png"}
+    width, height = png_size(tmp_path / "p" / "overview.png")
+    assert width >= 1920 and height >= 1200 and (tmp_path / "p" / "overview.png").stat().st_size < 200_000
+    for name in names - {"overview.png"}:
+        width, height = png_size(tmp_path / "p" / name)
+        assert width >= 1200 and height >= 750 and (tmp_path / "p" / name).stat().st_size < 60_000, name
+
+
+def test_plot_metrics_skips_the_optional_figures_silently_when_the_fields_are_absent(tmp_path):
+    pytest.importorskip("matplotlib")
+    plain = [json.loads(line) for line in capacity_run_metrics(tmp_path / "m.jsonl").read_text().splitlines()]
+    for r in plain:
+        r.pop("dropped_fraction", None)
+        r.pop("val_bpb", None)
+    r = run_script("plot_metrics.py", [write(tmp_path / "plain.jsonl", "".join(json.dumps(x) + "\n" for x in plain)),
+                                       "--out", tmp_path / "p"])
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    names = set(os.listdir(tmp_path / "p"))
+    assert "overview.png" in names and not names & {"dropped_fraction.png", "val_bpb.png"}
+
+
+def test_compare_routing_refuses_an_out_that_holds_a_table_without_overwrite(tmp_path, capsys, monkeypatch):
+    out = write(tmp_path / "docs" / "routing_comparison.md", "the committed table").parent
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["compare_routing.py", "--quick", "--out", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        compare_routing.main()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert stop.value.code == 2 and len(errors) == 1
+    assert "already holds routing_comparison.md" in errors[0] and "--overwrite" in errors[0]
+    assert snapshot(tmp_path) == before
+
+
+def without_timings(path: Path) -> list[dict]:
+    """A kept metrics file without tokens_per_sec, the one field that depends on the machine's load."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in read_metrics(path)]
+
+
+def test_quick_comparison_gives_the_same_numbers_whatever_jobs_and_threads(quick_comparison, tmp_path):
+    # The fixture ran --jobs 2 under OMP_NUM_THREADS=1; here --jobs 3 under OMP_NUM_THREADS=2, which
+    # (were it passed on) changes the trainer's grad norm from step 1 at this size. Into a folder that
+    # holds a table: --overwrite replaces it.
+    first, _ = quick_comparison
+    out = write(tmp_path / "again" / "routing_comparison.md", "an older table").parent
+    r = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "compare_routing.py"), "--quick", "--jobs", "3",
+                        "--noise-seeds", "1", "--keep-metrics", "--overwrite", "--out", str(out)],
+                       capture_output=True, text=True, timeout=400, cwd=HERE,
+                       env=dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    runs = sorted(os.listdir(first / "runs"))
+    assert runs == sorted(os.listdir(out / "runs")) and len(runs) == 12
+    for name in runs:  # every loss, load, norm and drop of every logged step, bit for bit
+        assert without_timings(first / "runs" / name) == without_timings(out / "runs" / name), name
+    tables = [table_rows((d / "routing_comparison.md").read_text()) for d in (first, out)]
+    assert [row[:7] for row in tables[0]] == [row[:7] for row in tables[1]]  # all but tokens/s and wall s

@@ -1,7 +1,7 @@
 """Train the same small MoE once per routing method and tabulate quality, balance and speed.
 
-    python scripts/compare_routing.py --out docs               # about 10 minutes on 2 CPU cores
-    python scripts/compare_routing.py --quick --out /tmp/rc    # tiny model, seconds (the test)
+    python scripts/compare_routing.py --out docs --overwrite --jobs 2   # the committed table, ~10 min on 2 cores
+    python scripts/compare_routing.py --quick --out /tmp/rc             # tiny model, seconds (the test)
 
 Every method runs `minimal_pretrain.py` in a subprocess with the same model, seed, data
 (the built-in corpus), batches and steps, and the same active parameters per token (checked
@@ -14,9 +14,19 @@ other seeds (default 2): their spread of val loss says which differences are noi
 Writes DIR/routing_comparison.md (a Markdown table; the definitions of every column are
 written under it) and DIR/routing_comparison.png (bar charts of the final val loss and of
 max/mean expert load; skipped with a message when matplotlib is missing). --keep-metrics
-keeps each run's --metrics-file in DIR/runs/. --jobs N runs N methods at a time, each with
-OMP_NUM_THREADS threads (default: cpu_count / N). On a busy machine prefer OMP_NUM_THREADS=1:
-OpenMP threads that wait for a descheduled sibling spin and can make a run many times slower.
+keeps each run's --metrics-file in DIR/runs/. A DIR that already holds any of these files is
+refused before anything runs unless --overwrite is given: the committed table in docs/ is
+replaced only on purpose.
+
+Reproducible: every run trains on exactly one CPU thread (OMP_NUM_THREADS=1 and
+MKL_NUM_THREADS=1 in its environment, whatever the caller's), because the number of intra-op
+threads changes how torch splits its float sums and so the bits of every step; two threads
+instead of one already change the gradient norm within 10 steps and which experts die within
+300. --jobs N runs N methods at a time and changes nothing but the wall time. The same command
+on the same CPU type with the same torch gives the same table, losses and loads to the last
+digit (tokens/s and wall times excepted); another CPU family (its math kernels take other
+vector paths) or another torch version may give other numbers, within the seed-to-seed noise
+that the table reports.
 """
 
 from __future__ import annotations
@@ -51,6 +61,10 @@ QUICK = dict(steps=6, log_interval=1, window=3, experts=4, top_k=2,
                     "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32", "--num-experts", "4",
                     "--num-experts-per-token", "2", "--seq-length", "16", "--micro-batch-size", "2",
                     "--num-microbatches", "2", "--eval-iters", "2", "--lr", "1e-2"])
+# One intra-op thread per run, whatever --jobs and the caller's environment: the thread count
+# decides how torch splits float reductions, so it is part of what the numbers depend on.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+OUTPUTS = ("routing_comparison.md", "routing_comparison.png", "runs")  # what a run writes into --out
 DEAD_SHARE = 0.01  # an expert is dead when its load is below 1% of the mean load (1/E of the assignments)
 
 
@@ -112,10 +126,10 @@ def load_stats(train: list[dict], window: int) -> tuple[float, float, int, int, 
             statistics.fmean(dropped) if dropped else None)
 
 
-def run_method(name: str, flags: list[str], common: list[str], metrics: str, window: int, threads: str) -> Result:
+def run_method(name: str, flags: list[str], common: list[str], metrics: str, window: int) -> Result:
     """One training run in a subprocess; its metrics file parsed into a Result."""
     cmd = [sys.executable, os.path.join(ROOT, "minimal_pretrain.py")] + common + flags + ["--metrics-file", metrics]
-    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    env = dict(os.environ, **ONE_THREAD)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     res = Result(name, flags, proc.returncode, time.time() - t0)
@@ -142,8 +156,33 @@ def fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
+def cpu_name() -> str:
+    """The CPU model (Linux), else what platform knows: the numbers depend on the CPU family."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def code_version() -> str:
+    """The commit whose trainer made the runs, marked when files differ from it: the numbers change with the code."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
+    try:
+        head, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except OSError:  # no git on this machine
+        return "unknown (no git)"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" with local changes" if status.stdout.strip() else "")
+
+
 def write_markdown(path: str, results: list[Result], seeds: list[Result], common: list[str], setup: dict,
-                   total: float, jobs: int, threads: str) -> None:
+                   total: float, jobs: int) -> None:
     steps, window, log_interval = setup["steps"], setup["window"], setup["log_interval"]
     mc, tc, _ = mp.parse_config(common)
     noise = ""
@@ -201,12 +240,16 @@ def write_markdown(path: str, results: list[Result], seeds: list[Result], common
         f"The shared-expert run has one more expert in total ({setup['experts']} routed + 1 shared) but the "
         f"same active width.",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}, {jobs} run(s) at a time with {threads} thread(s) each. Other heavy jobs "
-        f"(test suites) may have shared these cores, so tokens/s and wall times are noisy; losses and loads "
-        f"are not (seeded, the same on a quiet machine). The whole comparison took {total / 60:.1f} minutes.",
+        f"Machine: {cpu_name()} ({torch.backends.cpu.get_cpu_capability()} kernels), {os.cpu_count()} CPU "
+        f"cores, torch {torch.__version__}, Python {platform.python_version()}, code at commit {code_version()}; "
+        f"{jobs} run(s) at a time, one thread each. The whole comparison took {total / 60:.1f} minutes. Other "
+        f"heavy jobs may have shared these cores, so tokens/s and wall times are noisy.",
         "",
-        f"Reproduce: `OMP_NUM_THREADS={threads} python scripts/compare_routing.py {' '.join(sys.argv[1:])}`",
+        f"Reproduce: `python scripts/compare_routing.py {' '.join(sys.argv[1:])}`. Every run trains on one "
+        f"thread whatever --jobs (the thread count changes how torch splits float sums), so with this code, "
+        f"torch and CPU type the val losses, loads, dead experts and drops come out the same to the last digit. "
+        f"Another CPU family (other vector kernels) or torch version rounds differently and may give other "
+        f"numbers, of the size of the seed-to-seed noise; a change to the trainer may too.",
         "",
     ]
     with open(path, "w") as f:
@@ -252,15 +295,22 @@ def main() -> None:
     p.add_argument("--out", default="out/routing", help="folder for routing_comparison.md and .png")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per method; 0: 300 (6 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (seconds; for tests)")
-    p.add_argument("--jobs", type=int, default=1, help="methods trained at the same time")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="methods trained at the same time, one thread each (changes only the wall time)")
     p.add_argument("--noise-seeds", type=int, default=-1,
                    help="extra seeds of the baseline, to measure seed-to-seed noise; -1: 2 (0 with --quick)")
     p.add_argument("--keep-metrics", action="store_true", help="keep each run's metrics file in OUT/runs/")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the table, PNG and runs/ that OUT already holds (docs/ holds the committed ones)")
     args = p.parse_args()
     checks = [(args.steps >= 0, f"--steps must be >= 0 (0: the default), got {args.steps}"),
               (args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}"),
               (args.noise_seeds >= -1, f"--noise-seeds must be >= 0 (-1: the default), got {args.noise_seeds}"),
               (not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file; give a folder")]
+    taken = [name for name in OUTPUTS if os.path.exists(os.path.join(args.out, name))]
+    checks.append((args.overwrite or not taken,
+                   f"--out {args.out} already holds {', '.join(taken)}; pass --overwrite to replace "
+                   f"{'them' if len(taken) > 1 else 'it'}, or give another folder"))
     for ok, message in checks:
         if not ok:
             print(f"error: {message}", file=sys.stderr)
@@ -283,12 +333,11 @@ def main() -> None:
         print(f"error: methods differ in active parameters per token: {actives}", file=sys.stderr)
         sys.exit(2)
     os.makedirs(args.out, exist_ok=True)
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.jobs))
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         def one(i: int) -> Result:
             name, flags = todo[i]
-            res = run_method(name, flags, common, os.path.join(tmp, f"{i:02d}.jsonl"), setup["window"], threads)
+            res = run_method(name, flags, common, os.path.join(tmp, f"{i:02d}.jsonl"), setup["window"])
             status = f"val loss {res.val_loss:.4f}" if res.rc == 0 else f"FAILED: {res.error}"
             print(f"[{i + 1}/{len(todo)}] {name}: {status} ({res.wall:.0f} s)", flush=True)
             return res
@@ -303,7 +352,7 @@ def main() -> None:
     total = time.time() - start
     md = os.path.join(args.out, "routing_comparison.md")
     results, seeds = results[:n_methods], results[n_methods:]
-    write_markdown(md, results, seeds, common, setup, total, args.jobs, threads)
+    write_markdown(md, results, seeds, common, setup, total, args.jobs)
     print(f"wrote {md} ({total / 60:.1f} min)")
     png = os.path.join(args.out, "routing_comparison.png")
     if write_png(png, results, seeds):
