@@ -169,11 +169,13 @@ def cpu_name() -> str:
 
 
 def code_version() -> str:
-    """The commit whose trainer made the runs, marked when files differ from it: the numbers change with the code."""
+    """The commit whose code made the runs, marked when a Python file differs from it (the numbers change with
+    the code; the table and the README do not)."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
     try:
-        head, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        head, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--",
+                                                                 "*.py")
     except OSError:  # no git on this machine
         return "unknown (no git)"
     if head.returncode != 0:
