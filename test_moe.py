@@ -2367,7 +2367,7 @@ def test_upcycle_bad_input_exits_2_with_one_error_line(dense_ckpt, tmp_path, cas
 def quick_comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("routing")
     r = run_script("compare_routing.py", ["--quick", "--jobs", "2", "--noise-seeds", 1, "--keep-metrics",
-                                          "--out", out], timeout=400)
+                                          "--out", out], timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return out, r.stdout
 
@@ -2938,7 +2938,7 @@ def test_quick_comparison_gives_the_same_numbers_whatever_jobs_and_threads(quick
     out = write(tmp_path / "again" / "routing_comparison.md", "an older table").parent
     r = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "compare_routing.py"), "--quick", "--jobs", "3",
                         "--noise-seeds", "1", "--keep-metrics", "--overwrite", "--out", str(out)],
-                       capture_output=True, text=True, timeout=400, cwd=HERE,
+                       capture_output=True, text=True, timeout=900, cwd=HERE,
                        env=dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     runs = sorted(os.listdir(first / "runs"))
