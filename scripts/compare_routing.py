@@ -1,6 +1,6 @@
 """Train the same small MoE once per routing method and tabulate quality, balance and speed.
 
-    python scripts/compare_routing.py --out docs --overwrite --jobs 2   # the committed table, ~10 min on 2 cores
+    python scripts/compare_routing.py --out docs --overwrite --jobs 2   # the committed table: 7 min on 2 quiet cores
     python scripts/compare_routing.py --quick --out /tmp/rc             # tiny model, seconds (the test)
 
 Every method runs `minimal_pretrain.py` in a subprocess with the same model, seed, data

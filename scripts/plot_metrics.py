@@ -10,10 +10,11 @@ grad_norm.png, throughput.png (tokens/s), load_balance.png (max / mean expert lo
 routed tokens each expert received (rows: logged steps, columns: experts; 1/E everywhere is
 perfect balance). Runs with a capacity factor also get dropped_fraction.png, and evaluations that
 report bits per byte val_bpb.png; without those fields the figures are not drawn. PNGs are stored
-with a 256-colour palette (about 40 KB a figure) so that they can be committed. Needs matplotlib
-(requirements-extras.txt). Lines that are not metrics records (a line cut short by a crash, a
-record lacking a plotted field) are skipped with one `warning:` line; a missing file, a folder or
-FIFO, or a file with no train record at all is one `error:` line, exit 2, and writes nothing.
+with a 256-colour palette (15-50 KB a figure, about 100 KB the overview) so that they can be
+committed. Needs matplotlib (requirements-extras.txt). Lines that are not metrics records (a line
+cut short by a crash, a record lacking a plotted field) are skipped with one `warning:` line; a
+missing file, a folder or FIFO, or a file with no train record at all is one `error:` line, exit 2,
+and writes nothing.
 """
 
 from __future__ import annotations
