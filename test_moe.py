@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import checkpoint as ckpt_io
 import data
 import minimal_pretrain as mp
+import optim
 from moe_layers import (Assignments, Attention, ModelConfig, ModelParallel, MoEExpert, MoETransformer,
                         MoETransformerBlock, RMSNorm, RotaryEmbedding, SparseMoELayer, TopKRouter, _ExpertLoop,
                         layout_free_init_, load_balancing_loss, router_z_loss)
@@ -574,10 +575,24 @@ def test_unigram_entropy_by_hand():
 @smoke
 def test_lr_warmup_then_cosine():
     tc = mp.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert math.isclose(mp.get_lr(0, tc), 0.1)
-    assert math.isclose(mp.get_lr(9, tc), 1.0)
-    assert math.isclose(mp.get_lr(60, tc), 0.55)  # half way down the cosine
-    assert math.isclose(mp.get_lr(110, tc), 0.1)
+    assert math.isclose(tc.schedule().at(0), 0.1)
+    assert math.isclose(tc.schedule().at(9), 1.0)
+    assert math.isclose(tc.schedule().at(60), 0.55)  # half way down the cosine
+    assert math.isclose(tc.schedule().at(110), 0.1)
+    assert math.isclose(tc.schedule().at(500), 0.1)  # constant after the decay
+
+
+@pytest.mark.parametrize("max_steps,decay,want_warmup", [(3, 0, 0), (50, 0, 5), (400, 0, 40), (999, 0, 99),
+                                                         (100_000, 0, 2000), (50, 300, 30)])
+def test_default_warmup_is_a_tenth_of_the_decay_steps_at_most_2000(max_steps, decay, want_warmup):
+    schedule = mp.TrainConfig(lr=1.0, min_lr=0.0, max_steps=max_steps, lr_decay_steps=decay).schedule()
+    assert schedule.warmup_steps == want_warmup and schedule.decay_steps == (decay or max_steps)
+    if want_warmup:  # the formula by hand: linear to the peak at the last warm-up step
+        assert math.isclose(schedule.at(want_warmup - 1), 1.0) and math.isclose(schedule.at(0), 1 / want_warmup)
+    else:
+        assert schedule.at(0) == 1.0
+    explicit = mp.TrainConfig(max_steps=max_steps, warmup_steps=7).schedule()
+    assert explicit.warmup_steps == 7  # an explicit value is kept
 
 
 @smoke
@@ -1706,7 +1721,7 @@ def test_adamw_state_round_trips_through_a_checkpoint_fused_or_not(fused):
 
     def fresh() -> tuple[MoETransformer, torch.optim.Optimizer]:
         model = MoETransformer(tiny_config(), seed=0)
-        return model, mp.build_optimizer(model, tc, fused=fused)
+        return model, optim.build_optimizer(model, tc.lr, tc.weight_decay, fused=fused)
 
     def step(model: MoETransformer, opt: torch.optim.Optimizer, seed: int) -> None:
         x = tokens(64, seed=seed)
@@ -1764,7 +1779,7 @@ def test_bf16_model_holds_bf16_weights_and_the_optimizer_fp32_masters_it_rounds_
     pg = mp.build_process_groups(1, 1, 1, 0, 1)
     model = mp.build_model(mc, tc, pg, torch.device("cpu"), torch.bfloat16)
     reference = MoETransformer(mc, seed=tc.seed)  # the same init in fp32
-    opt = mp.build_optimizer(model, tc)
+    opt = optim.build_optimizer(model, tc.lr, tc.weight_decay)
     for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
         want = torch.float32 if name.endswith("router.weight") else torch.bfloat16
         assert p.dtype == want and opt.master[p].dtype == torch.float32, name
