@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt_io
 import data
+import metrics as metrics_mod
 import minimal_pretrain as mp
 import optim
 from moe_layers import (Assignments, Attention, ModelConfig, ModelParallel, MoEExpert, MoETransformer,
@@ -1235,6 +1236,169 @@ def test_killed_worker_restarts_from_latest_and_finishes_like_an_uninterrupted_r
     assert final_killed["step"] == steps and final_killed["loss"] == final_clean["loss"]
     # The restart redid the steps after its checkpoint: each step is in the metrics file once.
     assert [r["step"] for r in train_records(str(tmp_path / "killed.jsonl"))] == list(range(1, steps + 1))
+
+
+# ---------------------------------------------- resume semantics, log intervals, help (issue 17)
+def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, decay: int) -> float:
+    """The documented schedule, by hand (step counts from 0)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / (decay - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def test_resume_with_a_longer_max_steps_keeps_the_saved_schedule_unless_told(tmp_path, capsys):
+    flags = TINY_FLAGS + ["--min-lr", "1e-3", "--save-interval", "6"]
+    mp.main(flags + ["--max-steps", "6", "--save", str(tmp_path / "a"), "--metrics-file", str(tmp_path / "a.jsonl")])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    # Longer run, no schedule flag: the cosine of the 6-step run has ended, the LR stays at --min-lr.
+    mp.main(flags + ["--max-steps", "9", "--save", str(tmp_path / "a"), "--metrics-file", str(tmp_path / "a.jsonl")])
+    out = capsys.readouterr().out
+    assert "note: the checkpoint's LR schedule goes on: its cosine ends at step 6" in out
+    lrs = [r["lr"] for r in train_records(str(tmp_path / "a.jsonl"))]
+    assert lrs[:6] == pytest.approx([cosine_lr(s, 1e-2, 1e-3, 1, 6) for s in range(6)], rel=1e-12)
+    assert lrs[6:] == [1e-3] * 3
+    # Asked for: the cosine is recomputed over 12 steps from step 6 on, and the start says how the LR jumps.
+    mp.main(flags + ["--max-steps", "9", "--lr-decay-steps", "12", "--save", str(tmp_path / "b"),
+                     "--metrics-file", str(tmp_path / "b.jsonl")])
+    out = capsys.readouterr().out
+    jump = f"the LR goes from {cosine_lr(6, 1e-2, 1e-3, 1, 6):.2e} to {cosine_lr(6, 1e-2, 1e-3, 1, 12):.2e}"
+    assert f"note: the LR schedule changes at step 6 (--lr-decay-steps 6 -> 12): {jump}" in out
+    lrs = [r["lr"] for r in train_records(str(tmp_path / "b.jsonl"))]  # steps 7, 8, 9
+    assert lrs == pytest.approx([cosine_lr(s, 1e-2, 1e-3, 1, 12) for s in (6, 7, 8)], rel=1e-12)
+
+
+def test_a_changed_global_batch_on_resume_is_refused_or_derived(tmp_path):
+    flags = TINY_FLAGS + ["--max-steps", "4", "--save-interval", "2"]
+    two = run_cli(flags + ["--save", str(tmp_path / "two"), "--metrics-file", str(tmp_path / "two.jsonl")], nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for name in ("refused", "derived", "allowed"):
+        shutil.copytree(tmp_path / "two", tmp_path / name)
+        (tmp_path / name / "latest").write_text(ckpt_io.step_dir_name(2))
+        shutil.rmtree(tmp_path / name / ckpt_io.step_dir_name(4))
+    # DP 2 x 1 micro-batch of 2 = 4 sequences; one rank with --num-microbatches 1 would train on 2.
+    refused = run_cli(flags + ["--num-microbatches", "1", "--save", str(tmp_path / "refused")], timeout=60)
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "global batch of 4 sequences" in errors[0] and "--num-microbatches 2" in errors[0]
+    # Not given: derived so that one rank sees the same 4 sequences per step, and trains on like the 2 ranks.
+    derived = run_cli(flags + ["--save", str(tmp_path / "derived"), "--metrics-file", str(tmp_path / "d.jsonl")])
+    assert derived.returncode == 0, derived.stderr[-2000:]
+    assert "note: --num-microbatches 2 keeps the checkpoint's global batch of 4 sequences on DP 1" in derived.stdout
+    reference, resumed = train_records(str(tmp_path / "two.jsonl"))[2:], train_records(str(tmp_path / "d.jsonl"))
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(reference, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    allowed = run_cli(flags + ["--num-microbatches", "1", "--allow-global-batch-change", "--save",
+                               str(tmp_path / "allowed")])
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "note: the global batch changes from 4 to 2 sequences" in allowed.stdout
+
+
+def test_weights_only_checkpoint_says_the_optimizer_and_warmup_start_fresh(tmp_path, capsys):
+    mp.main(TINY_FLAGS + ["--max-steps", "1", "--save", str(tmp_path / "trained")])
+    trained = ckpt_io.read_checkpoint(str(tmp_path / "trained"))  # one rank: one whole slice per tensor
+    ckpt_io.save_full_state(str(tmp_path / "imported"), {n: s[0]["tensor"] for n, s in trained.params.items()},
+                            trained.meta["model"], {})  # as import_hf.py and upcycle.py write them
+    mp.main(TINY_FLAGS + ["--warmup-steps", "4", "--max-steps", "2", "--load", str(tmp_path / "imported"),
+                          "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert "holds weights only (imported or upcycled): the optimizer state is fresh" in capsys.readouterr().out
+    assert [r["lr"] for r in train_records(str(tmp_path / "m.jsonl"))] == pytest.approx([1e-2 / 4, 2e-2 / 4])
+
+
+def test_logged_records_are_means_over_the_log_interval(tmp_path):
+    every = tmp_path / "every.jsonl"
+    mp.main(TINY_FLAGS + ["--max-steps", "6", "--metrics-file", str(every)])
+    thirds = tmp_path / "thirds.jsonl"
+    mp.main(TINY_FLAGS + ["--max-steps", "6", "--log-interval", "3", "--metrics-file", str(thirds)])
+    steps, means = train_records(str(every)), train_records(str(thirds))
+    assert [r["step"] for r in means] == [3, 6]
+    for i, record in enumerate(means):
+        window = steps[3 * i:3 * i + 3]
+        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm"):  # router losses sum in fp32
+            assert record[key] == pytest.approx(sum(r[key] for r in window) / 3, rel=1e-6), key
+        assert record["lr"] == window[-1]["lr"]
+        for layer, load in record["expert_load"].items():  # every step routes as many tokens
+            want = [sum(r["expert_load"][layer][e] for r in window) / 3 for e in range(len(load))]
+            assert load == pytest.approx(want, rel=1e-9)
+
+
+def test_dead_expert_rule_by_hand():
+    dead = metrics_mod.DeadExperts()
+    alive, starved = [0.3, 0.3, 0.3, 0.1], [0.34, 0.33, 0.33, 0.0024]  # 0.0024 < 1% of the mean 0.25
+    assert dead.update({"0": starved}) == [] and dead.update({"0": starved}) == []
+    warned = dead.update({"0": starved})
+    assert len(warned) == 1 and "layer 0 expert 3 is dead" in warned[0]
+    assert dead.update({"0": starved}) == []  # said once
+    assert dead.update({"0": alive}) == [] and dead.update({"0": starved}) == []  # recovered: counts again
+
+
+def test_collapsed_router_gets_a_dead_expert_warning(tmp_path, capsys):
+    save = tmp_path / "ck"
+    mp.main(TINY_FLAGS + ["--max-steps", "1", "--save", str(save)])
+    rank_file = save / ckpt_io.step_dir_name(1) / "rank_00000.pt"
+    payload = torch.load(rank_file, weights_only=False)
+    bias = [name for name in payload["params"] if name.endswith("expert_bias")]
+    assert bias, "the routing bias is saved"
+    payload["params"]["layers.1.mlp.router.expert_bias"]["tensor"][2] = -1e4  # expert 2 of layer 1 never chosen
+    torch.save(payload, rank_file)
+    capsys.readouterr()
+    mp.main(TINY_FLAGS + ["--max-steps", "5", "--save", str(save)])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert any("layer 1 expert 2 is dead" in w for w in warnings), warnings
+
+
+def test_help_lists_every_flag_once_under_its_group():
+    groups = [title for title, _ in mp.FLAG_GROUPS]
+    grouped = [name for _, names in mp.FLAG_GROUPS for name in names]
+    fields = [f.name for cls in (ModelConfig, mp.TrainConfig) for f in dataclasses.fields(cls)]
+    assert sorted(grouped) == sorted(fields) and len(set(grouped)) == len(grouped)
+    text = mp.build_arg_parser().format_help()
+    starts = [text.index(f"\n{title}:\n") for title in groups]
+    assert starts == sorted(starts)  # in the guide's order
+    for (title, names), start, end in zip(mp.FLAG_GROUPS, starts, starts[1:] + [len(text)]):
+        section = text[start:end]
+        for name in names:
+            assert f"--{name.replace('_', '-')}" in section, (title, name)
+    assert "default: -1" in text and "a tenth of the decay steps" in text  # the warm-up default says what it does
+
+
+def test_banner_says_device_dtype_sizes_and_memory(capsys):
+    mp.main(TINY_FLAGS + ["--max-steps", "1"])
+    out = capsys.readouterr().out
+    mc = mp.parse_config(TINY_FLAGS)[0]
+    params = dict(MoETransformer(mc, seed=0).named_parameters())
+    total = sum(p.numel() for p in params.values())
+    # A token multiplies by every weight but the embedding (a lookup) and by K of the E experts.
+    active = sum(p.numel() for name, p in params.items() if ".experts." not in name and "embed_tokens" not in name)
+    active += sum(p.numel() for name, p in params.items() if ".experts." in name) * 2 // 4
+    banner = out[:out.index("model config:")]
+    assert "device: cpu (no CUDA device visible) x 1 rank | weights fp32" in banner or torch.cuda.is_available()
+    assert f"model: {total:,} parameters, {active:,} active per token" in banner
+    assert "memory per rank (estimate):" in banner and "warm-up 1 steps to 1.00e-02" in banner
+
+
+def test_tensorboard_events_hold_the_metrics_once_after_a_restart(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board, save, metrics = tmp_path / "tb", tmp_path / "ck", tmp_path / "m.jsonl"
+    flags = TINY_FLAGS + ["--max-steps", "4", "--save-interval", "2", "--eval-interval", "2", "--eval-iters", "1",
+                          "--tensorboard", str(board), "--save", str(save), "--metrics-file", str(metrics)]
+    mp.main(flags)
+    (save / "latest").write_text(ckpt_io.step_dir_name(2))  # as if killed after saving step 2
+    shutil.rmtree(save / ckpt_io.step_dir_name(4))
+    mp.main(flags)  # redoes steps 3 and 4
+    events = EventAccumulator(str(board), purge_orphaned_data=True)
+    events.Reload()
+    records = train_records(str(metrics))
+    for name in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm"):
+        scalars = events.Scalars(f"train/{name}")
+        assert [e.step for e in scalars] == [1, 2, 3, 4], name  # the first run's steps 3 and 4 are purged
+        assert [e.value for e in scalars] == pytest.approx([r[name] for r in records], rel=1e-6), name
+    evals = [r for r in read_metrics(str(metrics)) if "val_loss" in r]
+    assert [(e.step, e.value) for e in events.Scalars("eval/val_loss")] == \
+        [(r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in evals]
+    assert [e.step for e in events.Scalars("expert_load/layer0/max_over_mean")] == [1, 2, 3, 4]
 
 
 @smoke
