@@ -1028,12 +1028,13 @@ def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
 # ======================================================================== the run
 def report_eval_only(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: ModelConfig,
                      tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None, step: int) -> None:
-    """--eval-only: validation loss of a checkpoint, as perplexity and (byte-level data) bits per byte."""
+    """--eval-only: validation loss of a checkpoint, as perplexity and bits per byte (any tokenizer:
+    nats per token / ln 2 x the val split's tokens per byte of text; byte data has one token per byte)."""
     val_loss = evaluate(model, corpus, pg, mc, tc, device, autocast_dtype)
     if pg.is_main:
         line = f"eval-only: step {step} | val loss {val_loss:.4f} nats/token | perplexity {math.exp(val_loss):.3f}"
-        if corpus.vocab_size == 256:  # one token is one byte
-            line += f" | {val_loss / math.log(2):.4f} bits per byte"
+        if corpus.val_bytes:  # unknown for token files whose meta.json has no "bytes"
+            line += f" | {val_loss / math.log(2) * len(corpus.val) / corpus.val_bytes:.4f} bits per byte"
         print(line)
         if tc.metrics_file:
             with open(tc.metrics_file, "a") as f:

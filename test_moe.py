@@ -2835,9 +2835,11 @@ def test_prepare_data_reads_each_real_file_once_and_never_opens_a_fifo(tmp_path)
                    timeout=60)
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
-    assert meta["files"] == 2 and meta["special_files_skipped"] == 1  # a.txt once; the FIFO skipped
-    assert meta["train_tokens"] + meta["val_tokens"] == len("alpha " * 50) + len("beta " * 50)
-    assert meta["val_files"] == [os.path.realpath(d / "b.txt")]
+    assert "2 files (0 binary and 1 special files skipped)" in r.stdout  # a.txt once; the FIFO skipped
+    ids = np.concatenate([np.fromfile(tmp_path / "data" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    text = ids[ids != 0]  # the eos (NUL) ids out: the bytes of both files, each once
+    assert sorted(text.tobytes()[::2]) == sorted(("alpha " * 50 + "beta " * 50).encode())
+    assert meta["bytes"]["train"] + meta["bytes"]["val"] == len(text)
     assert sorted(os.listdir(tmp_path / "data")) == ["meta.json", "train.bin", "val.bin"]  # no .part left
 
 
