@@ -91,20 +91,18 @@ def find_files(paths: list[str], out: str) -> tuple[list[str], int, int]:
 
 def file_pieces(path: str) -> Iterator[bytes]:
     """A file's bytes in pieces of about PIECE_BYTES, each cut after a newline (or, in a line longer
-    than that, before a UTF-8 lead byte), so every piece decodes on its own."""
+    than that, before a UTF-8 lead byte), so every piece decodes on its own; a file that fits in one
+    piece is one piece, tokenized exactly as the whole text."""
     with open(path, "rb") as f:
-        rest = b""
-        while True:
-            block = f.read(PIECE_BYTES)
-            if not block:
-                break
-            block = rest + block
-            cut = block.rfind(b"\n") + 1 or char_boundary(block, len(block) - 4)
-            rest, block = block[cut:], block[:cut]
-            if block:
+        block = f.read(PIECE_BYTES)
+        while block:
+            following = f.read(PIECE_BYTES)
+            if not following:
                 yield block
-        if rest:
-            yield rest
+                return
+            cut = block.rfind(b"\n") + 1 or char_boundary(block, len(block) - 4)
+            yield block[:cut]
+            block = block[cut:] + following
 
 
 def char_boundary(text: bytes, at: int) -> int:
@@ -212,17 +210,16 @@ def train_bpe(stream: Iterator[tuple[str, int, bytes | None]], vocab_size: int, 
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # all 256 bytes
-    bar = tqdm(total=total, desc="train bpe", unit="B", unit_scale=True, file=sys.stderr, mininterval=1)
+    with tqdm(total=total, desc="train bpe", unit="B", unit_scale=True, file=sys.stderr, mininterval=1) as bar:
 
-    def train_texts() -> Iterator[str]:
-        for where, split, piece in stream:
-            if piece is not None:
-                bar.update(len(piece))
-                if split == 0:
-                    yield utf8(piece, where)
+        def train_texts() -> Iterator[str]:
+            for where, split, piece in stream:
+                if piece is not None:
+                    bar.update(len(piece))
+                    if split == 0:
+                        yield utf8(piece, where)
 
-    tokenizer.train_from_iterator(train_texts(), trainer)
-    bar.close()
+        tokenizer.train_from_iterator(train_texts(), trainer)
     return tokenizer
 
 
@@ -230,7 +227,7 @@ def utf8(piece: bytes, where: str) -> str:
     try:
         return piece.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text ({e.reason} near byte {e.start} of a piece); convert it "
+        raise ValueError(f"{where}: not UTF-8 text ({e.reason}); convert it "
                          f"or use --tokenizer bytes") from None
 
 
