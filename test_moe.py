@@ -2859,7 +2859,8 @@ def test_export_writes_a_new_or_empty_folder_and_leaves_no_temporary_folder(worl
     out = folder(tmp_path / "empty")
     r = run_script("export_hf.py", ["--checkpoint", world.moe, "--out", out])
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                       "tokenizer_config.json"]  # a byte-level run: its byte tokenizer
     assert sorted(os.listdir(tmp_path)) == ["empty"]
 
 
