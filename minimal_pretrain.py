@@ -865,11 +865,12 @@ def evaluate(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: Mode
 
 
 def bits_per_byte(corpus: Corpus, loss: float) -> float | None:
-    """A loss in nats per token as bits per byte of text, which compares across tokenizers; None
-    when the data does not say how many bytes its tokens stand for."""
-    if corpus.vocab_size == 256:  # byte-level: one token is one byte
-        return loss / math.log(2)
-    return None
+    """A loss in nats per token as bits per byte of text, which compares across tokenizers:
+    nats / ln 2 x the val split's tokens per byte (byte data: one token per byte). None when the
+    data does not say how many bytes its tokens stand for (token files whose meta.json has no "bytes")."""
+    if not corpus.val_bytes:
+        return None
+    return loss / math.log(2) * len(corpus.val) / corpus.val_bytes
 
 
 # ==================================================================== the step
@@ -1096,16 +1097,18 @@ def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
 # ======================================================================== the run
 def report_eval_only(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: ModelConfig,
                      tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None, step: int) -> None:
-    """--eval-only: validation loss of a checkpoint, as perplexity and (byte-level data) bits per byte."""
+    """--eval-only: validation loss of a checkpoint, as perplexity and bits per byte (any tokenizer:
+    nats per token / ln 2 x the val split's tokens per byte of text; byte data has one token per byte)."""
     val_loss = evaluate(model, corpus, pg, mc, tc, device, autocast_dtype)
     if pg.is_main:
         line = f"eval-only: step {step} | val loss {val_loss:.4f} nats/token | perplexity {math.exp(val_loss):.3f}"
-        if corpus.vocab_size == 256:  # one token is one byte
-            line += f" | {val_loss / math.log(2):.4f} bits per byte"
+        bpb = bits_per_byte(corpus, val_loss)
+        if bpb is not None:
+            line += f" | {bpb:.4f} bits per byte"
         print(line)
         if tc.metrics_file:
             with open(tc.metrics_file, "a") as f:
-                f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+                f.write(json.dumps({"step": step, "val_loss": val_loss, **({"val_bpb": bpb} if bpb else {})}) + "\n")
 
 
 def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.Module,

@@ -3014,9 +3014,11 @@ def test_prepare_data_reads_each_real_file_once_and_never_opens_a_fifo(tmp_path)
                    timeout=60)
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
-    assert meta["files"] == 2 and meta["special_files_skipped"] == 1  # a.txt once; the FIFO skipped
-    assert meta["train_tokens"] + meta["val_tokens"] == len("alpha " * 50) + len("beta " * 50)
-    assert meta["val_files"] == [os.path.realpath(d / "b.txt")]
+    assert "2 files (0 binary and 1 special files skipped)" in r.stdout  # a.txt once; the FIFO skipped
+    ids = np.concatenate([np.fromfile(tmp_path / "data" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    text = ids[ids != 0]  # the eos (NUL) ids out: the bytes of both files, each once
+    assert sorted(text.tobytes()[::2]) == sorted(("alpha " * 50 + "beta " * 50).encode())
+    assert meta["bytes"]["train"] + meta["bytes"]["val"] == len(text)
     assert sorted(os.listdir(tmp_path / "data")) == ["meta.json", "train.bin", "val.bin"]  # no .part left
 
 
@@ -3036,5 +3038,313 @@ def test_export_writes_a_new_or_empty_folder_and_leaves_no_temporary_folder(worl
     out = folder(tmp_path / "empty")
     r = run_script("export_hf.py", ["--checkpoint", world.moe, "--out", out])
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                       "tokenizer_config.json"]  # a byte-level run: its byte tokenizer
     assert sorted(os.listdir(tmp_path)) == ["empty"]
+
+
+# ---- tokenizers and prepared data (issue 12) ----
+
+WORDS = ["héllo", "wörld", "☃", "日本語", "𝄞", "def", "return", "the", "moe", "expert", "router", "\n", "  "]
+
+
+def document_text(seed: int, words: int) -> str:
+    """Deterministic text with 1-, 2-, 3- and 4-byte UTF-8 characters."""
+    rng = np.random.default_rng(seed)
+    return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=words))
+
+
+def text_corpus(root: Path, word_counts: list[int]) -> dict[str, str]:
+    """One file per entry of `word_counts`; returns file name -> text."""
+    root.mkdir(parents=True)
+    texts = {f"doc{i:02d}.txt": document_text(i, n) for i, n in enumerate(word_counts)}
+    for name, text in texts.items():
+        (root / name).write_text(text, encoding="utf-8")
+    return texts
+
+
+def prepare(inputs: list, out: Path, *flags: object) -> dict:
+    r = run_script("prepare_data.py", [*inputs, "--out", out, *flags], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads((out / "meta.json").read_text())
+
+
+def split_ids(out: Path, meta: dict) -> dict[str, np.ndarray]:
+    return {s: np.fromfile(out / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")}
+
+
+def parts(ids: np.ndarray, eos: int) -> list[list[int]]:
+    """The documents of a split: its ids cut after every eos (each split ends with one)."""
+    assert len(ids) and ids[-1] == eos
+    cuts = np.flatnonzero(ids == eos)
+    return [ids[a + 1:b].tolist() for a, b in zip(np.concatenate([[-1], cuts[:-1]]), cuts)]
+
+
+def test_prepare_bytes_puts_each_document_whole_in_one_split_followed_by_eos(tmp_path):
+    texts = text_corpus(tmp_path / "t", [10] * 60)  # each document within twice the tolerance: none is cut
+    meta = prepare([tmp_path / "t"], tmp_path / "d")
+    assert {k: meta[k] for k in ("vocab_size", "dtype", "tokenizer", "eos_id", "bos_id")} == \
+        {"vocab_size": 256, "dtype": "uint16", "tokenizer": "bytes", "eos_id": 0, "bos_id": None}
+    ids = split_ids(tmp_path / "d", meta)
+    docs = {s: [bytes(p).decode("utf-8") for p in parts(ids[s], 0)] for s in ids}
+    assert sorted(docs["train"] + docs["val"]) == sorted(texts.values())  # every document once, whole
+    val_share = sum(len(d.encode()) for d in docs["val"]) / sum(len(t.encode()) for t in texts.values())
+    assert abs(val_share - 0.1) <= 0.01 and len(docs["val"]) in (5, 6, 7)
+    for s in ids:
+        assert meta["tokens"][s] == len(ids[s]) and meta["max_id"][s] == int(ids[s].max())
+        assert meta["bytes"][s] == sum(len(d.encode()) for d in docs[s])
+
+
+def test_prepare_jsonl_takes_the_text_field_one_document_per_record(tmp_path):
+    records = [{"body": document_text(i, 8), "id": i} for i in range(100)]  # small: none is cut
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records[:50]) + "\n\n")  # a blank line
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records[50:]))
+    meta = prepare([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "d", "--text-field", "body",
+                   "--val-fraction", "0.25")
+    ids = split_ids(tmp_path / "d", meta)
+    docs = [bytes(p).decode("utf-8") for s in ids for p in parts(ids[s], 0)]
+    assert sorted(docs) == sorted(r["body"] for r in records)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25])
+def test_prepare_holds_out_the_fraction_of_bytes_whatever_the_file_sizes(tmp_path, fraction):
+    """Nine files from 7 to 3000 words (one is a third of the corpus): the held-out share of the text's
+    bytes is within the stated 10% of the fraction (0.1 -> [0.09, 0.11])."""
+    texts = text_corpus(tmp_path / "t", [400, 3, 3000, 60, 900, 7, 1500, 250, 2500])
+    meta = prepare([tmp_path / "t"], tmp_path / "d", "--val-fraction", fraction)
+    ids = split_ids(tmp_path / "d", meta)
+    held = int((ids["val"] != 0).sum())  # text bytes in val, counted from the file
+    total = sum(len(t.encode()) for t in texts.values())
+    assert int((ids["train"] != 0).sum()) + held == total and meta["bytes"]["val"] == held
+    assert abs(held / total - fraction) <= 0.1 * fraction
+
+
+def test_prepare_bpe_round_trips_every_document_and_unseen_bytes_and_is_deterministic(tmp_path):
+    texts = text_corpus(tmp_path / "t", [30] * 60)  # none is cut
+    metas = [prepare([tmp_path / "t"], tmp_path / d, "--tokenizer", "bpe", "--vocab-size", 300) for d in "ab"]
+    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):  # two runs, byte-identical
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    meta = metas[0]
+    assert (meta["vocab_size"], meta["tokenizer"], meta["eos_id"], meta["dtype"]) == (300, "tokenizer.json", 0, "uint16")
+    from tokenizers import Tokenizer
+    reference = Tokenizer.from_file(str(tmp_path / "a" / "tokenizer.json"))  # the library, not our wrapper
+    assert reference.id_to_token(0) == "<|endoftext|>"
+    ids = split_ids(tmp_path / "a", meta)
+    docs = [reference.decode(p) for s in ids for p in parts(ids[s], 0)]
+    assert sorted(docs) == sorted(texts.values())
+    for p in parts(ids["train"], 0):
+        assert p == reference.encode(reference.decode(p), add_special_tokens=False).ids
+    tokenizer = data.load_tokenizer(str(tmp_path / "a"))
+    unseen = "Ωμέγα ∮ 🚀 \x01\x7f\u0300 ÿ"  # characters and bytes the training text never held
+    encoded = tokenizer.encode(unseen)
+    assert tokenizer.decode(encoded) == unseen and max(encoded) < 300 and tokenizer.eos_id == 0
+
+
+def big_tokenizer(path: Path) -> Path:
+    """A byte-level tokenizer.json of 70,260 tokens (over uint16): 70,000 added words w0x ... w69999x."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(
+        vocab_size=260, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.add_tokens([f"w{i}x" for i in range(70_000)])
+    tok.save(str(path))
+    return path
+
+
+def test_prepare_with_a_tokenizer_json_over_65536_writes_uint32_read_back_exactly(tmp_path):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer
+    path = big_tokenizer(tmp_path / "big.json")
+    (tmp_path / "t").mkdir()
+    texts = [" ".join(f"w{(i * 7919 + j * 104729) % 70_000}x hello" for j in range(8)) for i in range(60)]  # no cut
+    for i, text in enumerate(texts):
+        (tmp_path / "t" / f"{i}.txt").write_text(text)
+    meta = prepare([tmp_path / "t"], tmp_path / "d", "--tokenizer", path)
+    assert (meta["dtype"], meta["vocab_size"], meta["eos_id"]) == ("uint32", 70_260, 0)  # </s> found as eos
+    reference = Tokenizer.from_file(str(path))
+    ids = split_ids(tmp_path / "d", meta)
+    want = sorted(reference.encode(t, add_special_tokens=False).ids for t in texts)
+    assert sorted(p for s in ids for p in parts(ids[s], 0)) == want
+    assert max(meta["max_id"].values()) > 65_535
+    corpus = data.load_corpus(str(tmp_path / "d"), None)
+    assert corpus.train.dtype == np.uint32 and np.array_equal(np.asarray(corpus.train), ids["train"])
+    assert (tmp_path / "d" / "tokenizer.json").read_bytes() == path.read_bytes()
+
+
+def nul_late(tmp: Path) -> Path:
+    return write(tmp / "t" / "a.txt", b"x" * 9000 + b"\0tail")  # past git's 8000-byte binary check
+
+
+def no_eos_tokenizer(tmp: Path) -> Path:
+    from tokenizers import Tokenizer, models
+    tok = Tokenizer(models.BPE({"a": 0, "b": 1}, []))
+    tok.save(str(tmp / "tok.json"))
+    return tmp / "tok.json"
+
+
+PREP_REFUSALS = [
+    ("bpe_without_vocab", lambda tmp: [text_folder(tmp), "--tokenizer", "bpe"], "--vocab-size"),
+    ("bpe_vocab_below_bytes", lambda tmp: [text_folder(tmp), "--tokenizer", "bpe", "--vocab-size", 200], "257"),
+    ("vocab_for_bytes", lambda tmp: [text_folder(tmp), "--vocab-size", 300], "--vocab-size"),
+    ("tokenizer_missing", lambda tmp: [text_folder(tmp), "--tokenizer", tmp / "nope.json"], "--tokenizer"),
+    ("tokenizer_without_eos", lambda tmp: [text_folder(tmp), "--tokenizer", no_eos_tokenizer(tmp)], "</s>"),
+    ("nul_in_bytes_document", lambda tmp: [nul_late(tmp)], "a.txt: holds a NUL"),
+    ("latin1_for_bpe", lambda tmp: [write(tmp / "t" / "a.txt", "café ".encode("latin-1") * 99),
+                                    "--tokenizer", "bpe", "--vocab-size", 300], "not UTF-8"),
+    ("jsonl_bad_json", lambda tmp: [write(tmp / "a.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": \n')],
+     "a.jsonl:3: not a JSON record"),
+    ("jsonl_missing_field", lambda tmp: [write(tmp / "a.jsonl", '{"text": "a"}\n{"body": "b"}\n')],
+     "a.jsonl:2: no string field 'text'"),
+    ("jsonl_not_an_object", lambda tmp: [write(tmp / "a.jsonl", '["text"]\n')], "a.jsonl:1"),
+    ("jsonl_field_not_text", lambda tmp: [write(tmp / "a.jsonl", '{"text": 3}\n'), "--text-field", "text"],
+     "a.jsonl:1"),
+]
+
+
+@pytest.mark.parametrize("case", PREP_REFUSALS, ids=[c[0] for c in PREP_REFUSALS])
+def test_prepare_refuses_bad_input_with_one_error_line_and_writes_nothing(case, tmp_path):
+    pytest.importorskip("tokenizers")
+    _, setup, words = case
+    args = [str(a) for a in setup(tmp_path)]
+    before = snapshot(tmp_path)
+    r = run_script("prepare_data.py", args + ["--out", tmp_path / "out"], timeout=60)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and words in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and snapshot(tmp_path) == before  # not even the --out folder
+
+
+def token_folder(root: Path, meta: dict) -> Path:
+    return Path(_token_folder(root, np.arange(3000) % 50, np.arange(300) % 50, meta))
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"eos_id": 50}, '"eos_id" must be null or an id in [0, 50)'),
+    ({"bos_id": -1}, '"bos_id"'),
+    ({"eos_id": True}, '"eos_id"'),
+    ({"tokenizer": "bytes"}, "not 256"),
+    ({"tokenizer": "../tok.json"}, "file name in the same folder"),
+    ({"bytes": {"train": 10, "val": -1}}, '"bytes"'),
+])
+def test_meta_json_tokenizer_fields_are_checked(change, words, tmp_path):
+    d = token_folder(tmp_path / "tok", {"vocab_size": 50, **change})
+    with pytest.raises(data.DataError) as refused:
+        data.load_corpus(str(d), None)
+    assert words in str(refused.value)
+
+
+def test_trainer_refuses_an_eos_id_over_the_vocabulary_with_one_error_line(tmp_path):
+    d = token_folder(tmp_path / "tok", {"vocab_size": 50, "eos_id": 77})
+    r = run_cli(TINY_FLAGS + ["--max-steps", "1", "--data", str(d)], timeout=120)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and '"eos_id"' in errors[0] and "Traceback" not in r.stderr
+
+
+def model_on(folder: Path, seed: int = 4) -> MoETransformer:
+    """A random tiny model of a prepared folder's vocabulary."""
+    vocab = json.loads((folder / "meta.json").read_text())["vocab_size"]
+    return MoETransformer(tiny_config(vocab_size=vocab), seed=seed).eval()
+
+
+def save_trained_on(model: MoETransformer, folder: Path, root: Path) -> str:
+    """A checkpoint of `model` that says it was trained with --data folder (as the trainer writes it)."""
+    ck = save_in_process(model, root)
+    meta_path = Path(ck) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["train"]["data"] = str(folder)
+    meta_path.write_text(json.dumps(meta))
+    return ck
+
+
+def greedy_by_hand(model: MoETransformer, ids: list[int], steps: int) -> list[int]:
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).output[0, -1].argmax()))
+    return ids
+
+
+def make_eos_come_at_step(model: MoETransformer, prompt: list[int], eos: int, steps: int = 12) -> int:
+    """Swap the LM-head rows of eos and of a token the greedy continuation draws later, so that eos comes
+    at that step instead (the steps before keep their argmax); return that step (1-based)."""
+    new = greedy_by_hand(model, prompt, steps)[len(prompt):]
+    k = next(i for i in range(2, steps) if new[i] != eos and new[i] not in new[:i])
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[[eos, new[k]]] = w[[new[k], eos]]
+    return k + 1
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, Path]:
+    """The same small corpus prepared as bytes and as a 300-token BPE."""
+    root = tmp_path_factory.mktemp("prepared")
+    text_corpus(root / "t", [200] * 10)
+    prepare([root / "t"], root / "bytes")
+    prepare([root / "t"], root / "bpe", "--tokenizer", "bpe", "--vocab-size", 300)
+    return {"bytes": root / "bytes", "bpe": root / "bpe"}
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_generate_decodes_with_the_runs_tokenizer_and_stops_at_eos(kind, prepared, tmp_path):
+    tokenizer = data.load_tokenizer(str(prepared[kind]))
+    prompt_text = "héllo ☃"
+    prompt = tokenizer.encode(prompt_text)
+    model = model_on(prepared[kind])
+    stop = make_eos_come_at_step(model, prompt, tokenizer.eos_id, 16 - len(prompt))
+    ck = save_trained_on(model, prepared[kind], tmp_path / "ck")
+    want = greedy_by_hand(model, prompt, stop)
+    assert want[-1] == tokenizer.eos_id and tokenizer.eos_id not in want[len(prompt):-1]
+    r = run_script("generate.py", ["--checkpoint", ck, "--prompt", prompt_text, "--temperature", 0,
+                                   "--max-new-tokens", 16 - len(prompt)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tokenizer.decode(want[:-1]) + "\n"  # the eos ends it and is not printed
+    assert f"{stop} tokens in" in r.stderr
+    r = run_script("generate.py", ["--checkpoint", ck, "--prompt-ids", ",".join(map(str, prompt)),
+                                   "--temperature", 0, "--max-new-tokens", 16 - len(prompt)])
+    assert r.returncode == 0 and r.stdout.strip() == ",".join(map(str, want)), r.stderr
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_transformers_pipeline_on_the_export_continues_as_generate_does(kind, prepared, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    tokenizer = data.load_tokenizer(str(prepared[kind]))
+    prompt_text = "def héllo"
+    prompt = tokenizer.encode(prompt_text)
+    model = model_on(prepared[kind])
+    make_eos_come_at_step(model, prompt, tokenizer.eos_id, 16 - len(prompt))
+    ck = save_trained_on(model, prepared[kind], tmp_path / "ck")
+    r = run_script("export_hf.py", ["--checkpoint", ck, "--out", tmp_path / "hf"])
+    assert r.returncode == 0, r.stderr
+    ours = run_script("generate.py", ["--checkpoint", ck, "--prompt", prompt_text, "--temperature", 0,
+                                      "--max-new-tokens", 16 - len(prompt)])
+    assert ours.returncode == 0, ours.stderr
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    sample = "Ωμέγα 🚀 def héllo\n"
+    assert hf_tokenizer(sample)["input_ids"] == tokenizer.encode(sample)
+    if kind == "bytes":
+        assert hf_tokenizer(sample)["input_ids"] == list(sample.encode())  # id i is byte i
+    assert (hf_tokenizer.eos_token_id, hf_tokenizer.model_max_length) == (tokenizer.eos_id, 16)
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"))
+    theirs = pipe(prompt_text, max_new_tokens=16 - len(prompt), do_sample=False)[0]["generated_text"]
+    universal = (theirs + "\n").replace("\r\n", "\n").replace("\r", "\n")  # as run_script's text mode reads ours
+    assert universal == ours.stdout
+
+
+def test_eval_only_prints_bits_per_byte_of_bpe_data(prepared, tmp_path):
+    save = tmp_path / "ck"
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--data", str(prepared["bpe"]), "--save", str(save)])
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["--load", str(save), "--eval-only", "--eval-iters", "2", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    line = [x for x in r.stdout.splitlines() if x.startswith("eval-only:")][0]
+    loss = float(line.split("val loss ")[1].split()[0])
+    from tokenizers import Tokenizer
+    reference = Tokenizer.from_file(str(prepared["bpe"] / "tokenizer.json"))
+    val = np.fromfile(prepared["bpe"] / "val.bin", dtype=np.uint16)
+    text_bytes = sum(len(reference.decode(p).encode()) for p in parts(val, 0))  # from the ids, not meta.json
+    assert f"{loss / math.log(2) * len(val) / text_bytes:.4f} bits per byte" in line
+    assert text_bytes < len(val) * 3  # several bytes per token: bits per byte is not bits per token
