@@ -1460,6 +1460,8 @@ def _bad_trainer_input(case: str, tmp_path, saved_tiny) -> tuple[list[str], str]
         r = run_cli(TINY_FLAGS + ["--max-steps", "1", "--hidden-size", "64", "--save", str(other)])
         assert r.returncode == 0, r.stderr
         shutil.copy(other / "step_00000001" / "rank_00000.pt", step / "rank_00000.pt")
+        # its size recorded too, so that the shapes (not the size check) are what refuses it
+        (step / "meta.json").write_text(json.dumps(dict(meta, sizes=[(step / "rank_00000.pt").stat().st_size])))
         return ["--load", str(ck)], "the model needs"
     raise AssertionError(case)
 
