@@ -264,7 +264,8 @@ def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type
                  "fp32 weights, activations, gradients and AdamW moments")
     experts = "grouped-GEMM experts" if grouped else "expert loop"
     lines = [f"dry run: world {world_size} = PP {pp} x DP {dp} x TP {tp}, EP {ep} | planned for {device_type} "
-             f"({precision}; {experts}) | {tc.num_microbatches} micro-batches of {tc.micro_batch_size} x "
+             f"({precision}; {experts}) | {tc.num_microbatches} micro-batch{'es' if tc.num_microbatches > 1 else ''} of "
+             f"{tc.micro_batch_size} x "
              f"{mc.seq_length} tokens per step and DP rank",
              f"model: {sum(params_per_stage(mc, 1, 1, 1)):,} parameters; one rank of each stage holds:"]
     for p in plans:
