@@ -6,7 +6,8 @@ export script read the same format without the trainer.
 Format of `DIR/step_00000100/` (a plain, documented format rather than
 torch.distributed.checkpoint, so that one process can read a folder written by 8 ranks with
 nothing but torch.load, and each file says in its own entries where its slices belong):
-    meta.json        format version, step, model and train configs, layout, file list,
+    meta.json        format version, step, model and train configs, layout, file list and
+                     each file's size in bytes,
     rank_00003.pt    {"params": {name: entry}, "optim": {name: {"step", "exp_avg": entry,
                      "exp_avg_sq": entry}}, "rng": {...}} where an entry is
                      {"tensor", "dim", "rank", "size"}: slice `rank` of `size` along `dim`
@@ -21,6 +22,12 @@ Saving a step whose folder exists (a rewound run) first renames the old folder t
 `.old-step_...` and deletes it only after the new one is in place; if a crash falls between
 the two renames, `latest` is followed to that `.old-` folder. `DIR/.lock` is held (flock) by
 the run that saves into DIR, so a second run on the same folder is refused, not interleaved.
+
+Loading scales with the ranks: read_checkpoint memory-maps every file and reads only its
+entries' headers (names, shapes, places), checking structure, sizes and that the slices fit;
+load_into then copies out of the overlapping slices only what this rank holds, so the
+tensors it does not need are never paged in (an N-rank checkpoint on N model-parallel ranks:
+each reads about 1/N). assemble / full_state_dict read whole tensors, for the scripts.
 """
 
 from __future__ import annotations
@@ -162,7 +169,9 @@ def save_checkpoint(root: str, step: int, payload: dict, meta: dict, rank: int, 
     if world_size > 1:
         dist.barrier()  # every rank's file is on disk
     if rank == 0:
-        meta = dict(meta, files=[f"rank_{r:05d}.pt" for r in range(world_size)])
+        files = [f"rank_{r:05d}.pt" for r in range(world_size)]
+        # The sizes let a reader refuse a replaced or cut file without reading its tensors.
+        meta = dict(meta, files=files, sizes=[os.path.getsize(os.path.join(tmp, f)) for f in files])
         _fsync_write(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync_dir(tmp)
         old = os.path.join(root, ".old-" + step_dir_name(step))
@@ -326,23 +335,40 @@ def check_meta(meta: dict, meta_path: str) -> None:
     if (not isinstance(files, list) or len(files) != layout["world_size"]
             or not all(isinstance(f, str) and f.startswith("rank_") and os.sep not in f for f in files)):
         raise bad(f"\"files\" must list {layout['world_size']} rank files, got {files!r}")
+    sizes = meta.get("sizes", [0] * len(files))  # checkpoints from before sizes were recorded have none
+    if not isinstance(sizes, list) or len(sizes) != len(files) or not all(_is_int(n) and n >= 0 for n in sizes):
+        raise bad(f"\"sizes\" must list {len(files)} file sizes in bytes, got {sizes!r}")
+
+
+def open_rank_file(fpath: str, recorded_size: int | None) -> dict:
+    """One rank file, memory-mapped: its structure is checked, its tensors are not read yet.
+
+    A truncated file has lost its zip directory (at the end) and fails to open; a file of
+    another size than meta.json recorded was replaced or damaged after the save."""
+    if not os.path.isfile(fpath):
+        raise CheckpointError(f"{fpath}: missing; the checkpoint is incomplete, load an earlier one")
+    try:
+        payload = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated or foreign files raise many different errors
+        raise CheckpointError(f"{fpath}: unreadable ({type(e).__name__}); load an earlier checkpoint") from None
+    check_payload(payload, fpath)
+    size = os.path.getsize(fpath)
+    if recorded_size is not None and size != recorded_size:
+        raise CheckpointError(f"{fpath}: {size} bytes, but meta.json recorded {recorded_size}; the file was replaced "
+                              f"or damaged after saving, load an earlier checkpoint")
+    return payload
 
 
 def read_checkpoint(path: str) -> Checkpoint:
-    """Read every file of a checkpoint, checking that each is whole and that all slices are there."""
+    """Open every file of a checkpoint (memory-mapped), checking that each is whole and that all
+    slices are there and fit together, from their shapes alone: no tensor is read here."""
     step_dir, meta = read_meta(path)
     params: dict[str, list[dict]] = {}
     optim: dict[str, list[dict]] = {}
     rng = {}
+    sizes = meta.get("sizes", [None] * len(meta["files"]))
     for r, fname in enumerate(meta["files"]):
-        fpath = os.path.join(step_dir, fname)
-        if not os.path.isfile(fpath):
-            raise CheckpointError(f"{fpath}: missing; the checkpoint is incomplete, load an earlier one")
-        try:
-            payload = torch.load(fpath, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or foreign files raise many different errors
-            raise CheckpointError(f"{fpath}: unreadable ({type(e).__name__}); load an earlier checkpoint") from None
-        check_payload(payload, fpath)
+        payload = open_rank_file(os.path.join(step_dir, fname), sizes[r])
         for name, entry in payload["params"].items():
             params.setdefault(name, []).append(entry)
         for name, entry in payload["optim"].items():
@@ -352,8 +378,8 @@ def read_checkpoint(path: str) -> Checkpoint:
         for name, entries in table.items():
             for key in keys:
                 try:
-                    assemble(entries, key)
-                except (CheckpointError, RuntimeError) as e:
+                    full_shape(entries, key)
+                except CheckpointError as e:
                     raise CheckpointError(f"{step_dir}: slices of {name} do not fit together ({e})") from None
     return Checkpoint(step_dir, meta, params, optim, rng)
 
@@ -382,23 +408,61 @@ def check_payload(payload: Any, fpath: str) -> None:
         raise bad("no torch RNG state")
 
 
-def assemble(entries: list[dict], key: str | None = None) -> torch.Tensor:
-    """Concatenate the slices of one tensor (sorted by rank) into the full tensor."""
+def _ordered(entries: list[dict], key: str | None) -> list[dict]:
+    """The slices of one tensor (or of its AdamW moment `key`), sorted by rank."""
     if key is not None:
         entries = [e[key] for e in entries]
-    if entries[0]["dim"] is None:
-        return entries[0]["tensor"]
-    ordered = sorted(entries, key=lambda e: e["rank"])
-    if [e["rank"] for e in ordered] != list(range(ordered[0]["size"])):
-        raise CheckpointError(f"slices {[e['rank'] for e in ordered]} of {ordered[0]['size']} found")
+    return sorted(entries, key=lambda e: e["rank"]) if entries[0]["dim"] is not None else entries[:1]
+
+
+def full_shape(entries: list[dict], key: str | None = None) -> tuple[int, ...]:
+    """The whole tensor's shape from its slices' shapes (no data read); CheckpointError if the
+    slices are not every rank of one split, or differ in shape outside the split dimension."""
+    ordered = _ordered(entries, key)
+    first = ordered[0]
+    shape = list(first["tensor"].shape)
+    if first["dim"] is None:
+        return tuple(shape)
+    dim, size = first["dim"], first["size"]
+    if [e["rank"] for e in ordered] != list(range(size)) or any(e["dim"] != dim or e["size"] != size
+                                                                 for e in ordered):
+        raise CheckpointError(f"slices {[e['rank'] for e in ordered]} of {size} found")
+    for e in ordered[1:]:
+        other = list(e["tensor"].shape)
+        if len(other) != len(shape) or other[:dim] + other[dim + 1:] != shape[:dim] + shape[dim + 1:]:
+            raise CheckpointError(f"slice shapes {tuple(first['tensor'].shape)} and {tuple(other)} differ")
+        shape[dim] += other[dim]
+    return tuple(shape)
+
+
+def assemble(entries: list[dict], key: str | None = None) -> torch.Tensor:
+    """Concatenate the slices of one tensor (sorted by rank) into the full tensor: reads them all."""
+    ordered = _ordered(entries, key)
+    if ordered[0]["dim"] is None:
+        return ordered[0]["tensor"]
     return torch.cat([e["tensor"] for e in ordered], dim=ordered[0]["dim"])
 
 
-def my_slice(full: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
-    """The part of a full tensor that parameter `p` holds on this rank."""
-    if hasattr(p, "full_shape"):
-        return full.chunk(p.shard_size, dim=p.shard_dim)[p.shard_rank]
-    return full
+def read_part(entries: list[dict], dim: int, index: int, parts: int, key: str | None = None) -> torch.Tensor:
+    """Chunk `index` of `parts` along `dim` of the full tensor (as Tensor.chunk cuts it), read from
+    the saved slices that overlap it and no others: with mapped files the rest stays on disk."""
+    ordered = _ordered(entries, key)
+    saved_dim = ordered[0]["dim"]
+    if saved_dim is None:
+        return ordered[0]["tensor"].chunk(parts, dim)[index]
+    if saved_dim != dim:  # split along another dimension: every slice overlaps
+        return assemble(ordered).chunk(parts, dim)[index]
+    total = sum(e["tensor"].shape[dim] for e in ordered)
+    step = -(-total // parts)
+    start, end = index * step, min(total, (index + 1) * step)
+    pieces, offset = [], 0
+    for e in ordered:
+        n = e["tensor"].shape[dim]
+        lo, hi = max(start, offset), min(end, offset + n)
+        if lo < hi:
+            pieces.append(e["tensor"].narrow(dim, lo - offset, hi - lo))
+        offset += n
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def full_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -406,24 +470,29 @@ def full_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return {name: assemble(entries) for name, entries in ckpt.params.items()}
 
 
-def _tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, want: tuple[int, ...],
-            key: str | None = None) -> torch.Tensor:
+def _slices(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, want: tuple[int, ...],
+            key: str | None = None) -> list[dict]:
+    """The saved slices of `name`, after checking that they make a tensor of the shape the model needs."""
     if name not in table:
         raise CheckpointError(f"{ckpt.path}: has no tensor {name}; it was written by another model")
-    full = assemble(table[name], key)
-    if tuple(full.shape) != tuple(want):
-        raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(full.shape)}, the model needs {tuple(want)}")
-    return full
+    shape = full_shape(table[name], key)
+    if shape != tuple(want):
+        raise CheckpointError(f"{ckpt.path}: {name} has shape {shape}, the model needs {tuple(want)}")
+    return table[name]
 
 
 def local_tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, p: torch.nn.Parameter,
                  key: str | None = None) -> torch.Tensor:
-    """This rank's part of parameter `name` (or of its AdamW moment `key`) from any layout's files."""
+    """This rank's part of parameter `name` (or of its AdamW moment `key`) from any layout's files,
+    reading only the saved slices that overlap it."""
     if getattr(p, "shard_kind", None) == "ep":  # re-stack this rank's experts from per-expert keys
         first = p.shard_rank * p.shape[0]
-        return torch.stack([_tensor(ckpt, table, expert_key(name, first + i), p.shape[1:][::-1], key).T
-                            for i in range(p.shape[0])])
-    return my_slice(_tensor(ckpt, table, name, getattr(p, "full_shape", p.shape), key), p)
+        return torch.stack([assemble(_slices(ckpt, table, expert_key(name, first + i), p.shape[1:][::-1], key),
+                                     key).T for i in range(p.shape[0])])
+    entries = _slices(ckpt, table, name, getattr(p, "full_shape", p.shape), key)
+    if hasattr(p, "full_shape"):
+        return read_part(entries, p.shard_dim, p.shard_rank, p.shard_size, key)
+    return assemble(entries, key)
 
 
 def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -431,7 +500,7 @@ def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.O
     for name, buf in persistent_buffers(model).items():
         if name in ckpt.params:  # checkpoints from before expert_bias existed keep its initial zero
             with torch.no_grad():
-                buf.copy_(_tensor(ckpt, ckpt.params, name, buf.shape))
+                buf.copy_(assemble(_slices(ckpt, ckpt.params, name, buf.shape)))
     master = getattr(optimizer, "master", {})  # bf16 weights: their fp32 masters take the saved values
     for name, p in model.named_parameters():
         full = local_tensor(ckpt, ckpt.params, name, p)

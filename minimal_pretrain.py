@@ -28,8 +28,9 @@ import torch.distributed as dist
 
 import checkpoint as ckpt_io
 from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
+from memory import NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, params_per_stage
 from metrics import RunLog, print_run_summary
-from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm,
+from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm, stage_layers,
                         vocab_parallel_cross_entropy)
 from optim import LRSchedule, build_optimizer, lr_schedule
 
@@ -105,6 +106,9 @@ class TrainConfig:
     dist_timeout: float = arg(300.0, "seconds before a stuck collective fails the run")
     progress: bool = arg(True, "show a tqdm progress bar on rank 0")
     eval_only: bool = arg(False, "with --load: report validation loss, perplexity (and bits per byte) and exit")
+    dry_run: bool = arg(False, "check the flags and layout of a launch of --world-size ranks and print each stage's "
+                               "parameters and memory per rank, then exit: one process, no GPU, nothing allocated")
+    world_size: int = arg(0, "with --dry-run: the ranks of the planned launch; 0: this launch's (1 without torchrun)")
 
     def validate(self) -> None:
         """Ranges and finiteness of every field; raise ConfigError naming the flag to change."""
@@ -115,7 +119,8 @@ class TrainConfig:
                      "max_steps", "log_interval", "eval_iters", "max_skipped_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("expert_parallel_size", "lr_decay_steps", "eval_interval", "save_interval", "keep_last"):
+        for name in ("expert_parallel_size", "lr_decay_steps", "eval_interval", "save_interval", "keep_last",
+                     "world_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         # `not x >= 0` is also true for NaN, which argparse's float() accepts.
@@ -135,7 +140,9 @@ class TrainConfig:
             raise ConfigError(f"--dist-timeout must be between 1 second and 7 days, got {self.dist_timeout}")
         if self.eval_only and not self.load:
             raise ConfigError("--eval-only needs a checkpoint: give --load DIR")
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.world_size and not self.dry_run:
+            raise ConfigError("--world-size sizes a planned launch: give it with --dry-run (torchrun sets a real one)")
+        if self.device == "cuda" and not self.dry_run and not torch.cuda.is_available():
             raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
 
     def schedule(self) -> LRSchedule:
@@ -193,7 +200,7 @@ FLAG_GROUPS = (
                          "router_z_loss_coef", "router_bias_update_rate", "moe_capacity_factor",
                          "router_jitter_noise")),
     ("parallel layout", ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size",
-                         "num_microbatches", "dist_timeout")),
+                         "num_microbatches", "dist_timeout", "dry_run", "world_size")),
     ("data", ("data", "seed", "micro_batch_size")),
     ("optimisation", ("max_steps", "lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip",
                       "max_skipped_steps")),
@@ -430,13 +437,6 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout: timede
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
                             world_size=world_size, timeout=timeout)
-
-
-def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
-    """Layers [start, end) of a stage: as even as possible, earlier stages take the remainder."""
-    base, extra = divmod(num_layers, pp)
-    start = stage * base + min(stage, extra)
-    return start, start + base + (1 if stage < extra else 0)
 
 
 def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int) -> ParallelGroups:
@@ -970,70 +970,21 @@ def check_tensorboard(log_dir: str) -> None:
     check_writable(log_dir, "--tensorboard")
 
 
-def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int) -> list[int]:
-    """Parameters one rank of each pipeline stage holds (TP and EP slices), without building the model."""
-    d, dh = mc.hidden_size, mc.head_dim
-    attn = d * dh * (2 * mc.num_attention_heads + 2 * mc.num_kv_heads) // tp + 2 * dh + 2 * d
-    moe = d * mc.num_experts + 3 * d * mc.moe_ffn_hidden_size * mc.num_experts // ep \
-        + 3 * d * mc.shared_ffn_hidden_size // tp
-    counts = []
-    for stage in range(pp):
-        start, end = stage_layers(mc.num_layers, pp, stage)
-        n = sum(attn + (moe if mc.is_moe_layer(i) else 3 * d * mc.ffn_hidden_size // tp) for i in range(start, end))
-        n += mc.vocab_size * d // tp if stage == 0 else 0  # input embedding
-        n += mc.vocab_size * d // tp + d if stage == pp - 1 else 0  # LM head and final norm
-        counts.append(n)
-    return counts
-
-
-def estimate_rank_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool) -> tuple[int, int]:
-    """(weights + gradients + AdamW state, activations) in bytes on the busiest rank: a lower bound.
-
-    State: fp32 weights, gradients and two moments (16 bytes a parameter), plus a flat
-    all-reduce buffer of the gradients when they are reduced over replicas. Activations: per
-    micro-batch in flight (1F1B keeps up to PP on the first stage) about 10 D-wide tensors per
-    layer, the K expert copies of each token, fp32 logits three times (softmax and its grad),
-    and the global batch of token ids every rank draws."""
-    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
-    ep = tc.expert_parallel_size or tp
-    dp = world_size // (tp * pp)
-    state = max(params_per_stage(mc, tp, pp, ep)) * (16 + (4 if dp > 1 else 0))
-    tokens = tc.micro_batch_size * mc.seq_length
-    el = 2 if bf16 else 4
-    layers = -(-mc.num_layers // pp)
-    per_layer = 10 * mc.hidden_size + (mc.num_experts_per_token * (2 * mc.hidden_size + 3 * mc.moe_ffn_hidden_size)
-                                       if mc.num_experts else 3 * mc.ffn_hidden_size // tp)
-    in_flight = min(pp, tc.num_microbatches)
-    acts = tokens * el * (mc.hidden_size * layers if tc.recompute else per_layer * layers) * in_flight
-    acts += 3 * 4 * tokens * mc.vocab_size // tp
-    acts += 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)
-    return state, acts
-
-
-def available_memory_bytes(device_type: str, local_rank: int) -> int | None:
-    """Free memory for one rank: the GPU's free memory, or this host's available RAM shared by its ranks."""
-    if device_type == "cuda":
-        return torch.cuda.mem_get_info(local_rank)[0]
+def dry_run(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
+    """--dry-run: check the flags and layout of a launch of `world_size` ranks as that launch
+    would (the same validate), then print its memory plan. One process, no process group, no
+    data or checkpoint read (the vocabulary is --vocab-size), each stage built on the meta device."""
     try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None  # not Linux: no check
-    return avail // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
-def check_memory(mc: ModelConfig, tc: TrainConfig, world_size: int, local_rank: int) -> None:
-    """Refuse, before allocating, a run that cannot fit: an OOM kill prints nothing at all."""
-    device_type = "cuda" if uses_cuda(tc) else "cpu"
+        tc.validate()
+        validate(mc, tc, world_size)
+    except ConfigError as e:
+        fail(str(e), True)
+    tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
+    device_type = "cpu" if tc.device == "cpu" else "cuda"  # a plan is for the machines of the launch
     bf16 = resolve_param_dtype(tc, torch.device(device_type)) == torch.bfloat16
-    state, acts = estimate_rank_bytes(mc, tc, world_size, bf16)
-    avail = available_memory_bytes(device_type, local_rank)
-    if avail is not None and state + acts > avail:
-        gib = 2**30
-        raise LocalInputError(f"this run needs at least {(state + acts) / gib:.1f} GiB per rank (weights, "
-                              f"gradients and AdamW state {state / gib:.1f} GiB, activations {acts / gib:.1f} GiB) but "
-                              f"{avail / gib:.1f} GiB is free on this {device_type}; shrink the model or "
-                              f"--micro-batch-size, or split it over more ranks (TP / PP / EP)")
+    print(describe_plan(mc, tc, world_size, device_type, bf16))
+    print(f"model config: {json.dumps(dataclasses.asdict(mc))}")
+    print(f"train config: {json.dumps(dataclasses.asdict(tc))}")
 
 
 @dataclass
@@ -1080,7 +1031,9 @@ def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
     if uses_cuda(tc) and local_rank >= torch.cuda.device_count():
         raise LocalInputError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
                               f"launch at most that many processes per node")
-    check_memory(mc, tc, world_size, local_rank)
+    device_type = "cuda" if uses_cuda(tc) else "cpu"
+    check_memory(mc, tc, world_size, local_rank, device_type,
+                 resolve_param_dtype(tc, torch.device(device_type)) == torch.bfloat16)
     if tc.metrics_file and rank == 0:
         check_metrics_file(tc.metrics_file)
     if tc.tensorboard and rank == 0:
@@ -1362,6 +1315,9 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
 def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- config
     mc, tc, given = parse_config(argv)
+    if tc.dry_run:  # the plan of a launch, printed by one process: nothing runs
+        dry_run(mc, tc, tc.world_size or int(os.environ.get("WORLD_SIZE", 1)))
+        return
     try:  # set by torchrun (or by hand for a multi-node launch without it)
         rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
                                         (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -1373,7 +1329,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs, error = None, None
     try:
         inputs = prepare_inputs(mc, tc, given, rank, world_size, local_rank)
-    except (LocalInputError, DataError, ckpt_io.CheckpointError) as e:
+    except (LocalInputError, DataError, ckpt_io.CheckpointError, NotEnoughMemory) as e:
         error = str(e)  # this rank's files or machine: settled with the others below
     except ConfigError as e:
         fail(str(e), rank == 0)  # flags and layout fail alike on every rank: no peer needed
@@ -1422,7 +1378,7 @@ def print_banner(inputs: RunInputs, pg: ParallelGroups, device: torch.device,
     print(f"batch: {global_batch} sequences x {mc.seq_length} tokens per step ({tc.micro_batch_size} per "
           f"micro-batch x {tc.num_microbatches} micro-batches x DP {pg.dp}), {tc.max_steps} steps | LR: "
           f"{tc.schedule().describe()}")
-    state, acts = estimate_rank_bytes(mc, tc, pg.world_size, weights == torch.bfloat16)
+    state, acts = estimate_rank_bytes(mc, tc, pg.world_size, weights == torch.bfloat16, device.type == "cuda")
     print(f"memory per rank (estimate): {size_text(state)} weights, gradients and optimizer state + at least "
           f"{size_text(acts)} activations")
     for note in inputs.notes:
