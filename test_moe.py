@@ -3093,3 +3093,22 @@ def test_adamw_checkpoint_loaded_by_muon_keeps_the_adamw_moments_and_starts_muon
             assert q not in muon.state, name  # fresh momentum
         else:
             assert torch.equal(muon.state[q]["exp_avg"], adamw.state[p]["exp_avg"]), name
+
+
+def test_resumed_run_takes_the_checkpoints_optimizer_and_wsd_flags_and_notes_a_switch():
+    saved_train = dataclasses.asdict(mp.TrainConfig(optimizer="muon", lr_schedule="wsd", lr_decay_fraction=0.3,
+                                                    lr_decay_style="linear", max_steps=10))
+    resume = ckpt_io.Checkpoint(path="ck", meta={"step": 3, "train": saved_train, "layout": {"dp": 1}},
+                                params={}, optim={"w": [{}]}, rng={})
+    tc = mp.TrainConfig(max_steps=10)
+    assert mp.continue_saved_run(tc, resume, set(), 1) == []
+    assert (tc.optimizer, tc.lr_schedule, tc.lr_decay_fraction, tc.lr_decay_style) == ("muon", "wsd", 0.3, "linear")
+    switched = mp.TrainConfig(max_steps=10, optimizer="adamw")
+    notes = mp.continue_saved_run(switched, resume, {"optimizer"}, 1)
+    assert switched.optimizer == "adamw" and len(notes) == 1 and "starts fresh" in notes[0]
+    old = dict(saved_train)
+    for name in ("optimizer", "lr_schedule", "lr_decay_fraction", "lr_decay_style"):
+        del old[name]  # a checkpoint from before issue 13
+    before = mp.TrainConfig(max_steps=10)
+    mp.continue_saved_run(before, dataclasses.replace(resume, meta=dict(resume.meta, train=old)), set(), 1)
+    assert (before.optimizer, before.lr_schedule) == ("adamw", "cosine")
