@@ -1,7 +1,7 @@
 """Train the same small MoE with AdamW and Muon, each under the cosine and the WSD schedule.
 
-    OMP_NUM_THREADS=1 python scripts/compare_optimizers.py --out docs --jobs 2   # about 10 minutes on 2 cores
-    python scripts/compare_optimizers.py --quick --out /tmp/co                   # tiny model, seconds (the test)
+    OMP_NUM_THREADS=1 python scripts/compare_optimizers.py --out docs --jobs 8   # 15 min, 2 busy cores
+    python scripts/compare_optimizers.py --quick --out /tmp/co                   # tiny model, a smoke run
 
 Every run is `minimal_pretrain.py` in a subprocess with the same model, data (the built-in
 corpus), batches, steps, --lr and --weight-decay: the runs differ only in --optimizer and
@@ -40,7 +40,7 @@ from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, e
 
 # The trainer's default model (D 128, 4 layers, 8 experts top-2, F 256) on shorter sequences,
 # as scripts/compare_routing.py trains it.
-FULL = dict(steps=200, log_interval=10,
+FULL = dict(steps=100, log_interval=5,
             flags=["--seq-length", "128", "--micro-batch-size", "4", "--num-microbatches", "2", "--eval-iters", "10"])
 QUICK = dict(steps=6, log_interval=1,
              flags=["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-kv-heads", "2",
@@ -184,8 +184,8 @@ def write_png(path: str, runs: list[Run]) -> bool:
 def main() -> None:
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="out/optimizers", help="folder for optimizer_comparison.md and .png")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps per run; 0: 200 (6 with --quick)")
-    p.add_argument("--quick", action="store_true", help="tiny model and few steps (seconds; for tests)")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per run; 0: 100 (6 with --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny model and few steps (a smoke run)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per combination (seed-to-seed noise needs 2 or more)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     args = p.parse_args()
