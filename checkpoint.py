@@ -8,8 +8,9 @@ torch.distributed.checkpoint, so that one process can read a folder written by 8
 nothing but torch.load, and each file says in its own entries where its slices belong):
     meta.json        format version, step, model and train configs, layout, file list and
                      each file's size in bytes,
-    rank_00003.pt    {"params": {name: entry}, "optim": {name: {"step", "exp_avg": entry,
-                     "exp_avg_sq": entry}}, "rng": {...}} where an entry is
+    rank_00003.pt    {"params": {name: entry}, "optim": {name: state}, "rng": {...}} where a
+                     state is AdamW's {"step", "exp_avg": entry, "exp_avg_sq": entry} or
+                     Muon's {"momentum_buffer": entry}, and an entry is
                      {"tensor", "dim", "rank", "size"}: slice `rank` of `size` along `dim`
                      (dim None: the whole tensor). Each slice is written by exactly one rank.
                      Experts are stored one key per expert in transformers' naming and
@@ -122,9 +123,14 @@ def buffer_entries(model: torch.nn.Module, tp_rank: int, dp_rank: int) -> dict[s
             for k, v in persistent_buffers(model).items()}
 
 
+# The optimizer's per-weight tensors: AdamW's two moments, Muon's momentum. Each is shaped like
+# its weight, so it is sliced, saved and resharded exactly as the weight is.
+MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
 def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_rank: int, dp_rank: int,
                  stage_rank: int, ep: int) -> dict:
-    """This rank's slices of the weights and of the AdamW moments, plus its RNG states.
+    """This rank's slices of the weights and of the optimizer's moments, plus its RNG states.
 
     With bf16 weights the fp32 masters of the optimizer are saved (see MasterWeightAdamW)."""
     params, optim = {}, {}
@@ -134,17 +140,17 @@ def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_ra
             continue
         weight = master.get(p, p)
         state = optimizer.state.get(weight, {})
+        moments = [k for k in MOMENTS if k in state]
+        step = {"step": float(state["step"])} if "step" in state else {}  # AdamW counts steps, Muon does not
         if getattr(p, "shard_kind", None) == "ep":
             params.update(per_expert(name, weight, p))
-            if state:
-                avg, avg_sq = per_expert(name, state["exp_avg"], p), per_expert(name, state["exp_avg_sq"], p)
-                for key in avg:
-                    optim[key] = {"step": float(state["step"]), "exp_avg": avg[key], "exp_avg_sq": avg_sq[key]}
+            split = {k: per_expert(name, state[k], p) for k in moments}  # moment -> expert key -> entry
+            for key in (split[moments[0]] if moments else {}):
+                optim[key] = dict(step, **{k: split[k][key] for k in moments})
             continue
         params[name] = _entry(weight, p)
-        if state:
-            optim[name] = {"step": float(state["step"]), "exp_avg": _entry(state["exp_avg"], p),
-                           "exp_avg_sq": _entry(state["exp_avg_sq"], p)}
+        if moments:
+            optim[name] = dict(step, **{k: _entry(state[k], p) for k in moments})
     params.update(buffer_entries(model, tp_rank, dp_rank))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -290,7 +296,7 @@ class Checkpoint:
     path: str
     meta: dict
     params: dict[str, list[dict]]  # name -> its slices, from every file
-    optim: dict[str, list[dict]]  # name -> slices of {"step", "exp_avg", "exp_avg_sq"}
+    optim: dict[str, list[dict]]  # name -> slices of {"step", "exp_avg", "exp_avg_sq"} or {"momentum_buffer"}
     rng: dict[int, dict]  # writing rank -> its RNG states
 
 
@@ -374,9 +380,9 @@ def read_checkpoint(path: str) -> Checkpoint:
         for name, entry in payload["optim"].items():
             optim.setdefault(name, []).append(entry)
         rng[r] = payload["rng"]
-    for table, keys in ((params, [None]), (optim, ["exp_avg", "exp_avg_sq"])):
+    for table, is_optim in ((params, False), (optim, True)):
         for name, entries in table.items():
-            for key in keys:
+            for key in [k for k in MOMENTS if k in entries[0]] if is_optim else [None]:
                 try:
                     full_shape(entries, key)
                 except CheckpointError as e:
@@ -401,8 +407,10 @@ def check_payload(payload: Any, fpath: str) -> None:
         if not _check_entry(entry):
             raise bad(f"entry {name!r} is malformed")
     for name, state in payload["optim"].items():
-        if not (isinstance(state, dict) and isinstance(state.get("step"), (int, float))
-                and _check_entry(state.get("exp_avg")) and _check_entry(state.get("exp_avg_sq"))):
+        adamw = (isinstance(state, dict) and isinstance(state.get("step"), (int, float))
+                 and _check_entry(state.get("exp_avg")) and _check_entry(state.get("exp_avg_sq")))
+        muon = isinstance(state, dict) and set(state) == {"momentum_buffer"} and _check_entry(state["momentum_buffer"])
+        if not (adamw or muon):
             raise bad(f"optimizer entry {name!r} is malformed")
     if not isinstance(payload["rng"].get("torch"), torch.Tensor) or payload["rng"]["torch"].dtype != torch.uint8:
         raise bad("no torch RNG state")
@@ -483,7 +491,7 @@ def _slices(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, want: tup
 
 def local_tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, p: torch.nn.Parameter,
                  key: str | None = None) -> torch.Tensor:
-    """This rank's part of parameter `name` (or of its AdamW moment `key`) from any layout's files,
+    """This rank's part of parameter `name` (or of its optimizer moment `key`) from any layout's files,
     reading only the saved slices that overlap it."""
     if getattr(p, "shard_kind", None) == "ep":  # re-stack this rank's experts from per-expert keys
         first = p.shard_rank * p.shape[0]
@@ -496,7 +504,10 @@ def local_tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, p: t
 
 
 def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Copy this rank's slices of weights (and AdamW moments) out of a checkpoint of any layout."""
+    """Copy this rank's slices of weights (and optimizer moments) out of a checkpoint of any layout.
+
+    A weight whose saved state belongs to the other optimizer (AdamW's moments for a weight
+    that Muon now updates, or the reverse) keeps a fresh state; the trainer says so at start."""
     for name, buf in persistent_buffers(model).items():
         if name in ckpt.params:  # checkpoints from before expert_bias existed keep its initial zero
             with torch.no_grad():
@@ -509,11 +520,17 @@ def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.O
             if master.get(p, p) is not p:
                 master[p].copy_(full)
         first_key = expert_key(name, p.shard_rank * p.shape[0]) if getattr(p, "shard_kind", None) == "ep" else name
-        if optimizer is not None and first_key in ckpt.optim:
+        if optimizer is None or first_key not in ckpt.optim:
+            continue
+        weight, saved = master.get(p, p), ckpt.optim[first_key][0]
+        if weight in getattr(optimizer, "muon_params", {}):
+            if "momentum_buffer" in saved:
+                optimizer.state[weight] = {
+                    "momentum_buffer": local_tensor(ckpt, ckpt.optim, name, p, "momentum_buffer").to(p.device).clone()}
+        elif "exp_avg" in saved:
             fused = optimizer.defaults.get("fused")  # the fused kernel wants its step counts beside the weights
-            optimizer.state[master.get(p, p)] = {
-                "step": torch.tensor(ckpt.optim[first_key][0]["step"], dtype=torch.float32,
-                                     device=p.device if fused else "cpu"),
+            optimizer.state[weight] = {
+                "step": torch.tensor(saved["step"], dtype=torch.float32, device=p.device if fused else "cpu"),
                 "exp_avg": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg").to(p.device).clone(),
                 "exp_avg_sq": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg_sq").to(p.device).clone(),
             }

@@ -69,11 +69,20 @@ class TrainConfig:
     micro_batch_size: int = arg(8, "sequences per micro-batch")
     max_steps: int = arg(400, "optimizer steps")
     lr: float = arg(2e-3, "peak learning rate")
-    min_lr: float = arg(2e-4, "learning rate at the end of the cosine decay, and after it")
+    min_lr: float = arg(2e-4, "learning rate at the end of the decay, and after it")
     warmup_steps: int = arg(-1, "linear warm-up steps; -1: a tenth of the decay steps, at most 2000")
-    lr_decay_steps: int = arg(0, "the cosine reaches --min-lr at this step; 0: --max-steps. On --load the "
+    lr_decay_steps: int = arg(0, "the decay reaches --min-lr at this step; 0: --max-steps. On --load the "
                                  "checkpoint's schedule goes on unless a schedule flag is given")
-    weight_decay: float = arg(0.1, "AdamW weight decay (not applied to norms)")
+    lr_schedule: str = arg("cosine", "cosine: decay from the end of the warm-up | wsd: warm-up, stable at --lr, "
+                                     "decay over the last --lr-decay-fraction of the decay steps",
+                           choices=["cosine", "wsd"])
+    lr_decay_fraction: float = arg(0.2, "wsd: the last fraction of the decay steps that decays (0, 1]")
+    lr_decay_style: str = arg("sqrt", "wsd: the decay's shape, linear | cosine | sqrt (1 - sqrt(progress), "
+                                      "Hägele et al. 2024)", choices=["linear", "cosine", "sqrt"])
+    optimizer: str = arg("adamw", "adamw | muon: Muon (orthogonalised momentum) on the hidden layers' matrices, "
+                                  "AdamW on embeddings, LM head, norms and routers. On --load: the checkpoint's",
+                         choices=["adamw", "muon"])
+    weight_decay: float = arg(0.1, "decoupled weight decay of AdamW and Muon (not applied to norms)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this; 0 disables")
     router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss")
     router_z_loss_coef: float = arg(0.001, "weight of the router z-loss")
@@ -134,6 +143,12 @@ class TrainConfig:
             raise ConfigError(f"--lr must be finite and > 0, got {self.lr}")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
+        if not 0 < self.lr_decay_fraction <= 1:  # also false for NaN
+            raise ConfigError(f"--lr-decay-fraction must be in (0, 1], got {self.lr_decay_fraction}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.lr_schedule == "cosine" and any(getattr(self, n) != defaults[n] for n in WSD_FLAGS):
+            raise ConfigError("--lr-decay-fraction and --lr-decay-style shape the decay of --lr-schedule wsd; "
+                              "add --lr-schedule wsd (the cosine schedule decays from the end of the warm-up)")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be between 0 and 2^63 - 1, got {self.seed}")
         if not 1 <= self.dist_timeout <= 7 * 86400:  # also false for NaN
@@ -146,7 +161,8 @@ class TrainConfig:
             raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
 
     def schedule(self) -> LRSchedule:
-        return lr_schedule(self.lr, self.min_lr, self.warmup_steps, self.lr_decay_steps, self.max_steps)
+        return lr_schedule(self.lr, self.min_lr, self.warmup_steps, self.lr_decay_steps, self.max_steps,
+                           self.lr_schedule, self.lr_decay_fraction, self.lr_decay_style)
 
 
 MODEL_CHOICES = {"router_score_function": ["softmax", "sigmoid"],
@@ -202,8 +218,8 @@ FLAG_GROUPS = (
     ("parallel layout", ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size",
                          "num_microbatches", "dist_timeout", "dry_run", "world_size")),
     ("data", ("data", "seed", "micro_batch_size")),
-    ("optimisation", ("max_steps", "lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip",
-                      "max_skipped_steps")),
+    ("optimisation", ("max_steps", "optimizer", "lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule",
+                      "lr_decay_fraction", "lr_decay_style", "weight_decay", "grad_clip", "max_skipped_steps")),
     ("device and precision", ("device", "dtype", "recompute", "compile")),
     ("checkpoints", ("save", "save_interval", "keep_last", "load", "allow_global_batch_change")),
     ("evaluation and logging", ("eval_interval", "eval_iters", "eval_only", "log_interval", "metrics_file",
@@ -245,7 +261,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelConfig, TrainConfi
 DATA_STREAM_FLAGS = ("seed", "data", "micro_batch_size")
 # Train flags that shape the learning rate: on --load they default to the checkpoint's too, so a
 # resumed run goes on with the schedule it was following (a longer --max-steps alone keeps it).
-SCHEDULE_FLAGS = ("lr", "min_lr", "warmup_steps", "lr_decay_steps")
+SCHEDULE_FLAGS = ("lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule", "lr_decay_fraction",
+                  "lr_decay_style")
+# The flags that shape only WSD's decay (the cosine schedule refuses values other than their defaults).
+WSD_FLAGS = ("lr_decay_fraction", "lr_decay_style")
 
 
 def checked_fields(cls: type, saved: dict, where: str) -> dict:
@@ -287,11 +306,15 @@ def saved_value(saved_train: dict, name: str, where: str) -> Any:
     return checked_fields(TrainConfig, {name: saved_train[name]}, where)[name]
 
 
+def flag_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def continue_saved_run(tc: TrainConfig, resume: ckpt_io.Checkpoint, given: set[str], world_size: int) -> list[str]:
     """Make the flags of a resumed run continue the saved one; return the notes to print at start.
 
-    The data stream (seed, data, micro-batch size) and the LR schedule default to the
-    checkpoint's. The global batch must stay the checkpoint's: when --num-microbatches is not
+    The data stream (seed, data, micro-batch size), the LR schedule and the optimizer default
+    to the checkpoint's. The global batch must stay the checkpoint's: when --num-microbatches is not
     given it is derived to keep it; a change needs --allow-global-batch-change. A checkpoint
     with weights only (import_hf.py, upcycle.py) starts a fresh optimizer and schedule."""
     saved, where = resume.meta["train"], f"{resume.path}/meta.json"
@@ -305,24 +328,34 @@ def continue_saved_run(tc: TrainConfig, resume: ckpt_io.Checkpoint, given: set[s
         return []
     step, notes = resume.meta["step"], []
 
+    # ---- the optimizer
+    old_optimizer = saved_value(saved, "optimizer", where)  # "adamw" for checkpoints from before Muon
+    if "optimizer" not in given:
+        tc.optimizer = old_optimizer
+    elif tc.optimizer != old_optimizer:
+        notes.append(f"the checkpoint was trained with {old_optimizer}, this run uses --optimizer {tc.optimizer}: the "
+                     f"hidden matrices' optimizer state starts fresh (AdamW's moments <-> Muon's momentum); the "
+                     f"embedding, LM head, norm and router moments go on")
+
     # ---- the learning-rate schedule
     old = {name: saved_value(saved, name, where) for name in SCHEDULE_FLAGS + ("max_steps",)}
     old_schedule = lr_schedule(old["lr"], old["min_lr"], old["warmup_steps"], old["lr_decay_steps"],
-                               max(1, old["max_steps"]))
-    kept = {"lr": old_schedule.lr, "min_lr": old_schedule.min_lr, "warmup_steps": old_schedule.warmup_steps,
-            "lr_decay_steps": old_schedule.decay_steps}
-    for name in SCHEDULE_FLAGS:
-        if name not in given:
+                               max(1, old["max_steps"]), old["lr_schedule"], old["lr_decay_fraction"],
+                               old["lr_decay_style"])
+    kept = dict(old, warmup_steps=old_schedule.warmup_steps, lr_decay_steps=old_schedule.decay_steps)
+    for name in SCHEDULE_FLAGS:  # lr_schedule comes before the WSD flags, which a cosine schedule leaves alone
+        if name not in given and not (name in WSD_FLAGS and tc.lr_schedule == "cosine"):
             setattr(tc, name, kept[name])
     new_schedule = tc.schedule()
     if new_schedule != old_schedule:
-        changed = ", ".join(f"--{n.replace('_', '-')} {kept[n]:g} -> {getattr(tc, n):g}" for n in SCHEDULE_FLAGS
-                            if getattr(tc, n) != kept[n] and n in given)
+        changed = ", ".join(f"--{n.replace('_', '-')} {flag_text(kept[n])} -> {flag_text(getattr(tc, n))}"
+                            for n in SCHEDULE_FLAGS if getattr(tc, n) != kept[n] and n in given)
         notes.append(f"the LR schedule changes at step {step} ({changed}): the LR goes from "
                      f"{old_schedule.at(step):.2e} to {new_schedule.at(step):.2e}")
     elif tc.max_steps > new_schedule.decay_steps:
-        longer = lr_schedule(tc.lr, tc.min_lr, new_schedule.warmup_steps, tc.max_steps, tc.max_steps)
-        notes.append(f"the checkpoint's LR schedule goes on: its cosine ends at step {new_schedule.decay_steps}, so "
+        longer = lr_schedule(tc.lr, tc.min_lr, new_schedule.warmup_steps, tc.max_steps, tc.max_steps,
+                             tc.lr_schedule, tc.lr_decay_fraction, tc.lr_decay_style)
+        notes.append(f"the checkpoint's LR schedule goes on: its decay ends at step {new_schedule.decay_steps}, so "
                      f"steps {max(step, new_schedule.decay_steps)}-{tc.max_steps} train at --min-lr "
                      f"{tc.min_lr:.2e}; to decay over the longer run give --lr-decay-steps {tc.max_steps} "
                      f"(the LR at step {step} then goes from {old_schedule.at(step):.2e} to {longer.at(step):.2e})")
@@ -882,7 +915,8 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
 
     Set the learning rate -> (global-batch balancing: route every micro-batch first) ->
     forward and backward of every micro-batch (1F1B) -> gradient all-reduces -> global norm
-    -> clip and AdamW, or skip the update when the norm is not finite -> expert-bias update.
+    -> clip and the optimizer step (AdamW or Muon), or skip the update when the norm is not finite
+    -> expert-bias update.
     Returns this rank's step statistics, the global gradient norm and whether the update was applied."""
     for group in optimizer.param_groups:
         group["lr"] = tc.schedule().at(step)
@@ -1376,8 +1410,8 @@ def print_banner(inputs: RunInputs, pg: ParallelGroups, device: torch.device,
     print(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
     global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
     print(f"batch: {global_batch} sequences x {mc.seq_length} tokens per step ({tc.micro_batch_size} per "
-          f"micro-batch x {tc.num_microbatches} micro-batches x DP {pg.dp}), {tc.max_steps} steps | LR: "
-          f"{tc.schedule().describe()}")
+          f"micro-batch x {tc.num_microbatches} micro-batches x DP {pg.dp}), {tc.max_steps} steps | "
+          f"{tc.optimizer} | LR: {tc.schedule().describe()}")
     state, acts = estimate_rank_bytes(mc, tc, pg.world_size, weights == torch.bfloat16, device.type == "cuda")
     print(f"memory per rank (estimate): {size_text(state)} weights, gradients and optimizer state + at least "
           f"{size_text(acts)} activations")
@@ -1399,7 +1433,7 @@ def run(inputs: RunInputs, rank: int, world_size: int, local_rank: int) -> None:
 
     # ------------------------------------------------- model and optimizer
     model = build_model(mc, tc, pg, device, autocast_dtype)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer)
     reducers = build_grad_reducers(model, pg)
     start_step, skipped, error = 0, 0, None
     if resume:

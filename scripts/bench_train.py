@@ -107,7 +107,7 @@ def main() -> None:
     pg = build_process_groups(1, 1, 1, 0, 1)  # one process: no groups, no collectives
     model = build_model(cfg, tc, pg, device, autocast_dtype)
     grouped = can_use_grouped_mm(device, cfg, autocast_dtype or torch.float32)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer)
     reducers = build_grad_reducers(model, pg)
     total = sum(q.numel() for q in model.parameters())
     active = cfg.active_params_per_token()  # without the input embedding (tested against a count)
