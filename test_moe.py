@@ -3772,3 +3772,17 @@ def test_resumed_run_takes_the_checkpoints_optimizer_and_wsd_flags_and_notes_a_s
     before = mp.TrainConfig(max_steps=10)
     mp.continue_saved_run(before, dataclasses.replace(resume, meta=dict(resume.meta, train=old)), set(), 1)
     assert (before.optimizer, before.lr_schedule) == ("adamw", "cosine")
+
+
+def test_muon_on_a_bf16_model_steps_fp32_masters_with_fp32_momentum():
+    mc, tc = tiny_config(), mp.TrainConfig(dtype="bfloat16", optimizer="muon")
+    pg = mp.build_process_groups(1, 1, 1, 0, 1)
+    model = mp.build_model(mc, tc, pg, torch.device("cpu"), torch.bfloat16)
+    opt = optim.build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer)
+    x = tokens(64, (4, 16))
+    for step in range(2):
+        mp.train_step(model, opt, [], [(x, x)], pg, mc, tc, torch.device("cpu"), torch.bfloat16, step)
+    q = model.layers["0"].self_attn.q_proj.weight
+    assert q.dtype == torch.bfloat16 and opt.state[opt.master[q]]["momentum_buffer"].dtype == torch.float32
+    for name, p in model.named_parameters():
+        assert torch.equal(p, opt.master[p].to(p.dtype)), name  # the model is its masters, rounded
