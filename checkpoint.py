@@ -6,9 +6,11 @@ export script read the same format without the trainer.
 Format of `DIR/step_00000100/` (a plain, documented format rather than
 torch.distributed.checkpoint, so that one process can read a folder written by 8 ranks with
 nothing but torch.load, and each file says in its own entries where its slices belong):
-    meta.json        format version, step, model and train configs, layout, file list,
-    rank_00003.pt    {"params": {name: entry}, "optim": {name: {"step", "exp_avg": entry,
-                     "exp_avg_sq": entry}}, "rng": {...}} where an entry is
+    meta.json        format version, step, model and train configs, layout, file list and
+                     each file's size in bytes,
+    rank_00003.pt    {"params": {name: entry}, "optim": {name: state}, "rng": {...}} where a
+                     state is AdamW's {"step", "exp_avg": entry, "exp_avg_sq": entry} or
+                     Muon's {"momentum_buffer": entry}, and an entry is
                      {"tensor", "dim", "rank", "size"}: slice `rank` of `size` along `dim`
                      (dim None: the whole tensor). Each slice is written by exactly one rank.
                      Experts are stored one key per expert in transformers' naming and
@@ -21,6 +23,12 @@ Saving a step whose folder exists (a rewound run) first renames the old folder t
 `.old-step_...` and deletes it only after the new one is in place; if a crash falls between
 the two renames, `latest` is followed to that `.old-` folder. `DIR/.lock` is held (flock) by
 the run that saves into DIR, so a second run on the same folder is refused, not interleaved.
+
+Loading scales with the ranks: read_checkpoint memory-maps every file and reads only its
+entries' headers (names, shapes, places), checking structure, sizes and that the slices fit;
+load_into then copies out of the overlapping slices only what this rank holds, so the
+tensors it does not need are never paged in (an N-rank checkpoint on N model-parallel ranks:
+each reads about 1/N). assemble / full_state_dict read whole tensors, for the scripts.
 """
 
 from __future__ import annotations
@@ -115,9 +123,14 @@ def buffer_entries(model: torch.nn.Module, tp_rank: int, dp_rank: int) -> dict[s
             for k, v in persistent_buffers(model).items()}
 
 
+# The optimizer's per-weight tensors: AdamW's two moments, Muon's momentum. Each is shaped like
+# its weight, so it is sliced, saved and resharded exactly as the weight is.
+MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
 def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_rank: int, dp_rank: int,
                  stage_rank: int, ep: int) -> dict:
-    """This rank's slices of the weights and of the AdamW moments, plus its RNG states.
+    """This rank's slices of the weights and of the optimizer's moments, plus its RNG states.
 
     With bf16 weights the fp32 masters of the optimizer are saved (see MasterWeightAdamW)."""
     params, optim = {}, {}
@@ -127,17 +140,17 @@ def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_ra
             continue
         weight = master.get(p, p)
         state = optimizer.state.get(weight, {})
+        moments = [k for k in MOMENTS if k in state]
+        step = {"step": float(state["step"])} if "step" in state else {}  # AdamW counts steps, Muon does not
         if getattr(p, "shard_kind", None) == "ep":
             params.update(per_expert(name, weight, p))
-            if state:
-                avg, avg_sq = per_expert(name, state["exp_avg"], p), per_expert(name, state["exp_avg_sq"], p)
-                for key in avg:
-                    optim[key] = {"step": float(state["step"]), "exp_avg": avg[key], "exp_avg_sq": avg_sq[key]}
+            split = {k: per_expert(name, state[k], p) for k in moments}  # moment -> expert key -> entry
+            for key in (split[moments[0]] if moments else {}):
+                optim[key] = dict(step, **{k: split[k][key] for k in moments})
             continue
         params[name] = _entry(weight, p)
-        if state:
-            optim[name] = {"step": float(state["step"]), "exp_avg": _entry(state["exp_avg"], p),
-                           "exp_avg_sq": _entry(state["exp_avg_sq"], p)}
+        if moments:
+            optim[name] = dict(step, **{k: _entry(state[k], p) for k in moments})
     params.update(buffer_entries(model, tp_rank, dp_rank))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -162,7 +175,9 @@ def save_checkpoint(root: str, step: int, payload: dict, meta: dict, rank: int, 
     if world_size > 1:
         dist.barrier()  # every rank's file is on disk
     if rank == 0:
-        meta = dict(meta, files=[f"rank_{r:05d}.pt" for r in range(world_size)])
+        files = [f"rank_{r:05d}.pt" for r in range(world_size)]
+        # The sizes let a reader refuse a replaced or cut file without reading its tensors.
+        meta = dict(meta, files=files, sizes=[os.path.getsize(os.path.join(tmp, f)) for f in files])
         _fsync_write(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync_dir(tmp)
         old = os.path.join(root, ".old-" + step_dir_name(step))
@@ -281,7 +296,7 @@ class Checkpoint:
     path: str
     meta: dict
     params: dict[str, list[dict]]  # name -> its slices, from every file
-    optim: dict[str, list[dict]]  # name -> slices of {"step", "exp_avg", "exp_avg_sq"}
+    optim: dict[str, list[dict]]  # name -> slices of {"step", "exp_avg", "exp_avg_sq"} or {"momentum_buffer"}
     rng: dict[int, dict]  # writing rank -> its RNG states
 
 
@@ -326,34 +341,51 @@ def check_meta(meta: dict, meta_path: str) -> None:
     if (not isinstance(files, list) or len(files) != layout["world_size"]
             or not all(isinstance(f, str) and f.startswith("rank_") and os.sep not in f for f in files)):
         raise bad(f"\"files\" must list {layout['world_size']} rank files, got {files!r}")
+    sizes = meta.get("sizes", [0] * len(files))  # checkpoints from before sizes were recorded have none
+    if not isinstance(sizes, list) or len(sizes) != len(files) or not all(_is_int(n) and n >= 0 for n in sizes):
+        raise bad(f"\"sizes\" must list {len(files)} file sizes in bytes, got {sizes!r}")
+
+
+def open_rank_file(fpath: str, recorded_size: int | None) -> dict:
+    """One rank file, memory-mapped: its structure is checked, its tensors are not read yet.
+
+    A truncated file has lost its zip directory (at the end) and fails to open; a file of
+    another size than meta.json recorded was replaced or damaged after the save."""
+    if not os.path.isfile(fpath):
+        raise CheckpointError(f"{fpath}: missing; the checkpoint is incomplete, load an earlier one")
+    try:
+        payload = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated or foreign files raise many different errors
+        raise CheckpointError(f"{fpath}: unreadable ({type(e).__name__}); load an earlier checkpoint") from None
+    check_payload(payload, fpath)
+    size = os.path.getsize(fpath)
+    if recorded_size is not None and size != recorded_size:
+        raise CheckpointError(f"{fpath}: {size} bytes, but meta.json recorded {recorded_size}; the file was replaced "
+                              f"or damaged after saving, load an earlier checkpoint")
+    return payload
 
 
 def read_checkpoint(path: str) -> Checkpoint:
-    """Read every file of a checkpoint, checking that each is whole and that all slices are there."""
+    """Open every file of a checkpoint (memory-mapped), checking that each is whole and that all
+    slices are there and fit together, from their shapes alone: no tensor is read here."""
     step_dir, meta = read_meta(path)
     params: dict[str, list[dict]] = {}
     optim: dict[str, list[dict]] = {}
     rng = {}
+    sizes = meta.get("sizes", [None] * len(meta["files"]))
     for r, fname in enumerate(meta["files"]):
-        fpath = os.path.join(step_dir, fname)
-        if not os.path.isfile(fpath):
-            raise CheckpointError(f"{fpath}: missing; the checkpoint is incomplete, load an earlier one")
-        try:
-            payload = torch.load(fpath, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or foreign files raise many different errors
-            raise CheckpointError(f"{fpath}: unreadable ({type(e).__name__}); load an earlier checkpoint") from None
-        check_payload(payload, fpath)
+        payload = open_rank_file(os.path.join(step_dir, fname), sizes[r])
         for name, entry in payload["params"].items():
             params.setdefault(name, []).append(entry)
         for name, entry in payload["optim"].items():
             optim.setdefault(name, []).append(entry)
         rng[r] = payload["rng"]
-    for table, keys in ((params, [None]), (optim, ["exp_avg", "exp_avg_sq"])):
+    for table, is_optim in ((params, False), (optim, True)):
         for name, entries in table.items():
-            for key in keys:
+            for key in [k for k in MOMENTS if k in entries[0]] if is_optim else [None]:
                 try:
-                    assemble(entries, key)
-                except (CheckpointError, RuntimeError) as e:
+                    full_shape(entries, key)
+                except CheckpointError as e:
                     raise CheckpointError(f"{step_dir}: slices of {name} do not fit together ({e})") from None
     return Checkpoint(step_dir, meta, params, optim, rng)
 
@@ -375,30 +407,70 @@ def check_payload(payload: Any, fpath: str) -> None:
         if not _check_entry(entry):
             raise bad(f"entry {name!r} is malformed")
     for name, state in payload["optim"].items():
-        if not (isinstance(state, dict) and isinstance(state.get("step"), (int, float))
-                and _check_entry(state.get("exp_avg")) and _check_entry(state.get("exp_avg_sq"))):
+        adamw = (isinstance(state, dict) and isinstance(state.get("step"), (int, float))
+                 and _check_entry(state.get("exp_avg")) and _check_entry(state.get("exp_avg_sq")))
+        muon = isinstance(state, dict) and set(state) == {"momentum_buffer"} and _check_entry(state["momentum_buffer"])
+        if not (adamw or muon):
             raise bad(f"optimizer entry {name!r} is malformed")
     if not isinstance(payload["rng"].get("torch"), torch.Tensor) or payload["rng"]["torch"].dtype != torch.uint8:
         raise bad("no torch RNG state")
 
 
-def assemble(entries: list[dict], key: str | None = None) -> torch.Tensor:
-    """Concatenate the slices of one tensor (sorted by rank) into the full tensor."""
+def _ordered(entries: list[dict], key: str | None) -> list[dict]:
+    """The slices of one tensor (or of its AdamW moment `key`), sorted by rank."""
     if key is not None:
         entries = [e[key] for e in entries]
-    if entries[0]["dim"] is None:
-        return entries[0]["tensor"]
-    ordered = sorted(entries, key=lambda e: e["rank"])
-    if [e["rank"] for e in ordered] != list(range(ordered[0]["size"])):
-        raise CheckpointError(f"slices {[e['rank'] for e in ordered]} of {ordered[0]['size']} found")
+    return sorted(entries, key=lambda e: e["rank"]) if entries[0]["dim"] is not None else entries[:1]
+
+
+def full_shape(entries: list[dict], key: str | None = None) -> tuple[int, ...]:
+    """The whole tensor's shape from its slices' shapes (no data read); CheckpointError if the
+    slices are not every rank of one split, or differ in shape outside the split dimension."""
+    ordered = _ordered(entries, key)
+    first = ordered[0]
+    shape = list(first["tensor"].shape)
+    if first["dim"] is None:
+        return tuple(shape)
+    dim, size = first["dim"], first["size"]
+    if [e["rank"] for e in ordered] != list(range(size)) or any(e["dim"] != dim or e["size"] != size
+                                                                 for e in ordered):
+        raise CheckpointError(f"slices {[e['rank'] for e in ordered]} of {size} found")
+    for e in ordered[1:]:
+        other = list(e["tensor"].shape)
+        if len(other) != len(shape) or other[:dim] + other[dim + 1:] != shape[:dim] + shape[dim + 1:]:
+            raise CheckpointError(f"slice shapes {tuple(first['tensor'].shape)} and {tuple(other)} differ")
+        shape[dim] += other[dim]
+    return tuple(shape)
+
+
+def assemble(entries: list[dict], key: str | None = None) -> torch.Tensor:
+    """Concatenate the slices of one tensor (sorted by rank) into the full tensor: reads them all."""
+    ordered = _ordered(entries, key)
+    if ordered[0]["dim"] is None:
+        return ordered[0]["tensor"]
     return torch.cat([e["tensor"] for e in ordered], dim=ordered[0]["dim"])
 
 
-def my_slice(full: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
-    """The part of a full tensor that parameter `p` holds on this rank."""
-    if hasattr(p, "full_shape"):
-        return full.chunk(p.shard_size, dim=p.shard_dim)[p.shard_rank]
-    return full
+def read_part(entries: list[dict], dim: int, index: int, parts: int, key: str | None = None) -> torch.Tensor:
+    """Chunk `index` of `parts` along `dim` of the full tensor (as Tensor.chunk cuts it), read from
+    the saved slices that overlap it and no others: with mapped files the rest stays on disk."""
+    ordered = _ordered(entries, key)
+    saved_dim = ordered[0]["dim"]
+    if saved_dim is None:
+        return ordered[0]["tensor"].chunk(parts, dim)[index]
+    if saved_dim != dim:  # split along another dimension: every slice overlaps
+        return assemble(ordered).chunk(parts, dim)[index]
+    total = sum(e["tensor"].shape[dim] for e in ordered)
+    step = -(-total // parts)
+    start, end = index * step, min(total, (index + 1) * step)
+    pieces, offset = [], 0
+    for e in ordered:
+        n = e["tensor"].shape[dim]
+        lo, hi = max(start, offset), min(end, offset + n)
+        if lo < hi:
+            pieces.append(e["tensor"].narrow(dim, lo - offset, hi - lo))
+        offset += n
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def full_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -406,32 +478,40 @@ def full_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return {name: assemble(entries) for name, entries in ckpt.params.items()}
 
 
-def _tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, want: tuple[int, ...],
-            key: str | None = None) -> torch.Tensor:
+def _slices(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, want: tuple[int, ...],
+            key: str | None = None) -> list[dict]:
+    """The saved slices of `name`, after checking that they make a tensor of the shape the model needs."""
     if name not in table:
         raise CheckpointError(f"{ckpt.path}: has no tensor {name}; it was written by another model")
-    full = assemble(table[name], key)
-    if tuple(full.shape) != tuple(want):
-        raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(full.shape)}, the model needs {tuple(want)}")
-    return full
+    shape = full_shape(table[name], key)
+    if shape != tuple(want):
+        raise CheckpointError(f"{ckpt.path}: {name} has shape {shape}, the model needs {tuple(want)}")
+    return table[name]
 
 
 def local_tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, p: torch.nn.Parameter,
                  key: str | None = None) -> torch.Tensor:
-    """This rank's part of parameter `name` (or of its AdamW moment `key`) from any layout's files."""
+    """This rank's part of parameter `name` (or of its optimizer moment `key`) from any layout's files,
+    reading only the saved slices that overlap it."""
     if getattr(p, "shard_kind", None) == "ep":  # re-stack this rank's experts from per-expert keys
         first = p.shard_rank * p.shape[0]
-        return torch.stack([_tensor(ckpt, table, expert_key(name, first + i), p.shape[1:][::-1], key).T
-                            for i in range(p.shape[0])])
-    return my_slice(_tensor(ckpt, table, name, getattr(p, "full_shape", p.shape), key), p)
+        return torch.stack([assemble(_slices(ckpt, table, expert_key(name, first + i), p.shape[1:][::-1], key),
+                                     key).T for i in range(p.shape[0])])
+    entries = _slices(ckpt, table, name, getattr(p, "full_shape", p.shape), key)
+    if hasattr(p, "full_shape"):
+        return read_part(entries, p.shard_dim, p.shard_rank, p.shard_size, key)
+    return assemble(entries, key)
 
 
 def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Copy this rank's slices of weights (and AdamW moments) out of a checkpoint of any layout."""
+    """Copy this rank's slices of weights (and optimizer moments) out of a checkpoint of any layout.
+
+    A weight whose saved state belongs to the other optimizer (AdamW's moments for a weight
+    that Muon now updates, or the reverse) keeps a fresh state; the trainer says so at start."""
     for name, buf in persistent_buffers(model).items():
         if name in ckpt.params:  # checkpoints from before expert_bias existed keep its initial zero
             with torch.no_grad():
-                buf.copy_(_tensor(ckpt, ckpt.params, name, buf.shape))
+                buf.copy_(assemble(_slices(ckpt, ckpt.params, name, buf.shape)))
     master = getattr(optimizer, "master", {})  # bf16 weights: their fp32 masters take the saved values
     for name, p in model.named_parameters():
         full = local_tensor(ckpt, ckpt.params, name, p)
@@ -440,11 +520,17 @@ def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.O
             if master.get(p, p) is not p:
                 master[p].copy_(full)
         first_key = expert_key(name, p.shard_rank * p.shape[0]) if getattr(p, "shard_kind", None) == "ep" else name
-        if optimizer is not None and first_key in ckpt.optim:
+        if optimizer is None or first_key not in ckpt.optim:
+            continue
+        weight, saved = master.get(p, p), ckpt.optim[first_key][0]
+        if weight in getattr(optimizer, "muon_params", {}):
+            if "momentum_buffer" in saved:
+                optimizer.state[weight] = {
+                    "momentum_buffer": local_tensor(ckpt, ckpt.optim, name, p, "momentum_buffer").to(p.device).clone()}
+        elif "exp_avg" in saved:
             fused = optimizer.defaults.get("fused")  # the fused kernel wants its step counts beside the weights
-            optimizer.state[master.get(p, p)] = {
-                "step": torch.tensor(ckpt.optim[first_key][0]["step"], dtype=torch.float32,
-                                     device=p.device if fused else "cpu"),
+            optimizer.state[weight] = {
+                "step": torch.tensor(saved["step"], dtype=torch.float32, device=p.device if fused else "cpu"),
                 "exp_avg": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg").to(p.device).clone(),
                 "exp_avg_sq": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg_sq").to(p.device).clone(),
             }

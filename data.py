@@ -10,6 +10,13 @@ shared with the scripts that write (prepare_data.py) and read (generate.py) the 
     --data FOLDER        with train.bin / val.bin: token ids, uint16 or uint32 as meta.json's
                          "dtype" says (uint16 without meta.json, nanoGPT's convention)
 
+meta.json (written by scripts/prepare_data.py, DESIGN.md's contract): "vocab_size", "dtype",
+"tokenizer" ("bytes" or the name of a tokenizer.json in the same folder), "eos_id", "bos_id"
+(or null), "tokens" / "max_id" / "bytes" per split ({"train": n, "val": n}; "bytes" counts the
+UTF-8 bytes of text behind a split, for bits per byte). load_tokenizer(folder) gives the
+tokenizer of any --data value: bytes (ids 0-255 are the bytes; prepared byte data ends every
+document with byte 0, NUL, which text never holds) or a `tokenizers` tokenizer.json.
+
 Every split is checked when it is opened (size, dtype, count and largest id against
 meta.json; small files are scanned), and every batch checks the ids it reads, so a file
 that disagrees with its meta.json fails with a clear error instead of training on garbage.
@@ -38,6 +45,7 @@ class Corpus:
     val: np.ndarray  # token ids of the validation split
     vocab_size: int
     description: str
+    val_bytes: int | None  # UTF-8 bytes of text behind the val split (bits per byte); None: unknown
 
 
 def builtin_corpus_files() -> list[str]:
@@ -103,12 +111,17 @@ def regular_file_or_error(path: str, what: str) -> None:
                         f"or a folder with train.bin / val.bin")
 
 
+def byte_corpus(train: np.ndarray, val: np.ndarray, description: str) -> Corpus:
+    """Text read as bytes: vocab 256, and one token is one byte of text."""
+    return Corpus(train, val, 256, description, val_bytes=len(val))
+
+
 def load_corpus(path: str, vocab_size_flag: int | None) -> Corpus:
     """--data rules of DESIGN.md: built-in corpus, text file / folder, or train.bin + val.bin."""
     if not path:
         train, val = split_files(builtin_corpus_files())
-        return Corpus(read_bytes(train), read_bytes(val), 256,
-                      f"built-in: {len(train) + len(val)} Python stdlib files ({len(val)} held out), bytes")
+        return byte_corpus(read_bytes(train), read_bytes(val),
+                           f"built-in: {len(train) + len(val)} Python stdlib files ({len(val)} held out), bytes")
     if not os.path.exists(path):
         raise DataError(f"--data {path}: no such file or folder")
     if os.path.isdir(path) and os.path.lexists(os.path.join(path, "train.bin")):
@@ -121,16 +134,16 @@ def load_corpus(path: str, vocab_size_flag: int | None) -> Corpus:
         if len(files) < 2:
             data = read_bytes(files)
             cut = int(len(data) * 0.9)
-            return Corpus(data[:cut], data[cut:], 256, f"{files[0]}: last 10% held out, bytes{note}")
+            return byte_corpus(data[:cut], data[cut:], f"{files[0]}: last 10% held out, bytes{note}")
         train, val = split_files(files)
         if not val:
             train, val = files[:-1], files[-1:]
-        return Corpus(read_bytes(train), read_bytes(val), 256,
-                      f"{path}: {len(files)} text files ({len(val)} held out), bytes{note}")
+        return byte_corpus(read_bytes(train), read_bytes(val),
+                           f"{path}: {len(files)} text files ({len(val)} held out), bytes{note}")
     regular_file_or_error(path, "--data")
     data = read_bytes([path])
     cut = int(len(data) * 0.9)
-    return Corpus(data[:cut], data[cut:], 256, f"{path}: last 10% held out, bytes")
+    return byte_corpus(data[:cut], data[cut:], f"{path}: last 10% held out, bytes")
 
 
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -158,7 +171,32 @@ def read_token_meta(path: str, vocab_size_flag: int | None) -> tuple[int, str, d
         raise DataError(f"{meta_path}: \"dtype\" must be one of {', '.join(TOKEN_DTYPES)}, got {dtype!r}")
     if vocab > np.iinfo(TOKEN_DTYPES[dtype]).max + 1:
         raise DataError(f"{meta_path}: vocab {vocab} does not fit {dtype}; write the files as uint32")
+    check_tokenizer_fields(meta_path, meta, vocab)
     return vocab, dtype, meta
+
+
+def is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_tokenizer_fields(meta_path: str, meta: dict, vocab: int) -> None:
+    """The fields prepare_data.py adds: special ids inside the vocabulary, a tokenizer name, byte counts.
+
+    All optional (meta.json files written by hand or before them stay valid); the file named by
+    "tokenizer" is opened only by load_tokenizer, which the trainer never calls."""
+    for key in ("eos_id", "bos_id"):
+        value = meta.get(key)
+        if value is not None and not (is_count(value) and value < vocab):
+            raise DataError(f"{meta_path}: \"{key}\" must be null or an id in [0, {vocab}), got {value!r}")
+    name = meta.get("tokenizer")
+    if name is not None and (not isinstance(name, str) or not name or os.path.basename(name) != name):
+        raise DataError(f"{meta_path}: \"tokenizer\" must be \"bytes\" or a file name in the same folder, "
+                        f"got {name!r}")
+    if name == "bytes" and vocab != 256:
+        raise DataError(f"{meta_path}: \"tokenizer\" is bytes but \"vocab_size\" is {vocab}, not 256")
+    counted = meta.get("bytes", {})
+    if not isinstance(counted, dict) or not all(is_count(counted.get(k, 0)) for k in ("train", "val")):
+        raise DataError(f"{meta_path}: \"bytes\" must be {{\"train\": n, \"val\": n}} with n >= 0, got {counted!r}")
 
 
 def open_token_split(path: str, split: str, dtype: str, vocab: int, meta: dict) -> np.ndarray:
@@ -196,7 +234,84 @@ def load_token_files(path: str, vocab_size_flag: int | None) -> Corpus:
     vocab, dtype, meta = read_token_meta(path, vocab_size_flag)
     train = open_token_split(path, "train", dtype, vocab, meta)
     val = open_token_split(path, "val", dtype, vocab, meta)
-    return Corpus(train, val, vocab, f"{path}: train.bin / val.bin ({dtype}), vocab {vocab}")
+    val_bytes = meta.get("bytes", {}).get("val")
+    return Corpus(train, val, vocab, f"{path}: train.bin / val.bin ({dtype}), vocab {vocab}", val_bytes)
+
+
+# ------------------------------------------------------------------------------------- tokenizers
+BYTE_EOS_ID = 0  # prepared byte data ends each document with NUL: text never holds one, and vocab stays 256
+
+
+@dataclass
+class ByteTokenizer:
+    """UTF-8 bytes are the ids (vocab 256); eos_id None for raw text, BYTE_EOS_ID for prepared data."""
+    eos_id: int | None = None
+    bos_id: int | None = None
+    vocab_size: int = 256
+    name: str = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8", "surrogateescape"))  # the bytes given, even if not UTF-8
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class TextTokenizer:
+    """A `tokenizers` tokenizer.json (BPE or any other), with the special ids of its meta.json."""
+
+    def __init__(self, path: str, eos_id: int | None, bos_id: int | None):
+        Tokenizer = import_tokenizers().Tokenizer
+        regular_file_or_error(path, "tokenizer")
+        try:
+            self.tokenizer = Tokenizer.from_file(path)
+        except Exception as e:  # the Rust side raises its own Exception type for a bad file
+            raise DataError(f"{path}: not a tokenizer.json ({e})") from None
+        self.eos_id, self.bos_id, self.name = eos_id, bos_id, path
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")  # end-of-document names, in order
+
+
+def find_eos_id(tokenizer) -> int | None:
+    """The id of the first of EOS_NAMES a tokenizers.Tokenizer holds (a tokenizer.json given by the user)."""
+    for name in EOS_NAMES:
+        if tokenizer.token_to_id(name) is not None:
+            return tokenizer.token_to_id(name)
+    return None
+
+
+def import_tokenizers():
+    """The optional `tokenizers` package, or a DataError saying how to install it."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise DataError("the tokenizers package is not installed; pip install -r requirements-extras.txt") from None
+    return tokenizers
+
+
+def load_tokenizer(path: str) -> ByteTokenizer | TextTokenizer:
+    """The tokenizer of a --data value: bytes for the built-in corpus, text files and folders; for a
+    token folder the one its meta.json names (a tokenizer.json beside it, or bytes)."""
+    if not path or not os.path.isdir(path) or not os.path.lexists(os.path.join(path, "train.bin")):
+        return ByteTokenizer()
+    vocab, _, meta = read_token_meta(path, 0)  # 0: without meta.json there is no tokenizer either
+    name = meta.get("tokenizer")
+    if name is None:
+        raise DataError(f"--data {path}: its meta.json names no tokenizer (\"tokenizer\"); give ids, not text")
+    if name == "bytes":
+        return ByteTokenizer(meta.get("eos_id"), meta.get("bos_id"))
+    tokenizer = TextTokenizer(os.path.join(path, name), meta.get("eos_id"), meta.get("bos_id"))
+    if tokenizer.vocab_size > vocab:
+        raise DataError(f"{path}/{name}: {tokenizer.vocab_size} tokens, more than meta.json's vocab_size {vocab}")
+    return tokenizer
 
 
 def get_batch(tokens: np.ndarray, seed: int, split: int, index: int, batch: int,

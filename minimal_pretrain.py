@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -27,8 +28,11 @@ import torch.distributed as dist
 
 import checkpoint as ckpt_io
 from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
-from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm,
+from memory import NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, params_per_stage
+from metrics import RunLog, print_run_summary
+from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm, stage_layers,
                         vocab_parallel_cross_entropy)
+from optim import LRSchedule, build_optimizer, lr_schedule
 
 
 # =========================================================================== config
@@ -65,9 +69,20 @@ class TrainConfig:
     micro_batch_size: int = arg(8, "sequences per micro-batch")
     max_steps: int = arg(400, "optimizer steps")
     lr: float = arg(2e-3, "peak learning rate")
-    min_lr: float = arg(2e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = arg(40, "linear warm-up steps")
-    weight_decay: float = arg(0.1, "AdamW weight decay (not applied to norms)")
+    min_lr: float = arg(2e-4, "learning rate at the end of the decay, and after it")
+    warmup_steps: int = arg(-1, "linear warm-up steps; -1: a tenth of the decay steps, at most 2000")
+    lr_decay_steps: int = arg(0, "the decay reaches --min-lr at this step; 0: --max-steps. On --load the "
+                                 "checkpoint's schedule goes on unless a schedule flag is given")
+    lr_schedule: str = arg("cosine", "cosine: decay from the end of the warm-up | wsd: warm-up, stable at --lr, "
+                                     "decay over the last --lr-decay-fraction of the decay steps",
+                           choices=["cosine", "wsd"])
+    lr_decay_fraction: float = arg(0.2, "wsd: the last fraction of the decay steps that decays (0, 1]")
+    lr_decay_style: str = arg("sqrt", "wsd: the decay's shape, linear | cosine | sqrt (1 - sqrt(progress), "
+                                      "Hägele et al. 2024)", choices=["linear", "cosine", "sqrt"])
+    optimizer: str = arg("adamw", "adamw | muon: Muon (orthogonalised momentum) on the hidden layers' matrices, "
+                                  "AdamW on embeddings, LM head, norms and routers. On --load: the checkpoint's",
+                         choices=["adamw", "muon"])
+    weight_decay: float = arg(0.1, "decoupled weight decay of AdamW and Muon (not applied to norms)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this; 0 disables")
     router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss")
     router_z_loss_coef: float = arg(0.001, "weight of the router z-loss")
@@ -80,6 +95,9 @@ class TrainConfig:
     eval_iters: int = arg(10, "global batches per evaluation")
     log_interval: int = arg(10, "log every this many steps")
     metrics_file: str = arg("", "write JSON lines of train and eval metrics here (rank 0)")
+    tensorboard: str = arg("", "also write the metrics as TensorBoard events into this folder (needs tensorboard)")
+    allow_global_batch_change: bool = arg(False, "on --load, train on with a global batch other than the "
+                                                 "checkpoint's (a different data stream and gradient noise)")
     save: str = arg("", "checkpoint folder")
     save_interval: int = arg(0, "save every this many steps (and at the end); 0: only at the end")
     keep_last: int = arg(0, "keep only the newest this many checkpoints; 0 keeps all")
@@ -97,6 +115,9 @@ class TrainConfig:
     dist_timeout: float = arg(300.0, "seconds before a stuck collective fails the run")
     progress: bool = arg(True, "show a tqdm progress bar on rank 0")
     eval_only: bool = arg(False, "with --load: report validation loss, perplexity (and bits per byte) and exit")
+    dry_run: bool = arg(False, "check the flags and layout of a launch of --world-size ranks and print each stage's "
+                               "parameters and memory per rank, then exit: one process, no GPU, nothing allocated")
+    world_size: int = arg(0, "with --dry-run: the ranks of the planned launch; 0: this launch's (1 without torchrun)")
 
     def validate(self) -> None:
         """Ranges and finiteness of every field; raise ConfigError naming the flag to change."""
@@ -107,7 +128,8 @@ class TrainConfig:
                      "max_steps", "log_interval", "eval_iters", "max_skipped_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("expert_parallel_size", "warmup_steps", "eval_interval", "save_interval", "keep_last"):
+        for name in ("expert_parallel_size", "lr_decay_steps", "eval_interval", "save_interval", "keep_last",
+                     "world_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         # `not x >= 0` is also true for NaN, which argparse's float() accepts.
@@ -115,18 +137,32 @@ class TrainConfig:
                      "router_bias_update_rate"):
             if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{flag(name)} must be finite and >= 0, got {getattr(self, name)}")
+        if self.warmup_steps < -1:
+            raise ConfigError(f"--warmup-steps must be >= 0 (or -1 for the default), got {self.warmup_steps}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"--lr must be finite and > 0, got {self.lr}")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
+        if not 0 < self.lr_decay_fraction <= 1:  # also false for NaN
+            raise ConfigError(f"--lr-decay-fraction must be in (0, 1], got {self.lr_decay_fraction}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.lr_schedule == "cosine" and any(getattr(self, n) != defaults[n] for n in WSD_FLAGS):
+            raise ConfigError("--lr-decay-fraction and --lr-decay-style shape the decay of --lr-schedule wsd; "
+                              "add --lr-schedule wsd (the cosine schedule decays from the end of the warm-up)")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be between 0 and 2^63 - 1, got {self.seed}")
         if not 1 <= self.dist_timeout <= 7 * 86400:  # also false for NaN
             raise ConfigError(f"--dist-timeout must be between 1 second and 7 days, got {self.dist_timeout}")
         if self.eval_only and not self.load:
             raise ConfigError("--eval-only needs a checkpoint: give --load DIR")
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.world_size and not self.dry_run:
+            raise ConfigError("--world-size sizes a planned launch: give it with --dry-run (torchrun sets a real one)")
+        if self.device == "cuda" and not self.dry_run and not torch.cuda.is_available():
             raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
+
+    def schedule(self) -> LRSchedule:
+        return lr_schedule(self.lr, self.min_lr, self.warmup_steps, self.lr_decay_steps, self.max_steps,
+                           self.lr_schedule, self.lr_decay_fraction, self.lr_decay_style)
 
 
 MODEL_CHOICES = {"router_score_function": ["softmax", "sigmoid"],
@@ -169,18 +205,44 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# --help shows the flags in these groups, in this order (README_MOE.md's tables follow them);
+# every field of ModelConfig and TrainConfig is in exactly one.
+FLAG_GROUPS = (
+    ("model", ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
+               "seq_length", "rope_theta", "rms_norm_eps", "init_std")),
+    ("MoE and routing", ("num_experts", "num_experts_per_token", "moe_layer_interval", "moe_ffn_hidden_size",
+                         "num_shared_experts", "shared_expert_ffn_hidden_size", "norm_topk_prob",
+                         "router_score_function", "router_type", "router_aux_loss_type", "router_aux_loss_coef",
+                         "router_z_loss_coef", "router_bias_update_rate", "moe_capacity_factor",
+                         "router_jitter_noise")),
+    ("parallel layout", ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size",
+                         "num_microbatches", "dist_timeout", "dry_run", "world_size")),
+    ("data", ("data", "seed", "micro_batch_size")),
+    ("optimisation", ("max_steps", "optimizer", "lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule",
+                      "lr_decay_fraction", "lr_decay_style", "weight_decay", "grad_clip", "max_skipped_steps")),
+    ("device and precision", ("device", "dtype", "recompute", "compile")),
+    ("checkpoints", ("save", "save_interval", "keep_last", "load", "allow_global_batch_change")),
+    ("evaluation and logging", ("eval_interval", "eval_iters", "eval_only", "log_interval", "metrics_file",
+                                "tensorboard", "progress")),
+)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    """One flag per config field, named after it (`num_experts` -> `--num-experts`)."""
-    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for cls, helps in ((ModelConfig, MODEL_HELP), (TrainConfig, None)):
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            help_text = (helps[f.name] if helps else f.metadata["help"]).replace("%", "%%")
+    """One flag per config field, named after it (`num_experts` -> `--num-experts`), in FLAG_GROUPS."""
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       usage="[torchrun --nproc_per_node=N] minimal_pretrain.py [flags]")
+    fields = {f.name: (f, MODEL_HELP[f.name]) for f in dataclasses.fields(ModelConfig)}
+    fields.update({f.name: (f, f.metadata["help"]) for f in dataclasses.fields(TrainConfig)})
+    for title, names in FLAG_GROUPS:
+        group = p.add_argument_group(title)
+        for name in names:
+            f, help_text = fields[name]
+            flag, help_text = "--" + name.replace("_", "-"), help_text.replace("%", "%%")
             if field_kind(f) is bool:
-                p.add_argument(flag, default=f.default, help=help_text, action=argparse.BooleanOptionalAction)
+                group.add_argument(flag, default=f.default, help=help_text, action=argparse.BooleanOptionalAction)
             else:
-                choices = f.metadata.get("choices") if f.metadata else MODEL_CHOICES.get(f.name)
-                p.add_argument(flag, default=f.default, type=field_kind(f), help=help_text, choices=choices)
+                choices = f.metadata.get("choices") if f.metadata else MODEL_CHOICES.get(name)
+                group.add_argument(flag, default=f.default, type=field_kind(f), help=help_text, choices=choices)
     return p
 
 
@@ -197,6 +259,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelConfig, TrainConfi
 
 # Train flags that define which sequences a step sees: on --load they default to the checkpoint's.
 DATA_STREAM_FLAGS = ("seed", "data", "micro_batch_size")
+# Train flags that shape the learning rate: on --load they default to the checkpoint's too, so a
+# resumed run goes on with the schedule it was following (a longer --max-steps alone keeps it).
+SCHEDULE_FLAGS = ("lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule", "lr_decay_fraction",
+                  "lr_decay_style")
+# The flags that shape only WSD's decay (the cosine schedule refuses values other than their defaults).
+WSD_FLAGS = ("lr_decay_fraction", "lr_decay_style")
 
 
 def checked_fields(cls: type, saved: dict, where: str) -> dict:
@@ -229,6 +297,91 @@ def model_config_from_checkpoint(saved: dict, mc: ModelConfig, given: set[str], 
             raise ckpt_io.CheckpointError(f"--{name.replace('_', '-')} {getattr(mc, name)} conflicts with the "
                                           f"checkpoint's {value}; drop the flag (model flags come from the checkpoint)")
     return ModelConfig(**saved)
+
+
+def saved_value(saved_train: dict, name: str, where: str) -> Any:
+    """A saved train flag, type-checked; the default for a field the checkpoint predates."""
+    if name not in saved_train:
+        return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return checked_fields(TrainConfig, {name: saved_train[name]}, where)[name]
+
+
+def flag_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def continue_saved_run(tc: TrainConfig, resume: ckpt_io.Checkpoint, given: set[str], world_size: int) -> list[str]:
+    """Make the flags of a resumed run continue the saved one; return the notes to print at start.
+
+    The data stream (seed, data, micro-batch size), the LR schedule and the optimizer default
+    to the checkpoint's. The global batch must stay the checkpoint's: when --num-microbatches is not
+    given it is derived to keep it; a change needs --allow-global-batch-change. A checkpoint
+    with weights only (import_hf.py, upcycle.py) starts a fresh optimizer and schedule."""
+    saved, where = resume.meta["train"], f"{resume.path}/meta.json"
+    for name in DATA_STREAM_FLAGS:  # the batches of a resumed run continue the saved stream
+        if name not in given and name in saved:
+            setattr(tc, name, saved_value(saved, name, where))
+    if not resume.optim:
+        return [f"{resume.path} holds weights only (imported or upcycled): the optimizer state is fresh and the LR "
+                f"schedule starts at step 0 with its warm-up"]
+    if tc.eval_only:
+        return []
+    step, notes = resume.meta["step"], []
+
+    # ---- the optimizer
+    old_optimizer = saved_value(saved, "optimizer", where)  # "adamw" for checkpoints from before Muon
+    if "optimizer" not in given:
+        tc.optimizer = old_optimizer
+    elif tc.optimizer != old_optimizer:
+        notes.append(f"the checkpoint was trained with {old_optimizer}, this run uses --optimizer {tc.optimizer}: the "
+                     f"hidden matrices' optimizer state starts fresh (AdamW's moments <-> Muon's momentum); the "
+                     f"embedding, LM head, norm and router moments go on")
+
+    # ---- the learning-rate schedule
+    old = {name: saved_value(saved, name, where) for name in SCHEDULE_FLAGS + ("max_steps",)}
+    old_schedule = lr_schedule(old["lr"], old["min_lr"], old["warmup_steps"], old["lr_decay_steps"],
+                               max(1, old["max_steps"]), old["lr_schedule"], old["lr_decay_fraction"],
+                               old["lr_decay_style"])
+    kept = dict(old, warmup_steps=old_schedule.warmup_steps, lr_decay_steps=old_schedule.decay_steps)
+    for name in SCHEDULE_FLAGS:  # lr_schedule comes before the WSD flags, which a cosine schedule leaves alone
+        if name not in given and not (name in WSD_FLAGS and tc.lr_schedule == "cosine"):
+            setattr(tc, name, kept[name])
+    new_schedule = tc.schedule()
+    if new_schedule != old_schedule:
+        changed = ", ".join(f"--{n.replace('_', '-')} {flag_text(kept[n])} -> {flag_text(getattr(tc, n))}"
+                            for n in SCHEDULE_FLAGS if getattr(tc, n) != kept[n] and n in given)
+        notes.append(f"the LR schedule changes at step {step} ({changed}): the LR goes from "
+                     f"{old_schedule.at(step):.2e} to {new_schedule.at(step):.2e}")
+    elif tc.max_steps > new_schedule.decay_steps:
+        longer = lr_schedule(tc.lr, tc.min_lr, new_schedule.warmup_steps, tc.max_steps, tc.max_steps,
+                             tc.lr_schedule, tc.lr_decay_fraction, tc.lr_decay_style)
+        notes.append(f"the checkpoint's LR schedule goes on: its decay ends at step {new_schedule.decay_steps}, so "
+                     f"steps {max(step, new_schedule.decay_steps)}-{tc.max_steps} train at --min-lr "
+                     f"{tc.min_lr:.2e}; to decay over the longer run give --lr-decay-steps {tc.max_steps} "
+                     f"(the LR at step {step} then goes from {old_schedule.at(step):.2e} to {longer.at(step):.2e})")
+
+    # ---- the global batch (sequences per step)
+    layout = resume.meta["layout"]
+    old_batch = (saved_value(saved, "micro_batch_size", where) * saved_value(saved, "num_microbatches", where)
+                 * layout["dp"])
+    dp = max(1, world_size // max(1, tc.tensor_parallel_size * tc.pipeline_parallel_size))
+    per_micro = tc.micro_batch_size * dp
+    if "num_microbatches" not in given and old_batch % per_micro == 0 and old_batch // per_micro != tc.num_microbatches:
+        tc.num_microbatches = old_batch // per_micro
+        notes.append(f"--num-microbatches {tc.num_microbatches} keeps the checkpoint's global batch of {old_batch} "
+                     f"sequences on DP {dp}")
+    new_batch = per_micro * tc.num_microbatches
+    if new_batch != old_batch:
+        if not tc.allow_global_batch_change:
+            fix = (f"--num-microbatches {old_batch // per_micro}" if old_batch % per_micro == 0 else
+                   f"a layout whose DP x --micro-batch-size divides {old_batch}")
+            raise ConfigError(f"the checkpoint was trained with a global batch of {old_batch} sequences, this run's is "
+                              f"{new_batch} (--micro-batch-size {tc.micro_batch_size} x --num-microbatches "
+                              f"{tc.num_microbatches} x DP {dp}), which changes the data stream and gradient noise; "
+                              f"use {fix}, or --allow-global-batch-change to train on with it")
+        notes.append(f"the global batch changes from {old_batch} to {new_batch} sequences "
+                     f"(--allow-global-batch-change): steps after {step} see another data stream")
+    return notes
 
 
 def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
@@ -317,13 +470,6 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout: timede
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
                             world_size=world_size, timeout=timeout)
-
-
-def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
-    """Layers [start, end) of a stage: as even as possible, earlier stages take the remainder."""
-    base, extra = divmod(num_layers, pp)
-    start = stage * base + min(stage, extra)
-    return start, start + base + (1 if stage < extra else 0)
 
 
 def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int) -> ParallelGroups:
@@ -550,8 +696,10 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
     return stats
 
 
-def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> dict:
-    """Global-batch means of the losses and per-expert load fractions (same on every rank)."""
+def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig,
+                      steps: int = 1) -> dict:
+    """Global-batch means of the losses and per-expert load fractions (same on every rank);
+    `stats` may sum several steps (a log interval): the means are then over those steps."""
     n_moe = len(mc.moe_layers)
     packed = torch.cat([torch.tensor([stats.lm_loss], device=stats.counts.device),
                         stats.aux_loss.reshape(1), stats.z_loss.reshape(1), stats.dropped,
@@ -559,7 +707,7 @@ def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc:
     if pg.world_size > 1:
         # lm: last stage, TP rank 0; aux / z: TP ranks hold shares, stages hold layers; counts likewise
         dist.all_reduce(packed, group=None)
-    num_micro = tc.num_microbatches * pg.dp
+    num_micro = tc.num_microbatches * pg.dp * steps
     lm = packed[0].item() / num_micro
     aux = packed[1].item() / (num_micro * n_moe) if n_moe else 0.0
     z = packed[2].item() / (num_micro * n_moe) if n_moe else 0.0
@@ -733,68 +881,6 @@ def global_grad_norm(model: torch.nn.Module, pg: ParallelGroups) -> torch.Tensor
     return sq.sqrt()
 
 
-class MasterWeightAdamW:
-    """AdamW on fp32 master copies of the model's bf16 weights: mixed precision as in Megatron-LM
-    (Micikevicius et al. 2018), without a loss scale (bf16 has fp32's exponent range).
-
-    The model computes with bf16 weights, so nothing re-casts them for every micro-batch;
-    backward leaves bf16 gradients, which are reduced and clipped in place. `step()` upcasts
-    them onto the fp32 masters, runs AdamW there (moments in fp32) and rounds the new masters
-    into the model. Weights that are fp32 already (the routers) are their own masters.
-    Checkpoints hold the masters, so a resume is exact. `master` maps model weight -> master;
-    `state` is keyed by master, as torch's optimizers key it."""
-
-    def __init__(self, model: torch.nn.Module, groups: list[dict], **adamw: Any):
-        self.master = {p: torch.nn.Parameter(p.detach().float().clone()) if p.dtype != torch.float32 else p
-                       for p in model.parameters()}
-        self.inner = torch.optim.AdamW([dict(g, params=[self.master[p] for p in g["params"]]) for g in groups],
-                                       **adamw)
-        self.param_groups, self.state, self.defaults = self.inner.param_groups, self.inner.state, self.inner.defaults
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.master:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for p, m in self.master.items():
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
-        self.inner.step()
-        for p, m in self.master.items():
-            if m is not p:
-                p.copy_(m)  # round to bf16
-                m.grad = None
-
-
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices (embeddings, projections, experts, router), not on norms.
-
-    On CUDA the fused kernel (one launch for every tensor of a group, instead of a dozen
-    element-wise kernels per tensor); on the CPU the reference implementation, whose
-    rounding the parity and transformers-equality tests are written against. A model with
-    bf16 weights gets fp32 master weights (MasterWeightAdamW)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if fused is None:
-        fused = next(model.parameters()).is_cuda
-    adamw = dict(lr=tc.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        return MasterWeightAdamW(model, groups, **adamw)
-    return torch.optim.AdamW(groups, **adamw)
-
-
-def get_lr(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to --lr over --warmup-steps, then cosine decay to --min-lr at --max-steps.
-
-    `step` counts from 0 (the first update)."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
-    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 # =================================================================== evaluation
 def evaluate(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig,
              device: torch.device, autocast_dtype: torch.dtype | None) -> float:
@@ -811,6 +897,15 @@ def evaluate(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: Mode
     return total / tc.eval_iters
 
 
+def bits_per_byte(corpus: Corpus, loss: float) -> float | None:
+    """A loss in nats per token as bits per byte of text, which compares across tokenizers:
+    nats / ln 2 x the val split's tokens per byte (byte data: one token per byte). None when the
+    data does not say how many bytes its tokens stand for (token files whose meta.json has no "bytes")."""
+    if not corpus.val_bytes:
+        return None
+    return loss / math.log(2) * len(corpus.val) / corpus.val_bytes
+
+
 # ==================================================================== the step
 def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
                micro: list[tuple[torch.Tensor, torch.Tensor]], pg: ParallelGroups, mc: ModelConfig,
@@ -820,10 +915,11 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
 
     Set the learning rate -> (global-batch balancing: route every micro-batch first) ->
     forward and backward of every micro-batch (1F1B) -> gradient all-reduces -> global norm
-    -> clip and AdamW, or skip the update when the norm is not finite -> expert-bias update.
+    -> clip and the optimizer step (AdamW or Muon), or skip the update when the norm is not finite
+    -> expert-bias update.
     Returns this rank's step statistics, the global gradient norm and whether the update was applied."""
     for group in optimizer.param_groups:
-        group["lr"] = get_lr(step, tc)
+        group["lr"] = tc.schedule().at(step)
     optimizer.zero_grad(set_to_none=True)
     if mc.router_aux_loss_type == "global-batch" and mc.moe_layers:
         # f_i of the whole global batch must be known before any backward: a forward-only pass
@@ -874,15 +970,15 @@ def fail_together(error: str | None, rank: int, world_size: int) -> None:
         fail(error, rank == 0)
 
 
-def check_writable(root: str) -> None:
-    """Fail at start, not after hours of training, when checkpoints cannot be written."""
+def check_writable(root: str, flag: str = "--save") -> None:
+    """Fail at start, not after hours of training, when checkpoints (or logs) cannot be written."""
     try:
         os.makedirs(root, exist_ok=True)
         probe = os.path.join(root, f".write-test-{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise LocalInputError(f"--save {root}: not writable ({e.strerror}); choose another folder") from None
+        raise LocalInputError(f"{flag} {root}: not writable ({e.strerror}); choose another folder") from None
 
 
 def check_metrics_file(path: str) -> None:
@@ -902,70 +998,27 @@ def check_metrics_file(path: str) -> None:
         raise LocalInputError(f"--metrics-file {path}: folder {parent} is not writable")
 
 
-def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int) -> list[int]:
-    """Parameters one rank of each pipeline stage holds (TP and EP slices), without building the model."""
-    d, dh = mc.hidden_size, mc.head_dim
-    attn = d * dh * (2 * mc.num_attention_heads + 2 * mc.num_kv_heads) // tp + 2 * dh + 2 * d
-    moe = d * mc.num_experts + 3 * d * mc.moe_ffn_hidden_size * mc.num_experts // ep \
-        + 3 * d * mc.shared_ffn_hidden_size // tp
-    counts = []
-    for stage in range(pp):
-        start, end = stage_layers(mc.num_layers, pp, stage)
-        n = sum(attn + (moe if mc.is_moe_layer(i) else 3 * d * mc.ffn_hidden_size // tp) for i in range(start, end))
-        n += mc.vocab_size * d // tp if stage == 0 else 0  # input embedding
-        n += mc.vocab_size * d // tp + d if stage == pp - 1 else 0  # LM head and final norm
-        counts.append(n)
-    return counts
+def check_tensorboard(log_dir: str) -> None:
+    if importlib.util.find_spec("tensorboard") is None:  # torch's SummaryWriter needs it
+        raise LocalInputError("--tensorboard needs the tensorboard package: pip install -r requirements-extras.txt")
+    check_writable(log_dir, "--tensorboard")
 
 
-def estimate_rank_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool) -> tuple[int, int]:
-    """(weights + gradients + AdamW state, activations) in bytes on the busiest rank: a lower bound.
-
-    State: fp32 weights, gradients and two moments (16 bytes a parameter), plus a flat
-    all-reduce buffer of the gradients when they are reduced over replicas. Activations: per
-    micro-batch in flight (1F1B keeps up to PP on the first stage) about 10 D-wide tensors per
-    layer, the K expert copies of each token, fp32 logits three times (softmax and its grad),
-    and the global batch of token ids every rank draws."""
-    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
-    ep = tc.expert_parallel_size or tp
-    dp = world_size // (tp * pp)
-    state = max(params_per_stage(mc, tp, pp, ep)) * (16 + (4 if dp > 1 else 0))
-    tokens = tc.micro_batch_size * mc.seq_length
-    el = 2 if bf16 else 4
-    layers = -(-mc.num_layers // pp)
-    per_layer = 10 * mc.hidden_size + (mc.num_experts_per_token * (2 * mc.hidden_size + 3 * mc.moe_ffn_hidden_size)
-                                       if mc.num_experts else 3 * mc.ffn_hidden_size // tp)
-    in_flight = min(pp, tc.num_microbatches)
-    acts = tokens * el * (mc.hidden_size * layers if tc.recompute else per_layer * layers) * in_flight
-    acts += 3 * 4 * tokens * mc.vocab_size // tp
-    acts += 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)
-    return state, acts
-
-
-def available_memory_bytes(device_type: str, local_rank: int) -> int | None:
-    """Free memory for one rank: the GPU's free memory, or this host's available RAM shared by its ranks."""
-    if device_type == "cuda":
-        return torch.cuda.mem_get_info(local_rank)[0]
+def dry_run(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
+    """--dry-run: check the flags and layout of a launch of `world_size` ranks as that launch
+    would (the same validate), then print its memory plan. One process, no process group, no
+    data or checkpoint read (the vocabulary is --vocab-size), each stage built on the meta device."""
     try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None  # not Linux: no check
-    return avail // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
-def check_memory(mc: ModelConfig, tc: TrainConfig, world_size: int, local_rank: int) -> None:
-    """Refuse, before allocating, a run that cannot fit: an OOM kill prints nothing at all."""
-    device_type = "cuda" if uses_cuda(tc) else "cpu"
+        tc.validate()
+        validate(mc, tc, world_size)
+    except ConfigError as e:
+        fail(str(e), True)
+    tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
+    device_type = "cpu" if tc.device == "cpu" else "cuda"  # a plan is for the machines of the launch
     bf16 = resolve_param_dtype(tc, torch.device(device_type)) == torch.bfloat16
-    state, acts = estimate_rank_bytes(mc, tc, world_size, bf16)
-    avail = available_memory_bytes(device_type, local_rank)
-    if avail is not None and state + acts > avail:
-        gib = 2**30
-        raise LocalInputError(f"this run needs at least {(state + acts) / gib:.1f} GiB per rank (weights, "
-                              f"gradients and AdamW state {state / gib:.1f} GiB, activations {acts / gib:.1f} GiB) but "
-                              f"{avail / gib:.1f} GiB is free on this {device_type}; shrink the model or "
-                              f"--micro-batch-size, or split it over more ranks (TP / PP / EP)")
+    print(describe_plan(mc, tc, world_size, device_type, bf16))
+    print(f"model config: {json.dumps(dataclasses.asdict(mc))}")
+    print(f"train config: {json.dumps(dataclasses.asdict(tc))}")
 
 
 @dataclass
@@ -977,6 +1030,7 @@ class RunInputs:
     corpus: Corpus
     resume: ckpt_io.Checkpoint | None
     save_lock: Any  # the open lock file of --save (rank 0), held until the run ends
+    notes: list[str]  # what rank 0 says at start about a resumed run (schedule, batch, fresh optimizer)
 
 
 def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int, world_size: int,
@@ -990,16 +1044,14 @@ def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
         elif ckpt_io.list_checkpoints(tc.save):
             raise LocalInputError(f"--save {tc.save} holds checkpoints {ckpt_io.list_checkpoints(tc.save)[-3:]} but no "
                                   f"`latest`; resume one with --load {tc.save}/step_N, or choose another folder")
-    resume = None
+    resume, notes = None, []
     if tc.load:
         resume = ckpt_io.read_checkpoint(tc.load)
         mc = model_config_from_checkpoint(resume.meta["model"], mc, given, f"{resume.path}/meta.json")
-        saved_train = resume.meta["train"]
-        for name in DATA_STREAM_FLAGS:  # the batches of a resumed run continue the saved stream
-            if name not in given and name in saved_train:
-                setattr(tc, name, checked_fields(TrainConfig, {name: saved_train[name]},
-                                                 f"{resume.path}/meta.json")[name])
+        notes = continue_saved_run(tc, resume, given, world_size)
     tc.validate()  # before the data: --seed and the sizes must be sane to read batches
+    schedule = tc.schedule()  # the defaults resolved, so the printed and saved config say what runs
+    tc.warmup_steps, tc.lr_decay_steps = schedule.warmup_steps, schedule.decay_steps
     corpus = load_corpus(tc.data, mc.vocab_size if "vocab_size" in given or resume else None)
     if (resume or "vocab_size" in given) and corpus.vocab_size != mc.vocab_size:
         raise LocalInputError(f"--data {tc.data or '(built-in)'} has vocab {corpus.vocab_size}, "
@@ -1013,51 +1065,37 @@ def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
     if uses_cuda(tc) and local_rank >= torch.cuda.device_count():
         raise LocalInputError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
                               f"launch at most that many processes per node")
-    check_memory(mc, tc, world_size, local_rank)
+    device_type = "cuda" if uses_cuda(tc) else "cpu"
+    check_memory(mc, tc, world_size, local_rank, device_type,
+                 resolve_param_dtype(tc, torch.device(device_type)) == torch.bfloat16)
     if tc.metrics_file and rank == 0:
         check_metrics_file(tc.metrics_file)
+    if tc.tensorboard and rank == 0:
+        check_tensorboard(tc.tensorboard)
     save_lock = None
     if tc.save:
         check_writable(tc.save)
         if rank == 0:
             save_lock = ckpt_io.acquire_save_lock(tc.save)
     tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
-    return RunInputs(mc, tc, corpus, resume, save_lock)
+    return RunInputs(mc, tc, corpus, resume, save_lock, notes)
 
 
 # ======================================================================== the run
 def report_eval_only(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: ModelConfig,
                      tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None, step: int) -> None:
-    """--eval-only: validation loss of a checkpoint, as perplexity and (byte-level data) bits per byte."""
+    """--eval-only: validation loss of a checkpoint, as perplexity and bits per byte (any tokenizer:
+    nats per token / ln 2 x the val split's tokens per byte of text; byte data has one token per byte)."""
     val_loss = evaluate(model, corpus, pg, mc, tc, device, autocast_dtype)
     if pg.is_main:
         line = f"eval-only: step {step} | val loss {val_loss:.4f} nats/token | perplexity {math.exp(val_loss):.3f}"
-        if corpus.vocab_size == 256:  # one token is one byte
-            line += f" | {val_loss / math.log(2):.4f} bits per byte"
+        bpb = bits_per_byte(corpus, val_loss)
+        if bpb is not None:
+            line += f" | {bpb:.4f} bits per byte"
         print(line)
         if tc.metrics_file:
             with open(tc.metrics_file, "a") as f:
-                f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-
-
-def print_run_summary(tc: TrainConfig, steps: int, tokens: int, wall: float, last: dict, val_loss: float | None,
-                      unigram: float, peak: list[float], kind: str) -> None:
-    """The end of a run at a glance (rank 0)."""
-    print("=" * 24 + " run summary " + "=" * 24)
-    print(f"steps {steps} | tokens {tokens:,} | wall time {wall:.1f}s | {tokens / max(wall, 1e-9):,.0f} tokens/s")
-    print(f"final train loss {last.get('loss', float('nan')):.4f} (lm {last.get('lm_loss', float('nan')):.4f})")
-    if val_loss is not None:
-        print(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {unigram:.4f} nats/token "
-              f"({'beats it' if val_loss < unigram else 'worse'} by {abs(unigram - val_loss):.4f})")
-    for layer, load in last.get("expert_load", {}).items():
-        hi = max(range(len(load)), key=load.__getitem__)
-        lo = min(range(len(load)), key=load.__getitem__)
-        print(f"layer {layer}: most loaded expert {hi} ({load[hi]:.1%}), least loaded expert {lo} ({load[lo]:.1%})")
-    print(f"peak memory per rank ({kind}, MiB): " + ", ".join(f"{m:.0f}" for m in peak))
-    if tc.save:
-        print(f"checkpoints: {tc.save} (latest: {ckpt_io.read_latest(tc.save)})")
-    if tc.metrics_file:
-        print(f"metrics: {tc.metrics_file}")
+                f.write(json.dumps({"step": step, "val_loss": val_loss, **({"val_bpb": bpb} if bpb else {})}) + "\n")
 
 
 def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.Module,
@@ -1190,23 +1228,28 @@ def resume_from(resume: ckpt_io.Checkpoint, model: MoETransformer, optimizer: to
     return step, skipped
 
 
-def drop_metrics_after(path: str, step: int) -> None:
-    """Keep the records of steps <= `step` (and drop a half-written last line): a run restarted
-    from a checkpoint redoes the steps after it, which must not appear twice in the file."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".part", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".part", path)
+@dataclass
+class Interval:
+    """The steps since the last log line: their summed statistics, gradient norms and timing."""
+
+    stats: StepStats | None = None
+    steps: int = 0
+    grad_norm: torch.Tensor | float = 0.0  # summed on the device: no host sync per step
+    seconds: float = 0.0  # wall time of the timed steps (evaluation and saving left out)
+    timed_steps: int = 0
+
+    def add(self, stats: StepStats, grad_norm: torch.Tensor, seconds: float | None) -> None:
+        if self.stats is None:
+            self.stats = stats
+        else:
+            self.stats.lm_loss += stats.lm_loss
+            for name in ("aux_loss", "z_loss", "counts", "routed", "dropped"):
+                setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+        self.steps += 1
+        self.grad_norm = self.grad_norm + grad_norm
+        if seconds is not None:
+            self.seconds += seconds
+            self.timed_steps += 1
 
 
 def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
@@ -1216,19 +1259,19 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     is_main = pg.is_main
     global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
     peak_flops = peak_bf16_flops(device)
-    # A resumed run appends to the metrics of the run it continues, after the records it redoes.
-    if is_main and tc.metrics_file and start_step:
-        drop_metrics_after(tc.metrics_file, start_step)
-    metrics = open(tc.metrics_file, "a" if start_step else "w") if (is_main and tc.metrics_file) else None
     bar = None
     if is_main and tc.progress:
         from tqdm import tqdm
         bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
     say = (bar.write if bar else print) if is_main else (lambda line: None)
+    log = None
+    if is_main:  # model FLOPs of the whole step over the peak of all GPUs
+        log = RunLog(tc.metrics_file, tc.tensorboard, start_step, say, lambda tokens_per_sec: (
+            tokens_per_sec * mc.flops_per_token() / (peak_flops * pg.world_size) if peak_flops else None))
     stop = StopRequest()
     stop.install()
     start_time = time.time()
-    val_loss, last, bad_in_a_row, done = None, {}, 0, start_step
+    val_loss, last, bad_in_a_row, done, interval = None, {}, 0, start_step, Interval()
     try:
         for step in range(start_step, tc.max_steps):
             t0 = time.time()
@@ -1250,34 +1293,24 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
                          + (f" from {tc.save}" if tc.save else ""), is_main)
             else:
                 bad_in_a_row = 0
-            if done % tc.log_interval == 0 or done == tc.max_steps:
-                last = reduce_step_stats(stats, pg, mc, tc)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.time() - t0
-                tokens_per_sec = global_batch * mc.seq_length / dt
-                lr = get_lr(step, tc)
-                record = {"step": done, "loss": last["loss"], "lm_loss": last["lm_loss"],
-                          "aux_loss": last["aux_loss"], "z_loss": last["z_loss"], "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
-                          "skipped_steps": skipped_total, "expert_load": last["expert_load"]}
-                if "dropped_fraction" in last:
-                    record["dropped_fraction"] = last["dropped_fraction"]
-                line = (f"Step {done} | Loss: {last['loss']:.4f} | Aux Loss: {last['aux_loss']:.4f} | "
-                        f"LR: {lr:.2e} | Throughput: {global_batch / dt:.2f} samples/s | "
-                        f"Tokens/s: {tokens_per_sec:.0f} | Grad Norm: {record['grad_norm']:.3f}")
-                if peak_flops:  # model FLOPs of the whole step over the peak of all GPUs
-                    line += f" | MFU: {100 * tokens_per_sec * mc.flops_per_token() / (peak_flops * pg.world_size):.1f}%"
-                say(line)
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+            logging = done % tc.log_interval == 0 or done == tc.max_steps
+            if logging and device.type == "cuda":
+                torch.cuda.synchronize()  # the step's kernels finish inside its timing
+            # The first step after a start carries allocation and compilation: untimed unless alone.
+            first_of_many = step == start_step and not logging
+            interval.add(stats, grad_norm, None if first_of_many else time.time() - t0)
+            if logging:
+                last = reduce_step_stats(interval.stats, pg, mc, tc, steps=interval.steps)
+                grad_norm_mean = float(interval.grad_norm) / interval.steps
+                samples_per_sec = interval.timed_steps * global_batch / max(interval.seconds, 1e-9)
+                if log:
+                    log.train(done, last, tc.schedule().at(step), grad_norm_mean, samples_per_sec,
+                              samples_per_sec * mc.seq_length, skipped_total)
+                interval = Interval()
             if tc.eval_interval > 0 and (done % tc.eval_interval == 0 or done == tc.max_steps):
                 val_loss = evaluate(model, corpus, pg, mc, tc, device, autocast_dtype)
-                say(f"Step {done} | Val Loss: {val_loss:.4f}")
-                if metrics:
-                    metrics.write(json.dumps({"step": done, "val_loss": val_loss}) + "\n")
-                    metrics.flush()
+                if log:
+                    log.eval(done, val_loss, bits_per_byte(corpus, val_loss))
             stopping = stop.agreed(pg)
             if tc.save and ((tc.save_interval > 0 and done % tc.save_interval == 0) or done == tc.max_steps
                             or stopping):
@@ -1293,6 +1326,8 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
         stop.restore()
         if bar:
             bar.close()
+        if log:
+            log.close()
 
     # --------------------------------------------------------------- summary
     peak = torch.tensor([peak_memory_mib(device)], device=device)
@@ -1302,16 +1337,21 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
         peak = torch.cat(peaks)
     if is_main:
         steps = done - start_step
-        print_run_summary(tc, steps, steps * global_batch * mc.seq_length, time.time() - start_time, last, val_loss,
+        print_run_summary(steps, steps * global_batch * mc.seq_length, time.time() - start_time, last, val_loss,
                           unigram_entropy(corpus.val, mc.vocab_size), peak.tolist(),
                           "CUDA allocated" if device.type == "cuda" else "resident")
-    if metrics:
-        metrics.close()
+        if tc.save:
+            print(f"checkpoints: {tc.save} (latest: {ckpt_io.read_latest(tc.save)})")
+        if tc.metrics_file:
+            print(f"metrics: {tc.metrics_file}")
 
 
 def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- config
     mc, tc, given = parse_config(argv)
+    if tc.dry_run:  # the plan of a launch, printed by one process: nothing runs
+        dry_run(mc, tc, tc.world_size or int(os.environ.get("WORLD_SIZE", 1)))
+        return
     try:  # set by torchrun (or by hand for a multi-node launch without it)
         rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
                                         (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -1323,7 +1363,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs, error = None, None
     try:
         inputs = prepare_inputs(mc, tc, given, rank, world_size, local_rank)
-    except (LocalInputError, DataError, ckpt_io.CheckpointError) as e:
+    except (LocalInputError, DataError, ckpt_io.CheckpointError, NotEnoughMemory) as e:
         error = str(e)  # this rank's files or machine: settled with the others below
     except ConfigError as e:
         fail(str(e), rank == 0)  # flags and layout fail alike on every rank: no peer needed
@@ -1344,6 +1384,43 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
+def size_text(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def print_banner(inputs: RunInputs, pg: ParallelGroups, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> None:
+    """What is about to run, before anything is allocated: device and precision, model size,
+    layout, data, batch and schedule, the memory estimate, notes on a resume, the full config."""
+    mc, tc, corpus = inputs.mc, inputs.tc, inputs.corpus
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        "no CUDA device visible" if tc.device == "auto" else "--device cpu")
+    weights = resolve_param_dtype(tc, device)
+    precision = "fp32" if weights == torch.float32 else "bf16 with fp32 master weights"
+    print("=" * 28 + " run " + "=" * 28)
+    print(f"device: {device.type} ({where}) x {pg.world_size} rank{'s' if pg.world_size > 1 else ''} | weights {precision} | "
+          f"autocast {autocast_dtype or 'off'} | grouped GEMM "
+          f"{can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)}")
+    experts = (f"{mc.num_experts} experts top-{mc.num_experts_per_token} in layers {mc.moe_layers}"
+               if mc.num_experts else "dense")
+    print(f"model: {params_per_stage(mc, 1, 1, 1)[0]:,} parameters, {mc.active_params_per_token():,} active per "
+          f"token (embedding lookup excluded) | {mc.num_layers} layers, hidden {mc.hidden_size}, {experts}")
+    layout = describe_layout(pg, mc).split("\n")
+    print("\n".join(layout[:17] + ([f"  ... {len(layout) - 17} more ranks"] if len(layout) > 17 else [])))
+    print(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
+    global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
+    print(f"batch: {global_batch} sequences x {mc.seq_length} tokens per step ({tc.micro_batch_size} per "
+          f"micro-batch x {tc.num_microbatches} micro-batches x DP {pg.dp}), {tc.max_steps} steps | "
+          f"{tc.optimizer} | LR: {tc.schedule().describe()}")
+    state, acts = estimate_rank_bytes(mc, tc, pg.world_size, weights == torch.bfloat16, device.type == "cuda")
+    print(f"memory per rank (estimate): {size_text(state)} weights, gradients and optimizer state + at least "
+          f"{size_text(acts)} activations")
+    for note in inputs.notes:
+        print(f"note: {note}")
+    print(f"model config: {json.dumps(dataclasses.asdict(mc))}")
+    print(f"train config: {json.dumps(dataclasses.asdict(tc))}")
+
+
 def run(inputs: RunInputs, rank: int, world_size: int, local_rank: int) -> None:
     """Process groups, model, optimizer and checkpoint, then training (or evaluation) to the end."""
     mc, tc, corpus, resume = inputs.mc, inputs.tc, inputs.corpus, inputs.resume
@@ -1352,18 +1429,11 @@ def run(inputs: RunInputs, rank: int, world_size: int, local_rank: int) -> None:
                               rank, world_size)
     autocast_dtype = resolve_autocast(tc, device)
     if pg.is_main:
-        print(f"model: {json.dumps(dataclasses.asdict(mc))}")
-        print(f"train: {json.dumps(dataclasses.asdict(tc))}")
-        print(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
-        print(describe_layout(pg, mc))
+        print_banner(inputs, pg, device, autocast_dtype)
 
     # ------------------------------------------------- model and optimizer
     model = build_model(mc, tc, pg, device, autocast_dtype)
-    if pg.is_main:
-        grouped = can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)
-        print(f"parameters on rank 0: {sum(p.numel() for p in model.parameters()):,} | device {device} | "
-              f"autocast {autocast_dtype} | grouped GEMM {grouped}")
-    optimizer = build_optimizer(model, tc)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer)
     reducers = build_grad_reducers(model, pg)
     start_step, skipped, error = 0, 0, None
     if resume:

@@ -163,6 +163,13 @@ class ModelParallel:
     last_stage: bool = True  # holds the final norm and the LM head
 
 
+def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
+    """Layers [start, end) of a pipeline stage: as even as possible, earlier stages take the remainder."""
+    base, extra = divmod(num_layers, pp)
+    start = stage * base + min(stage, extra)
+    return start, start + base + (1 if stage < extra else 0)
+
+
 # ------------------------------------------------- parameters that know their full shape
 def mark_sharded(p: nn.Parameter, full_shape: tuple[int, ...], dim: int, rank: int, size: int,
                  kind: str) -> nn.Parameter:

@@ -6,6 +6,7 @@ a formula by hand, or a single-process run of the same flags (the parity backbon
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import importlib
 import json
@@ -29,7 +30,10 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt_io
 import data
+import memory
+import metrics as metrics_mod
 import minimal_pretrain as mp
+import optim
 from moe_layers import (Assignments, Attention, ModelConfig, ModelParallel, MoEExpert, MoETransformer,
                         MoETransformerBlock, RMSNorm, RotaryEmbedding, SparseMoELayer, TopKRouter, _ExpertLoop,
                         layout_free_init_, load_balancing_loss, router_z_loss)
@@ -574,10 +578,24 @@ def test_unigram_entropy_by_hand():
 @smoke
 def test_lr_warmup_then_cosine():
     tc = mp.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert math.isclose(mp.get_lr(0, tc), 0.1)
-    assert math.isclose(mp.get_lr(9, tc), 1.0)
-    assert math.isclose(mp.get_lr(60, tc), 0.55)  # half way down the cosine
-    assert math.isclose(mp.get_lr(110, tc), 0.1)
+    assert math.isclose(tc.schedule().at(0), 0.1)
+    assert math.isclose(tc.schedule().at(9), 1.0)
+    assert math.isclose(tc.schedule().at(60), 0.55)  # half way down the cosine
+    assert math.isclose(tc.schedule().at(110), 0.1)
+    assert math.isclose(tc.schedule().at(500), 0.1)  # constant after the decay
+
+
+@pytest.mark.parametrize("max_steps,decay,want_warmup", [(3, 0, 0), (50, 0, 5), (400, 0, 40), (999, 0, 99),
+                                                         (100_000, 0, 2000), (50, 300, 30)])
+def test_default_warmup_is_a_tenth_of_the_decay_steps_at_most_2000(max_steps, decay, want_warmup):
+    schedule = mp.TrainConfig(lr=1.0, min_lr=0.0, max_steps=max_steps, lr_decay_steps=decay).schedule()
+    assert schedule.warmup_steps == want_warmup and schedule.decay_steps == (decay or max_steps)
+    if want_warmup:  # the formula by hand: linear to the peak at the last warm-up step
+        assert math.isclose(schedule.at(want_warmup - 1), 1.0) and math.isclose(schedule.at(0), 1 / want_warmup)
+    else:
+        assert schedule.at(0) == 1.0
+    explicit = mp.TrainConfig(max_steps=max_steps, warmup_steps=7).schedule()
+    assert explicit.warmup_steps == 7  # an explicit value is kept
 
 
 @smoke
@@ -1222,6 +1240,169 @@ def test_killed_worker_restarts_from_latest_and_finishes_like_an_uninterrupted_r
     assert [r["step"] for r in train_records(str(tmp_path / "killed.jsonl"))] == list(range(1, steps + 1))
 
 
+# ---------------------------------------------- resume semantics, log intervals, help (issue 17)
+def cosine_lr(step: int, lr: float, min_lr: float, warmup: int, decay: int) -> float:
+    """The documented schedule, by hand (step counts from 0)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / (decay - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def test_resume_with_a_longer_max_steps_keeps_the_saved_schedule_unless_told(tmp_path, capsys):
+    flags = TINY_FLAGS + ["--min-lr", "1e-3", "--save-interval", "6"]
+    mp.main(flags + ["--max-steps", "6", "--save", str(tmp_path / "a"), "--metrics-file", str(tmp_path / "a.jsonl")])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    # Longer run, no schedule flag: the cosine of the 6-step run has ended, the LR stays at --min-lr.
+    mp.main(flags + ["--max-steps", "9", "--save", str(tmp_path / "a"), "--metrics-file", str(tmp_path / "a.jsonl")])
+    out = capsys.readouterr().out
+    assert "note: the checkpoint's LR schedule goes on: its decay ends at step 6" in out
+    lrs = [r["lr"] for r in train_records(str(tmp_path / "a.jsonl"))]
+    assert lrs[:6] == pytest.approx([cosine_lr(s, 1e-2, 1e-3, 1, 6) for s in range(6)], rel=1e-12)
+    assert lrs[6:] == [1e-3] * 3
+    # Asked for: the cosine is recomputed over 12 steps from step 6 on, and the start says how the LR jumps.
+    mp.main(flags + ["--max-steps", "9", "--lr-decay-steps", "12", "--save", str(tmp_path / "b"),
+                     "--metrics-file", str(tmp_path / "b.jsonl")])
+    out = capsys.readouterr().out
+    jump = f"the LR goes from {cosine_lr(6, 1e-2, 1e-3, 1, 6):.2e} to {cosine_lr(6, 1e-2, 1e-3, 1, 12):.2e}"
+    assert f"note: the LR schedule changes at step 6 (--lr-decay-steps 6 -> 12): {jump}" in out
+    lrs = [r["lr"] for r in train_records(str(tmp_path / "b.jsonl"))]  # steps 7, 8, 9
+    assert lrs == pytest.approx([cosine_lr(s, 1e-2, 1e-3, 1, 12) for s in (6, 7, 8)], rel=1e-12)
+
+
+def test_a_changed_global_batch_on_resume_is_refused_or_derived(tmp_path):
+    flags = TINY_FLAGS + ["--max-steps", "4", "--save-interval", "2"]
+    two = run_cli(flags + ["--save", str(tmp_path / "two"), "--metrics-file", str(tmp_path / "two.jsonl")], nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for name in ("refused", "derived", "allowed"):
+        shutil.copytree(tmp_path / "two", tmp_path / name)
+        (tmp_path / name / "latest").write_text(ckpt_io.step_dir_name(2))
+        shutil.rmtree(tmp_path / name / ckpt_io.step_dir_name(4))
+    # DP 2 x 1 micro-batch of 2 = 4 sequences; one rank with --num-microbatches 1 would train on 2.
+    refused = run_cli(flags + ["--num-microbatches", "1", "--save", str(tmp_path / "refused")], timeout=60)
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "global batch of 4 sequences" in errors[0] and "--num-microbatches 2" in errors[0]
+    # Not given: derived so that one rank sees the same 4 sequences per step, and trains on like the 2 ranks.
+    derived = run_cli(flags + ["--save", str(tmp_path / "derived"), "--metrics-file", str(tmp_path / "d.jsonl")])
+    assert derived.returncode == 0, derived.stderr[-2000:]
+    assert "note: --num-microbatches 2 keeps the checkpoint's global batch of 4 sequences on DP 1" in derived.stdout
+    reference, resumed = train_records(str(tmp_path / "two.jsonl"))[2:], train_records(str(tmp_path / "d.jsonl"))
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(reference, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    allowed = run_cli(flags + ["--num-microbatches", "1", "--allow-global-batch-change", "--save",
+                               str(tmp_path / "allowed")])
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "note: the global batch changes from 4 to 2 sequences" in allowed.stdout
+
+
+def test_weights_only_checkpoint_says_the_optimizer_and_warmup_start_fresh(tmp_path, capsys):
+    mp.main(TINY_FLAGS + ["--max-steps", "1", "--save", str(tmp_path / "trained")])
+    trained = ckpt_io.read_checkpoint(str(tmp_path / "trained"))  # one rank: one whole slice per tensor
+    ckpt_io.save_full_state(str(tmp_path / "imported"), {n: s[0]["tensor"] for n, s in trained.params.items()},
+                            trained.meta["model"], {})  # as import_hf.py and upcycle.py write them
+    mp.main(TINY_FLAGS + ["--warmup-steps", "4", "--max-steps", "2", "--load", str(tmp_path / "imported"),
+                          "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert "holds weights only (imported or upcycled): the optimizer state is fresh" in capsys.readouterr().out
+    assert [r["lr"] for r in train_records(str(tmp_path / "m.jsonl"))] == pytest.approx([1e-2 / 4, 2e-2 / 4])
+
+
+def test_logged_records_are_means_over_the_log_interval(tmp_path):
+    every = tmp_path / "every.jsonl"
+    mp.main(TINY_FLAGS + ["--max-steps", "6", "--metrics-file", str(every)])
+    thirds = tmp_path / "thirds.jsonl"
+    mp.main(TINY_FLAGS + ["--max-steps", "6", "--log-interval", "3", "--metrics-file", str(thirds)])
+    steps, means = train_records(str(every)), train_records(str(thirds))
+    assert [r["step"] for r in means] == [3, 6]
+    for i, record in enumerate(means):
+        window = steps[3 * i:3 * i + 3]
+        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm"):  # router losses sum in fp32
+            assert record[key] == pytest.approx(sum(r[key] for r in window) / 3, rel=1e-6), key
+        assert record["lr"] == window[-1]["lr"]
+        for layer, load in record["expert_load"].items():  # every step routes as many tokens
+            want = [sum(r["expert_load"][layer][e] for r in window) / 3 for e in range(len(load))]
+            assert load == pytest.approx(want, rel=1e-9)
+
+
+def test_dead_expert_rule_by_hand():
+    dead = metrics_mod.DeadExperts()
+    alive, starved = [0.3, 0.3, 0.3, 0.1], [0.34, 0.33, 0.33, 0.0024]  # 0.0024 < 1% of the mean 0.25
+    assert dead.update({"0": starved}) == [] and dead.update({"0": starved}) == []
+    warned = dead.update({"0": starved})
+    assert len(warned) == 1 and "layer 0 expert 3 is dead" in warned[0]
+    assert dead.update({"0": starved}) == []  # said once
+    assert dead.update({"0": alive}) == [] and dead.update({"0": starved}) == []  # recovered: counts again
+
+
+def test_collapsed_router_gets_a_dead_expert_warning(tmp_path, capsys):
+    save = tmp_path / "ck"
+    mp.main(TINY_FLAGS + ["--max-steps", "1", "--save", str(save)])
+    rank_file = save / ckpt_io.step_dir_name(1) / "rank_00000.pt"
+    payload = torch.load(rank_file, weights_only=False)
+    bias = [name for name in payload["params"] if name.endswith("expert_bias")]
+    assert bias, "the routing bias is saved"
+    payload["params"]["layers.1.mlp.router.expert_bias"]["tensor"][2] = -1e4  # expert 2 of layer 1 never chosen
+    torch.save(payload, rank_file)
+    capsys.readouterr()
+    mp.main(TINY_FLAGS + ["--max-steps", "5", "--save", str(save)])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert any("layer 1 expert 2 is dead" in w for w in warnings), warnings
+
+
+def test_help_lists_every_flag_once_under_its_group():
+    groups = [title for title, _ in mp.FLAG_GROUPS]
+    grouped = [name for _, names in mp.FLAG_GROUPS for name in names]
+    fields = [f.name for cls in (ModelConfig, mp.TrainConfig) for f in dataclasses.fields(cls)]
+    assert sorted(grouped) == sorted(fields) and len(set(grouped)) == len(grouped)
+    text = mp.build_arg_parser().format_help()
+    starts = [text.index(f"\n{title}:\n") for title in groups]
+    assert starts == sorted(starts)  # in the guide's order
+    for (title, names), start, end in zip(mp.FLAG_GROUPS, starts, starts[1:] + [len(text)]):
+        section = text[start:end]
+        for name in names:
+            assert f"--{name.replace('_', '-')}" in section, (title, name)
+    assert "default: -1" in text and "a tenth of the decay steps" in text  # the warm-up default says what it does
+
+
+def test_banner_says_device_dtype_sizes_and_memory(capsys):
+    mp.main(TINY_FLAGS + ["--max-steps", "1"])
+    out = capsys.readouterr().out
+    mc = mp.parse_config(TINY_FLAGS)[0]
+    params = dict(MoETransformer(mc, seed=0).named_parameters())
+    total = sum(p.numel() for p in params.values())
+    # A token multiplies by every weight but the embedding (a lookup) and by K of the E experts.
+    active = sum(p.numel() for name, p in params.items() if ".experts." not in name and "embed_tokens" not in name)
+    active += sum(p.numel() for name, p in params.items() if ".experts." in name) * 2 // 4
+    banner = out[:out.index("model config:")]
+    assert "device: cpu (no CUDA device visible) x 1 rank | weights fp32" in banner or torch.cuda.is_available()
+    assert f"model: {total:,} parameters, {active:,} active per token" in banner
+    assert "memory per rank (estimate):" in banner and "warm-up 1 steps to 1.00e-02" in banner
+
+
+def test_tensorboard_events_hold_the_metrics_once_after_a_restart(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board, save, metrics = tmp_path / "tb", tmp_path / "ck", tmp_path / "m.jsonl"
+    flags = TINY_FLAGS + ["--max-steps", "4", "--save-interval", "2", "--eval-interval", "2", "--eval-iters", "1",
+                          "--tensorboard", str(board), "--save", str(save), "--metrics-file", str(metrics)]
+    mp.main(flags)
+    (save / "latest").write_text(ckpt_io.step_dir_name(2))  # as if killed after saving step 2
+    shutil.rmtree(save / ckpt_io.step_dir_name(4))
+    mp.main(flags)  # redoes steps 3 and 4
+    events = EventAccumulator(str(board), purge_orphaned_data=True)
+    events.Reload()
+    records = train_records(str(metrics))
+    for name in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm"):
+        scalars = events.Scalars(f"train/{name}")
+        assert [e.step for e in scalars] == [1, 2, 3, 4], name  # the first run's steps 3 and 4 are purged
+        assert [e.value for e in scalars] == pytest.approx([r[name] for r in records], rel=1e-6), name
+    evals = [r for r in read_metrics(str(metrics)) if "val_loss" in r]
+    assert [(e.step, e.value) for e in events.Scalars("eval/val_loss")] == \
+        [(r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in evals]
+    assert [e.step for e in events.Scalars("expert_load/layer0/max_over_mean")] == [1, 2, 3, 4]
+
+
 @smoke
 def test_non_finite_loss_skips_the_update_and_stops_after_too_many(tmp_path, monkeypatch):
     real_ce = mp.vocab_parallel_cross_entropy
@@ -1445,6 +1626,8 @@ def _bad_trainer_input(case: str, tmp_path, saved_tiny) -> tuple[list[str], str]
         r = run_cli(TINY_FLAGS + ["--max-steps", "1", "--hidden-size", "64", "--save", str(other)])
         assert r.returncode == 0, r.stderr
         shutil.copy(other / "step_00000001" / "rank_00000.pt", step / "rank_00000.pt")
+        # its size recorded too, so that the shapes (not the size check) are what refuses it
+        (step / "meta.json").write_text(json.dumps(dict(meta, sizes=[(step / "rank_00000.pt").stat().st_size])))
         return ["--load", str(ck)], "the model needs"
     raise AssertionError(case)
 
@@ -1706,7 +1889,7 @@ def test_adamw_state_round_trips_through_a_checkpoint_fused_or_not(fused):
 
     def fresh() -> tuple[MoETransformer, torch.optim.Optimizer]:
         model = MoETransformer(tiny_config(), seed=0)
-        return model, mp.build_optimizer(model, tc, fused=fused)
+        return model, optim.build_optimizer(model, tc.lr, tc.weight_decay, fused=fused)
 
     def step(model: MoETransformer, opt: torch.optim.Optimizer, seed: int) -> None:
         x = tokens(64, seed=seed)
@@ -1764,7 +1947,7 @@ def test_bf16_model_holds_bf16_weights_and_the_optimizer_fp32_masters_it_rounds_
     pg = mp.build_process_groups(1, 1, 1, 0, 1)
     model = mp.build_model(mc, tc, pg, torch.device("cpu"), torch.bfloat16)
     reference = MoETransformer(mc, seed=tc.seed)  # the same init in fp32
-    opt = mp.build_optimizer(model, tc)
+    opt = optim.build_optimizer(model, tc.lr, tc.weight_decay)
     for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
         want = torch.float32 if name.endswith("router.weight") else torch.bfloat16
         assert p.dtype == want and opt.master[p].dtype == torch.float32, name
@@ -2836,9 +3019,11 @@ def test_prepare_data_reads_each_real_file_once_and_never_opens_a_fifo(tmp_path)
                    timeout=60)
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
-    assert meta["files"] == 2 and meta["special_files_skipped"] == 1  # a.txt once; the FIFO skipped
-    assert meta["train_tokens"] + meta["val_tokens"] == len("alpha " * 50) + len("beta " * 50)
-    assert meta["val_files"] == [os.path.realpath(d / "b.txt")]
+    assert "2 files (0 binary and 1 special files skipped)" in r.stdout  # a.txt once; the FIFO skipped
+    ids = np.concatenate([np.fromfile(tmp_path / "data" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    text = ids[ids != 0]  # the eos (NUL) ids out: the bytes of both files, each once
+    assert sorted(text.tobytes()[::2]) == sorted(("alpha " * 50 + "beta " * 50).encode())
+    assert meta["bytes"]["train"] + meta["bytes"]["val"] == len(text)
     assert sorted(os.listdir(tmp_path / "data")) == ["meta.json", "train.bin", "val.bin"]  # no .part left
 
 
@@ -2858,8 +3043,750 @@ def test_export_writes_a_new_or_empty_folder_and_leaves_no_temporary_folder(worl
     out = folder(tmp_path / "empty")
     r = run_script("export_hf.py", ["--checkpoint", world.moe, "--out", out])
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                       "tokenizer_config.json"]  # a byte-level run: its byte tokenizer
     assert sorted(os.listdir(tmp_path)) == ["empty"]
+
+
+# ---- tokenizers and prepared data (issue 12) ----
+
+WORDS = ["héllo", "wörld", "☃", "日本語", "𝄞", "def", "return", "the", "moe", "expert", "router", "\n", "  "]
+
+
+def document_text(seed: int, words: int) -> str:
+    """Deterministic text with 1-, 2-, 3- and 4-byte UTF-8 characters."""
+    rng = np.random.default_rng(seed)
+    return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=words))
+
+
+def text_corpus(root: Path, word_counts: list[int]) -> dict[str, str]:
+    """One file per entry of `word_counts`; returns file name -> text."""
+    root.mkdir(parents=True)
+    texts = {f"doc{i:02d}.txt": document_text(i, n) for i, n in enumerate(word_counts)}
+    for name, text in texts.items():
+        (root / name).write_text(text, encoding="utf-8")
+    return texts
+
+
+def prepare(inputs: list, out: Path, *flags: object) -> dict:
+    r = run_script("prepare_data.py", [*inputs, "--out", out, *flags], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads((out / "meta.json").read_text())
+
+
+def split_ids(out: Path, meta: dict) -> dict[str, np.ndarray]:
+    return {s: np.fromfile(out / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")}
+
+
+def parts(ids: np.ndarray, eos: int) -> list[list[int]]:
+    """The documents of a split: its ids cut after every eos (each split ends with one)."""
+    assert len(ids) and ids[-1] == eos
+    cuts = np.flatnonzero(ids == eos)
+    return [ids[a + 1:b].tolist() for a, b in zip(np.concatenate([[-1], cuts[:-1]]), cuts)]
+
+
+def test_prepare_bytes_puts_each_document_whole_in_one_split_followed_by_eos(tmp_path):
+    texts = text_corpus(tmp_path / "t", [10] * 60)  # each document within twice the tolerance: none is cut
+    meta = prepare([tmp_path / "t"], tmp_path / "d")
+    assert {k: meta[k] for k in ("vocab_size", "dtype", "tokenizer", "eos_id", "bos_id")} == \
+        {"vocab_size": 256, "dtype": "uint16", "tokenizer": "bytes", "eos_id": 0, "bos_id": None}
+    ids = split_ids(tmp_path / "d", meta)
+    docs = {s: [bytes(p).decode("utf-8") for p in parts(ids[s], 0)] for s in ids}
+    assert sorted(docs["train"] + docs["val"]) == sorted(texts.values())  # every document once, whole
+    val_share = sum(len(d.encode()) for d in docs["val"]) / sum(len(t.encode()) for t in texts.values())
+    assert abs(val_share - 0.1) <= 0.01 and len(docs["val"]) in (5, 6, 7)
+    for s in ids:
+        assert meta["tokens"][s] == len(ids[s]) and meta["max_id"][s] == int(ids[s].max())
+        assert meta["bytes"][s] == sum(len(d.encode()) for d in docs[s])
+
+
+def test_prepare_jsonl_takes_the_text_field_one_document_per_record(tmp_path):
+    records = [{"body": document_text(i, 8), "id": i} for i in range(100)]  # small: none is cut
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records[:50]) + "\n\n")  # a blank line
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records[50:]))
+    meta = prepare([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "d", "--text-field", "body",
+                   "--val-fraction", "0.25")
+    ids = split_ids(tmp_path / "d", meta)
+    docs = [bytes(p).decode("utf-8") for s in ids for p in parts(ids[s], 0)]
+    assert sorted(docs) == sorted(r["body"] for r in records)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25])
+def test_prepare_holds_out_the_fraction_of_bytes_whatever_the_file_sizes(tmp_path, fraction):
+    """Nine files from 7 to 3000 words (one is a third of the corpus): the held-out share of the text's
+    bytes is within the stated 10% of the fraction (0.1 -> [0.09, 0.11])."""
+    texts = text_corpus(tmp_path / "t", [400, 3, 3000, 60, 900, 7, 1500, 250, 2500])
+    meta = prepare([tmp_path / "t"], tmp_path / "d", "--val-fraction", fraction)
+    ids = split_ids(tmp_path / "d", meta)
+    held = int((ids["val"] != 0).sum())  # text bytes in val, counted from the file
+    total = sum(len(t.encode()) for t in texts.values())
+    assert int((ids["train"] != 0).sum()) + held == total and meta["bytes"]["val"] == held
+    assert abs(held / total - fraction) <= 0.1 * fraction
+
+
+def test_prepare_bpe_round_trips_every_document_and_unseen_bytes_and_is_deterministic(tmp_path):
+    texts = text_corpus(tmp_path / "t", [30] * 60)  # none is cut
+    metas = [prepare([tmp_path / "t"], tmp_path / d, "--tokenizer", "bpe", "--vocab-size", 300) for d in "ab"]
+    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):  # two runs, byte-identical
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    meta = metas[0]
+    assert (meta["vocab_size"], meta["tokenizer"], meta["eos_id"], meta["dtype"]) == (300, "tokenizer.json", 0, "uint16")
+    from tokenizers import Tokenizer
+    reference = Tokenizer.from_file(str(tmp_path / "a" / "tokenizer.json"))  # the library, not our wrapper
+    assert reference.id_to_token(0) == "<|endoftext|>"
+    ids = split_ids(tmp_path / "a", meta)
+    docs = [reference.decode(p) for s in ids for p in parts(ids[s], 0)]
+    assert sorted(docs) == sorted(texts.values())
+    for p in parts(ids["train"], 0):
+        assert p == reference.encode(reference.decode(p), add_special_tokens=False).ids
+    tokenizer = data.load_tokenizer(str(tmp_path / "a"))
+    unseen = "Ωμέγα ∮ 🚀 \x01\x7f\u0300 ÿ"  # characters and bytes the training text never held
+    encoded = tokenizer.encode(unseen)
+    assert tokenizer.decode(encoded) == unseen and max(encoded) < 300 and tokenizer.eos_id == 0
+
+
+def big_tokenizer(path: Path) -> Path:
+    """A byte-level tokenizer.json of 70,260 tokens (over uint16): 70,000 added words w0x ... w69999x."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(
+        vocab_size=260, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.add_tokens([f"w{i}x" for i in range(70_000)])
+    tok.save(str(path))
+    return path
+
+
+def test_prepare_with_a_tokenizer_json_over_65536_writes_uint32_read_back_exactly(tmp_path):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer
+    path = big_tokenizer(tmp_path / "big.json")
+    (tmp_path / "t").mkdir()
+    texts = [" ".join(f"w{(i * 7919 + j * 104729) % 70_000}x hello" for j in range(8)) for i in range(60)]  # no cut
+    for i, text in enumerate(texts):
+        (tmp_path / "t" / f"{i}.txt").write_text(text)
+    meta = prepare([tmp_path / "t"], tmp_path / "d", "--tokenizer", path)
+    assert (meta["dtype"], meta["vocab_size"], meta["eos_id"]) == ("uint32", 70_260, 0)  # </s> found as eos
+    reference = Tokenizer.from_file(str(path))
+    ids = split_ids(tmp_path / "d", meta)
+    want = sorted(reference.encode(t, add_special_tokens=False).ids for t in texts)
+    assert sorted(p for s in ids for p in parts(ids[s], 0)) == want
+    assert max(meta["max_id"].values()) > 65_535
+    corpus = data.load_corpus(str(tmp_path / "d"), None)
+    assert corpus.train.dtype == np.uint32 and np.array_equal(np.asarray(corpus.train), ids["train"])
+    assert (tmp_path / "d" / "tokenizer.json").read_bytes() == path.read_bytes()
+
+
+def nul_late(tmp: Path) -> Path:
+    return write(tmp / "t" / "a.txt", b"x" * 9000 + b"\0tail")  # past git's 8000-byte binary check
+
+
+def no_eos_tokenizer(tmp: Path) -> Path:
+    from tokenizers import Tokenizer, models
+    tok = Tokenizer(models.BPE({"a": 0, "b": 1}, []))
+    tok.save(str(tmp / "tok.json"))
+    return tmp / "tok.json"
+
+
+PREP_REFUSALS = [
+    ("bpe_without_vocab", lambda tmp: [text_folder(tmp), "--tokenizer", "bpe"], "--vocab-size"),
+    ("bpe_vocab_below_bytes", lambda tmp: [text_folder(tmp), "--tokenizer", "bpe", "--vocab-size", 200], "257"),
+    ("vocab_for_bytes", lambda tmp: [text_folder(tmp), "--vocab-size", 300], "--vocab-size"),
+    ("tokenizer_missing", lambda tmp: [text_folder(tmp), "--tokenizer", tmp / "nope.json"], "--tokenizer"),
+    ("tokenizer_without_eos", lambda tmp: [text_folder(tmp), "--tokenizer", no_eos_tokenizer(tmp)], "</s>"),
+    ("nul_in_bytes_document", lambda tmp: [nul_late(tmp)], "a.txt: holds a NUL"),
+    ("latin1_for_bpe", lambda tmp: [write(tmp / "t" / "a.txt", "café ".encode("latin-1") * 99),
+                                    "--tokenizer", "bpe", "--vocab-size", 300], "not UTF-8"),
+    ("jsonl_bad_json", lambda tmp: [write(tmp / "a.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": \n')],
+     "a.jsonl:3: not a JSON record"),
+    ("jsonl_missing_field", lambda tmp: [write(tmp / "a.jsonl", '{"text": "a"}\n{"body": "b"}\n')],
+     "a.jsonl:2: no string field 'text'"),
+    ("jsonl_not_an_object", lambda tmp: [write(tmp / "a.jsonl", '["text"]\n')], "a.jsonl:1"),
+    ("jsonl_field_not_text", lambda tmp: [write(tmp / "a.jsonl", '{"text": 3}\n'), "--text-field", "text"],
+     "a.jsonl:1"),
+]
+
+
+@pytest.mark.parametrize("case", PREP_REFUSALS, ids=[c[0] for c in PREP_REFUSALS])
+def test_prepare_refuses_bad_input_with_one_error_line_and_writes_nothing(case, tmp_path):
+    pytest.importorskip("tokenizers")
+    _, setup, words = case
+    args = [str(a) for a in setup(tmp_path)]
+    before = snapshot(tmp_path)
+    r = run_script("prepare_data.py", args + ["--out", tmp_path / "out"], timeout=60)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and words in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and snapshot(tmp_path) == before  # not even the --out folder
+
+
+def token_folder(root: Path, meta: dict) -> Path:
+    return Path(_token_folder(root, np.arange(3000) % 50, np.arange(300) % 50, meta))
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"eos_id": 50}, '"eos_id" must be null or an id in [0, 50)'),
+    ({"bos_id": -1}, '"bos_id"'),
+    ({"eos_id": True}, '"eos_id"'),
+    ({"tokenizer": "bytes"}, "not 256"),
+    ({"tokenizer": "../tok.json"}, "file name in the same folder"),
+    ({"bytes": {"train": 10, "val": -1}}, '"bytes"'),
+])
+def test_meta_json_tokenizer_fields_are_checked(change, words, tmp_path):
+    d = token_folder(tmp_path / "tok", {"vocab_size": 50, **change})
+    with pytest.raises(data.DataError) as refused:
+        data.load_corpus(str(d), None)
+    assert words in str(refused.value)
+
+
+def test_trainer_refuses_an_eos_id_over_the_vocabulary_with_one_error_line(tmp_path):
+    d = token_folder(tmp_path / "tok", {"vocab_size": 50, "eos_id": 77})
+    r = run_cli(TINY_FLAGS + ["--max-steps", "1", "--data", str(d)], timeout=120)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and '"eos_id"' in errors[0] and "Traceback" not in r.stderr
+
+
+def model_on(folder: Path, seed: int = 4) -> MoETransformer:
+    """A random tiny model of a prepared folder's vocabulary."""
+    vocab = json.loads((folder / "meta.json").read_text())["vocab_size"]
+    return MoETransformer(tiny_config(vocab_size=vocab), seed=seed).eval()
+
+
+def save_trained_on(model: MoETransformer, folder: Path, root: Path) -> str:
+    """A checkpoint of `model` that says it was trained with --data folder (as the trainer writes it)."""
+    ck = save_in_process(model, root)
+    meta_path = Path(ck) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["train"]["data"] = str(folder)
+    meta_path.write_text(json.dumps(meta))
+    return ck
+
+
+def greedy_by_hand(model: MoETransformer, ids: list[int], steps: int) -> list[int]:
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).output[0, -1].argmax()))
+    return ids
+
+
+def make_eos_come_at_step(model: MoETransformer, prompt: list[int], eos: int, steps: int = 12) -> int:
+    """Swap the LM-head rows of eos and of a token the greedy continuation draws later, so that eos comes
+    at that step instead (the steps before keep their argmax); return that step (1-based)."""
+    new = greedy_by_hand(model, prompt, steps)[len(prompt):]
+    k = next(i for i in range(2, steps) if new[i] != eos and new[i] not in new[:i])
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[[eos, new[k]]] = w[[new[k], eos]]
+    return k + 1
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, Path]:
+    """The same small corpus prepared as bytes and as a 300-token BPE."""
+    root = tmp_path_factory.mktemp("prepared")
+    text_corpus(root / "t", [200] * 10)
+    prepare([root / "t"], root / "bytes")
+    prepare([root / "t"], root / "bpe", "--tokenizer", "bpe", "--vocab-size", 300)
+    return {"bytes": root / "bytes", "bpe": root / "bpe"}
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_generate_decodes_with_the_runs_tokenizer_and_stops_at_eos(kind, prepared, tmp_path):
+    tokenizer = data.load_tokenizer(str(prepared[kind]))
+    prompt_text = "héllo ☃"
+    prompt = tokenizer.encode(prompt_text)
+    model = model_on(prepared[kind])
+    stop = make_eos_come_at_step(model, prompt, tokenizer.eos_id, 16 - len(prompt))
+    ck = save_trained_on(model, prepared[kind], tmp_path / "ck")
+    want = greedy_by_hand(model, prompt, stop)
+    assert want[-1] == tokenizer.eos_id and tokenizer.eos_id not in want[len(prompt):-1]
+    r = run_script("generate.py", ["--checkpoint", ck, "--prompt", prompt_text, "--temperature", 0,
+                                   "--max-new-tokens", 16 - len(prompt)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tokenizer.decode(want[:-1]) + "\n"  # the eos ends it and is not printed
+    assert f"{stop} tokens in" in r.stderr
+    r = run_script("generate.py", ["--checkpoint", ck, "--prompt-ids", ",".join(map(str, prompt)),
+                                   "--temperature", 0, "--max-new-tokens", 16 - len(prompt)])
+    assert r.returncode == 0 and r.stdout.strip() == ",".join(map(str, want)), r.stderr
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_transformers_pipeline_on_the_export_continues_as_generate_does(kind, prepared, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    tokenizer = data.load_tokenizer(str(prepared[kind]))
+    prompt_text = "def héllo"
+    prompt = tokenizer.encode(prompt_text)
+    model = model_on(prepared[kind])
+    make_eos_come_at_step(model, prompt, tokenizer.eos_id, 16 - len(prompt))
+    ck = save_trained_on(model, prepared[kind], tmp_path / "ck")
+    r = run_script("export_hf.py", ["--checkpoint", ck, "--out", tmp_path / "hf"])
+    assert r.returncode == 0, r.stderr
+    ours = run_script("generate.py", ["--checkpoint", ck, "--prompt", prompt_text, "--temperature", 0,
+                                      "--max-new-tokens", 16 - len(prompt)])
+    assert ours.returncode == 0, ours.stderr
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    sample = "Ωμέγα 🚀 def héllo\n"
+    assert hf_tokenizer(sample)["input_ids"] == tokenizer.encode(sample)
+    if kind == "bytes":
+        assert hf_tokenizer(sample)["input_ids"] == list(sample.encode())  # id i is byte i
+    assert (hf_tokenizer.eos_token_id, hf_tokenizer.model_max_length) == (tokenizer.eos_id, 16)
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"))
+    theirs = pipe(prompt_text, max_new_tokens=16 - len(prompt), do_sample=False)[0]["generated_text"]
+    universal = (theirs + "\n").replace("\r\n", "\n").replace("\r", "\n")  # as run_script's text mode reads ours
+    assert universal == ours.stdout
+
+
+def test_eval_only_prints_bits_per_byte_of_bpe_data(prepared, tmp_path):
+    save = tmp_path / "ck"
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--data", str(prepared["bpe"]), "--save", str(save)])
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["--load", str(save), "--eval-only", "--eval-iters", "2", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    line = [x for x in r.stdout.splitlines() if x.startswith("eval-only:")][0]
+    loss = float(line.split("val loss ")[1].split()[0])
+    from tokenizers import Tokenizer
+    reference = Tokenizer.from_file(str(prepared["bpe"] / "tokenizer.json"))
+    val = np.fromfile(prepared["bpe"] / "val.bin", dtype=np.uint16)
+    text_bytes = sum(len(reference.decode(p).encode()) for p in parts(val, 0))  # from the ids, not meta.json
+    assert f"{loss / math.log(2) * len(val) / text_bytes:.4f} bits per byte" in line
+    assert text_bytes < len(val) * 3  # several bytes per token: bits per byte is not bits per token
+
+
+# ---- memory planner and scalable loading (issue 11) ----
+
+PLAN_LAYOUTS = {  # name -> (world size, flags)
+    "one": (1, []),
+    "tp2": (2, ["--tensor-parallel-size", "2"]),
+    "pp2": (2, ["--pipeline-parallel-size", "2", "--num-microbatches", "2"]),
+    "ep2_over_dp2": (2, ["--expert-parallel-size", "2"]),
+    "tp2_pp2_ep4_shared": (8, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+                               "--expert-parallel-size", "4", "--num-microbatches", "2", "--num-shared-experts", "1"]),
+}
+PLAN_MODEL = ["--hidden-size", "32", "--num-layers", "3", "--num-attention-heads", "4", "--num-kv-heads", "2",
+              "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "24", "--num-experts", "4",
+              "--moe-layer-interval", "2", "--vocab-size", "64", "--seq-length", "16", "--micro-batch-size", "2"]
+
+
+@pytest.mark.parametrize("name", list(PLAN_LAYOUTS))
+def test_dry_run_counts_the_parameters_of_every_rank_built_on_the_cpu(name):
+    world, flags = PLAN_LAYOUTS[name]
+    mc, tc, _ = mp.parse_config(PLAN_MODEL + flags)
+    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
+    ep = tc.expert_parallel_size or tp
+    plans = memory.plan_stages(mc, tc, world, bf16=False, grouped=False)
+    formula = memory.params_per_stage(mc, tp, pp, ep)
+    for rank in range(world):  # every rank, not only the one the plan builds for its stage
+        stage, in_stage = divmod(rank, world // pp)
+        start, end = mp.stage_layers(mc.num_layers, pp, stage)
+        par = ModelParallel(tp_rank=in_stage % tp, tp_size=tp, ep_rank=in_stage % ep, ep_size=ep, layer_start=start,
+                            layer_end=end, first_stage=stage == 0, last_stage=stage == pp - 1)
+        model = MoETransformer(mc, par)
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts.w_" in n)
+        assert plans[stage].expert_params == experts, (name, rank)
+        assert plans[stage].dense_params + experts == sum(p.numel() for p in model.parameters()) == formula[stage]
+
+
+def test_dry_run_prints_the_plan_and_bad_layouts_exit_2_as_a_launch(capsys):
+    mp.main(PLAN_MODEL + PLAN_LAYOUTS["tp2_pp2_ep4_shared"][1] + ["--dry-run", "--world-size", "8"])
+    out = capsys.readouterr().out
+    assert "world 8 = PP 2 x DP 2 x TP 2, EP 4" in out and out.count("distributed optimizer") >= 2
+    assert "stage 0 (ranks 0-3)" in out and "stage 1 (ranks 4-7)" in out
+    for flags, words in ((["--dry-run", "--world-size", "6", "--tensor-parallel-size", "4"], "world size 6"),
+                         (["--dry-run", "--world-size", "4", "--expert-parallel-size", "3"], "--expert-parallel-size"),
+                         (["--world-size", "4"], "--dry-run")):
+        with pytest.raises(SystemExit) as stop:
+            mp.main(PLAN_MODEL + flags)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert stop.value.code == 2 and len(errors) == 1 and words in errors[0], err
+
+
+def test_dry_run_plans_a_100b_model_in_seconds(capsys):
+    flags = ["--hidden-size", "7168", "--num-layers", "32", "--num-attention-heads", "56", "--num-kv-heads", "8",
+             "--ffn-hidden-size", "18432", "--moe-ffn-hidden-size", "2048", "--num-experts", "80",
+             "--num-experts-per-token", "8", "--vocab-size", "129280", "--seq-length", "4096",
+             "--micro-batch-size", "1", "--num-microbatches", "16", "--tensor-parallel-size", "2",
+             "--pipeline-parallel-size", "8", "--expert-parallel-size", "16", "--dry-run", "--world-size", "128"]
+    start = time.time()
+    mp.main(flags)
+    assert time.time() - start < 60  # about 3 s alone on 2 cores; the suite shares them
+    out = capsys.readouterr().out
+    mc, tc, _ = mp.parse_config(flags)
+    total = sum(memory.params_per_stage(mc, 1, 1, 1))
+    assert total > 100e9 and f"model: {total:,} parameters" in out
+
+
+def saved_activation_bytes(mc: ModelConfig, batch: int, recompute: bool) -> int:
+    """Bytes autograd keeps for backward after one micro-batch's forward and loss, weights left out:
+    every tensor the saved-tensor hook sees, each storage once (an independent measurement)."""
+    model = MoETransformer(mc, seed=0)
+    model.recompute = recompute
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    kept = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in own:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, mc.vocab_size, (batch, mc.seq_length))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+        loss = mp.vocab_parallel_cross_entropy(out.output.flatten(0, 1), x.flatten(), model.par)
+        (loss + out.aux_loss + out.z_loss).backward()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("kw", [dict(num_experts=0), dict(num_experts=4), dict(num_experts=8, num_experts_per_token=1),
+                                dict(num_experts=4, num_shared_experts=1, moe_layer_interval=2, num_layers=3)])
+def test_activation_estimate_is_within_3_percent_of_what_autograd_keeps_on_the_cpu(kw):
+    mc = tiny_config(hidden_size=64, ffn_hidden_size=128, moe_ffn_hidden_size=48, seq_length=64, vocab_size=256, **kw)
+    tc = mp.TrainConfig(micro_batch_size=4)
+    plan = memory.activation_bytes(mc, tc, stage=0, dp=1, el=4, grouped=False)
+    for recompute, estimate in ((False, plan.per_microbatch), (True, plan.per_microbatch_recompute)):
+        measured = saved_activation_bytes(mc, 4, recompute)
+        assert abs(estimate - measured) <= 0.03 * measured, (kw, recompute, estimate, measured)
+
+
+def mapped_bytes(folder: str) -> int:
+    """Resident bytes of this process's memory maps of files under `folder` (/proc/self/smaps): the
+    pages of checkpoint files actually read, as the kernel counts them."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if parts and "-" in parts[0] and len(parts) >= 5 and len(parts[1]) == 4:  # a mapping's header
+                inside = len(parts) > 5 and parts[5].startswith(folder)
+            elif inside and line.startswith("Rss:"):
+                total += int(parts[1]) * 1024
+    return total
+
+
+def stage_parallel(mc: ModelConfig, rank: int, tp: int, pp: int, ep: int, world: int) -> tuple[ModelParallel, int, int]:
+    """(ModelParallel, dp rank, rank within the stage) of global `rank`, as build_process_groups numbers them."""
+    stage, in_stage = divmod(rank, world // pp)
+    start, end = mp.stage_layers(mc.num_layers, pp, stage)
+    return (ModelParallel(tp_rank=in_stage % tp, tp_size=tp, ep_rank=in_stage % ep, ep_size=ep, layer_start=start,
+                          layer_end=end, first_stage=stage == 0, last_stage=stage == pp - 1), in_stage // tp, in_stage)
+
+
+def write_sharded_checkpoint(root, mc: ModelConfig, tp: int, pp: int, ep: int) -> str:
+    """A checkpoint as `world = TP x PP` ranks (DP 1) write it, made in one process: each rank's slice
+    (seed 0) with AdamW moments 2 w and 3 w, its file, and meta.json (the documented format)."""
+    world = tp * pp
+    step = root / "step_00000001"
+    step.mkdir(parents=True)
+    for rank in range(world):
+        par, dp_rank, in_stage = stage_parallel(mc, rank, tp, pp, ep, world)
+        model = MoETransformer(mc, par, seed=0)
+        opt = torch.optim.AdamW(model.parameters())
+        for p in model.parameters():
+            opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": 2 * p.detach(), "exp_avg_sq": 3 * p.detach()}
+        torch.save(ckpt_io.rank_payload(model, opt, par.tp_rank, dp_rank, in_stage, ep), step / f"rank_{rank:05d}.pt")
+    files = [f"rank_{r:05d}.pt" for r in range(world)]
+    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 1, "model": dataclasses.asdict(mc),
+            "train": {}, "layout": {"world_size": world, "tp": tp, "pp": pp, "dp": 1, "ep": ep}, "files": files,
+            "sizes": [(step / f).stat().st_size for f in files]}
+    (step / "meta.json").write_text(json.dumps(meta))
+    return str(step)
+
+
+def load_as_rank(path: str, mc: ModelConfig, rank: int, tp: int, pp: int, ep: int) -> tuple[int, MoETransformer, dict]:
+    """(checkpoint bytes paged in, model, optimizer state) after loading `path` into rank `rank`'s slice."""
+    par, _, _ = stage_parallel(mc, rank, tp, pp, ep, tp * pp)
+    model = MoETransformer(mc, par, seed=1)  # other weights than the saved ones
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = ckpt_io.read_checkpoint(path)
+    assert mapped_bytes(path) == 0  # opening reads the files' headers, no tensor
+    ckpt_io.load_into(ckpt, model, opt)
+    paged = mapped_bytes(path)
+    del ckpt
+    gc.collect()
+    return paged, model, opt.state
+
+
+def test_each_of_4_ranks_reads_about_a_quarter_of_a_4_rank_checkpoint(tmp_path):
+    """TP2 x PP2 with EP2: each rank holds a quarter of the weights and moments, and reads about a
+    quarter of the checkpoint (what the kernel paged in of its files); one process reads all of it."""
+    mc = tiny_config(hidden_size=128, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=256,
+                     moe_ffn_hidden_size=512, num_experts=8, vocab_size=256)
+    path = write_sharded_checkpoint(tmp_path, mc, tp=2, pp=2, ep=2)
+    total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".pt"))
+    shares = []
+    for rank in range(4):
+        paged, model, state = load_as_rank(path, mc, rank, 2, 2, 2)
+        shares.append(paged / total)
+        saved = MoETransformer(mc, stage_parallel(mc, rank, 2, 2, 2, 4)[0], seed=0)  # the weights that were saved
+        for (name, p), q in zip(model.named_parameters(), saved.parameters()):
+            assert torch.equal(p, q) and torch.equal(state[p]["exp_avg_sq"], 3 * q), name
+    one, _, _ = load_as_rank(path, mc, 0, 1, 1, 1)
+    print(f"share of the checkpoint paged in per rank: {[f'{s:.3f}' for s in shares]}, one process: {one / total:.3f}")
+    assert all(0.2 <= s <= 0.3 for s in shares), shares  # a quarter, give or take page fault-around
+    assert one >= 0.97 * total
+
+
+def test_rank_file_of_another_size_than_meta_json_recorded_is_refused(tmp_path):
+    mc = tiny_config()
+    path = write_sharded_checkpoint(tmp_path, mc, tp=1, pp=1, ep=1)
+    with open(os.path.join(path, "rank_00000.pt"), "ab") as f:
+        f.write(b"\0" * 10)  # still a readable zip: only the recorded size tells
+    with pytest.raises(ckpt_io.CheckpointError, match="meta.json recorded"):
+        ckpt_io.read_checkpoint(path)
+
+
+# ---- Muon and WSD (issue 13) ----
+def polar_reference(g: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U V^T, U p(S) V^T) of g = U S V^T in float64, where p applies the quintic
+    x -> a x + b x^3 + c x^5 `steps` times to each singular value over ||g||_F: what the
+    Newton-Schulz iteration computes on the singular values, written independently of it."""
+    a, b, c = optim.NS_COEFFICIENTS
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    x = s / g.double().norm()
+    for _ in range(steps):
+        x = a * x + b * x ** 3 + c * x ** 5
+    return u @ vh, u @ torch.diag(x) @ vh
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (64, 64)])
+def test_newton_schulz_keeps_the_singular_vectors_and_maps_each_singular_value_by_the_quintic(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    polar, by_hand = polar_reference(g, optim.NS_STEPS)
+    out = optim.newton_schulz(g)
+    assert out.dtype == torch.float32 and out.shape == g.shape
+    assert (out.double() - by_hand).abs().max() < 1e-5  # fp32 rounding of 5 steps
+    s = torch.linalg.svdvals(out.double())
+    if shape[0] != shape[1]:  # well conditioned: every singular value lands in NS5's band, near U V^T
+        assert 0.68 < s.min() and s.max() < 1.2, s
+        assert (out.double() - polar).norm() / polar.norm() < 0.25  # singular values off by at most 0.32
+        assert torch.equal(optim.newton_schulz(g.T), out.T)  # iterates on the wide side either way
+    else:  # a square Gaussian has singular values near 0 that 5 steps lift only part of the way
+        assert s.max() < 1.21
+
+
+def test_newton_schulz_converges_to_u_vt_with_more_steps_of_the_cubic():
+    """Not what Muon runs, but a check that the iteration is the polar factor's: with the
+    classic cubic's fixed point at 1 the same loop reaches U V^T to fp32 rounding."""
+    g = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
+    polar, _ = polar_reference(g, 0)
+    x = g / g.norm()
+    for _ in range(40):  # x <- 1.5 x - 0.5 x x^T x (Newton-Schulz for the polar factor)
+        x = 1.5 * x - 0.5 * x @ x.T @ x
+    assert (x.double() - polar).abs().max() < 1e-5
+
+
+def muon_toy_model() -> torch.nn.Module:
+    """One plain 2-D weight for Muon and a 1-D gain for AdamW (an optimizer needs both groups)."""
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(48, 32, generator=torch.Generator().manual_seed(0)) * 0.1)
+    model.gain = torch.nn.Parameter(torch.ones(32))
+    model.par = ModelParallel()
+    return model
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon")
+def test_muon_equals_torch_optim_muon_on_a_plain_matrix():
+    """torch.optim.Muon(adjust_lr_fn="match_rms_adamw") runs Newton-Schulz in bf16: with ours in
+    bf16 too, the weights agree bit for bit over 5 steps of changing gradients."""
+    ours = muon_toy_model()
+    opt = optim.build_optimizer(ours, lr=0.02, weight_decay=0.1, kind="muon")
+    assert list(opt.muon_params.values()) == [ours.w]
+    opt.ns_dtype = torch.bfloat16
+    theirs = torch.nn.Parameter(ours.w.detach().clone())
+    reference = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+                                 adjust_lr_fn="match_rms_adamw")
+    for step in range(5):
+        grad = torch.randn(48, 32, generator=torch.Generator().manual_seed(10 + step))
+        ours.w.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step()
+        reference.step()
+        assert torch.equal(ours.w, theirs), step
+
+
+def test_muon_update_by_hand_in_fp32():
+    """One step from zero momentum: buf = 0.05 g, look-ahead u = 0.05 g + 0.95 buf, then
+    w <- w (1 - lr wd) - lr 0.2 sqrt(48) NS(u); NS from the SVD reference."""
+    model = muon_toy_model()
+    w0, g = model.w.detach().clone(), torch.randn(48, 32, generator=torch.Generator().manual_seed(3))
+    opt = optim.build_optimizer(model, lr=0.02, weight_decay=0.1, kind="muon")
+    model.w.grad = g.clone()
+    opt.step()
+    u = 0.05 * g.double() + 0.95 * (0.05 * g.double())
+    _, ns = polar_reference(u, optim.NS_STEPS)
+    want = w0.double() * (1 - 0.02 * 0.1) - 0.02 * 0.2 * math.sqrt(48) * ns
+    assert (model.w.double() - want).abs().max() < 1e-6
+    assert torch.allclose(opt.state[model.w]["momentum_buffer"], 0.05 * g)
+
+
+def test_muon_takes_hidden_matrices_and_experts_adamw_the_rest():
+    model = MoETransformer(tiny_config(), seed=0)
+    opt = optim.build_optimizer(model, 1e-2, 0.1, kind="muon")
+    muon = {name for name, p in model.named_parameters() if p in opt.muon_params}
+    assert muon == {f"layers.{i}.{m}" for i in range(2) for m in
+                    ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                     "self_attn.o_proj.weight", "mlp.experts.w_gate", "mlp.experts.w_up", "mlp.experts.w_down")}
+    adamw = {id(p) for group in opt.inner.param_groups for p in group["params"]}
+    assert {name for name, p in model.named_parameters() if id(p) in adamw} == \
+        {name for name, _ in model.named_parameters()} - muon  # embedding, LM head, norms, routers
+
+
+def test_muon_orthogonalises_each_expert_of_a_stack_on_its_own():
+    model = MoETransformer(tiny_config(), seed=0)
+    opt = optim.build_optimizer(model, 1e-2, 0.1, kind="muon")
+    w = model.layers["0"].mlp.experts.w_gate  # (E, D, F)
+    update = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    out = opt.orthogonalise(update, w)
+    for e in range(w.shape[0]):
+        _, by_hand = polar_reference(update[e], optim.NS_STEPS)
+        assert (out[e].double() - by_hand).abs().max() < 1e-5, e
+
+
+@smoke
+def test_wsd_learning_rates_at_the_phase_boundaries_by_hand():
+    """lr 1, min 0.1, warm-up 10, 110 decay steps, the last half decays: stable from step 10 to
+    55, decay over steps 55..110. At step 66 the decay is 11/55 = 0.2 done."""
+    base = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, lr_schedule="wsd", lr_decay_fraction=0.5)
+    at_66 = {"linear": 0.1 + 0.9 * 0.8, "cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(0.2 * math.pi)),
+             "sqrt": 0.1 + 0.9 * (1 - math.sqrt(0.2))}
+    assert math.isclose(at_66["cosine"], 0.9140576, rel_tol=1e-7) and math.isclose(at_66["sqrt"], 0.5975078,
+                                                                                   rel_tol=1e-7)
+    for style, want in at_66.items():
+        s = mp.TrainConfig(lr_decay_style=style, **base).schedule()
+        assert (s.warmup_steps, s.decay_start, s.decay_steps) == (10, 55, 110)
+        assert math.isclose(s.at(0), 0.1) and math.isclose(s.at(9), 1.0)  # warm-up
+        assert s.at(10) == s.at(54) == s.at(55) == 1.0  # stable; the decay starts from the peak
+        assert math.isclose(s.at(66), want), style
+        assert math.isclose(s.at(110), 0.1) and math.isclose(s.at(500), 0.1)  # floor after the decay
+        assert "stable to step 55" in s.describe() and f"{style} decay" in s.describe()
+    whole = mp.TrainConfig(**dict(base, lr_decay_fraction=1.0)).schedule()
+    assert whole.decay_start == 10  # a decay longer than what follows the warm-up starts where it ends
+
+
+def test_wsd_flags_are_validated():
+    with pytest.raises(mp.ConfigError, match="--lr-decay-fraction must be in"):
+        mp.TrainConfig(lr_schedule="wsd", lr_decay_fraction=0.0).validate()
+    with pytest.raises(mp.ConfigError, match="add --lr-schedule wsd"):
+        mp.TrainConfig(lr_decay_style="linear").validate()
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--lr-decay-fraction", "0.5"], timeout=60)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "--lr-schedule wsd" in errors[0], r.stderr
+
+
+# 5 steps, warm-up 1, decay over the last 40% (steps 3..5), 1 - sqrt; layer 0 dense, layer 1 MoE, so
+# Muon meets column- and row-parallel MLP shards, attention shards and expert stacks.
+MUON_FLAGS = ["--optimizer", "muon", "--lr-schedule", "wsd", "--lr-decay-fraction", "0.4", "--lr-decay-style",
+              "sqrt", "--moe-layer-interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def muon_one_process(tmp_path_factory):
+    return parity_run(tmp_path_factory.mktemp("muon_one"), "one", 1, [], 4, MUON_FLAGS)
+
+
+def test_muon_wsd_run_logs_the_formulas_lr(muon_one_process):
+    records, _ = muon_one_process
+    peak, floor = 1e-2, 2e-4  # TINY_FLAGS' --lr, the default --min-lr
+    want = [peak, peak, peak, peak, floor + (peak - floor) * (1 - math.sqrt(0.5))]  # steps 0-3, then half-way
+    assert [r["lr"] for r in records] == pytest.approx(want, rel=1e-12)
+
+
+MUON_LAYOUTS = {
+    "dp2": (2, [], 2),
+    "tp2": (2, ["--tensor-parallel-size", "2"], 4),
+    "dp2_ep2": (2, ["--expert-parallel-size", "2"], 2),
+    "pp2": (2, ["--pipeline-parallel-size", "2"], 4),
+    "tp2_pp2_dp2": (8, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"], 2),
+}
+
+
+@pytest.mark.parametrize("name", list(MUON_LAYOUTS))
+def test_muon_layout_matches_one_process(name, muon_one_process, tmp_path):
+    nproc, layout, micro = MUON_LAYOUTS[name]
+    worst = assert_same_training(muon_one_process, parity_run(tmp_path, name, nproc, layout, micro, MUON_FLAGS))
+    print(f"muon {name}: max relative loss difference {worst:.2e}")
+
+
+@pytest.fixture(scope="module")
+def muon_full_run(tmp_path_factory):
+    """An uninterrupted 6-step Muon + WSD run on one process, checkpoints at 3 and 6."""
+    tmp = tmp_path_factory.mktemp("muon_full")
+    return tmp, run_for_resume(tmp, "one", 1, MUON_FLAGS, 4)
+
+
+def test_muon_resume_is_exact_and_keeps_the_checkpoints_optimizer(muon_full_run, tmp_path):
+    tmp, full = muon_full_run
+    saved = ckpt_io.read_checkpoint(str(tmp / "one" / ckpt_io.step_dir_name(3)))
+    assert set(saved.optim["layers.0.mlp.gate_proj.weight"][0]) == {"momentum_buffer"}
+    assert set(saved.optim["layers.1.mlp.experts.2.down_proj.weight"][0]) == {"momentum_buffer"}
+    assert set(saved.optim["lm_head.weight"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    shutil.copytree(tmp / "one", tmp_path / "ck")
+    # no Muon or WSD flags: --optimizer and the schedule default to the checkpoint's
+    resumed = run_for_resume(tmp_path, "resumed", 1, [], 4, load=interrupted_at_3(tmp_path / "ck"))
+    assert without_timing(resumed) == without_timing(full[3:])  # bitwise
+
+
+def test_muon_state_reshards_from_one_process_onto_tp2_pp2(muon_full_run, tmp_path):
+    tmp, full = muon_full_run
+    shutil.copytree(tmp / "one", tmp_path / "ck")
+    resumed = run_for_resume(tmp_path, "resumed", 4, ["--tensor-parallel-size", "2", "--pipeline-parallel-size",
+                                                      "2"], 4, load=interrupted_at_3(tmp_path / "ck"))
+    worst = _assert_continues_like(full, resumed)
+    print(f"muon 1 rank -> TP2 x PP2: max relative loss difference {worst:.2e}")
+
+
+def test_adamw_checkpoint_loaded_by_muon_keeps_the_adamw_moments_and_starts_muons_fresh():
+    model = MoETransformer(tiny_config(), seed=0)
+    adamw = optim.build_optimizer(model, 1e-2, 0.1)
+    x = tokens(64, seed=0)
+    F.cross_entropy(model(x).output.flatten(0, 1), x.flatten()).backward()
+    adamw.step()
+    payload = ckpt_io.rank_payload(model, adamw, 0, 0, 0, 1)
+    saved = ckpt_io.Checkpoint(path="memory", meta={}, params={k: [v] for k, v in payload["params"].items()},
+                               optim={k: [v] for k, v in payload["optim"].items()}, rng={0: payload["rng"]})
+    resumed = MoETransformer(tiny_config(), seed=1)
+    muon = optim.build_optimizer(resumed, 1e-2, 0.1, kind="muon")
+    ckpt_io.load_into(saved, resumed, muon)
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+        if q in muon.muon_params:
+            assert q not in muon.state, name  # fresh momentum
+        else:
+            assert torch.equal(muon.state[q]["exp_avg"], adamw.state[p]["exp_avg"]), name
+
+
+def test_resumed_run_takes_the_checkpoints_optimizer_and_wsd_flags_and_notes_a_switch():
+    saved_train = dataclasses.asdict(mp.TrainConfig(optimizer="muon", lr_schedule="wsd", lr_decay_fraction=0.3,
+                                                    lr_decay_style="linear", max_steps=10))
+    resume = ckpt_io.Checkpoint(path="ck", meta={"step": 3, "train": saved_train, "layout": {"dp": 1}},
+                                params={}, optim={"w": [{}]}, rng={})
+    tc = mp.TrainConfig(max_steps=10)
+    assert mp.continue_saved_run(tc, resume, set(), 1) == []
+    assert (tc.optimizer, tc.lr_schedule, tc.lr_decay_fraction, tc.lr_decay_style) == ("muon", "wsd", 0.3, "linear")
+    switched = mp.TrainConfig(max_steps=10, optimizer="adamw")
+    notes = mp.continue_saved_run(switched, resume, {"optimizer"}, 1)
+    assert switched.optimizer == "adamw" and len(notes) == 1 and "starts fresh" in notes[0]
+    old = dict(saved_train)
+    for name in ("optimizer", "lr_schedule", "lr_decay_fraction", "lr_decay_style"):
+        del old[name]  # a checkpoint from before issue 13
+    before = mp.TrainConfig(max_steps=10)
+    mp.continue_saved_run(before, dataclasses.replace(resume, meta=dict(resume.meta, train=old)), set(), 1)
+    assert (before.optimizer, before.lr_schedule) == ("adamw", "cosine")
+
+
+def test_muon_on_a_bf16_model_steps_fp32_masters_with_fp32_momentum():
+    mc, tc = tiny_config(), mp.TrainConfig(dtype="bfloat16", optimizer="muon")
+    pg = mp.build_process_groups(1, 1, 1, 0, 1)
+    model = mp.build_model(mc, tc, pg, torch.device("cpu"), torch.bfloat16)
+    opt = optim.build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer)
+    x = tokens(64, (4, 16))
+    for step in range(2):
+        mp.train_step(model, opt, [], [(x, x)], pg, mc, tc, torch.device("cpu"), torch.bfloat16, step)
+    q = model.layers["0"].self_attn.q_proj.weight
+    assert q.dtype == torch.bfloat16 and opt.state[opt.master[q]]["momentum_buffer"].dtype == torch.float32
+    for name, p in model.named_parameters():
+        assert torch.equal(p, opt.master[p].to(p.dtype)), name  # the model is its masters, rounded
 
 
 # ---- plots and routing comparison (issue 17) ----

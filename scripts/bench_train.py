@@ -42,9 +42,9 @@ import torch
 # `python scripts/bench_train.py` puts scripts/ on the path, not the repository root.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from minimal_pretrain import (MODEL_HELP, TrainConfig, build_grad_reducers, build_model, field_kind,  # noqa: E402
-                              build_optimizer, build_process_groups, peak_bf16_flops, resolve_autocast,
-                              resolve_device, train_step)
+                              build_process_groups, peak_bf16_flops, resolve_autocast, resolve_device, train_step)
 from moe_layers import ModelConfig, can_use_grouped_mm  # noqa: E402
+from optim import build_optimizer  # noqa: E402
 
 _HALF_B = dict(vocab_size=32000, hidden_size=1024, num_layers=12, num_attention_heads=16, num_kv_heads=8,
                ffn_hidden_size=2816, seq_length=2048)
@@ -107,7 +107,7 @@ def main() -> None:
     pg = build_process_groups(1, 1, 1, 0, 1)  # one process: no groups, no collectives
     model = build_model(cfg, tc, pg, device, autocast_dtype)
     grouped = can_use_grouped_mm(device, cfg, autocast_dtype or torch.float32)
-    optimizer = build_optimizer(model, tc)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer)
     reducers = build_grad_reducers(model, pg)
     total = sum(q.numel() for q in model.parameters())
     active = cfg.active_params_per_token()  # without the input embedding (tested against a count)

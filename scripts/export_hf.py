@@ -10,9 +10,15 @@ num_experts > 0 gives Qwen3MoeForCausalLM (model_type qwen3_moe), 0 gives Qwen3F
 store experts one key per expert in transformers' orientation
 (`layers.0.mlp.experts.5.gate_proj.weight`, (F, D)), which is also how the Qwen3-MoE releases on
 the Hub store them: transformers 4.x loads them as they are, 5.x fuses them while loading.
-Byte-level models (vocab 256) need no tokenizer files; when the run's --data folder holds a
-meta.json it is copied beside the weights. Needs safetensors (requirements-extras.txt); writing
-the folder does not need transformers itself.
+Tokenizer: the run's (data.load_tokenizer of the --data stored in the checkpoint) is written as
+tokenizer.json (a prepared BPE or tokenizer.json: copied; bytes: built here with `tokenizers`, a
+byte-level BPE without merges whose id i is byte i, the eos id named <|endoftext|>), with a
+tokenizer_config.json that transformers 4.51+ and 5.x load as the same PreTrainedTokenizerFast
+(eos / bos tokens, model_max_length = seq_length) and a generation_config.json with the special
+ids, so `transformers.pipeline("text-generation", model=OUT)` runs on the folder and its greedy
+text is generate.py's. A run whose tokenizer is unknown (token files without one) gets none, and
+the run's data meta.json is copied beside the weights. Needs safetensors and tokenizers
+(requirements-extras.txt); writing the folder does not need transformers itself.
 --out must be a new or empty folder outside the checkpoint. Before anything is written, every
 tensor's name and shape is checked against what transformers builds from the written config.json;
 a mismatch, a model Qwen3 cannot express or a bad checkpoint is one `error:` line, exit 2.
@@ -21,6 +27,7 @@ a mismatch, a model Qwen3 cannot express or a bad checkpoint is one `error:` lin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -30,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
+import data  # noqa: E402
 from moe_layers import ModelConfig  # noqa: E402
 from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
@@ -123,6 +131,57 @@ def hf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def byte_to_char() -> list[str]:
+    """GPT-2's byte -> printable character map, the one the ByteLevel pre-tokenizer applies (byte i -> [i])."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]  # bytes that stand for themselves
+    chars, shifted = [""] * 256, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + shifted)  # the others move past Latin-1, in byte order
+            shifted += 1
+    return chars
+
+
+def byte_tokenizer(eos_id: int | None):
+    """A tokenizers.Tokenizer of our byte ids: a BPE without merges over the 256 byte characters,
+    so id i is byte i; the eos byte (prepared data: NUL) is the special token <|endoftext|>."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    names = byte_to_char()
+    if eos_id is not None:
+        names[eos_id] = data.EOS_NAMES[0]
+    tokenizer = Tokenizer(models.BPE({name: i for i, name in enumerate(names)}, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    if eos_id is not None:
+        tokenizer.add_special_tokens([AddedToken(names[eos_id], special=True, normalized=False)])
+    return tokenizer
+
+
+def tokenizer_files(train: dict, vocab: int, seq_length: int) -> dict[str, str] | None:
+    """tokenizer.json, tokenizer_config.json and generation_config.json of the run's tokenizer
+    (file name -> text), or None when the run has none that fits the model's vocabulary."""
+    try:
+        ours = data.load_tokenizer(train.get("data", ""))
+    except data.DataError:  # token files whose meta.json names no tokenizer
+        return None
+    if ours.vocab_size > vocab:
+        return None
+    if isinstance(ours, data.ByteTokenizer):
+        tokenizer = byte_tokenizer(ours.eos_id)
+    else:
+        tokenizer = data.import_tokenizers().Tokenizer.from_file(ours.name)
+    special = {key: tokenizer.id_to_token(i) if i is not None else None
+               for key, i in (("eos_token", ours.eos_id), ("bos_token", ours.bos_id))}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": seq_length,
+              "clean_up_tokenization_spaces": False, **special}
+    generation = {"bos_token_id": ours.bos_id, "eos_token_id": ours.eos_id, "pad_token_id": ours.eos_id}
+    return {"tokenizer.json": tokenizer.to_str(), "tokenizer_config.json": json.dumps(config, indent=2),
+            "generation_config.json": json.dumps(generation, indent=2)}
+
+
 def inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies under it, links resolved."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
@@ -130,8 +189,8 @@ def inside(path: str, folder: str) -> bool:
 
 
 def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
-    """Write config.json and model.safetensors (and a copied data meta.json) into `out`, a new or empty
-    folder; return their paths. Everything is checked before anything is written, and the files are
+    """Write config.json, model.safetensors, the tokenizer's three files (when the run has one) and a copied
+    data meta.json into `out`, a new or empty folder; return their paths. Everything is checked before anything is written, and the files are
     written into a temporary folder renamed to `out` at the end, so a refusal or a crash writes nothing."""
     from safetensors.torch import save_file
     if not os.path.isdir(checkpoint):  # (checkpoint.resolve words this for the trainer's --load)
@@ -170,6 +229,7 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
         if tuple(weights[name].shape) != shape:
             raise UnsupportedModel(f"{ckpt.path}: {name} has shape {tuple(weights[name].shape)}, the exported "
                                    f"config.json gives {shape}")
+    tokenizer = tokenizer_files(meta.get("train", {}), config["vocab_size"], config["max_position_embeddings"])
     tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".tmp-export-{os.getpid()}")
     os.makedirs(tmp)
     try:
@@ -177,6 +237,10 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
             json.dump(config, f, indent=2)
         save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})  # transformers wants it
         names = ["config.json", "model.safetensors"]
+        for name, text in (tokenizer or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+            names.append(name)
         data = meta.get("train", {}).get("data", "")
         if data and os.path.isfile(os.path.join(data, "meta.json")):  # a regular file: never a FIFO
             names.append(os.path.basename(shutil.copy(os.path.join(data, "meta.json"), os.path.join(tmp, "meta.json"))))
@@ -190,14 +254,13 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
 def main() -> None:
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a --save folder (follows `latest`) or one step folder")
-    p.add_argument("--out", required=True, help="new or empty folder to write config.json and model.safetensors into")
+    p.add_argument("--out", required=True, help="new or empty folder to write the model and its tokenizer into")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the written weights")
     args = p.parse_args()
-    try:
-        import safetensors  # noqa: F401
-    except ImportError:
-        print("error: safetensors is not installed; pip install -r requirements-extras.txt", file=sys.stderr)
-        sys.exit(2)
+    for extra in ("safetensors", "tokenizers"):
+        if importlib.util.find_spec(extra) is None:
+            print(f"error: {extra} is not installed; pip install -r requirements-extras.txt", file=sys.stderr)
+            sys.exit(2)
     try:
         written = export(args.checkpoint, args.out, args.dtype)
     except (ValueError, OSError) as e:  # CheckpointError and UnsupportedModel are ValueErrors

@@ -2,11 +2,15 @@
 
     python scripts/generate.py --checkpoint out/ckpt --prompt "def main(" --max-new-tokens 200
     python scripts/generate.py --checkpoint out/ckpt --prompt "import " --temperature 0    # greedy
-    python scripts/generate.py --checkpoint out/tok --prompt-ids 17,4,99                 # token files
+    python scripts/generate.py --checkpoint out/bpe --prompt "def " --tokenizer data/bpe   # another tokenizer
+    python scripts/generate.py --checkpoint out/tok --prompt-ids 17,4,99                 # ids in, ids out
 
-Tokens: byte-level models (vocab 256) take the prompt's UTF-8 bytes and print the text decoded
-with errors="replace"; other vocabularies (token files; this toolkit has no tokenizer) take
---prompt-ids and print ids.
+Tokens: --prompt is text, encoded with the run's tokenizer: the one of the --data folder stored in
+the checkpoint's train config (data.load_tokenizer: bytes for the built-in corpus and text, the
+meta.json's tokenizer for prepared data), or --tokenizer (bytes, a prepared data folder, or a
+tokenizer.json); the prompt and the new tokens are printed decoded (invalid UTF-8 as U+FFFD).
+--prompt-ids takes and prints ids (any vocabulary). Generation stops after the tokenizer's
+end-of-document id (eos_id in meta.json; kept in the ids, not printed in the text).
 Sampling: logits / temperature (0 = greedy argmax), keep the top-k, then the smallest set of
 most likely tokens whose probability reaches top-p (nucleus sampling, Holtzman et al. 2020),
 and draw from a torch.Generator seeded by --seed: a seed gives the same text every time.
@@ -36,11 +40,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
+import data  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
 from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
-
-BYTE_VOCAB = 256
-
 
 def load_model(path: str, device: str = "cpu") -> MoETransformer:
     """The whole model of a checkpoint of any layout, in eval mode."""
@@ -79,8 +81,10 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 
 @torch.no_grad()
 def generate(model: MoETransformer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> tuple[list[int], bool]:
-    """Return (new tokens, whether the cache stopped generation at seq_length)."""
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+             eos_id: int | None = None) -> tuple[list[int], bool]:
+    """Return (new tokens, whether the cache stopped generation at seq_length); the new tokens end
+    with eos_id when the model drew it (generation stops there)."""
     seq_length = model.cfg.seq_length
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -93,7 +97,7 @@ def generate(model: MoETransformer, prompt: list[int], max_new_tokens: int, temp
         while len(new) < max_new_tokens:
             new.append(next_token(logits, temperature, top_k, top_p, gen))
             pos = len(ids) + len(new) - 1  # the position the new token is fed at
-            if len(new) == max_new_tokens:
+            if len(new) == max_new_tokens or new[-1] == eos_id:
                 break
             if pos >= seq_length:
                 return new, True
@@ -104,15 +108,50 @@ def generate(model: MoETransformer, prompt: list[int], max_new_tokens: int, temp
         window = (ids + new)[-seq_length:]
         logits = model(torch.tensor([window], device=device)).output[0, -1]  # (V,)
         new.append(next_token(logits, temperature, top_k, top_p, gen))
+        if new[-1] == eos_id:
+            break
     return new, False
 
 
-def parse_prompt(args: argparse.Namespace, vocab: int, seq_length: int) -> list[int]:
+def run_tokenizer(checkpoint: str, override: str | None, vocab: int,
+                  needed: bool) -> data.ByteTokenizer | data.TextTokenizer | None:
+    """--tokenizer, else the tokenizer of the run's --data (from the checkpoint's train config);
+    None when there is none that fits the model's vocabulary and the prompt is ids (not `needed`)."""
+    if override == "bytes":
+        tokenizer = data.ByteTokenizer()
+    elif override is not None and os.path.isfile(override):  # a bare tokenizer.json
+        tokenizer = data.TextTokenizer(override, None, None)
+        tokenizer.eos_id = data.find_eos_id(tokenizer.tokenizer)
+    elif override is not None:
+        if not os.path.isfile(os.path.join(override, "meta.json")):
+            raise ValueError(f"--tokenizer {override}: give bytes, a tokenizer.json or a folder prepared by "
+                             f"scripts/prepare_data.py")
+        tokenizer = data.load_tokenizer(override)
+    else:
+        path = ckpt_io.read_meta(checkpoint)[1].get("train", {}).get("data", "")
+        if path and not os.path.exists(path):
+            if needed:
+                raise ValueError(f"the run's --data {path} (from the checkpoint) is gone; give --tokenizer")
+            return None
+        try:
+            tokenizer = data.load_tokenizer(path)
+        except data.DataError:
+            if needed:
+                raise
+            return None  # ids in, ids out: no tokenizer, no stop at eos
+    if override is not None and tokenizer.vocab_size > vocab:
+        raise ValueError(f"--tokenizer {override}: {tokenizer.vocab_size} tokens, more than the model's {vocab}")
+    return tokenizer if tokenizer.vocab_size <= vocab else None
+
+
+def parse_prompt(args: argparse.Namespace, tokenizer: data.ByteTokenizer | data.TextTokenizer | None,
+                 vocab: int, seq_length: int) -> list[int]:
     """The prompt's token ids; raises ValueError saying which flag to change."""
     if args.prompt is not None:
-        if vocab != BYTE_VOCAB:
-            raise ValueError(f"the model's vocabulary has {vocab} tokens, not bytes; give --prompt-ids")
-        prompt = list(args.prompt.encode("utf-8", "surrogateescape"))  # the bytes given, even if not UTF-8
+        if tokenizer is None:
+            raise ValueError(f"the model's vocabulary has {vocab} tokens and its run's tokenizer is not known or "
+                             f"does not fit it; give --tokenizer or --prompt-ids")
+        prompt = tokenizer.encode(args.prompt)
     else:
         try:
             prompt = [int(i) for i in args.prompt_ids.split(",")]
@@ -131,7 +170,9 @@ def parse_prompt(args: argparse.Namespace, vocab: int, seq_length: int) -> list[
 def main() -> None:
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a --save folder (follows `latest`) or one step folder")
-    p.add_argument("--prompt", default=None, help="text prompt (byte-level models)")
+    p.add_argument("--prompt", default=None, help="text prompt, encoded with the run's tokenizer")
+    p.add_argument("--tokenizer", default=None,
+                   help="bytes, a prepared data folder or a tokenizer.json (default: the run's --data)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (any vocabulary)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -162,7 +203,8 @@ def main() -> None:
         if not all(t.isfinite().all() for t in model.state_dict().values()):
             raise ValueError(f"--checkpoint {args.checkpoint}: the weights hold NaN or Inf; load an earlier one")
         vocab, seq_length = model.cfg.vocab_size, model.cfg.seq_length
-        prompt = parse_prompt(args, vocab, seq_length)
+        tokenizer = run_tokenizer(args.checkpoint, args.tokenizer, vocab, args.prompt is not None)
+        prompt = parse_prompt(args, tokenizer, vocab, seq_length)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -177,11 +219,12 @@ def main() -> None:
               "the other tokens of a forward pass, so cached (one token per pass) and full passes can differ",
               file=sys.stderr)
     t0 = time.time()
+    eos_id = tokenizer.eos_id if tokenizer is not None else None
     new, stopped = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                            args.seed, use_cache=not args.no_cache)
+                            args.seed, use_cache=not args.no_cache, eos_id=eos_id)
     dt = time.time() - t0
-    if vocab == BYTE_VOCAB and args.prompt is not None:
-        print(bytes(prompt + new).decode("utf-8", errors="replace"))
+    if args.prompt is not None:
+        print(tokenizer.decode(prompt + (new[:-1] if new and new[-1] == eos_id else new)))
     else:
         print(",".join(str(i) for i in prompt + new))
     if stopped:

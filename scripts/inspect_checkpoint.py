@@ -28,14 +28,15 @@ def describe(path: str) -> list[str]:
              f"EP {layout['ep']} ({len(meta['files'])} files)",
              f"model: {json.dumps(meta['model'])}",
              f"train: {json.dumps(meta['train'])}",
-             "tensors (full shape, slices written, AdamW state):"]
+             "tensors (full shape, slices written, optimizer state):"]
     total = 0
     for name in sorted(ckpt.params, key=lambda n: (n.split(".")[0] != "embed_tokens", n)):
         full = ckpt_io.assemble(ckpt.params[name])
         total += full.numel()
         slices = len(ckpt.params[name])
-        optim = "yes" if name in ckpt.optim else "no"
-        lines.append(f"  {name:55s} {str(tuple(full.shape)):18s} {slices} slice(s)  adam {optim}")
+        state = ckpt.optim.get(name, [{}])[0]
+        optim = "muon" if "momentum_buffer" in state else "adamw" if "exp_avg" in state else "none"
+        lines.append(f"  {name:55s} {str(tuple(full.shape)):18s} {slices} slice(s)  {optim}")
     return lines + [f"parameters: {total:,}"]
 
 

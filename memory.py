@@ -1,0 +1,294 @@
+"""Memory per rank: what a run needs before anything is allocated, and --dry-run's plan.
+
+Kept beside minimal_pretrain.py because it is a concern with its own vocabulary (bytes per
+parameter, activations per micro-batch, micro-batches in flight) used in two places: the
+trainer's start-up check, which refuses a run that cannot fit, and `--dry-run`, which prints
+the plan of a launch in one process with no GPU and no process group.
+
+    params_per_stage        parameters one rank of each pipeline stage holds, by formula
+    state_bytes             weights, gradients and optimizer state of a rank's parameters
+    activation_bytes        what one micro-batch leaves saved for backward on a stage
+    stage_bytes             all of it for one rank of a stage: the figure both users share
+    estimate_rank_bytes     (state, activations) of the busiest rank: the start-up check
+    available_memory_bytes  the GPU's free memory, or this host's available RAM per rank
+    check_memory            refuse a run that cannot fit (NotEnoughMemory)
+    plan_stages, describe_plan   --dry-run: each stage's slice built on the meta device
+
+Bytes per parameter (AdamW, Megatron-LM's mixed precision; ZeRO, Rajbhandari et al. 2020, for
+the distributed optimizer): fp32 runs keep weights and gradients in fp32 (4 + 4) and two
+moments (8); bf16 runs keep bf16 weights and gradients (2 + 2) and in the optimizer fp32
+masters, their fp32 gradients during the step and two moments (16). A distributed optimizer
+divides the optimizer's part by the ranks holding the same weights: DP for dense weights, the
+replicas of an expert for expert weights. Gradients reduced over replicas also need a flat
+copy during the all-reduce (OverlappedGradReduce). Routers (fp32 in every run) are counted
+at the run's dtype: they are a ten-thousandth of the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from moe_layers import ModelConfig, ModelParallel, MoETransformer, stage_layers
+
+if TYPE_CHECKING:
+    from minimal_pretrain import TrainConfig
+
+GIB = 2**30
+
+
+class NotEnoughMemory(ValueError):
+    """A run that cannot fit in this rank's memory; local to a machine, so ranks agree before exiting."""
+
+
+# ============================================================== parameters and state
+def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int) -> list[int]:
+    """Parameters one rank of each pipeline stage holds (TP and EP slices), without building the model."""
+    d, dh = mc.hidden_size, mc.head_dim
+    attn = d * dh * (2 * mc.num_attention_heads + 2 * mc.num_kv_heads) // tp + 2 * dh + 2 * d
+    moe = d * mc.num_experts + 3 * d * mc.moe_ffn_hidden_size * mc.num_experts // ep \
+        + 3 * d * mc.shared_ffn_hidden_size // tp
+    counts = []
+    for stage in range(pp):
+        start, end = stage_layers(mc.num_layers, pp, stage)
+        n = sum(attn + (moe if mc.is_moe_layer(i) else 3 * d * mc.ffn_hidden_size // tp) for i in range(start, end))
+        n += mc.vocab_size * d // tp if stage == 0 else 0  # input embedding
+        n += mc.vocab_size * d // tp + d if stage == pp - 1 else 0  # LM head and final norm
+        counts.append(n)
+    return counts
+
+
+def expert_params_per_stage(mc: ModelConfig, pp: int, ep: int) -> list[int]:
+    """The expert weights among them (E / EP experts of each MoE layer of the stage)."""
+    per_layer = 3 * mc.hidden_size * mc.moe_ffn_hidden_size * mc.num_experts // ep
+    return [per_layer * sum(mc.is_moe_layer(i) for i in range(*stage_layers(mc.num_layers, pp, s))) for s in range(pp)]
+
+
+@dataclass
+class StateBytes:
+    weights: int
+    gradients: int  # including the flat all-reduce copies of gradients reduced over replicas
+    optimizer: int  # fp32 masters (bf16 runs) and AdamW moments, each rank holding all of its own
+    distributed_optimizer: int  # the same, divided by the ranks holding the same weights
+
+
+def state_bytes(dense: int, experts: int, dp: int, expert_replicas: int, bf16: bool) -> StateBytes:
+    """Bytes of a rank holding `dense` parameters replicated over DP and `experts` expert parameters
+    held by `expert_replicas` ranks each (see the module docstring for the bytes per parameter)."""
+    el = 2 if bf16 else 4
+    optim = 16 if bf16 else 8
+    reduced = (dense if dp > 1 else 0) + (experts if expert_replicas > 1 else 0)
+    return StateBytes(weights=(dense + experts) * el, gradients=(dense + experts + reduced) * el,
+                      optimizer=(dense + experts) * optim,
+                      distributed_optimizer=-(-dense * optim // dp) + -(-experts * optim // expert_replicas))
+
+
+# ====================================================================== activations
+def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep: int, el: int,
+                           grouped: bool) -> int:
+    """What one block saves for backward over `tokens` tokens, in bytes (el: bytes per activation).
+
+    Counted tensor by tensor from the code (and checked against saved-tensor hooks on the CPU):
+    each RMSNorm keeps its input, the normalised input and 1/rms, and its output is kept by the
+    next matmul; attention keeps q and k before their norms, q, k, v after rotary, the output and
+    the log-sum-exp per head; a dense SwiGLU keeps gate, up, silu(gate) and their product. An MoE
+    layer routes tokens / TP tokens on each TP rank and keeps per routed copy (K per token): on
+    the expert loop (the CPU, EP 1) gate and up pre-activations and the output; with grouped GEMMs
+    or EP the expert input, gate, up, silu(gate), their product and the output. The router keeps
+    fp32 scores, logits, top-k indices and weights, and the sorted token ids."""
+    d, dh = mc.hidden_size, mc.head_dim
+    h, g = mc.num_attention_heads // tp, mc.num_kv_heads // tp
+    norm = el * 3 * d + 4  # input, normalised input, output (kept by the matmul after it), fp32 1/rms
+    attn = norm + el * 4 * (h + g) * dh + 4 * (2 * h + g)  # + 1/rms of q and k per head, log-sum-exp
+    if not mc.is_moe_layer(layer):
+        return tokens * (attn + norm + el * 4 * mc.ffn_hidden_size // tp)
+    k, e, f = mc.num_experts_per_token, mc.num_experts, mc.moe_ffn_hidden_size
+    if grouped:
+        experts = el * k * (2 * d + 4 * f)
+    else:
+        experts = el * k * (d + 2 * f) + (el * k * d if ep > 1 else 0)  # EP: expert input kept too
+    router = 8 * e + 28 * k + 8 + el * k + (4 * d if el == 2 else 0)  # fp32 copy of bf16 router input
+    shared = el * 4 * mc.shared_ffn_hidden_size // tp
+    return tokens * (attn + norm + shared) + tokens // tp * (experts + router)
+
+
+@dataclass
+class Activations:
+    per_microbatch: int  # saved for backward by one micro-batch on this stage
+    per_microbatch_recompute: int  # with --recompute: only each block's input
+    recompute_layer: int  # --recompute: the one block re-run during backward, once per rank
+    transient: int  # once per rank: the global batch of token ids, the last stage's fp32 logits
+
+
+def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: int, grouped: bool) -> Activations:
+    """Activations of one rank of `stage` (el: bytes per activation; grouped: grouped-GEMM experts)."""
+    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
+    ep = tc.expert_parallel_size or tp
+    tokens = tc.micro_batch_size * mc.seq_length
+    start, end = stage_layers(mc.num_layers, pp, stage)
+    layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped) for i in range(start, end)]
+    edges = tokens * 8 if stage == 0 else 0  # token ids kept by the embedding
+    if stage == pp - 1:  # final norm, fp32 log-softmax kept by the cross-entropy, targets
+        edges += tokens * (el * 3 * mc.hidden_size + 4 + 4 * mc.vocab_size // tp + 8)
+    # every rank draws the global batch of (input, target) ids (int64) and keeps its micro-batches
+    transient = 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)
+    if stage == pp - 1:  # the logits and the fp32 gradient of the log-softmax, alive together in backward
+        transient += tokens * (el + 4) * mc.vocab_size // tp
+    return Activations(per_microbatch=sum(layers) + edges,
+                       per_microbatch_recompute=tokens * el * mc.hidden_size * len(layers) + edges,
+                       recompute_layer=max(layers, default=0), transient=transient)
+
+
+def in_flight(pp: int, stage: int, num_microbatches: int) -> int:
+    """Micro-batches whose activations a stage holds at once under 1F1B: PP - stage (warm-up + 1)."""
+    return min(pp - stage, num_microbatches)
+
+
+# ============================================================================ a stage
+@dataclass
+class StagePlan:
+    """One rank of a pipeline stage: every rank of a stage holds the same amounts (equal TP and
+    EP slices, which validation guarantees), so one rank stands for its stage."""
+
+    stage: int
+    ranks: tuple[int, int]  # first and last global rank of the stage
+    layers: tuple[int, int]  # [start, end)
+    dense_params: int  # replicated over DP (TP slices of attention, dense MLPs, embeddings, routers)
+    expert_params: int  # this rank's experts
+    experts_per_rank: int
+    expert_replicas: int  # ranks of the stage holding the same experts
+    state: StateBytes
+    activations: Activations
+    in_flight: int
+
+    def total(self, distributed: bool = False, recompute: bool = False) -> int:
+        optimizer = self.state.distributed_optimizer if distributed else self.state.optimizer
+        a = self.activations
+        acts = (a.per_microbatch_recompute * self.in_flight + a.recompute_layer if recompute
+                else a.per_microbatch * self.in_flight)
+        return self.state.weights + self.state.gradients + optimizer + acts + a.transient
+
+
+def stage_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, stage: int, dense: int, experts: int,
+                bf16: bool, grouped: bool) -> StagePlan:
+    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
+    ep = tc.expert_parallel_size or tp
+    dp = world_size // (tp * pp)
+    replicas = dp * tp // ep
+    per_stage = dp * tp
+    return StagePlan(stage=stage, ranks=(stage * per_stage, (stage + 1) * per_stage - 1),
+                     layers=stage_layers(mc.num_layers, pp, stage), dense_params=dense, expert_params=experts,
+                     experts_per_rank=mc.num_experts // ep if mc.num_experts else 0, expert_replicas=replicas,
+                     state=state_bytes(dense, experts, dp, replicas, bf16),
+                     activations=activation_bytes(mc, tc, stage, dp, 2 if bf16 else 4, grouped),
+                     in_flight=in_flight(pp, stage, tc.num_microbatches))
+
+
+def estimate_rank_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool,
+                        grouped: bool = False) -> tuple[int, int]:
+    """(weights + gradients + optimizer state, activations) in bytes of the busiest rank, by formula."""
+    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
+    ep = tc.expert_parallel_size or tp
+    totals = params_per_stage(mc, tp, pp, ep)
+    experts = expert_params_per_stage(mc, pp, ep)
+    plans = [stage_bytes(mc, tc, world_size, s, totals[s] - experts[s], experts[s], bf16, grouped) for s in range(pp)]
+    busiest = max(plans, key=lambda p: p.total(recompute=tc.recompute))
+    state = busiest.state.weights + busiest.state.gradients + busiest.state.optimizer
+    return state, busiest.total(recompute=tc.recompute) - state
+
+
+def available_memory_bytes(device_type: str, local_rank: int) -> int | None:
+    """Free memory for one rank: the GPU's free memory, or this host's available RAM shared by its ranks."""
+    if device_type == "cuda":
+        return torch.cuda.mem_get_info(local_rank)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None  # not Linux: no check
+    return avail // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def check_memory(mc: ModelConfig, tc: TrainConfig, world_size: int, local_rank: int, device_type: str,
+                 bf16: bool) -> None:
+    """Refuse, before allocating, a run that cannot fit: an OOM kill prints nothing at all."""
+    state, acts = estimate_rank_bytes(mc, tc, world_size, bf16, grouped=device_type == "cuda")
+    avail = available_memory_bytes(device_type, local_rank)
+    if avail is not None and state + acts > avail:
+        raise NotEnoughMemory(f"this run needs about {(state + acts) / GIB:.1f} GiB per rank (weights, gradients "
+                              f"and AdamW state {state / GIB:.1f} GiB, activations {acts / GIB:.1f} GiB) but "
+                              f"{avail / GIB:.1f} GiB is free on this {device_type}; shrink the model or "
+                              f"--micro-batch-size, or split it over more ranks (TP / PP / EP); "
+                              f"--dry-run --world-size N plans a layout")
+
+
+# =========================================================================== --dry-run
+def built_params(mc: ModelConfig, tc: TrainConfig, stage: int) -> tuple[int, int]:
+    """(dense, expert) parameters of rank 0 of `stage` (TP rank 0, EP rank 0), counted on the model
+    built for it on the meta device: shapes without storage, so a 100B model takes seconds."""
+    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
+    start, end = stage_layers(mc.num_layers, pp, stage)
+    par = ModelParallel(tp_size=tp, ep_size=tc.expert_parallel_size or tp, layer_start=start, layer_end=end,
+                        first_stage=stage == 0, last_stage=stage == pp - 1)
+    with torch.device("meta"):
+        model = MoETransformer(mc, par, seed=tc.seed)
+    experts = sum(p.numel() for p in model.parameters() if getattr(p, "shard_kind", None) == "ep")
+    return sum(p.numel() for p in model.parameters()) - experts, experts
+
+
+def plan_stages(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool, grouped: bool) -> list[StagePlan]:
+    """The plan of every stage, from the slices built on the meta device (the layout already validated)."""
+    plans = []
+    for stage in range(tc.pipeline_parallel_size):
+        dense, experts = built_params(mc, tc, stage)
+        plans.append(stage_bytes(mc, tc, world_size, stage, dense, experts, bf16, grouped))
+    return plans
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type: str, bf16: bool) -> str:
+    """--dry-run's report: per stage, one rank's parameters and bytes, with and without the
+    distributed optimizer and --recompute, then the busiest rank."""
+    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
+    ep = tc.expert_parallel_size or tp
+    dp = world_size // (tp * pp)
+    grouped = device_type == "cuda"
+    plans = plan_stages(mc, tc, world_size, bf16, grouped)
+    precision = ("bf16 weights, activations and gradients; fp32 masters and AdamW moments" if bf16 else
+                 "fp32 weights, activations, gradients and AdamW moments")
+    experts = "grouped-GEMM experts" if grouped else "expert loop"
+    lines = [f"dry run: world {world_size} = PP {pp} x DP {dp} x TP {tp}, EP {ep} | planned for {device_type} "
+             f"({precision}; {experts}) | {tc.num_microbatches} micro-batch{'es' if tc.num_microbatches > 1 else ''} of "
+             f"{tc.micro_batch_size} x "
+             f"{mc.seq_length} tokens per step and DP rank",
+             f"model: {sum(params_per_stage(mc, 1, 1, 1)):,} parameters; one rank of each stage holds:"]
+    for p in plans:
+        a, s = p.activations, p.state
+        where = " + embedding" if p.stage == 0 else ""
+        where += " + LM head" if p.stage == pp - 1 else ""
+        expert_text = (f"{p.experts_per_rank} of {mc.num_experts} experts per MoE layer, each expert on "
+                       f"{p.expert_replicas} rank{'s' if p.expert_replicas > 1 else ''}" if mc.num_experts else "dense")
+        lines += [
+            f"stage {p.stage} (ranks {p.ranks[0]}-{p.ranks[1]}): layers {p.layers[0]}-{p.layers[1] - 1}{where}; {expert_text}",
+            f"  parameters        {p.dense_params + p.expert_params:,} ({p.dense_params:,} replicated over DP "
+            f"{dp}, {p.expert_params:,} in experts)",
+            f"  weights           {gib(s.weights)}",
+            f"  gradients         {gib(s.gradients)} (with the all-reduce copies)",
+            f"  optimizer state   {gib(s.optimizer)}; distributed optimizer {gib(s.distributed_optimizer)} "
+            f"(dense / DP {dp}, experts / {p.expert_replicas})",
+            f"  activations       {gib(a.per_microbatch)} per micro-batch x {p.in_flight} in flight (1F1B); "
+            f"--recompute {gib(a.per_microbatch_recompute)} x {p.in_flight} + {gib(a.recompute_layer)} (one block "
+            f"re-run); + {gib(a.transient)} once (batch ids" + (", fp32 logits)" if p.stage == pp - 1 else ")"),
+            f"  total             {gib(p.total())}; distributed optimizer {gib(p.total(distributed=True))}; "
+            f"--recompute {gib(p.total(recompute=True))}; both {gib(p.total(True, True))}"]
+    busiest = max(plans, key=lambda p: p.total(recompute=tc.recompute))
+    lines.append(f"busiest rank: stage {busiest.stage}, {gib(busiest.total(recompute=tc.recompute))} as flagged "
+                 f"(--recompute {'on' if tc.recompute else 'off'}, no distributed optimizer); all ranks together "
+                 f"{gib(sum(p.total(recompute=tc.recompute) * (p.ranks[1] - p.ranks[0] + 1) for p in plans))}")
+    return "\n".join(lines)

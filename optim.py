@@ -1,0 +1,247 @@
+"""The optimizer and the learning-rate schedule.
+
+Kept beside minimal_pretrain.py because both are a concern of their own, shared with the
+benchmarks (scripts/bench_train.py builds the same optimizer) and with checkpoint.py (which
+saves and reloads the optimizer's state, fp32 masters included).
+
+    build_optimizer   AdamW, or Muon on the hidden matrices and AdamW on the rest; fp32 master
+                      weights when the model holds bf16 weights
+    newton_schulz     the quintic Newton-Schulz orthogonalisation Muon applies to an update
+    LRSchedule        linear warm-up, stable, decay to a floor (cosine, linear or 1 - sqrt),
+                      constant after the decay
+    lr_schedule       the schedule a run's flags describe, defaults resolved
+
+Shapes: a weight matrix is (A, B); a stack of E_local experts is (E_local, A, B), one matrix each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Warm-up when --warmup-steps is not given: this fraction of the decay steps, at most WARMUP_CAP
+# steps (DeepSeek-V3 warms up for 2000 steps; a 400-step laptop run gets 40).
+WARMUP_FRACTION, WARMUP_CAP = 0.1, 2000
+
+
+# ===================================================================== optimizer
+class MasterWeightAdamW:
+    """AdamW on fp32 master copies of the model's bf16 weights: mixed precision as in Megatron-LM
+    (Micikevicius et al. 2018), without a loss scale (bf16 has fp32's exponent range).
+
+    The model computes with bf16 weights, so nothing re-casts them for every micro-batch;
+    backward leaves bf16 gradients, which are reduced and clipped in place. `step()` upcasts
+    them onto the fp32 masters, runs AdamW there (moments in fp32) and rounds the new masters
+    into the model. Weights that are fp32 already (the routers) are their own masters.
+    Checkpoints hold the masters, so a resume is exact. `master` maps model weight -> master;
+    `state` is keyed by master, as torch's optimizers key it."""
+
+    def __init__(self, model: torch.nn.Module, groups: list[dict], **adamw: Any):
+        self.master = {p: torch.nn.Parameter(p.detach().float().clone()) if p.dtype != torch.float32 else p
+                       for p in model.parameters()}
+        self.inner = torch.optim.AdamW([dict(g, params=[self.master[p] for p in g["params"]]) for g in groups],
+                                       **adamw)
+        self.param_groups, self.state, self.defaults = self.inner.param_groups, self.inner.state, self.inner.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.master:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, m in self.master.items():
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+        self.update()
+        for p, m in self.master.items():
+            if m is not p:
+                p.copy_(m)  # round to bf16
+                m.grad = None
+
+    def update(self) -> None:
+        self.inner.step()
+
+
+# Muon's constants, as torch.optim.Muon and Moonlight (Liu et al. 2025) use them.
+MUON_MOMENTUM = 0.95
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic iteration, slope 3.4 at zero (Jordan et al. 2024)
+NS_STEPS = 5
+NS_EPS = 1e-7
+
+
+def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An approximately orthogonal matrix with the singular vectors of g (A, B): U S' V^T for
+    g = U S V^T, with every singular value S' of five steps in about [0.7, 1.2] rather than 1.
+
+    The quintic X <- a X + (b X X^T + c (X X^T)^2) X pushes small singular values up fast and
+    stops short of converging (Jordan et al. 2024). The same operations as torch.optim.Muon, so
+    that in bf16 the two agree bit for bit; fp32 on the CPU (bf16 matmuls are slow there)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    tall = g.shape[0] > g.shape[1]
+    if tall:
+        x = x.T  # iterate on the wide side: the Gram matrix is min(A, B) square
+    x = x / x.norm().clamp(min=NS_EPS)  # spectral norm <= Frobenius norm = 1: inside the basin
+    for _ in range(steps):
+        gram = x @ x.T  # (min, min)
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2
+        x = torch.addmm(x, poly, x, beta=a)  # a X + (b G + c G^2) X
+    return (x.T if tall else x).to(g.dtype)
+
+
+def match_rms_adamw(shape: tuple[int, ...]) -> float:
+    """The LR factor that gives an orthogonalised (A, B) update the RMS of an AdamW update.
+
+    Its singular values are ~1, so its RMS is sqrt(min(A, B) / (A B)) = 1 / sqrt(max(A, B));
+    AdamW's is about 0.2, hence 0.2 sqrt(max(A, B)) (Moonlight, Liu et al. 2025, eq. 4;
+    torch.optim.Muon's adjust_lr_fn="match_rms_adamw"). One --lr then serves both."""
+    return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
+
+
+class Muon(MasterWeightAdamW):
+    """Muon on the hidden layers' weight matrices, AdamW on the rest, on fp32 masters.
+
+    Per matrix: momentum (an EMA of the gradient, 0.95) with a Nesterov look-ahead, then the
+    update orthogonalised by Newton-Schulz, scaled by match_rms_adamw and applied with AdamW's
+    decoupled weight decay (Jordan et al. 2024; Moonlight, Liu et al. 2025): the arithmetic of
+    torch.optim.Muon(adjust_lr_fn="match_rms_adamw"). A stack of experts (E_local, A, B) is
+    E_local matrices, each orthogonalised on its own; EP keeps every expert whole on one rank,
+    so experts need no communication. A tensor-parallel shard is orthogonalised as part of the
+    whole matrix: its TP group all-gathers the update, every TP rank runs Newton-Schulz on the
+    same full matrix and keeps its slice, so any layout applies the one-process update.
+
+    `muon_params` maps Muon's masters to the model's weights (whose shard attributes say how
+    each is split); `state` is one table keyed by master: AdamW's moments for its weights,
+    `momentum_buffer` for Muon's (checkpoint.py saves both)."""
+
+    def __init__(self, model: torch.nn.Module, adamw_groups: list[dict], muon_weights: list[torch.nn.Parameter],
+                 weight_decay: float, ns_dtype: torch.dtype, **adamw: Any):
+        super().__init__(model, adamw_groups, **adamw)
+        self.tp_group, self.ns_dtype = model.par.tp_group, ns_dtype
+        self.muon_params = {self.master[p]: p for p in muon_weights}
+        self.muon_group = {"params": list(self.muon_params), "lr": adamw["lr"], "weight_decay": weight_decay,
+                           "momentum": MUON_MOMENTUM}
+        self.param_groups = self.inner.param_groups + [self.muon_group]  # the trainer sets each group's lr
+
+    def update(self) -> None:
+        self.inner.step()  # AdamW: embedding, LM head, norms, routers
+        lr, wd, mu = self.muon_group["lr"], self.muon_group["weight_decay"], self.muon_group["momentum"]
+        for m, p in self.muon_params.items():
+            if m.grad is None:
+                continue
+            buf = self.state[m].setdefault("momentum_buffer", torch.zeros_like(m))
+            buf.lerp_(m.grad, 1 - mu)  # EMA of the gradient
+            nesterov = m.grad.lerp(buf, mu)  # the gradient seen one momentum step ahead
+            m.mul_(1 - lr * wd)  # decoupled weight decay with the unscaled lr, as AdamW's
+            m.add_(self.orthogonalise(nesterov, p), alpha=-lr * match_rms_adamw(getattr(p, "full_shape", p.shape)))
+
+    def orthogonalise(self, update: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
+        """Newton-Schulz of the whole matrix (or matrices) that this rank's `update` belongs to."""
+        kind = getattr(p, "shard_kind", None)
+        if kind == "ep":  # (E_local, A, B): every expert whole on this rank
+            return torch.stack([newton_schulz(u, dtype=self.ns_dtype) for u in update])
+        if kind == "tp" and p.shard_size > 1:
+            parts = [torch.empty_like(update) for _ in range(p.shard_size)]
+            dist.all_gather(parts, update.contiguous(), group=self.tp_group)  # every TP rank's rows (or columns)
+            full = torch.cat(parts, dim=p.shard_dim)  # p.full_shape
+            return newton_schulz(full, dtype=self.ns_dtype).chunk(p.shard_size, dim=p.shard_dim)[p.shard_rank]
+        return newton_schulz(update, dtype=self.ns_dtype)
+
+
+def uses_muon(name: str, p: torch.nn.Parameter) -> bool:
+    """Whether Muon updates this weight: the matrices of attention, dense MLPs and experts.
+
+    Not the embedding (a lookup table: each row sees only its token's gradient) nor the LM
+    head (a classifier whose rows see very unequal gradients), as in Jordan et al. and
+    Moonlight; not norms (vectors). Not the router either: it is a small classifier too (E
+    rows), and orthogonalising its update would move every expert's logit at the same rate
+    whatever its gradient, which works against the load-balancing terms."""
+    return p.dim() >= 2 and not name.startswith(("embed_tokens.", "lm_head.")) and not name.endswith("router.weight")
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool | None = None,
+                    kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (kind "adamw"), or Muon on the hidden matrices and AdamW on the rest ("muon");
+    weight decay on matrices (embeddings, projections, experts, router), not on norms.
+
+    On CUDA the fused AdamW kernel (one launch for every tensor of a group, instead of a
+    dozen element-wise kernels per tensor) and Newton-Schulz in bf16; on the CPU the
+    reference AdamW and fp32, whose rounding the parity and transformers-equality tests are
+    written against. A model with bf16 weights gets fp32 master weights."""
+    muon = [p for name, p in model.named_parameters() if kind == "muon" and uses_muon(name, p)]
+    rest = [p for p in model.parameters() if id(p) not in {id(q) for q in muon}]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    cuda = next(model.parameters()).is_cuda
+    if fused is None:
+        fused = cuda
+    adamw = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+    if kind == "muon":
+        return Muon(model, groups, muon, weight_decay, torch.bfloat16 if cuda else torch.float32, **adamw)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return MasterWeightAdamW(model, groups, **adamw)
+    return torch.optim.AdamW(groups, **adamw)
+
+
+# ====================================================================== schedule
+# The decay's shape: the fraction of (lr - min_lr) left at progress 0..1 through the decay.
+DECAY_SHAPES = {
+    "cosine": lambda x: 0.5 * (1 + math.cos(math.pi * x)),
+    "linear": lambda x: 1 - x,
+    "sqrt": lambda x: 1 - math.sqrt(x),  # fast early, gentle at the end (Hägele et al. 2024; MiniCPM)
+}
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warm-up to `lr` over `warmup_steps`, `lr` until `decay_start`, a decay of shape
+    `decay_style` to `min_lr` at `decay_steps`, then `min_lr` for as long as training goes on.
+    Steps count from 0 (the first update).
+
+    The cosine schedule decays from the end of the warm-up (decay_start = warmup_steps);
+    warmup-stable-decay (WSD: MiniCPM, Hu et al. 2024; Hägele et al. 2024) only over the last
+    part, so a run can be extended from any checkpoint of its stable phase."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    decay_steps: int
+    decay_start: int
+    decay_style: str
+
+    def at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if step < self.decay_start:
+            return self.lr
+        progress = (step - self.decay_start) / max(1, self.decay_steps - self.decay_start)
+        return self.min_lr + (self.lr - self.min_lr) * DECAY_SHAPES[self.decay_style](min(progress, 1.0))
+
+    def describe(self) -> str:
+        stable = f", stable to step {self.decay_start}" if self.decay_start > self.warmup_steps else ""
+        return (f"warm-up {self.warmup_steps} steps to {self.lr:.2e}{stable}, {self.decay_style} decay to "
+                f"{self.min_lr:.2e} at step {self.decay_steps}, constant after")
+
+
+def default_warmup_steps(decay_steps: int) -> int:
+    return min(WARMUP_CAP, int(WARMUP_FRACTION * decay_steps))
+
+
+def lr_schedule(lr: float, min_lr: float, warmup_steps: int, decay_steps: int, max_steps: int, kind: str,
+                decay_fraction: float, decay_style: str) -> LRSchedule:
+    """The schedule of a run's flags: --lr-decay-steps 0 decays over --max-steps, and
+    --warmup-steps -1 warms up over a tenth of the decay steps (at most WARMUP_CAP).
+
+    kind "cosine": a cosine from the end of the warm-up. kind "wsd": the decay takes the last
+    `decay_fraction` of the decay steps, in `decay_style`, never starting before the warm-up ends."""
+    decay = decay_steps or max_steps
+    warmup = warmup_steps if warmup_steps >= 0 else default_warmup_steps(decay)
+    if kind == "cosine":
+        return LRSchedule(lr, min_lr, warmup, decay, warmup, "cosine")
+    start = max(warmup, decay - round(decay_fraction * decay))
+    return LRSchedule(lr, min_lr, warmup, decay, start, decay_style)
