@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(HERE, "scripts"))
 import export_hf  # noqa: E402  (scripts/: the extras are imported inside their functions)
 import generate  # noqa: E402
 import import_hf  # noqa: E402
+import compare_optimizers  # noqa: E402
 import compare_routing  # noqa: E402
 import upcycle  # noqa: E402
 smoke = pytest.mark.smoke
@@ -3874,3 +3875,24 @@ def test_quick_comparison_gives_the_same_numbers_whatever_jobs_and_threads(quick
         assert without_timings(first / "runs" / name) == without_timings(out / "runs" / name), name
     tables = [table_rows((d / "routing_comparison.md").read_text()) for d in (first, out)]
     assert [row[:7] for row in tables[0]] == [row[:7] for row in tables[1]]  # all but tokens/s and wall s
+
+
+def test_quick_optimizer_comparison_equals_a_direct_run_and_keeps_its_table(tmp_path):
+    """Each row's val loss is what the trainer gives for those flags (run here directly, one thread), and a
+    second run into the same folder is refused without --overwrite."""
+    out = tmp_path / "co"
+    r = run_script("compare_optimizers.py", ["--quick", "--seeds", 1, "--jobs", 2, "--out", out], timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {(row[0], row[1]): float(row[2]) for row in table_rows((out / "optimizer_comparison.md").read_text())}
+    assert set(rows) == set(compare_optimizers.COMBINATIONS)
+    metrics = tmp_path / "direct.jsonl"
+    common = compare_optimizers.QUICK["flags"] + ["--max-steps", "6", "--log-interval", "1", "--eval-interval", "6",
+                                                  "--no-progress"]
+    direct = run_cli(common + ["--optimizer", "muon", "--lr-schedule", "wsd", "--metrics-file", str(metrics)])
+    assert direct.returncode == 0, direct.stderr[-2000:]
+    val = [x["val_loss"] for x in read_metrics(str(metrics)) if "val_loss" in x][-1]
+    assert rows[("muon", "wsd")] == float(f"{val:.4f}")
+    before = (out / "optimizer_comparison.md").read_bytes()
+    again = run_script("compare_optimizers.py", ["--quick", "--seeds", 1, "--out", out], timeout=60)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert (out / "optimizer_comparison.md").read_bytes() == before

@@ -1,7 +1,7 @@
 """Train the same small MoE with AdamW and Muon, each under the cosine and the WSD schedule.
 
-    OMP_NUM_THREADS=1 python scripts/compare_optimizers.py --out docs --jobs 8   # 15 min, 2 busy cores
-    python scripts/compare_optimizers.py --quick --out /tmp/co                   # tiny model, a smoke run
+    python scripts/compare_optimizers.py --out docs --overwrite --jobs 2   # the committed table
+    python scripts/compare_optimizers.py --quick --out /tmp/co             # tiny model, a smoke run
 
 Every run is `minimal_pretrain.py` in a subprocess with the same model, data (the built-in
 corpus), batches, steps, --lr and --weight-decay: the runs differ only in --optimizer and
@@ -13,7 +13,10 @@ shows the seed-to-seed spread next to each difference.
 
 Writes DIR/optimizer_comparison.md (the table, and under it what each column means) and
 DIR/optimizer_comparison.png (train-loss curves of the first seed and final val loss of every
-seed; skipped with a message when matplotlib is missing).
+seed; skipped with a message when matplotlib is missing). As in scripts/compare_routing.py
+(whose reproducibility rules this script shares): every run trains on one CPU thread whatever
+--jobs, so the numbers repeat to the last digit on the same CPU type, torch and code (the table
+names them), and a folder that already holds the table is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import minimal_pretrain as mp  # noqa: E402
+from compare_routing import ONE_THREAD, code_version, cpu_name  # noqa: E402  (scripts/ is on the path)
 from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 # The trainer's default model (D 128, 4 layers, 8 experts top-2, F 256) on shorter sequences,
@@ -48,6 +52,7 @@ QUICK = dict(steps=6, log_interval=1,
                     "--num-experts-per-token", "2", "--seq-length", "16", "--micro-batch-size", "2",
                     "--num-microbatches", "2", "--eval-iters", "2", "--lr", "1e-2"])
 COMBINATIONS = [("adamw", "cosine"), ("adamw", "wsd"), ("muon", "cosine"), ("muon", "wsd")]
+OUTPUTS = ("optimizer_comparison.md", "optimizer_comparison.png")  # what a run writes into --out
 
 
 @dataclass
@@ -63,11 +68,11 @@ class Run:
     error: str = ""  # last line of stderr of a failed run
 
 
-def train(run: Run, common: list[str], metrics: str, threads: str) -> Run:
+def train(run: Run, common: list[str], metrics: str) -> Run:
     """One training run in a subprocess; its metrics file parsed into `run`."""
     flags = common + ["--optimizer", run.optimizer, "--lr-schedule", run.schedule, "--seed", str(run.seed),
                       "--metrics-file", metrics]
-    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    env = dict(os.environ, **ONE_THREAD)
     t0 = time.time()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "minimal_pretrain.py")] + flags,
                           capture_output=True, text=True, env=env, cwd=ROOT)
@@ -84,8 +89,7 @@ def train(run: Run, common: list[str], metrics: str, threads: str) -> Run:
     return run
 
 
-def write_markdown(path: str, runs: list[Run], common: list[str], steps: int, total: float, jobs: int,
-                   threads: str) -> None:
+def write_markdown(path: str, runs: list[Run], common: list[str], steps: int, total: float, jobs: int) -> None:
     mc, tc, _ = mp.parse_config(common)
     seeds = sorted({r.seed for r in runs})
     tokens = steps * tc.micro_batch_size * tc.num_microbatches * mc.seq_length
@@ -131,12 +135,14 @@ def write_markdown(path: str, runs: list[Run], common: list[str], steps: int, to
                   f"{min(spreads):.4f} to {max(spreads):.4f}; a difference between rows smaller than that "
                   f"is not significant.", ""]
     lines += [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}, {jobs} run(s) at a time with {threads} thread(s) each. Other jobs may have "
-        f"shared these cores, so tokens/s and wall times are noisy; losses are not (seeded). The whole "
-        f"comparison took {total / 60:.1f} minutes.",
+        f"Machine: {cpu_name()} (torch kernels: {torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} "
+        f"CPU cores, torch {torch.__version__}, Python {platform.python_version()}, code {code_version()}; "
+        f"{jobs} run(s) at a time, one thread each. The losses repeat to the last digit on the same CPU type, "
+        f"torch and code (the thread count is pinned: it decides how float sums are split); another CPU "
+        f"family or torch version may move them by about the seed-to-seed spread. Other jobs may have shared "
+        f"these cores, so tokens/s and wall times are noisy. The whole comparison took {total / 60:.1f} minutes.",
         "",
-        f"Reproduce: `OMP_NUM_THREADS={threads} python scripts/compare_optimizers.py {' '.join(sys.argv[1:])}`",
+        f"Reproduce: `python scripts/compare_optimizers.py {' '.join(sys.argv[1:])}`",
         "",
     ]
     with open(path, "w") as f:
@@ -187,12 +193,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per run; 0: 100 (6 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (a smoke run)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per combination (seed-to-seed noise needs 2 or more)")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="runs trained at the same time, one thread each (changes only the wall time)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the table and PNG that OUT already holds (docs/ holds the committed ones)")
     args = p.parse_args()
     checks = [(args.steps >= 0, f"--steps must be >= 0 (0: the default), got {args.steps}"),
               (args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}"),
               (args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}"),
               (not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file; give a folder")]
+    taken = [name for name in OUTPUTS if os.path.exists(os.path.join(args.out, name))]
+    checks.append((args.overwrite or not taken,
+                   f"--out {args.out} already holds {', '.join(taken)}; pass --overwrite to replace "
+                   f"{'them' if len(taken) > 1 else 'it'}, or give another folder"))
     for ok, message in checks:
         if not ok:
             print(f"error: {message}", file=sys.stderr)
@@ -205,11 +218,10 @@ def main() -> None:
     base_seed = mp.parse_config(common)[1].seed
     runs = [Run(o, s, base_seed + i) for i in range(args.seeds) for o, s in COMBINATIONS]
     os.makedirs(args.out, exist_ok=True)
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.jobs))
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         def one(i: int) -> Run:
-            run = train(runs[i], common, os.path.join(tmp, f"{i:02d}.jsonl"), threads)
+            run = train(runs[i], common, os.path.join(tmp, f"{i:02d}.jsonl"))
             status = f"val loss {run.val_loss:.4f}" if run.rc == 0 else f"FAILED: {run.error}"
             print(f"[{i + 1}/{len(runs)}] {run.optimizer} {run.schedule} seed {run.seed}: {status} "
                   f"({run.wall:.0f} s)", flush=True)
@@ -218,7 +230,7 @@ def main() -> None:
             runs = list(pool.map(one, range(len(runs))))
     total = time.time() - start
     md = os.path.join(args.out, "optimizer_comparison.md")
-    write_markdown(md, runs, common, steps, total, args.jobs, threads)
+    write_markdown(md, runs, common, steps, total, args.jobs)
     print(f"wrote {md} ({total / 60:.1f} min)")
     png = os.path.join(args.out, "optimizer_comparison.png")
     if write_png(png, runs):
