@@ -1105,7 +1105,8 @@ def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.M
                                    pg.rank % (pg.dp * pg.tp), pg.ep)
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": step,
             "skipped_steps": skipped, "model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc),
-            "layout": {"world_size": pg.world_size, "tp": pg.tp, "pp": pg.pp, "dp": pg.dp, "ep": pg.ep}}
+            "layout": {"world_size": pg.world_size, "tp": pg.tp, "pp": pg.pp, "dp": pg.dp, "ep": pg.ep},
+            "software": software()}  # for the reader: a resume on other threads or torch is allowed
     try:
         return ckpt_io.save_checkpoint(tc.save, step, payload, meta, pg.rank, pg.world_size, tc.keep_last)
     except OSError as e:  # a full disk, a vanished folder: the save is atomic, so nothing older is harmed
@@ -1388,6 +1389,18 @@ def size_text(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def software() -> dict:
+    """What the numbers of a CPU run depend on besides the flags: the thread count decides how
+    torch splits float sums, the kernels and the torch version how it computes them."""
+    return {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+            "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
+
+
+def software_text() -> str:
+    sw = software()
+    return f"torch {sw['torch']}, {sw['cpu_threads']} CPU threads per rank ({sw['cpu_kernels']})"
+
+
 def print_banner(inputs: RunInputs, pg: ParallelGroups, device: torch.device,
                  autocast_dtype: torch.dtype | None) -> None:
     """What is about to run, before anything is allocated: device and precision, model size,
@@ -1400,7 +1413,7 @@ def print_banner(inputs: RunInputs, pg: ParallelGroups, device: torch.device,
     print("=" * 28 + " run " + "=" * 28)
     print(f"device: {device.type} ({where}) x {pg.world_size} rank{'s' if pg.world_size > 1 else ''} | weights {precision} | "
           f"autocast {autocast_dtype or 'off'} | grouped GEMM "
-          f"{can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)}")
+          f"{can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)} | {software_text()}")
     experts = (f"{mc.num_experts} experts top-{mc.num_experts_per_token} in layers {mc.moe_layers}"
                if mc.num_experts else "dense")
     print(f"model: {params_per_stage(mc, 1, 1, 1)[0]:,} parameters, {mc.active_params_per_token():,} active per "
