@@ -1346,6 +1346,10 @@ def test_collapsed_router_gets_a_dead_expert_warning(tmp_path, capsys):
     assert bias, "the routing bias is saved"
     payload["params"]["layers.1.mlp.router.expert_bias"]["tensor"][2] = -1e4  # expert 2 of layer 1 never chosen
     torch.save(payload, rank_file)
+    meta_path = save / ckpt_io.step_dir_name(1) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sizes"] = [rank_file.stat().st_size]  # the edit is deliberate: record the new size
+    meta_path.write_text(json.dumps(meta))
     capsys.readouterr()
     mp.main(TINY_FLAGS + ["--max-steps", "5", "--save", str(save)])
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
@@ -2445,7 +2449,8 @@ def test_plot_metrics_writes_every_figure_as_small_pngs(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     expected = {"loss.png", "router_losses.png", "lr.png", "grad_norm.png", "throughput.png", "load_balance.png",
                 "expert_load_layer0.png", "expert_load_layer1.png"}
-    assert set(os.listdir(tmp_path / "plots")) == expected | {"overview.png"}
+    # byte-level data: the evaluations report bits per byte, which get their own chart
+    assert set(os.listdir(tmp_path / "plots")) == expected | {"overview.png", "val_bpb.png"}
     for name in expected:
         data = (tmp_path / "plots" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and 1000 < len(data) < 60_000, (name, len(data))
