@@ -979,6 +979,7 @@ def gather_updated_weights(optimizer: DistributedAdamW) -> None:
             p.copy_(w)  # rounds to bf16 for bf16 weights
 
 
+@torch.no_grad()
 def gather_for_save(optimizer: DistributedAdamW, pg: ParallelGroups) -> dict:
     """{weight: (its fp32 value, its AdamW state)}, whole, for the weights this rank writes in a checkpoint.
 

@@ -264,7 +264,7 @@ class FlatBucket:
         shard = torch.zeros(self.shard_numel, dtype=dtype, device=self.params[0].device)
         for piece, t in zip(self.pieces, tensors):
             if t is not None:
-                shard[piece.offset:piece.offset + piece.end - piece.first].copy_(t)
+                shard[piece.offset:piece.offset + piece.end - piece.first].copy_(t.detach())
         return shard
 
 
