@@ -308,5 +308,5 @@ def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type
     lines.append(f"busiest rank: stage {busiest.stage}, {gib(busiest.total(distributed, recompute=tc.recompute))} "
                  f"as flagged (--recompute {'on' if tc.recompute else 'off'}, "
                  f"{'' if distributed else 'no '}distributed optimizer); all ranks together "
-                 f"{gib(sum(p.total(distributed, recompute=tc.recompute) * (p.ranks[1] - p.ranks[0] + 1) for p in plans))}")
+                 f"{gib(sum(p.total(distributed, tc.recompute) * (p.ranks[1] - p.ranks[0] + 1) for p in plans))}")
     return "\n".join(lines)

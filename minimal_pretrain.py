@@ -158,8 +158,8 @@ class TrainConfig:
         if not 1 <= self.dist_timeout <= 7 * 86400:  # also false for NaN
             raise ConfigError(f"--dist-timeout must be between 1 second and 7 days, got {self.dist_timeout}")
         if self.use_distributed_optimizer and self.optimizer == "muon":
-            raise ConfigError("--use-distributed-optimizer shards AdamW's state by flat ranges of the weights, but Muon's "
-                              "Newton-Schulz needs each matrix whole; use --optimizer adamw, or drop "
+            raise ConfigError("--use-distributed-optimizer shards AdamW's state by flat ranges of the weights, but "
+                              "Muon's Newton-Schulz needs each matrix whole; use --optimizer adamw, or drop "
                               "--use-distributed-optimizer (on --load the checkpoint's optimizer counts)")
         if self.eval_only and not self.load:
             raise ConfigError("--eval-only needs a checkpoint: give --load DIR")

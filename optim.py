@@ -207,6 +207,10 @@ class Piece(NamedTuple):
     end: int  # one past its last
     offset: int  # where it starts in this rank's shard
 
+    @property
+    def numel(self) -> int:
+        return self.end - self.first
+
 
 class FlatBucket:
     """Weights laid end to end in one flat buffer that the ranks of `group` share out (ZeRO
@@ -229,13 +233,16 @@ class FlatBucket:
         self.shard_numel = self.numel // size
         # One dtype per buffer: fp32 if any weight is (a bf16 model's routers), as torch.cat would promote.
         self.dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
-        begin, end = rank * self.shard_numel, (rank + 1) * self.shard_numel
-        self.pieces = [Piece(p, max(begin, start) - start, min(end, start + p.numel()) - start, max(begin, start) - begin)
-                       for p, start in zip(params, self.offsets) if max(begin, start) < min(end, start + p.numel())]
-        self.masters = [torch.nn.Parameter(piece.param.detach().view(-1)[piece.first:piece.end]
-                                           if piece.param.dtype == torch.float32 else
-                                           piece.param.detach().view(-1)[piece.first:piece.end].float().clone())
-                        for piece in self.pieces]
+        begin, end = rank * self.shard_numel, (rank + 1) * self.shard_numel  # this rank's shard
+        self.pieces: list[Piece] = []
+        for p, start in zip(params, self.offsets):
+            lo, hi = max(begin, start), min(end, start + p.numel())  # the weight's overlap with the shard
+            if lo < hi:
+                self.pieces.append(Piece(p, lo - start, hi - start, lo - begin))
+        self.masters: list[torch.nn.Parameter] = []
+        for piece in self.pieces:
+            part = piece.param.detach().view(-1)[piece.first:piece.end]
+            self.masters.append(torch.nn.Parameter(part.float()))  # .float() copies bf16, returns fp32 itself
 
     def owner(self, p: torch.nn.Parameter) -> int:
         """The rank of the group whose shard holds the first element of `p`."""
@@ -257,14 +264,14 @@ class FlatBucket:
         """shard (S,): this rank's part of the reduced gradients -> its masters' fp32 gradients
         (None for a weight that got no gradient this step: AdamW leaves it, as it would the whole)."""
         for piece, m in zip(self.pieces, self.masters):
-            m.grad = None if piece.param.grad is None else shard[piece.offset:piece.offset + piece.end - piece.first].float()
+            m.grad = None if piece.param.grad is None else shard[piece.offset:piece.offset + piece.numel].float()
 
     def shard_of(self, tensors: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         """(S,) one tensor per piece (None: zeros) laid out as this rank's shard, in `dtype`."""
         shard = torch.zeros(self.shard_numel, dtype=dtype, device=self.params[0].device)
         for piece, t in zip(self.pieces, tensors):
             if t is not None:
-                shard[piece.offset:piece.offset + piece.end - piece.first].copy_(t.detach())
+                shard[piece.offset:piece.offset + piece.numel].copy_(t.detach())
         return shard
 
 
@@ -323,8 +330,8 @@ class DistributedAdamW:
     def load_state(self, p: torch.nn.Parameter, state: dict) -> None:
         """Set AdamW's state of `p`'s pieces from its whole state ({"step", "exp_avg", "exp_avg_sq"}, shaped like p)."""
         for piece, m in self.pieces_of.get(p, []):
-            self.state[m] = {"step": state["step"].clone(),
-                             **{k: state[k].reshape(-1)[piece.first:piece.end].clone() for k in ("exp_avg", "exp_avg_sq")}}
+            self.state[m] = {"step": state["step"].clone(), **{k: state[k].reshape(-1)[piece.first:piece.end].clone()
+                                                                for k in ("exp_avg", "exp_avg_sq")}}
 
 
 # ====================================================================== schedule
