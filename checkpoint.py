@@ -15,7 +15,11 @@ nothing but torch.load, and each file says in its own entries where its slices b
                      (dim None: the whole tensor). Each slice is written by exactly one rank.
                      Experts are stored one key per expert in transformers' naming and
                      orientation (`layers.0.mlp.experts.5.gate_proj.weight`, shape (F, D)), so
-                     any EP size can read them and export is a renaming.
+                     any EP size can read them and export is a renaming. With
+                     --use-distributed-optimizer the same entries, whole per slice: the trainer
+                     all-gathers each bucket's shards at save time and the rank owning a
+                     weight's first element writes it (see rank_payload), so the files of
+                     either setting are read by the other and by any layout.
 `DIR/latest` names the newest complete step folder. A save writes into `DIR/.tmp-step_...`,
 flushes every file to disk, renames the folder and only then replaces `latest` (itself by
 rename), so a crash at any moment leaves the previous checkpoint whole and `latest` valid.
@@ -43,6 +47,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from optim import DistributedAdamW
 
 FORMAT = "moe-minimal-checkpoint"
 FORMAT_VERSION = 1
@@ -129,17 +135,25 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
 def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_rank: int, dp_rank: int,
-                 stage_rank: int, ep: int) -> dict:
+                 stage_rank: int, ep: int, gathered: dict | None = None) -> dict:
     """This rank's slices of the weights and of the optimizer's moments, plus its RNG states.
 
-    With bf16 weights the fp32 masters of the optimizer are saved (see MasterWeightAdamW)."""
+    With bf16 weights the fp32 masters of the optimizer are saved (see MasterWeightAdamW).
+    With the distributed optimizer no rank holds a whole state: `gathered` maps each weight this
+    rank writes to its (fp32 weight, AdamW state) made whole from every rank's shard
+    (minimal_pretrain.gather_for_save), and replaces writes_param's choice."""
     params, optim = {}, {}
     master = getattr(optimizer, "master", {})
     for name, p in model.named_parameters():
-        if not writes_param(p, tp_rank, dp_rank, stage_rank, ep):
+        if gathered is not None:
+            if p not in gathered:
+                continue
+            weight, state = gathered[p]
+        elif not writes_param(p, tp_rank, dp_rank, stage_rank, ep):
             continue
-        weight = master.get(p, p)
-        state = optimizer.state.get(weight, {})
+        else:
+            weight = master.get(p, p)
+            state = optimizer.state.get(weight, {})
         moments = [k for k in MOMENTS if k in state]
         step = {"step": float(state["step"])} if "step" in state else {}  # AdamW counts steps, Muon does not
         if getattr(p, "shard_kind", None) == "ep":
@@ -513,12 +527,15 @@ def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.O
             with torch.no_grad():
                 buf.copy_(assemble(_slices(ckpt, ckpt.params, name, buf.shape)))
     master = getattr(optimizer, "master", {})  # bf16 weights: their fp32 masters take the saved values
+    sharded = isinstance(optimizer, DistributedAdamW)  # this rank's pieces take their part of each tensor
     for name, p in model.named_parameters():
         full = local_tensor(ckpt, ckpt.params, name, p)
         with torch.no_grad():
             p.copy_(full)
             if master.get(p, p) is not p:
                 master[p].copy_(full)
+        if sharded:
+            optimizer.load_weight(p, full)
         first_key = expert_key(name, p.shard_rank * p.shape[0]) if getattr(p, "shard_kind", None) == "ep" else name
         if optimizer is None or first_key not in ckpt.optim:
             continue
@@ -529,8 +546,12 @@ def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.O
                     "momentum_buffer": local_tensor(ckpt, ckpt.optim, name, p, "momentum_buffer").to(p.device).clone()}
         elif "exp_avg" in saved:
             fused = optimizer.defaults.get("fused")  # the fused kernel wants its step counts beside the weights
-            optimizer.state[weight] = {
+            state = {
                 "step": torch.tensor(saved["step"], dtype=torch.float32, device=p.device if fused else "cpu"),
                 "exp_avg": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg").to(p.device).clone(),
                 "exp_avg_sq": local_tensor(ckpt, ckpt.optim, name, p, "exp_avg_sq").to(p.device).clone(),
             }
+            if sharded:
+                optimizer.load_state(p, state)
+            else:
+                optimizer.state[weight] = state

@@ -19,7 +19,8 @@ the distributed optimizer): fp32 runs keep weights and gradients in fp32 (4 + 4)
 moments (8); bf16 runs keep bf16 weights and gradients (2 + 2) and in the optimizer fp32
 masters, their fp32 gradients during the step and two moments (16). A distributed optimizer
 divides the optimizer's part by the ranks holding the same weights: DP for dense weights, the
-replicas of an expert for expert weights. Gradients reduced over replicas also need a flat
+replicas of an expert for expert weights (at DP 1 it shards nothing: the trainer then runs the
+ordinary optimizer). Gradients reduced over replicas also need a flat
 copy during the all-reduce (OverlappedGradReduce). Routers (fp32 in every run) are counted
 at the run's dtype: they are a ten-thousandth of the weights.
 """
@@ -81,9 +82,10 @@ def state_bytes(dense: int, experts: int, dp: int, expert_replicas: int, bf16: b
     el = 2 if bf16 else 4
     optim = 16 if bf16 else 8
     reduced = (dense if dp > 1 else 0) + (experts if expert_replicas > 1 else 0)
+    sharing = expert_replicas if dp > 1 else 1  # the flag changes nothing at DP 1
     return StateBytes(weights=(dense + experts) * el, gradients=(dense + experts + reduced) * el,
                       optimizer=(dense + experts) * optim,
-                      distributed_optimizer=-(-dense * optim // dp) + -(-experts * optim // expert_replicas))
+                      distributed_optimizer=-(-dense * optim // dp) + -(-experts * optim // sharing))
 
 
 # ====================================================================== activations
@@ -187,17 +189,31 @@ def stage_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, stage: int, d
                      in_flight=in_flight(pp, stage, tc.num_microbatches))
 
 
-def estimate_rank_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool,
-                        grouped: bool = False) -> tuple[int, int]:
-    """(weights + gradients + optimizer state, activations) in bytes of the busiest rank, by formula."""
+def formula_plans(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool, grouped: bool) -> list[StagePlan]:
+    """The plan of every stage by formula (no model built)."""
     tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
     ep = tc.expert_parallel_size or tp
     totals = params_per_stage(mc, tp, pp, ep)
     experts = expert_params_per_stage(mc, pp, ep)
-    plans = [stage_bytes(mc, tc, world_size, s, totals[s] - experts[s], experts[s], bf16, grouped) for s in range(pp)]
-    busiest = max(plans, key=lambda p: p.total(recompute=tc.recompute))
-    state = busiest.state.weights + busiest.state.gradients + busiest.state.optimizer
-    return state, busiest.total(recompute=tc.recompute) - state
+    return [stage_bytes(mc, tc, world_size, s, totals[s] - experts[s], experts[s], bf16, grouped) for s in range(pp)]
+
+
+def estimate_rank_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool,
+                        grouped: bool = False) -> tuple[int, int]:
+    """(weights + gradients + optimizer state, activations) in bytes of the busiest rank, by formula,
+    with the optimizer state sharded when --use-distributed-optimizer is given."""
+    distributed = tc.use_distributed_optimizer
+    busiest = max(formula_plans(mc, tc, world_size, bf16, grouped),
+                  key=lambda p: p.total(distributed, recompute=tc.recompute))
+    optimizer = busiest.state.distributed_optimizer if distributed else busiest.state.optimizer
+    state = busiest.state.weights + busiest.state.gradients + optimizer
+    return state, busiest.total(distributed, recompute=tc.recompute) - state
+
+
+def optimizer_bytes_per_rank(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool) -> int:
+    """The optimizer state (bf16 runs' fp32 masters and AdamW's moments) of the rank holding the most, by formula."""
+    plans = formula_plans(mc, tc, world_size, bf16, grouped=False)
+    return max(p.state.distributed_optimizer if tc.use_distributed_optimizer else p.state.optimizer for p in plans)
 
 
 def available_memory_bytes(device_type: str, local_rank: int) -> int | None:
@@ -287,8 +303,10 @@ def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type
             f"re-run); + {gib(a.transient)} once (batch ids" + (", fp32 logits)" if p.stage == pp - 1 else ")"),
             f"  total             {gib(p.total())}; distributed optimizer {gib(p.total(distributed=True))}; "
             f"--recompute {gib(p.total(recompute=True))}; both {gib(p.total(True, True))}"]
-    busiest = max(plans, key=lambda p: p.total(recompute=tc.recompute))
-    lines.append(f"busiest rank: stage {busiest.stage}, {gib(busiest.total(recompute=tc.recompute))} as flagged "
-                 f"(--recompute {'on' if tc.recompute else 'off'}, no distributed optimizer); all ranks together "
-                 f"{gib(sum(p.total(recompute=tc.recompute) * (p.ranks[1] - p.ranks[0] + 1) for p in plans))}")
+    distributed = tc.use_distributed_optimizer
+    busiest = max(plans, key=lambda p: p.total(distributed, recompute=tc.recompute))
+    lines.append(f"busiest rank: stage {busiest.stage}, {gib(busiest.total(distributed, recompute=tc.recompute))} "
+                 f"as flagged (--recompute {'on' if tc.recompute else 'off'}, "
+                 f"{'' if distributed else 'no '}distributed optimizer); all ranks together "
+                 f"{gib(sum(p.total(distributed, tc.recompute) * (p.ranks[1] - p.ranks[0] + 1) for p in plans))}")
     return "\n".join(lines)

@@ -28,11 +28,12 @@ import torch.distributed as dist
 
 import checkpoint as ckpt_io
 from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
-from memory import NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, params_per_stage
+from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, optimizer_bytes_per_rank,
+                    params_per_stage)
 from metrics import RunLog, print_run_summary
 from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm, stage_layers,
                         vocab_parallel_cross_entropy)
-from optim import LRSchedule, build_optimizer, lr_schedule
+from optim import DistributedAdamW, FlatBucket, LRSchedule, build_optimizer, lr_schedule
 
 
 # =========================================================================== config
@@ -83,6 +84,9 @@ class TrainConfig:
                                   "AdamW on embeddings, LM head, norms and routers. On --load: the checkpoint's",
                          choices=["adamw", "muon"])
     weight_decay: float = arg(0.1, "decoupled weight decay of AdamW and Muon (not applied to norms)")
+    use_distributed_optimizer: bool = arg(False, "ZeRO stage 1: each rank keeps the AdamW state (and bf16 runs' fp32 "
+                                                 "masters) of 1/DP of the dense weights and 1/replicas of its experts; "
+                                                 "gradients reduce-scattered, weights all-gathered. No effect at DP 1")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this; 0 disables")
     router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss")
     router_z_loss_coef: float = arg(0.001, "weight of the router z-loss")
@@ -153,6 +157,10 @@ class TrainConfig:
             raise ConfigError(f"--seed must be between 0 and 2^63 - 1, got {self.seed}")
         if not 1 <= self.dist_timeout <= 7 * 86400:  # also false for NaN
             raise ConfigError(f"--dist-timeout must be between 1 second and 7 days, got {self.dist_timeout}")
+        if self.use_distributed_optimizer and self.optimizer == "muon":
+            raise ConfigError("--use-distributed-optimizer shards AdamW's state by flat ranges of the weights, but "
+                              "Muon's Newton-Schulz needs each matrix whole; use --optimizer adamw, or drop "
+                              "--use-distributed-optimizer (on --load the checkpoint's optimizer counts)")
         if self.eval_only and not self.load:
             raise ConfigError("--eval-only needs a checkpoint: give --load DIR")
         if self.world_size and not self.dry_run:
@@ -219,7 +227,8 @@ FLAG_GROUPS = (
                          "num_microbatches", "dist_timeout", "dry_run", "world_size")),
     ("data", ("data", "seed", "micro_batch_size")),
     ("optimisation", ("max_steps", "optimizer", "lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule",
-                      "lr_decay_fraction", "lr_decay_style", "weight_decay", "grad_clip", "max_skipped_steps")),
+                      "lr_decay_fraction", "lr_decay_style", "weight_decay", "grad_clip", "max_skipped_steps",
+                      "use_distributed_optimizer")),
     ("device and precision", ("device", "dtype", "recompute", "compile")),
     ("checkpoints", ("save", "save_interval", "keep_last", "load", "allow_global_batch_change")),
     ("evaluation and logging", ("eval_interval", "eval_iters", "eval_only", "log_interval", "metrics_file",
@@ -445,6 +454,7 @@ class ParallelGroups:
     ep_group: Any = None
     expert_dp_group: Any = None  # ranks of this stage holding the same experts
     expert_dp_size: int = 1
+    expert_dp_rank: int = 0  # this rank's place in expert_dp_group
     prev_rank: int | None = None  # same (dp, tp) on the previous pipeline stage
     next_rank: int | None = None
 
@@ -489,7 +499,7 @@ def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int) 
     dp_rank, tp_rank = divmod(in_stage, tp)
     g = ParallelGroups(rank=rank, world_size=world_size, tp=tp, dp=dp, pp=pp, ep=ep, tp_rank=tp_rank,
                        dp_rank=dp_rank, pp_rank=pp_rank, ep_rank=in_stage % ep,
-                       expert_dp_size=stage_size // ep)
+                       expert_dp_size=stage_size // ep, expert_dp_rank=in_stage // ep)
     if pp_rank > 0:
         g.prev_rank = rank - stage_size
     if pp_rank < pp - 1:
@@ -836,49 +846,167 @@ class OverlappedGradReduce:
         self.armed = False
 
 
-def build_grad_reducers(model: torch.nn.Module, pg: ParallelGroups) -> list[OverlappedGradReduce]:
+# The flat collectives of the distributed optimizer: torch 2.13 renamed them (the old names warn);
+# requirements.txt allows torch 2.6, which has only the old names. Same arguments in both.
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class ShardedGradReduce(OverlappedGradReduce):
+    """OverlappedGradReduce for --use-distributed-optimizer: each bucket is a FlatBucket and is
+    reduce-scattered instead of all-reduced, started at the same moments during the last backward,
+    so each rank receives the summed gradients of its own shard only (half an all-reduce's traffic).
+    `finish()` waits, scales, hands the shard to the bucket's fp32 masters as their gradients and
+    frees the full local gradients, which the step no longer needs."""
+
+    def __init__(self, params: list[torch.nn.Parameter], group: Any, size: int, rank: int, scale: float,
+                 bucket_bytes: int = 32 << 20):
+        super().__init__(params, group, size, scale, bucket_bytes)
+        self.flat = [FlatBucket(bucket, group, size, rank) for bucket in self.buckets]
+
+    def launch(self, b: int) -> None:
+        fb = self.flat[b]
+        flat = fb.flatten([p.grad for p in fb.params])  # (numel,) zeros where a weight has no gradient, and the padding
+        if self.size == 1:
+            self.work[b] = (flat, None, flat)
+            return
+        shard = flat.new_empty(fb.shard_numel)
+        # the sum over replicas of this rank's shard only; `flat` stays alive until the wait
+        self.work[b] = (shard, reduce_scatter_flat(shard, flat, group=self.group, async_op=True), flat)
+
+    def finish(self) -> None:
+        for b in range(len(self.buckets)):
+            if b not in self.work:  # a bucket whose parameters got no gradient this step
+                self.launch(b)
+        for b, (shard, work, _) in self.work.items():
+            if work is not None:
+                work.wait()
+            self.flat[b].set_master_grads(shard.mul_(self.scale))
+            for p in self.flat[b].params:
+                p.grad = None
+        self.work, self.armed = {}, False
+
+
+def build_grad_reducers(model: torch.nn.Module, pg: ParallelGroups,
+                        distributed_optimizer: bool = False) -> list[OverlappedGradReduce]:
     """Dense weights averaged over DP; expert weights summed over the ranks holding the same
-    experts (their tokens came from every rank of the EP group already), then divided by DP."""
+    experts (their tokens came from every rank of the EP group already), then divided by DP.
+
+    With the distributed optimizer (and DP > 1; at DP 1 no replica shares the state and the
+    flag changes nothing) the same groups reduce-scatter flat buckets instead."""
     params = list(model.parameters())
     dense = [p for p in params if getattr(p, "shard_kind", None) != "ep"]
     experts = [p for p in params if getattr(p, "shard_kind", None) == "ep"]
+    if distributed_optimizer and pg.dp > 1:
+        reducers = [ShardedGradReduce(dense, pg.dp_group, pg.dp, pg.dp_rank, 1.0 / pg.dp)]
+        if experts:
+            reducers.append(ShardedGradReduce(experts, pg.expert_dp_group, pg.expert_dp_size, pg.expert_dp_rank,
+                                              1.0 / pg.dp))
+        return reducers
     reducers = [OverlappedGradReduce(dense, pg.dp_group, pg.dp, 1.0 / pg.dp)]
     if experts:
         reducers.append(OverlappedGradReduce(experts, pg.expert_dp_group, pg.expert_dp_size, 1.0 / pg.dp))
     return reducers
 
 
-def sync_gradients(model: torch.nn.Module, pg: ParallelGroups, reducers: list[OverlappedGradReduce]) -> None:
+def flat_buckets(reducers: list[OverlappedGradReduce]) -> list[FlatBucket]:
+    """The distributed optimizer's buckets (none without it)."""
+    return [fb for r in reducers if isinstance(r, ShardedGradReduce) for fb in r.flat]
+
+
+def gradient_pieces(model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """The gradients this rank steps with, each beside its weight: the whole gradients, or with the
+    distributed optimizer the fp32 gradients of the pieces in this rank's shards."""
+    if isinstance(optimizer, DistributedAdamW):
+        return [(piece.param, m.grad) for fb in optimizer.buckets for piece, m in zip(fb.pieces, fb.masters)
+                if m.grad is not None]
+    return [(p, p.grad) for p in model.parameters() if p.grad is not None]
+
+
+def sync_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pg: ParallelGroups,
+                   reducers: list[OverlappedGradReduce]) -> None:
     """Turn each rank's local gradients into the gradient of the global-batch mean loss.
 
-    - dense and expert weights: the reducers' all-reduces, started during the last backward;
+    - dense and expert weights: the reducers' all-reduces (reduce-scatters with the distributed
+      optimizer), started during the last backward;
     - router and q/k-norm weights: also summed over TP (each TP rank saw part of the tokens /
-      heads; sums over TP and DP commute, so the order does not matter)."""
+      heads; sums over TP and DP commute, so the order does not matter). With the distributed
+      optimizer, TP peers (same DP rank) own the same shard of identically laid-out buckets, so
+      their pieces of these weights line up."""
     for reducer in reducers:
         reducer.finish()
     if pg.tp > 1:
-        partial = [p.grad for p in model.parameters() if p.grad is not None and getattr(p, "tp_partial_grad", False)]
+        partial = [g for p, g in gradient_pieces(model, optimizer) if getattr(p, "tp_partial_grad", False)]
         bucketed_all_reduce(partial, pg.tp_group)  # sum partial router / q,k-norm grads over TP
 
 
-def global_grad_norm(model: torch.nn.Module, pg: ParallelGroups) -> torch.Tensor:
-    """L2 norm of the full model's gradient, each distinct parameter counted once.
+def global_grad_norm(grads: list[tuple[torch.nn.Parameter, torch.Tensor]], pg: ParallelGroups, sharded: bool,
+                     device: torch.device) -> torch.Tensor:
+    """L2 norm of the full model's gradient, each distinct element counted once.
 
-    A rank's squared norms are divided by how many ranks hold the same tensor, then summed
+    A rank's squared norms are divided by how many ranks hold the same elements, then summed
     over all ranks: DP replicas of TP shards, DP x TP replicas of replicated weights,
-    (DP x TP) / EP replicas of an expert."""
+    (DP x TP) / EP replicas of an expert. With the distributed optimizer (`sharded`) each
+    element of a bucket sits in one rank's shard of its group (DP, or an expert's replicas),
+    so only weights replicated over TP are held more than once: TP times."""
     by_replicas: dict[int, list[torch.Tensor]] = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            replicas = {"tp": pg.dp, "ep": pg.expert_dp_size}.get(getattr(p, "shard_kind", None), pg.dp * pg.tp)
-            by_replicas.setdefault(replicas, []).append(p.grad)
-    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
-    for replicas, grads in by_replicas.items():
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double()  # fused, fp32 even for bf16
+    for p, g in grads:
+        kind = getattr(p, "shard_kind", None)
+        replicas = {"tp": pg.dp, "ep": pg.expert_dp_size}.get(kind, pg.dp * pg.tp)
+        if sharded:
+            replicas //= pg.expert_dp_size if kind == "ep" else pg.dp
+        by_replicas.setdefault(replicas, []).append(g)
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for replicas, tensors in by_replicas.items():
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).double()  # fused, fp32 even for bf16
         sq += norms.pow(2).sum() / replicas
     if pg.world_size > 1:
         dist.all_reduce(sq, group=None)  # sum over every rank of every stage
     return sq.sqrt()
+
+
+@torch.no_grad()
+def gather_updated_weights(optimizer: DistributedAdamW) -> None:
+    """After a step of the distributed optimizer: every rank's updated shard into every rank's weights."""
+    for fb in optimizer.buckets:
+        shard = optimizer.weight_shard(fb)  # (S,) this rank's updated masters, in the bucket's dtype
+        flat = shard
+        if fb.size > 1:
+            flat = shard.new_empty(fb.numel)
+            all_gather_flat(flat, shard, group=fb.group)  # (numel,) every rank's shard of the updated weights
+        for p, w in zip(fb.params, fb.views(flat)):
+            p.copy_(w)  # rounds to bf16 for bf16 weights
+
+
+@torch.no_grad()
+def gather_for_save(optimizer: DistributedAdamW, pg: ParallelGroups) -> dict:
+    """{weight: (its fp32 value, its AdamW state)}, whole, for the weights this rank writes in a checkpoint.
+
+    One bucket at a time (the extra memory is a bucket's, not the model's), its group all-gathers
+    the shards of the masters and of both moments. A weight is written by the rank of its group
+    whose shard holds its first element (of a weight replicated over TP, TP rank 0's copy): each
+    is written once, the writing is spread over the group, and the entries are checkpoint.py's
+    whole-slice ones, readable with or without the flag, on any layout."""
+    gathered = {}
+    for fb in optimizer.buckets:
+        full = {}
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            shard = fb.shard_of(fb.masters, torch.float32) if key == "master" else optimizer.state_shard(fb, key)
+            flat = shard
+            if fb.size > 1:
+                flat = shard.new_empty(fb.numel)
+                all_gather_flat(flat, shard, group=fb.group)  # (numel,) every rank's shard of `key`
+            full[key] = fb.views(flat)
+        for i, p in enumerate(fb.params):
+            replicated = getattr(p, "shard_kind", None) not in ("tp", "ep")
+            if fb.owner(p) != fb.rank or (replicated and pg.tp_rank != 0):
+                continue
+            step = optimizer.step_count(p)
+            state = {} if step is None else {"step": step, "exp_avg": full["exp_avg"][i].cpu().clone(),
+                                             "exp_avg_sq": full["exp_avg_sq"][i].cpu().clone()}
+            gathered[p] = (full["master"][i].cpu().clone(), state)
+    return gathered
 
 
 # =================================================================== evaluation
@@ -914,9 +1042,10 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     """One optimizer step on this rank's micro-batches: what the trainer runs and the benchmarks time.
 
     Set the learning rate -> (global-batch balancing: route every micro-batch first) ->
-    forward and backward of every micro-batch (1F1B) -> gradient all-reduces -> global norm
-    -> clip and the optimizer step (AdamW or Muon), or skip the update when the norm is not finite
-    -> expert-bias update.
+    forward and backward of every micro-batch (1F1B) -> gradient all-reduces (reduce-scatters
+    with the distributed optimizer) -> global norm -> clip and the optimizer step (AdamW or Muon;
+    with the distributed optimizer, then the all-gather of the updated weights), or skip the
+    update when the norm is not finite -> expert-bias update.
     Returns this rank's step statistics, the global gradient norm and whether the update was applied."""
     for group in optimizer.param_groups:
         group["lr"] = tc.schedule().at(step)
@@ -928,15 +1057,19 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
         set_global_batch_counts(model, mc, global_expert_counts(pre, pg, routed=True))
     stats = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=True, step=step,
                              reducers=reducers)
-    sync_gradients(model, pg, reducers)
-    grad_norm = global_grad_norm(model, pg)
+    sync_gradients(model, optimizer, pg, reducers)
+    sharded = isinstance(optimizer, DistributedAdamW)
+    grads = gradient_pieces(model, optimizer)
+    grad_norm = global_grad_norm(grads, pg, sharded, device)
     # The norm is summed over all ranks, so every rank takes the same decision.
     applied = bool(torch.isfinite(grad_norm))  # one host sync per step
     if applied:
         if tc.grad_clip > 0:
             scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float()
-            torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], scale)
+            torch._foreach_mul_([g for _, g in grads], scale)
         optimizer.step()
+        if sharded:
+            gather_updated_weights(optimizer)
         if tc.router_bias_update_rate > 0 and mc.moe_layers:
             update_expert_bias(model, mc, global_expert_counts(stats, pg, routed=False), tc.router_bias_update_rate)
     return stats, grad_norm, applied
@@ -1101,8 +1234,9 @@ def report_eval_only(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, 
 def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer, step: int, skipped: int) -> str:
     """Write a checkpoint of the state after `step` updates (all ranks call this)."""
+    gathered = gather_for_save(optimizer, pg) if isinstance(optimizer, DistributedAdamW) else None
     payload = ckpt_io.rank_payload(model, optimizer, pg.tp_rank, pg.dp_rank,
-                                   pg.rank % (pg.dp * pg.tp), pg.ep)
+                                   pg.rank % (pg.dp * pg.tp), pg.ep, gathered)
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": step,
             "skipped_steps": skipped, "model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc),
             "layout": {"world_size": pg.world_size, "tp": pg.tp, "pp": pg.pp, "dp": pg.dp, "ep": pg.ep},
@@ -1428,6 +1562,15 @@ def print_banner(inputs: RunInputs, pg: ParallelGroups, device: torch.device,
     state, acts = estimate_rank_bytes(mc, tc, pg.world_size, weights == torch.bfloat16, device.type == "cuda")
     print(f"memory per rank (estimate): {size_text(state)} weights, gradients and optimizer state + at least "
           f"{size_text(acts)} activations")
+    optim_bytes = optimizer_bytes_per_rank(mc, tc, pg.world_size, weights == torch.bfloat16)
+    if not tc.use_distributed_optimizer:
+        sharding = "each rank holds all of it; --use-distributed-optimizer shards it over DP"
+    elif pg.dp == 1:
+        sharding = "--use-distributed-optimizer changes nothing at DP 1: no replica to share it with"
+    else:
+        sharding = (f"--use-distributed-optimizer: dense weights' state / DP {pg.dp}, experts' / their "
+                    f"{pg.expert_dp_size} replica{'s' if pg.expert_dp_size > 1 else ''}")
+    print(f"optimizer state per rank (estimate): {size_text(optim_bytes)} ({sharding})")
     for note in inputs.notes:
         print(f"note: {note}")
     print(f"model config: {json.dumps(dataclasses.asdict(mc))}")
@@ -1446,8 +1589,8 @@ def run(inputs: RunInputs, rank: int, world_size: int, local_rank: int) -> None:
 
     # ------------------------------------------------- model and optimizer
     model = build_model(mc, tc, pg, device, autocast_dtype)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer)
-    reducers = build_grad_reducers(model, pg)
+    reducers = build_grad_reducers(model, pg, tc.use_distributed_optimizer)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer, buckets=flat_buckets(reducers))
     start_step, skipped, error = 0, 0, None
     if resume:
         try:  # tensors of another model fail here, on every rank alike

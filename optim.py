@@ -5,20 +5,27 @@ benchmarks (scripts/bench_train.py builds the same optimizer) and with checkpoin
 saves and reloads the optimizer's state, fp32 masters included).
 
     build_optimizer   AdamW, or Muon on the hidden matrices and AdamW on the rest; fp32 master
-                      weights when the model holds bf16 weights
+                      weights when the model holds bf16 weights; the distributed AdamW when given
+                      flat buckets
+    FlatBucket        the distributed optimizer's shard bookkeeping: weights laid end to end in
+                      one flat buffer, the slice of it each rank of a group owns, this rank's
+                      pieces of the weights and their fp32 masters
+    DistributedAdamW  AdamW on this rank's pieces only (ZeRO stage 1)
     newton_schulz     the quintic Newton-Schulz orthogonalisation Muon applies to an update
     LRSchedule        linear warm-up, stable, decay to a floor (cosine, linear or 1 - sqrt),
                       constant after the decay
     lr_schedule       the schedule a run's flags describe, defaults resolved
 
-Shapes: a weight matrix is (A, B); a stack of E_local experts is (E_local, A, B), one matrix each.
+Shapes: a weight matrix is (A, B); a stack of E_local experts is (E_local, A, B), one matrix each;
+a flat bucket is (numel,), numel = S x N for a group of N ranks each owning a shard of S elements.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -164,28 +171,167 @@ def uses_muon(name: str, p: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool | None = None,
-                    kind: str = "adamw") -> torch.optim.Optimizer:
+                    kind: str = "adamw", buckets: list[FlatBucket] = ()) -> torch.optim.Optimizer:
     """AdamW (kind "adamw"), or Muon on the hidden matrices and AdamW on the rest ("muon");
-    weight decay on matrices (embeddings, projections, experts, router), not on norms.
+    weight decay on matrices (embeddings, projections, experts, router), not on norms. Given the
+    flat buckets of the distributed optimizer, AdamW on this rank's shards of them.
 
     On CUDA the fused AdamW kernel (one launch for every tensor of a group, instead of a
     dozen element-wise kernels per tensor) and Newton-Schulz in bf16; on the CPU the
     reference AdamW and fp32, whose rounding the parity and transformers-equality tests are
     written against. A model with bf16 weights gets fp32 master weights."""
+    cuda = next(model.parameters()).is_cuda
+    if fused is None:
+        fused = cuda
+    adamw = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+    if buckets:
+        return DistributedAdamW(buckets, weight_decay, **adamw)
     muon = [p for name, p in model.named_parameters() if kind == "muon" and uses_muon(name, p)]
     rest = [p for p in model.parameters() if id(p) not in {id(q) for q in muon}]
     decay = [p for p in rest if p.dim() >= 2]
     no_decay = [p for p in rest if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    cuda = next(model.parameters()).is_cuda
-    if fused is None:
-        fused = cuda
-    adamw = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
     if kind == "muon":
         return Muon(model, groups, muon, weight_decay, torch.bfloat16 if cuda else torch.float32, **adamw)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return MasterWeightAdamW(model, groups, **adamw)
     return torch.optim.AdamW(groups, **adamw)
+
+
+# ========================================================== distributed optimizer
+class Piece(NamedTuple):
+    """The part of one weight inside this rank's shard of a flat bucket."""
+
+    param: torch.nn.Parameter
+    first: int  # its first element, counted in the weight's flattened elements
+    end: int  # one past its last
+    offset: int  # where it starts in this rank's shard
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.first
+
+
+class FlatBucket:
+    """Weights laid end to end in one flat buffer that the ranks of `group` share out (ZeRO
+    stage 1, Rajbhandari et al. 2020; Megatron-LM's DistributedOptimizer).
+
+    The buffer is padded to a multiple of the group's `size`, so rank r of the group owns the
+    elements [r S, (r + 1) S) with S = numel / size, the same S on every rank; a weight may
+    straddle two or more shards. `pieces` are this rank's parts of the weights and `masters`
+    their fp32 masters: a view into the weight itself when it is fp32 (the update lands in the
+    model directly), a copy when it is bf16. Every rank of the group builds the same bucket from
+    the same weights, so shard r means the same elements everywhere."""
+
+    def __init__(self, params: list[torch.nn.Parameter], group: Any, size: int, rank: int):
+        self.params, self.group, self.size, self.rank = params, group, size, rank
+        self.offsets = [0]  # where each weight starts in the flat buffer
+        for p in params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.numel = -(-self.offsets[-1] // size) * size
+        self.shard_numel = self.numel // size
+        # One dtype per buffer: fp32 if any weight is (a bf16 model's routers), as torch.cat would promote.
+        self.dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
+        begin, end = rank * self.shard_numel, (rank + 1) * self.shard_numel  # this rank's shard
+        self.pieces: list[Piece] = []
+        for p, start in zip(params, self.offsets):
+            lo, hi = max(begin, start), min(end, start + p.numel())  # the weight's overlap with the shard
+            if lo < hi:
+                self.pieces.append(Piece(p, lo - start, hi - start, lo - begin))
+        self.masters: list[torch.nn.Parameter] = []
+        for piece in self.pieces:
+            part = piece.param.detach().view(-1)[piece.first:piece.end]
+            self.masters.append(torch.nn.Parameter(part.float()))  # .float() copies bf16, returns fp32 itself
+
+    def owner(self, p: torch.nn.Parameter) -> int:
+        """The rank of the group whose shard holds the first element of `p`."""
+        return self.offsets[self.index[id(p)]] // self.shard_numel
+
+    def flatten(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+        """(numel,) the tensors (one per weight) end to end in the bucket's dtype; zeros for None and the padding."""
+        flat = torch.zeros(self.numel, dtype=self.dtype, device=self.params[0].device)
+        for t, start in zip(tensors, self.offsets):
+            if t is not None:
+                flat[start:start + t.numel()].copy_(t.reshape(-1))
+        return flat
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The weights' parts of a (numel,) buffer, each shaped like its weight."""
+        return [flat[start:start + p.numel()].view(p.shape) for p, start in zip(self.params, self.offsets)]
+
+    def set_master_grads(self, shard: torch.Tensor) -> None:
+        """shard (S,): this rank's part of the reduced gradients -> its masters' fp32 gradients
+        (None for a weight that got no gradient this step: AdamW leaves it, as it would the whole)."""
+        for piece, m in zip(self.pieces, self.masters):
+            m.grad = None if piece.param.grad is None else shard[piece.offset:piece.offset + piece.numel].float()
+
+    def shard_of(self, tensors: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
+        """(S,) one tensor per piece (None: zeros) laid out as this rank's shard, in `dtype`."""
+        shard = torch.zeros(self.shard_numel, dtype=dtype, device=self.params[0].device)
+        for piece, t in zip(self.pieces, tensors):
+            if t is not None:
+                shard[piece.offset:piece.offset + piece.numel].copy_(t.detach())
+        return shard
+
+
+class DistributedAdamW:
+    """AdamW on this rank's shards of the flat buckets: each rank keeps the moments (and, for bf16
+    weights, the fp32 masters) of 1/N of the weights it holds, N the ranks holding the same
+    weights (DP for dense weights, an expert's replicas for expert weights).
+
+    torch's AdamW steps the masters of the pieces. AdamW is element-wise, so a piece gets
+    exactly the update its elements get inside the whole tensor; weight decay goes to the pieces
+    of matrices, as build_optimizer decides it. The trainer reduce-scatters the gradients onto
+    the masters (FlatBucket.set_master_grads) and, after `step()`, all-gathers the updated
+    shards (weight_shard) over each bucket's group into the model. `state` is keyed by master."""
+
+    def __init__(self, buckets: list[FlatBucket], weight_decay: float, **adamw: Any):
+        self.buckets = buckets
+        pieces = [(piece, m) for fb in buckets for piece, m in zip(fb.pieces, fb.masters)]
+        self.pieces_of: dict[torch.nn.Parameter, list[tuple[Piece, torch.nn.Parameter]]] = {}
+        for piece, m in pieces:
+            self.pieces_of.setdefault(piece.param, []).append((piece, m))
+        groups = [{"params": [m for piece, m in pieces if piece.param.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [m for piece, m in pieces if piece.param.dim() < 2], "weight_decay": 0.0}]
+        self.inner = torch.optim.AdamW(groups, **adamw)
+        self.param_groups, self.state, self.defaults = self.inner.param_groups, self.inner.state, self.inner.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for fb in self.buckets:
+            for p in fb.params:
+                p.grad = None
+            for m in fb.masters:
+                m.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.inner.step()
+
+    def weight_shard(self, fb: FlatBucket) -> torch.Tensor:
+        """(S,) this rank's updated masters in the bucket's dtype (rounded to bf16 for bf16 weights)."""
+        return fb.shard_of(fb.masters, fb.dtype)
+
+    def state_shard(self, fb: FlatBucket, key: str) -> torch.Tensor:
+        """(S,) this rank's part of AdamW's moment `key` in fp32; zeros before the first step."""
+        return fb.shard_of([self.state.get(m, {}).get(key) for m in fb.masters], torch.float32)
+
+    def step_count(self, p: torch.nn.Parameter) -> float | None:
+        """AdamW's step count of weight `p` (every piece of it steps together); None before its first step."""
+        state = self.state.get(self.pieces_of[p][0][1], {})
+        return float(state["step"]) if "step" in state else None
+
+    @torch.no_grad()
+    def load_weight(self, p: torch.nn.Parameter, full: torch.Tensor) -> None:
+        """Set the masters of `p`'s pieces from its whole fp32 value (full: shaped like p)."""
+        for piece, m in self.pieces_of.get(p, []):
+            m.copy_(full.reshape(-1)[piece.first:piece.end])
+
+    def load_state(self, p: torch.nn.Parameter, state: dict) -> None:
+        """Set AdamW's state of `p`'s pieces from its whole state ({"step", "exp_avg", "exp_avg_sq"}, shaped like p)."""
+        for piece, m in self.pieces_of.get(p, []):
+            self.state[m] = {"step": state["step"].clone(), **{k: state[k].reshape(-1)[piece.first:piece.end].clone()
+                                                                for k in ("exp_avg", "exp_avg_sq")}}
 
 
 # ====================================================================== schedule
