@@ -39,7 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import minimal_pretrain as mp  # noqa: E402
-from compare_routing import ONE_THREAD, code_version, cpu_name  # noqa: E402  (scripts/ is on the path)
+from compare_routing import ONE_THREAD, code_version, cpu_name, out_check  # noqa: E402  (scripts/ is on the path)
 from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 # The trainer's default model (D 128, 4 layers, 8 experts top-2, F 256) on shorter sequences,
@@ -202,10 +202,7 @@ def main() -> None:
               (args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}"),
               (args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}"),
               (not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file; give a folder")]
-    taken = [name for name in OUTPUTS if os.path.exists(os.path.join(args.out, name))]
-    checks.append((args.overwrite or not taken,
-                   f"--out {args.out} already holds {', '.join(taken)}; pass --overwrite to replace "
-                   f"{'them' if len(taken) > 1 else 'it'}, or give another folder"))
+    checks.append(out_check(args.out, OUTPUTS, args.overwrite))
     for ok, message in checks:
         if not ok:
             print(f"error: {message}", file=sys.stderr)

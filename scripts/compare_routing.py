@@ -183,6 +183,14 @@ def code_version() -> str:
     return head.stdout.strip() + (" with local changes" if status.stdout.strip() else "")
 
 
+def out_check(out: str, outputs: tuple[str, ...], overwrite: bool) -> tuple[bool, str]:
+    """(ok, error) for --out: a folder that already holds a comparison's outputs (the committed ones in
+    docs/) is replaced only with --overwrite. Shared with compare_optimizers.py."""
+    taken = [name for name in outputs if os.path.exists(os.path.join(out, name))]
+    return (overwrite or not taken, f"--out {out} already holds {', '.join(taken)}; pass --overwrite to replace "
+                                    f"{'them' if len(taken) > 1 else 'it'}, or give another folder")
+
+
 def write_markdown(path: str, results: list[Result], seeds: list[Result], common: list[str], setup: dict,
                    total: float, jobs: int) -> None:
     steps, window, log_interval = setup["steps"], setup["window"], setup["log_interval"]
@@ -309,10 +317,7 @@ def main() -> None:
               (args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}"),
               (args.noise_seeds >= -1, f"--noise-seeds must be >= 0 (-1: the default), got {args.noise_seeds}"),
               (not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file; give a folder")]
-    taken = [name for name in OUTPUTS if os.path.exists(os.path.join(args.out, name))]
-    checks.append((args.overwrite or not taken,
-                   f"--out {args.out} already holds {', '.join(taken)}; pass --overwrite to replace "
-                   f"{'them' if len(taken) > 1 else 'it'}, or give another folder"))
+    checks.append(out_check(args.out, OUTPUTS, args.overwrite))
     for ok, message in checks:
         if not ok:
             print(f"error: {message}", file=sys.stderr)
