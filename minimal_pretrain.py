@@ -66,6 +66,10 @@ class TrainConfig:
     tensor_parallel_size: int = arg(1, "TP ranks splitting heads, FFN columns and the vocabulary")
     pipeline_parallel_size: int = arg(1, "PP stages splitting the layers (1F1B schedule)")
     expert_parallel_size: int = arg(0, "EP ranks splitting the experts; 0 means the TP size")
+    sequence_parallel: bool = arg(False, "with TP: keep the residual stream, norms and router inputs split by "
+                                         "sequence over the TP ranks (all-gather before the column-parallel "
+                                         "projections, reduce-scatter after the row-parallel ones); needs "
+                                         "--tensor-parallel-size > 1 dividing --seq-length")
     num_microbatches: int = arg(1, "micro-batches per step on each DP rank (gradient accumulation)")
     micro_batch_size: int = arg(8, "sequences per micro-batch")
     max_steps: int = arg(400, "optimizer steps")
@@ -223,8 +227,8 @@ FLAG_GROUPS = (
                          "router_score_function", "router_type", "router_aux_loss_type", "router_aux_loss_coef",
                          "router_z_loss_coef", "router_bias_update_rate", "moe_capacity_factor",
                          "router_jitter_noise")),
-    ("parallel layout", ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size",
-                         "num_microbatches", "dist_timeout", "dry_run", "world_size")),
+    ("parallel layout", ("tensor_parallel_size", "sequence_parallel", "pipeline_parallel_size",
+                         "expert_parallel_size", "num_microbatches", "dist_timeout", "dry_run", "world_size")),
     ("data", ("data", "seed", "micro_batch_size")),
     ("optimisation", ("max_steps", "optimizer", "lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule",
                       "lr_decay_fraction", "lr_decay_style", "weight_decay", "grad_clip", "max_skipped_steps",
@@ -416,6 +420,12 @@ def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
     if mc.shared_ffn_hidden_size % tp:
         raise ConfigError(f"--tensor-parallel-size {tp} must divide the shared experts' width "
                           f"(--num-shared-experts x size = {mc.shared_ffn_hidden_size})")
+    if tc.sequence_parallel and tp == 1:
+        raise ConfigError("--sequence-parallel splits the sequence over the TP ranks: it needs "
+                          "--tensor-parallel-size > 1 (or drop --sequence-parallel)")
+    if tc.sequence_parallel and mc.seq_length % tp:
+        raise ConfigError(f"--sequence-parallel: --tensor-parallel-size {tp} must divide --seq-length "
+                          f"({mc.seq_length}) so each TP rank holds an equal slice of every sequence")
     if mc.num_experts > 0:
         if mc.num_experts % ep:
             raise ConfigError(f"--expert-parallel-size {ep} must divide --num-experts ({mc.num_experts})")
@@ -531,17 +541,20 @@ def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int) 
     return g
 
 
-def model_parallel_for(pg: ParallelGroups, mc: ModelConfig) -> ModelParallel:
+def model_parallel_for(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> ModelParallel:
     start, end = stage_layers(mc.num_layers, pg.pp, pg.pp_rank)
     return ModelParallel(tp_group=pg.tp_group, tp_rank=pg.tp_rank, tp_size=pg.tp,
                          ep_group=pg.ep_group, ep_rank=pg.ep_rank, ep_size=pg.ep,
                          layer_start=start, layer_end=end,
-                         first_stage=pg.first_stage, last_stage=pg.last_stage)
+                         first_stage=pg.first_stage, last_stage=pg.last_stage,
+                         sequence_parallel=tc.sequence_parallel)
 
 
-def describe_layout(pg: ParallelGroups, mc: ModelConfig) -> str:
+def describe_layout(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> str:
     """One line per rank: its stage, layers, TP slice and experts (printed once by rank 0)."""
-    lines = [f"layout: world {pg.world_size} = PP {pg.pp} x DP {pg.dp} x TP {pg.tp}, EP {pg.ep}"]
+    sp = (f" with sequence parallelism ({mc.seq_length // pg.tp} of {mc.seq_length} positions per TP rank "
+          f"between layers)" if tc.sequence_parallel else "")
+    lines = [f"layout: world {pg.world_size} = PP {pg.pp} x DP {pg.dp} x TP {pg.tp}{sp}, EP {pg.ep}"]
     e_local = mc.num_experts // pg.ep if mc.num_experts else 0
     for r in range(pg.world_size):
         p, in_stage = divmod(r, pg.dp * pg.tp)
@@ -616,7 +629,8 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
     moe_row = {layer: i for i, layer in enumerate(mc.moe_layers)}
     m = len(micro)
     b, t = micro[0][0].shape
-    shape = (b, t, mc.hidden_size)
+    # Under sequence parallelism each TP rank sends and receives only its slice of the sequence.
+    shape = (b, t // pg.tp if model.par.sequence_parallel else t, mc.hidden_size)
     # Activations and their gradients cross stages in the weights' dtype (bf16 with bf16 weights).
     act_dtype = next(iter(model.layers.values())).input_layernorm.weight.dtype
     width = max(mc.num_experts, 1)
@@ -930,15 +944,16 @@ def sync_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pg:
 
     - dense and expert weights: the reducers' all-reduces (reduce-scatters with the distributed
       optimizer), started during the last backward;
-    - router and q/k-norm weights: also summed over TP (each TP rank saw part of the tokens /
-      heads; sums over TP and DP commute, so the order does not matter). With the distributed
+    - router and q/k-norm weights (and under sequence parallelism every RMSNorm weight): also
+      summed over TP (each TP rank saw part of the tokens / heads / positions; sums over TP and
+      DP commute, so the order does not matter). With the distributed
       optimizer, TP peers (same DP rank) own the same shard of identically laid-out buckets, so
       their pieces of these weights line up."""
     for reducer in reducers:
         reducer.finish()
     if pg.tp > 1:
         partial = [g for p, g in gradient_pieces(model, optimizer) if getattr(p, "tp_partial_grad", False)]
-        bucketed_all_reduce(partial, pg.tp_group)  # sum partial router / q,k-norm grads over TP
+        bucketed_all_reduce(partial, pg.tp_group)  # sum partial router / norm grads over TP
 
 
 def global_grad_norm(grads: list[tuple[torch.nn.Parameter, torch.Tensor]], pg: ParallelGroups, sharded: bool,
@@ -1329,7 +1344,7 @@ def resolve_param_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype:
 def build_model(mc: ModelConfig, tc: TrainConfig, pg: ParallelGroups, device: torch.device,
                 autocast_dtype: torch.dtype | None) -> MoETransformer:
     """This rank's slice of the model, with the expert kernel, recomputation and compilation chosen."""
-    model = MoETransformer(mc, model_parallel_for(pg, mc), seed=tc.seed).to(device)
+    model = MoETransformer(mc, model_parallel_for(pg, mc, tc), seed=tc.seed).to(device)
     dtype = resolve_param_dtype(tc, device)
     for name, p in model.named_parameters():
         # Routers stay fp32: small score differences decide the expert choice (they compute in fp32).
@@ -1552,7 +1567,7 @@ def print_banner(inputs: RunInputs, pg: ParallelGroups, device: torch.device,
                if mc.num_experts else "dense")
     print(f"model: {params_per_stage(mc, 1, 1, 1)[0]:,} parameters, {mc.active_params_per_token():,} active per "
           f"token (embedding lookup excluded) | {mc.num_layers} layers, hidden {mc.hidden_size}, {experts}")
-    layout = describe_layout(pg, mc).split("\n")
+    layout = describe_layout(pg, mc, tc).split("\n")
     print("\n".join(layout[:17] + ([f"  ... {len(layout) - 17} more ranks"] if len(layout) > 17 else [])))
     print(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
     global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp

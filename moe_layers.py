@@ -9,6 +9,7 @@ when num_experts == 0), so an exported model gives the same logits there.
 Shape legend
     B batch (micro-batch) size      T sequence length      D hidden size
     N = B*T tokens                  n tokens this rank routes (N / TP)
+    T/TP the sequence slice of a TP rank between layers under sequence parallelism
     H query heads (on this rank)    Hkv key/value heads    Dh head dim
     E experts                       E_local experts on this rank      K top-k
     F expert hidden size            V vocab (V_local on this rank)
@@ -17,6 +18,10 @@ Shape legend
 Parallelism is optional: every module also runs in one process with no process group.
 With tensor parallelism (TP) q/k/v and gate/up are split by columns, o and down by rows
 (Megatron-LM, Shoeybi et al. 2019); the vocabulary is split for the embedding and LM head.
+With sequence parallelism (SP) the residual stream between those projections is split by
+sequence over the TP ranks as well (Korthikanti et al. 2022): norms and residual adds run on
+(B, T/TP, D) slices, all-gathered before the column-parallel projections and reduce-scattered
+after the row-parallel ones.
 With expert parallelism (EP) each rank holds E / EP experts and tokens travel to them by
 all-to-all (GShard, Lepikhin et al. 2020).
 """
@@ -161,6 +166,7 @@ class ModelParallel:
     layer_end: int = -1  # one past the last; -1 means num_layers
     first_stage: bool = True  # holds the embedding
     last_stage: bool = True  # holds the final norm and the LM head
+    sequence_parallel: bool = False  # residual stream split by sequence over TP: (B, T/TP, D) between layers
 
 
 def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
@@ -266,6 +272,48 @@ class _GatherTokens(torch.autograd.Function):
         return g.chunk(size, dim=0)[rank].contiguous(), None
 
 
+class _GatherSequence(torch.autograd.Function):
+    """All-gather the sequence slices forward (B, T/TP, D) -> (B, T, D); reduce-scatter the gradient
+    backward (each rank's columns gave part of dL/dx of every position: sum, keep this rank's slice).
+
+    The input of a column-parallel layer under sequence parallelism (Korthikanti et al. 2022)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)  # every rank's positions of every sequence
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return _reduce_scatter_sequence(g, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Sum partial outputs and keep this rank's sequence slice forward (B, T, D) -> (B, T/TP, D);
+    all-gather the gradient backward. The output of a row-parallel layer under sequence parallelism."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return _reduce_scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        parts = [torch.empty_like(g) for _ in range(dist.get_world_size(ctx.group))]
+        dist.all_gather(parts, g.contiguous(), group=ctx.group)  # the gradient of every position
+        return torch.cat(parts, dim=1), None
+
+
+def _reduce_scatter_sequence(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """(B, T, D) partial sums on every rank -> (B, T/TP, D) sums of this rank's positions."""
+    chunks = [c.contiguous() for c in x.chunk(dist.get_world_size(group), dim=1)]  # (B, T/TP, D) each
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=group)  # rank r receives the sum of every rank's chunk r
+    return out
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits; the backward sends gradients the reverse way."""
 
@@ -292,6 +340,14 @@ def reduce_from_tp(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
     return x if par.tp_size == 1 else _ReduceFromGroup.apply(x, par.tp_group)
 
 
+def gather_sequence(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    return _GatherSequence.apply(x, par.tp_group)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    return _ReduceScatterSequence.apply(x, par.tp_group)
+
+
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
@@ -313,7 +369,8 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's input columns split over TP ranks; partial sums are all-reduced."""
+    """y = x W^T with W's input columns split over TP ranks; partial sums are all-reduced
+    (reduce-scattered by sequence under sequence parallelism)."""
 
     def __init__(self, in_features: int, out_features: int, par: ModelParallel, std: float = 0.02):
         super().__init__()
@@ -324,7 +381,10 @@ class RowParallelLinear(nn.Module):
         self.weight.init_std = std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp(F.linear(x, self.weight), self.par)  # (..., out)
+        y = F.linear(x, self.weight)  # (B, T, out) this rank's partial sum
+        if self.par.sequence_parallel:
+            return reduce_scatter_sequence(y, self.par)  # (B, T/TP, out): summed over TP, this rank's positions
+        return reduce_from_tp(y, self.par)  # (B, T, out)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -346,6 +406,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.v_local)
         emb = F.embedding(local.masked_fill(outside, 0), self.weight)
         emb = emb.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.par.sequence_parallel:  # exactly one rank gave each row; keep this rank's positions
+            return reduce_scatter_sequence(emb, self.par)  # (B, T/TP, D)
         return reduce_from_tp(emb, self.par)  # (B, T, D): exactly one rank gave each row
 
 
@@ -453,8 +515,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
                 kv_cache: dict | None = None) -> torch.Tensor:
+        # SP: rotary positions and the causal mask need the whole sequence, so attention runs on it
+        x = gather_sequence(x, self.par) if self.par.sequence_parallel else copy_to_tp(x, self.par)  # (B, T, D)
         b, t, _ = x.shape
-        x = copy_to_tp(x, self.par)
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -475,7 +538,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*Dh)
-        return self.o_proj(y)  # (B, T, D)
+        return self.o_proj(y)  # (B, T, D); SP: (B, T/TP, D)
 
 
 # ------------------------------------------------------------------------- dense MLP
@@ -492,8 +555,9 @@ class DenseMLP(nn.Module):
         self.down_proj = RowParallelLinear(width, cfg.hidden_size, par, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tp(x, self.par)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # SP: all-gather the sequence slices (backward: reduce-scatter); else x (backward: all-reduce)
+        x = gather_sequence(x, self.par) if self.par.sequence_parallel else copy_to_tp(x, self.par)  # (B, T, D)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, D); SP: (B, T/TP, D)
 
 
 # ---------------------------------------------------------------------------- router
@@ -862,9 +926,12 @@ class SparseMoELayer(nn.Module):
     Without EP and grouped GEMMs (the CPU), steps 2-4 run in one pass of `_ExpertLoop`: each
     expert gathers its own rows and adds its weighted outputs into their tokens' rows.
     Under TP the ranks hold the same N tokens; each routes only its N/TP slice and the outputs
-    are all-gathered, so no token is computed or counted twice. Decisions that need the whole
-    micro-batch (capacity, expert choice) see every TP rank's scores. The returned losses are
-    this rank's share of the micro-batch losses (they add up over TP ranks)."""
+    are all-gathered, so no token is computed or counted twice. Under sequence parallelism each
+    TP rank already holds only its slice (B, T/TP, D): it routes it and keeps the output, no
+    split, no gather. Decisions that need the whole micro-batch (capacity, expert choice) see
+    every TP rank's scores and rank ties by each token's global index in the micro-batch, so
+    they do not depend on which rank holds a token. The returned losses are this rank's share
+    of the micro-batch losses (they add up over TP ranks)."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
@@ -880,21 +947,23 @@ class SparseMoELayer(nn.Module):
         self.shared_experts = DenseMLP(cfg, par, cfg.shared_ffn_hidden_size) if cfg.num_shared_experts else None
         self.global_counts: torch.Tensor | None = None  # (E,) set by the trainer for global-batch balancing
 
-    def assign(self, r: RouterOutput, n: int, first: int, num_tokens: int) -> tuple[Assignments, torch.Tensor]:
-        """Rows to compute for this rank's n tokens (global indices first .. first+n-1), and drops."""
-        k, e, device = self.top_k, self.num_experts, r.logits.device
+    def assign(self, r: RouterOutput, ids: torch.Tensor, num_tokens: int) -> tuple[Assignments, torch.Tensor]:
+        """Rows to compute for this rank's n tokens, and drops. ids (n,): each token's global index
+        in the micro-batch (b * T + position), which ranks ties and numbers tokens whatever the layout."""
+        k, e, device, n = self.top_k, self.num_experts, r.logits.device, ids.shape[0]
         local = torch.arange(n, device=device)
+        first = n * self.par.tp_rank  # this rank's first row in gather_tp_rows' order (rank after rank)
         dropped = torch.zeros((), dtype=torch.long, device=device)
         if self.router_type == "round-robin":  # token g takes experts gK .. gK+K-1 (mod E), weight 1/K
-            experts = ((local + first)[:, None] * k + torch.arange(k, device=device)) % e  # (n, K)
+            experts = (ids[:, None] * k + torch.arange(k, device=device)) % e  # (n, K)
             weight = torch.full((n * k,), 1.0 / k, device=device)
             return sort_by_expert(local.repeat_interleave(k), experts.reshape(-1), weight, e), dropped
         if self.router_type == "expert-choice":  # each expert takes its C best tokens (Zhou et al. 2022)
             capacity = min(num_tokens, math.ceil((self.capacity_factor or 1.0) * num_tokens * k / e))
             scores = gather_tp_rows(r.scores.detach(), self.par)  # (N, E) the whole micro-batch
-            keys = priority(scores, torch.arange(num_tokens, device=device)[:, None], num_tokens)
-            chosen = keys.topk(capacity, dim=0).indices  # (C, E) each expert's best tokens
-            token = chosen.T.reshape(-1)  # (E*C,) global token ids, expert-major
+            keys = priority(scores, gather_tp_rows(ids, self.par)[:, None], num_tokens)  # (N, E)
+            chosen = keys.topk(capacity, dim=0).indices  # (C, E) each expert's best rows
+            token = chosen.T.reshape(-1)  # (E*C,) rows of the gathered micro-batch, expert-major
             expert = torch.arange(e, device=device).repeat_interleave(capacity)
             mine = (token >= first) & (token < first + n)
             token, expert = token[mine] - first, expert[mine]
@@ -902,18 +971,19 @@ class SparseMoELayer(nn.Module):
         token, expert, weight = local.repeat_interleave(k), r.indices.reshape(-1), r.weights.reshape(-1)
         if self.capacity_factor > 0:
             capacity = math.ceil(self.capacity_factor * num_tokens * k / e)
-            keys = priority(r.scores.gather(1, r.indices).detach(), (local + first)[:, None], num_tokens)  # (n, K)
+            keys = priority(r.scores.gather(1, r.indices).detach(), ids[:, None], num_tokens)  # (n, K)
             keep = capacity_keep_mask(gather_tp_rows(keys, self.par), gather_tp_rows(r.indices, self.par),
                                       capacity, e)[first:first + n].reshape(-1)  # (A,)
             dropped = (~keep).sum()
             token, expert, weight = token[keep], expert[keep], weight[keep]
         return sort_by_expert(token, expert, weight, e), dropped
 
-    def balancing_loss(self, r: RouterOutput, routed: torch.Tensor, first: int, num_tokens: int,
+    def balancing_loss(self, r: RouterOutput, routed: torch.Tensor, ids: torch.Tensor, num_tokens: int,
                        seq_len: int) -> torch.Tensor:
-        """This rank's share of the load-balancing loss of the micro-batch (see README_MOE.md)."""
+        """This rank's share of the load-balancing loss of the micro-batch (see README_MOE.md);
+        ids (n,) the global index of each of this rank's tokens."""
         if self.aux_loss_type == "sequence":
-            seq_of_token = (torch.arange(r.indices.shape[0], device=routed.device) + first) // seq_len  # (n,)
+            seq_of_token = ids // seq_len  # (n,)
             num_seqs = num_tokens // seq_len
             # (sequence, expert) pairs numbered s * E + e, counted like experts
             counts_seq = count_per_expert(seq_of_token[:, None] * self.num_experts + r.indices,
@@ -930,12 +1000,20 @@ class SparseMoELayer(nn.Module):
         return load_balancing_loss(r.probs, r.indices, self.num_experts, counts, num_tokens)
 
     def forward(self, x: torch.Tensor, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x (B, T, D), or this rank's slice (B, T/TP, D) under sequence parallelism -> y of x's shape."""
         b, t, d = x.shape
-        tokens = x.reshape(b * t, d)  # (N, D)
-        if self.par.tp_size > 1:
-            tokens = _SplitTokens.apply(tokens, self.par.tp_group)  # (n, D), n = N / TP
+        tokens = x.reshape(b * t, d)  # (B*t, D)
+        if self.par.sequence_parallel:  # rank r holds positions r*t .. (r+1)*t - 1 of every sequence
+            seq_len = t * self.par.tp_size
+            ids = (torch.arange(b, device=x.device)[:, None] * seq_len + self.par.tp_rank * t
+                   + torch.arange(t, device=x.device)).reshape(-1)  # (n,) n = B*T/TP
+        else:
+            seq_len = t
+            if self.par.tp_size > 1:
+                tokens = _SplitTokens.apply(tokens, self.par.tp_group)  # (n, D), n = N / TP, a contiguous chunk
+            ids = tokens.shape[0] * self.par.tp_rank + torch.arange(tokens.shape[0], device=x.device)  # (n,)
         n = tokens.shape[0]
-        num_tokens, first = n * self.par.tp_size, n * self.par.tp_rank  # N, global index of token 0
+        num_tokens = n * self.par.tp_size  # N
 
         # 1. route
         router_in = tokens
@@ -944,11 +1022,11 @@ class SparseMoELayer(nn.Module):
             gen = torch.Generator(device=x.device).manual_seed(noise_seed % 2**64)  # generators take 64 bits
             noise = torch.empty(num_tokens, d, device=x.device).uniform_(1 - self.jitter, 1 + self.jitter,
                                                                          generator=gen)
-            router_in = tokens * noise[first:first + n].to(tokens.dtype)
+            router_in = tokens * noise[ids].to(tokens.dtype)
         r = self.router(router_in)
-        rows, dropped = self.assign(r, n, first, num_tokens)
+        rows, dropped = self.assign(r, ids, num_tokens)
         routed = count_per_expert(r.indices, self.num_experts)  # (E,)
-        stats = MoEStats(aux_loss=self.balancing_loss(r, routed, first, num_tokens, t),
+        stats = MoEStats(aux_loss=self.balancing_loss(r, routed, ids, num_tokens, seq_len),
                          z_loss=router_z_loss(r.logits, num_tokens), counts=rows.counts.detach(),
                          routed=routed, dropped=dropped)
 
@@ -971,11 +1049,11 @@ class SparseMoELayer(nn.Module):
             y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local  # (A, D)
             weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]
             out = torch.zeros_like(tokens, dtype=y_sorted.dtype).index_add_(0, rows.token, weighted)  # (n, D)
-        if self.par.tp_size > 1:
+        if self.par.tp_size > 1 and not self.par.sequence_parallel:
             out = _GatherTokens.apply(out, self.par.tp_group)  # (N, D)
         out = out.view(b, t, d)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)  # (B, T, D), every token
+            out = out + self.shared_experts(x)  # (B, T, D), every token; SP: (B, T/TP, D), gathered inside
         return out, stats
 
 
@@ -990,9 +1068,13 @@ class MoETransformerBlock(nn.Module):
         self.self_attn = Attention(cfg, par)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoELayer(cfg, par) if self.is_moe else DenseMLP(cfg, par)
+        # SP: each TP rank normalises only its positions, so the norm weights get partial gradients.
+        self.input_layernorm.weight.tp_partial_grad = par.sequence_parallel
+        self.post_attention_layernorm.weight.tp_partial_grad = par.sequence_parallel
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
                 kv_cache: dict | None = None, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """x (B, T, D), or this rank's slice (B, T/TP, D) under sequence parallelism; positions (T,)."""
         x = x + self.self_attn(self.input_layernorm(x), rope, positions, kv_cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
@@ -1004,7 +1086,7 @@ class MoETransformerBlock(nn.Module):
 # ----------------------------------------------------------------------- transformer
 @dataclass
 class ModelOutput:
-    output: torch.Tensor  # last stage: logits (B, T, V_local); other stages: hidden (B, T, D)
+    output: torch.Tensor  # last stage: logits (B, T, V_local); other stages: hidden (B, T, D), SP (B, T/TP, D)
     aux_loss: torch.Tensor  # scalar, sum over this stage's MoE layers (0 when none)
     z_loss: torch.Tensor  # scalar, sum over this stage's MoE layers
     stats: dict[int, MoEStats]  # global layer index -> that MoE layer's stats
@@ -1027,6 +1109,7 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): MoETransformerBlock(cfg, par, i) for i in self.layer_ids})
         if par.last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.norm.weight.tp_partial_grad = par.sequence_parallel  # SP: each rank normalises its positions
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, par, cfg.init_std)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
         self.recompute = False  # set by the trainer: recompute each block's activations in backward
@@ -1038,14 +1121,16 @@ class MoETransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_caches: list[dict] | None = None, noise_seed: int | None = None) -> ModelOutput:
-        """x: token ids (B, T) on the first stage, hidden states (B, T, D) on the others.
+        """x: token ids (B, T) on the first stage, hidden states (B, T, D) on the others
+        (this rank's sequence slice (B, T/TP, D) under sequence parallelism).
 
         noise_seed: seeds router jitter (each layer adds its index), given by the trainer per
         micro-batch so that the noise does not depend on the layout."""
         if self.par.first_stage:
-            x = self.embed_tokens(x)  # (B, T, D)
-        if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device)
+            x = self.embed_tokens(x)  # (B, T, D); SP: (B, T/TP, D)
+        if positions is None:  # of the whole sequence: attention gathers it under SP
+            seq_len = x.shape[1] * (self.par.tp_size if self.par.sequence_parallel else 1)
+            positions = torch.arange(seq_len, device=x.device)
         zero = torch.zeros((), device=x.device)
         aux, z, all_stats = zero, zero, {}
         for j, (name, block) in enumerate(self.layers.items()):
@@ -1061,5 +1146,8 @@ class MoETransformer(nn.Module):
                 aux, z = aux + stats.aux_loss, z + stats.z_loss
                 all_stats[int(name)] = stats
         if self.par.last_stage:
-            x = self.lm_head(copy_to_tp(self.norm(x), self.par))  # (B, T, V_local)
+            h = self.norm(x)  # (B, T, D); SP: (B, T/TP, D)
+            # SP: all-gather the sequence slices (backward: reduce-scatter); else h (backward: all-reduce)
+            h = gather_sequence(h, self.par) if self.par.sequence_parallel else copy_to_tp(h, self.par)  # (B, T, D)
+            x = self.lm_head(h)  # (B, T, V_local)
         return ModelOutput(x, aux, z, all_stats)
