@@ -90,7 +90,7 @@ def state_bytes(dense: int, experts: int, dp: int, expert_replicas: int, bf16: b
 
 # ====================================================================== activations
 def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep: int, el: int,
-                           grouped: bool) -> int:
+                           grouped: bool, sp: bool = False) -> int:
     """What one block saves for backward over `tokens` tokens, in bytes (el: bytes per activation).
 
     Counted tensor by tensor from the code (and checked against saved-tensor hooks on the CPU):
@@ -100,13 +100,21 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
     layer routes tokens / TP tokens on each TP rank and keeps per routed copy (K per token): on
     the expert loop (the CPU, EP 1) gate and up pre-activations and the output; with grouped GEMMs
     or EP the expert input, gate, up, silu(gate), their product and the output. The router keeps
-    fp32 scores, logits, top-k indices and weights, and the sorted token ids."""
+    fp32 scores, logits, top-k indices and weights, and the sorted token ids.
+    Sequence parallelism (`sp`) keeps a norm's input, normalised input and 1/rms (and the MoE
+    layer's whole input) for this rank's tokens / TP positions only; the matmul after a norm
+    still keeps its all-gathered input whole (Megatron re-gathers it in backward instead)."""
     d, dh = mc.hidden_size, mc.head_dim
     h, g = mc.num_attention_heads // tp, mc.num_kv_heads // tp
     norm = el * 3 * d + 4  # input, normalised input, output (kept by the matmul after it), fp32 1/rms
-    attn = norm + el * 4 * (h + g) * dh + 4 * (2 * h + g)  # + 1/rms of q and k per head, log-sum-exp
+    if sp:
+        norm_then_gather = tokens // tp * (norm - el * d) + tokens * el * d
+        norm_then_moe = tokens // tp * norm + (tokens * el * d if mc.num_shared_experts else 0)
+    else:
+        norm_then_gather = norm_then_moe = tokens * norm
+    attn = el * 4 * (h + g) * dh + 4 * (2 * h + g)  # q, k before and after norm / rotary, v, output; 1/rms, lse
     if not mc.is_moe_layer(layer):
-        return tokens * (attn + norm + el * 4 * mc.ffn_hidden_size // tp)
+        return 2 * norm_then_gather + tokens * (attn + el * 4 * mc.ffn_hidden_size // tp)
     k, e, f = mc.num_experts_per_token, mc.num_experts, mc.moe_ffn_hidden_size
     if grouped:
         experts = el * k * (2 * d + 4 * f)
@@ -114,7 +122,7 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
         experts = el * k * (d + 2 * f) + (el * k * d if ep > 1 else 0)  # EP: expert input kept too
     router = 8 * e + 28 * k + 8 + el * k + (4 * d if el == 2 else 0)  # fp32 copy of bf16 router input
     shared = el * 4 * mc.shared_ffn_hidden_size // tp
-    return tokens * (attn + norm + shared) + tokens // tp * (experts + router)
+    return norm_then_gather + norm_then_moe + tokens * (attn + shared) + tokens // tp * (experts + router)
 
 
 @dataclass
@@ -129,18 +137,20 @@ def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: 
     """Activations of one rank of `stage` (el: bytes per activation; grouped: grouped-GEMM experts)."""
     tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
     ep = tc.expert_parallel_size or tp
+    sp = tc.sequence_parallel
     tokens = tc.micro_batch_size * mc.seq_length
+    stream = tokens // tp if sp else tokens  # positions of the residual stream on this rank
     start, end = stage_layers(mc.num_layers, pp, stage)
-    layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped) for i in range(start, end)]
+    layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped, sp) for i in range(start, end)]
     edges = tokens * 8 if stage == 0 else 0  # token ids kept by the embedding
-    if stage == pp - 1:  # final norm, fp32 log-softmax kept by the cross-entropy, targets
-        edges += tokens * (el * 3 * mc.hidden_size + 4 + 4 * mc.vocab_size // tp + 8)
+    if stage == pp - 1:  # final norm (its all-gathered output whole), fp32 log-softmax kept by the cross-entropy, targets
+        edges += stream * (el * 2 * mc.hidden_size + 4) + tokens * (el * mc.hidden_size + 4 * mc.vocab_size // tp + 8)
     # every rank draws the global batch of (input, target) ids (int64) and keeps its micro-batches
     transient = 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)
     if stage == pp - 1:  # the logits and the fp32 gradient of the log-softmax, alive together in backward
         transient += tokens * (el + 4) * mc.vocab_size // tp
     return Activations(per_microbatch=sum(layers) + edges,
-                       per_microbatch_recompute=tokens * el * mc.hidden_size * len(layers) + edges,
+                       per_microbatch_recompute=stream * el * mc.hidden_size * len(layers) + edges,
                        recompute_layer=max(layers, default=0), transient=transient)
 
 
@@ -279,7 +289,8 @@ def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type
     precision = ("bf16 weights, activations and gradients; fp32 masters and AdamW moments" if bf16 else
                  "fp32 weights, activations, gradients and AdamW moments")
     experts = "grouped-GEMM experts" if grouped else "expert loop"
-    lines = [f"dry run: world {world_size} = PP {pp} x DP {dp} x TP {tp}, EP {ep} | planned for {device_type} "
+    sp = " with sequence parallelism" if tc.sequence_parallel else ""
+    lines = [f"dry run: world {world_size} = PP {pp} x DP {dp} x TP {tp}{sp}, EP {ep} | planned for {device_type} "
              f"({precision}; {experts}) | {tc.num_microbatches} micro-batch{'es' if tc.num_microbatches > 1 else ''} of "
              f"{tc.micro_batch_size} x "
              f"{mc.seq_length} tokens per step and DP rank",

@@ -4046,3 +4046,74 @@ def test_distributed_optimizer_checkpoints_reshard(case, zero1_full_runs, tmp_pa
     resumed = run_for_resume(tmp_path, "resumed", nproc, layout, micro, load=interrupted_at_3(tmp_path / "ck"))
     worst = _assert_continues_like(runs[saved], resumed)
     print(f"{case}: max relative loss difference {worst:.2e}")
+
+
+# ---- sequence parallelism (issue 15) ----
+SP = ["--tensor-parallel-size", "2", "--sequence-parallel"]
+# Routing decisions that read a token's global index in the micro-batch: capacity ties, the
+# sequence of a token (sequence-wise aux loss) and its jitter noise; shared experts gather too.
+SP_GLOBAL_INDEX_FLAGS = ["--moe-capacity-factor", "1.0", "--router-aux-loss-type", "sequence",
+                         "--router-jitter-noise", "0.1", "--num-shared-experts", "1"]
+
+
+@pytest.fixture(scope="module")
+def sp_references(tmp_path_factory):
+    """One-process runs (8 sequences per step) and the folder of their checkpoints."""
+    tmp = tmp_path_factory.mktemp("sp_references")
+    return tmp, {"plain": parity_run(tmp, "plain", 1, [], 4),
+                 "global_index": parity_run(tmp, "global_index", 1, [], 4, SP_GLOBAL_INDEX_FLAGS)}
+
+
+@pytest.fixture(scope="module")
+def tp2_sp_run(tmp_path_factory):
+    """TP2 + SP, 4 micro-batches of 2 sequences: the same global batch; and its checkpoint's folder."""
+    tmp = tmp_path_factory.mktemp("tp2_sp")
+    return tmp, parity_run(tmp, "tp2_sp", 2, SP, 4)
+
+
+def test_tp2_sequence_parallel_matches_one_process(sp_references, tp2_sp_run):
+    worst = assert_same_training(sp_references[1]["plain"], tp2_sp_run[1])
+    print(f"tp2_sp: max relative loss difference {worst:.2e}")
+
+
+# name: (ranks, layout flags, micro-batches per DP rank, reference, extra flags)
+SP_LAYOUTS = {
+    "tp2_pp2_dp2_sp": (8, SP + ["--pipeline-parallel-size", "2"], 2, "plain", []),
+    "tp2_sp_capacity_sequence_jitter_shared": (2, SP, 4, "global_index", SP_GLOBAL_INDEX_FLAGS),
+}
+
+
+@pytest.mark.parametrize("name", list(SP_LAYOUTS))
+def test_sequence_parallel_matches_one_process(name, sp_references, tmp_path):
+    nproc, layout, micro, ref, extra = SP_LAYOUTS[name]
+    worst = assert_same_training(sp_references[1][ref], parity_run(tmp_path, name, nproc, layout, micro, extra))
+    print(f"{name}: max relative loss difference {worst:.2e}")
+
+
+def eval_only_loss(checkpoint: Path, nproc: int, layout: list[str]) -> float:
+    r = run_cli(["--load", str(checkpoint), "--eval-only", "--eval-iters", "2", "--no-progress",
+                 "--dist-timeout", "60"] + layout, nproc=nproc)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    line = [x for x in r.stdout.splitlines() if x.startswith("eval-only:")][0]
+    return float(line.split("val loss ")[1].split()[0])
+
+
+def test_checkpoints_load_with_and_without_sequence_parallelism(sp_references, tp2_sp_run):
+    """SP changes no parameter: a TP2 + SP checkpoint evaluates on one process, and the one-process
+    checkpoint under TP2 + SP, both to the one-process checkpoint's own validation loss."""
+    reference_dir, sp_dir = sp_references[0], tp2_sp_run[0]
+    want = eval_only_loss(reference_dir / "plain", 1, [])
+    assert math.isclose(eval_only_loss(sp_dir / "tp2_sp", 1, []), want, rel_tol=1e-4)
+    assert math.isclose(eval_only_loss(reference_dir / "plain", 2, SP), want, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--sequence-parallel"], "--tensor-parallel-size > 1"),
+    (SP + ["--seq-length", "15"], "must divide --seq-length (15)"),
+])
+def test_sequence_parallel_without_tp_or_with_an_odd_sequence_exits_2_at_once(flags, words):
+    start = time.time()
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2"] + flags, timeout=60,
+                env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert_clean_refusal(r, words)
+    assert time.time() - start < 30
