@@ -4117,3 +4117,16 @@ def test_sequence_parallel_without_tp_or_with_an_odd_sequence_exits_2_at_once(fl
                 env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
     assert_clean_refusal(r, words)
     assert time.time() - start < 30
+
+
+def test_sequence_parallel_activation_estimate_is_within_5_percent_of_what_2_ranks_keep():
+    """memory.py's activations per TP rank, with and without SP, against saved-tensor hooks on 2 gloo ranks."""
+    import bench_activation_memory as bench
+    kw = dict(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=8, num_kv_heads=4,
+              ffn_hidden_size=256, moe_ffn_hidden_size=128, num_experts=8, num_experts_per_token=2,
+              moe_layer_interval=2, seq_length=64)
+    kept = {sp: max(bench.measure(2, sp, kw, 4)) for sp in (False, True)}
+    for sp, measured in kept.items():
+        estimate = bench.estimate(ModelConfig(**kw), 2, sp, 4)
+        assert abs(estimate - measured) <= 0.05 * measured, (sp, estimate, measured)
+    assert kept[True] < 0.9 * kept[False]
