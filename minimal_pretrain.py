@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 import checkpoint as ckpt_io
 from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
-from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, optimizer_bytes_per_rank,
-                    params_per_stage)
+from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, layers_text,
+                    optimizer_bytes_per_rank, params_per_stage)
 from metrics import RunLog, print_run_summary
 from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm, chunk_layers,
                         stage_layers, vocab_parallel_cross_entropy)
@@ -554,12 +554,6 @@ def model_parallel_for(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> 
                          chunks=tuple(chunks) if len(chunks) > 1 else ())
 
 
-def chunks_text(chunks: list[tuple[int, int]]) -> str:
-    """`layers 0-3`, or with interleaving `chunks 0-1, 4-5` (each chunk's first and last layer)."""
-    ranges = ", ".join(f"{start}-{end - 1}" if end - start > 1 else f"{start}" for start, end in chunks)
-    return f"chunks {ranges}" if len(chunks) > 1 else f"layers {ranges}"
-
-
 def describe_layout(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> str:
     """One line per rank: its stage, layers (each chunk's under interleaving), TP slice and experts
     (printed once by rank 0)."""
@@ -574,7 +568,7 @@ def describe_layout(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> str
         chunks = chunk_layers(mc.num_layers, pg.pp, p, tc.num_layers_per_virtual_stage)
         e = in_stage % pg.ep
         experts = f"experts {e * e_local}-{(e + 1) * e_local - 1}" if e_local else "dense"
-        lines.append(f"  rank {r}: stage {p} {chunks_text(chunks)} | dp {d} | tp {t}/{pg.tp} | {experts}")
+        lines.append(f"  rank {r}: stage {p} {layers_text(chunks)} | dp {d} | tp {t}/{pg.tp} | {experts}")
     return "\n".join(lines)
 
 
