@@ -1208,7 +1208,7 @@ def bits_per_byte(corpus: Corpus, loss: float) -> float | None:
 def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
                micro: list[tuple[torch.Tensor, torch.Tensor]], pg: ParallelGroups, mc: ModelConfig,
                tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None,
-               step: int) -> tuple[StepStats, torch.Tensor, bool]:
+               step: int, timer: PipelineTimer | None = None) -> tuple[StepStats, torch.Tensor, bool]:
     """One optimizer step on this rank's micro-batches: what the trainer runs and the benchmarks time.
 
     Set the learning rate -> (global-batch balancing: route every micro-batch first) ->
@@ -1216,7 +1216,8 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     with the distributed optimizer) -> global norm -> clip and the optimizer step (AdamW or Muon;
     with the distributed optimizer, then the all-gather of the updated weights), or skip the
     update when the norm is not finite -> expert-bias update.
-    Returns this rank's step statistics, the global gradient norm and whether the update was applied."""
+    Returns this rank's step statistics, the global gradient norm and whether the update was applied.
+    `timer` (scripts/bench_pipeline.py) times the forward and backward pipeline and its p2p waits."""
     for group in optimizer.param_groups:
         group["lr"] = tc.schedule().at(step)
     optimizer.zero_grad(set_to_none=True)
@@ -1226,7 +1227,7 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
         pre = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=False, step=step)
         set_global_batch_counts(model, mc, global_expert_counts(pre, pg, routed=True))
     stats = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=True, step=step,
-                             reducers=reducers)
+                             reducers=reducers, timer=timer)
     sync_gradients(model, optimizer, pg, reducers)
     sharded = isinstance(optimizer, DistributedAdamW)
     grads = gradient_pieces(model, optimizer)
