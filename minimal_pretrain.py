@@ -32,7 +32,7 @@ from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_
                     optimizer_bytes_per_rank, params_per_stage)
 from metrics import RunLog, print_run_summary
 from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm, chunk_layers,
-                        stage_layers, vocab_parallel_cross_entropy)
+                        stage_layers, vocab_parallel_cross_entropy)  # noqa: F401 (stage_layers: tests read it here)
 from optim import DistributedAdamW, FlatBucket, LRSchedule, build_optimizer, lr_schedule
 
 
@@ -135,8 +135,8 @@ class TrainConfig:
                      "max_steps", "log_interval", "eval_iters", "max_skipped_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("expert_parallel_size", "num_layers_per_virtual_stage", "lr_decay_steps", "eval_interval", "save_interval", "keep_last",
-                     "world_size"):
+        for name in ("expert_parallel_size", "num_layers_per_virtual_stage", "lr_decay_steps", "eval_interval",
+                     "save_interval", "keep_last", "world_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         # `not x >= 0` is also true for NaN, which argparse's float() accepts.
@@ -661,7 +661,8 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
                       counts=torch.zeros(n_moe, width, device=device), routed=torch.zeros(n_moe, width, device=device),
                       dropped=torch.zeros(n_moe, device=device))
     last_chunk = len(model.chunks) - 1
-    saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}  # (chunk, i) ->
+    # (chunk, micro-batch) -> its (input, output, loss), kept from its forward for its backward
+    saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
 
     def forward_step(i: int, inp: torch.Tensor | None, chunk: int = 0) -> torch.Tensor:
         x, y = micro[i]
@@ -864,8 +865,10 @@ def run_interleaved(pg: ParallelGroups, chunks: int, num_micro: int, train: bool
                 in_grad = backward_step(st.micro, grad, st.chunk)
                 send_prev = in_grad if step_target(pp, chunks, rank, st) is not None else None
         # What the neighbours produced for this rank in this slot (at most one forward, one backward each).
-        fwd_in = [st for st in tick_at[prev].get(slot, []) if st.kind == "F" and step_target(pp, chunks, prev, st) == rank]
-        bwd_in = [st for st in tick_at[nxt].get(slot, []) if st.kind == "B" and step_target(pp, chunks, nxt, st) == rank]
+        fwd_in = [st for st in tick_at[prev].get(slot, [])
+                  if st.kind == "F" and step_target(pp, chunks, prev, st) == rank]
+        bwd_in = [st for st in tick_at[nxt].get(slot, [])
+                  if st.kind == "B" and step_target(pp, chunks, nxt, st) == rank]
         if send_next is None and send_prev is None and not fwd_in and not bwd_in:
             continue
         from_prev, from_next = exchange(send_next=send_next, send_prev=send_prev, recv_prev=bool(fwd_in),
