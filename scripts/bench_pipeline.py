@@ -80,7 +80,8 @@ def print_table(args: argparse.Namespace, every: list[dict]) -> None:
     theory = {"1F1B": (pp - 1) / (m + pp - 1), f"interleaved, {v} chunks": (pp - 1) / (v * m + pp - 1)}
     print(f"PP {pp}, {m} micro-batches of {args.micro_batch_size} x {args.seq_length} tokens, {args.num_layers} layers "
           f"(hidden {args.hidden_size}, 8 experts top-2), one CPU thread per rank, gloo, {args.steps} timed steps "
-          f"after {args.warmup}; torch {torch.__version__}, {os.cpu_count()} CPUs")
+          f"after {args.warmup}; torch {torch.__version__}, {os.cpu_count()} CPUs, load average now "
+          f"{os.getloadavg()[0]:.1f} (above {os.cpu_count()}: ranks wait for a core, not only for each other)")
     header = ["schedule"] + [f"rank {r} idle" for r in range(pp)] + ["mean idle", "theory", "s / step"]
     rows = []
     for name, bubble in theory.items():
