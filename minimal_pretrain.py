@@ -615,11 +615,13 @@ def p2p(pg: ParallelGroups, send_next: torch.Tensor | None = None, send_prev: to
 
 @dataclass
 class PipelineTimer:
-    """Seconds one rank spent in run_microbatches and, of those, waiting in p2p (given only by
-    scripts/bench_pipeline.py: the trainer passes none and pays nothing)."""
+    """Seconds one rank spent in run_microbatches and, of those, waiting in p2p; and the CPU
+    seconds of each forward and backward step (given only by scripts/bench_pipeline.py: the
+    trainer passes none and pays nothing)."""
 
     total: float = 0.0
     wait: float = 0.0
+    steps: list[tuple[str, int, int, float]] = field(default_factory=list)  # (kind, chunk, micro, CPU s)
 
 
 @dataclass
@@ -711,6 +713,17 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
                 grads.append(torch.ones_like(loss))
             torch.autograd.backward(tensors, grads)
         return inp.grad if inp is not None else None
+
+    def timed(kind: str, run_step: Callable[..., Any]) -> Callable[..., Any]:
+        def run(i: int, x: torch.Tensor | None, chunk: int = 0) -> Any:
+            start = time.thread_time()  # this thread's CPU time: not inflated by waiting for a core
+            result = run_step(i, x, chunk)
+            timer.steps.append((kind, chunk, i, time.thread_time() - start))
+            return result
+        return run
+
+    if timer is not None:
+        forward_step, backward_step = timed("F", forward_step), timed("B", backward_step)
 
     def exchange(**kw: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if timer is None:

@@ -8,13 +8,18 @@ Spawns PP processes (one CPU thread each, gloo) and runs the trainer's own step,
 with --chunks chunks per rank (--num-layers-per-virtual-stage = layers / (PP x chunks)). Each
 rank times its pipeline schedule (run_microbatches: every forward, backward and p2p exchange of
 the step) and, inside it, the time it waits in p2p; its idle fraction is wait / schedule time,
-summed over the timed steps. Beside it, the bubble that theory predicts when the forward and
-backward of every chunk take equal time and p2p costs nothing (Narayanan et al. 2021):
-plain (PP - 1) / (M + PP - 1), interleaved (PP - 1) / (V M + PP - 1).
+summed over the timed steps. The measured wait also holds the transfers themselves and the
+uneven work of the stages (the first holds the embedding, the last the LM head and the loss),
+and CPU ranks that share cores wait for a core too: give each rank a core of its own (PP cores,
+or more) for a clean figure.
 
-The measured wait also holds the transfers themselves and the uneven work of the stages (the
-first holds the embedding, the last the LM head and the loss), and CPU ranks that share cores
-slow each other down: give each rank a core of its own (PP cores, or more) for a clean figure.
+Two figures that CPU sharing does not blur stand beside it:
+  replayed  each forward and backward step also records its CPU time (time.thread_time); the
+            schedule is replayed with those times, each step starting when its rank is free and
+            its input made, p2p free: the idle fraction with a core per rank and the stages'
+            real, uneven costs;
+  theory    the bubble when every chunk's forward and backward take equal time (Narayanan et
+            al. 2021): plain (PP - 1) / (M + PP - 1), interleaved (PP - 1) / (V M + PP - 1).
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ import torch.multiprocessing as mp_spawn
 
 # `python scripts/bench_pipeline.py` puts scripts/ on the path, not the repository root.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minimal_pretrain import (PipelineTimer, TrainConfig, build_grad_reducers, build_model,  # noqa: E402
-                              build_process_groups, local_microbatches, train_step)
+from minimal_pretrain import (PipelineTimer, PipeStep, TrainConfig, build_grad_reducers, build_model,  # noqa: E402
+                              build_process_groups, interleaved_ticks, local_microbatches, step_source, train_step)
 from moe_layers import ModelConfig  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 
 
-def idle_fractions(rank: int, args: argparse.Namespace, layers_per_chunk: int) -> tuple[float, float]:
-    """(idle fraction, schedule seconds per step) of this rank over the timed steps of one schedule."""
+def idle_fractions(rank: int, args: argparse.Namespace, layers_per_chunk: int) -> tuple[float, float, dict]:
+    """(idle fraction, schedule seconds per step, {(kind, chunk, micro): mean CPU seconds}) of this
+    rank over the timed steps of one schedule."""
     mc = ModelConfig(vocab_size=256, hidden_size=args.hidden_size, num_layers=args.num_layers,
                      num_attention_heads=8, num_kv_heads=4, ffn_hidden_size=4 * args.hidden_size,
                      moe_ffn_hidden_size=args.hidden_size, num_experts=8, num_experts_per_token=2,
@@ -58,7 +64,40 @@ def idle_fractions(rank: int, args: argparse.Namespace, layers_per_chunk: int) -
         micro = local_microbatches(tokens[:, :-1], tokens[:, 1:], pg, tc, device)
         train_step(model, optimizer, reducers, micro, pg, mc, tc, device, None, step,
                    timer=timer if step >= args.warmup else None)
-    return timer.wait / timer.total, timer.total / args.steps
+    cpu: dict[PipeStep, float] = {}
+    for kind, chunk, micro_index, seconds in timer.steps:
+        key = PipeStep(kind, chunk, micro_index)
+        cpu[key] = cpu.get(key, 0.0) + seconds / args.steps
+    return timer.wait / timer.total, timer.total / args.steps, cpu
+
+
+def plain_order(pp: int, rank: int, m: int) -> list[PipeStep]:
+    """1F1B's order on `rank` (run_microbatches): PP - rank - 1 warm-up forwards, then one forward
+    and one backward in turn, then the remaining backwards."""
+    warmup = min(pp - rank - 1, m)
+    order = [PipeStep("F", 0, i) for i in range(warmup)]
+    for i in range(warmup, m):
+        order += [PipeStep("F", 0, i), PipeStep("B", 0, i - warmup)]
+    return order + [PipeStep("B", 0, i) for i in range(m - warmup, m)]
+
+
+def replayed_idle(orders: list[list[PipeStep]], cpu: list[dict], chunks: int) -> list[float]:
+    """Each rank's idle fraction when every step takes its CPU time and p2p is free: a step starts
+    when its rank has finished the step before it and the step making its input has finished."""
+    pp = len(orders)
+    finish: dict[tuple[int, PipeStep], float] = {}
+    free, busy, place = [0.0] * pp, [0.0] * pp, [0] * pp
+    while any(place[r] < len(orders[r]) for r in range(pp)):
+        for r in range(pp):
+            while place[r] < len(orders[r]):
+                step = orders[r][place[r]]
+                source = step_source(pp, chunks, r, step)
+                if source is not None and source not in finish:
+                    break  # its input comes later: another rank moves first
+                free[r] = finish[r, step] = max(free[r], finish[source] if source else 0.0) + cpu[r][step]
+                busy[r] += cpu[r][step]
+                place[r] += 1
+    return [1 - busy[r] / free[r] for r in range(pp)]
 
 
 def worker(rank: int, args: argparse.Namespace, port: int) -> None:
@@ -78,17 +117,23 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
 def print_table(args: argparse.Namespace, every: list[dict]) -> None:
     pp, m, v = args.pp, args.num_microbatches, args.chunks
     theory = {"1F1B": (pp - 1) / (m + pp - 1), f"interleaved, {v} chunks": (pp - 1) / (v * m + pp - 1)}
+    orders = {"1F1B": ([plain_order(pp, r, m) for r in range(pp)], 1),
+              f"interleaved, {v} chunks": ([[s for tick in interleaved_ticks(pp, r, v, m) for s in tick]
+                                            for r in range(pp)], v)}
     print(f"PP {pp}, {m} micro-batches of {args.micro_batch_size} x {args.seq_length} tokens, {args.num_layers} layers "
           f"(hidden {args.hidden_size}, 8 experts top-2), one CPU thread per rank, gloo, {args.steps} timed steps "
           f"after {args.warmup}; torch {torch.__version__}, {os.cpu_count()} CPUs, load average now "
           f"{os.getloadavg()[0]:.1f} (above {os.cpu_count()}: ranks wait for a core, not only for each other)")
-    header = ["schedule"] + [f"rank {r} idle" for r in range(pp)] + ["mean idle", "theory", "s / step"]
+    header = (["schedule"] + [f"rank {r} idle" for r in range(pp)] + ["mean idle"]
+              + [f"rank {r} replayed" for r in range(pp)] + ["mean replayed", "theory", "s / step"])
     rows = []
     for name, bubble in theory.items():
         idle = [every[r][name][0] for r in range(pp)]
         seconds = max(every[r][name][1] for r in range(pp))
-        rows.append([name] + [f"{x:.3f}" for x in idle] + [f"{sum(idle) / pp:.3f}", f"{bubble:.3f}",
-                                                           f"{seconds:.3f}"])
+        replayed = replayed_idle(orders[name][0], [every[r][name][2] for r in range(pp)], orders[name][1])
+        rows.append([name] + [f"{x:.3f}" for x in idle] + [f"{sum(idle) / pp:.3f}"]
+                    + [f"{x:.3f}" for x in replayed] + [f"{sum(replayed) / pp:.3f}", f"{bubble:.3f}",
+                                                        f"{seconds:.3f}"])
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(" --- " for _ in header) + "|")
     for row in rows:
