@@ -184,7 +184,6 @@ def chunk_layers(num_layers: int, pp: int, stage: int, layers_per_chunk: int = 0
     return [((v * pp + stage) * n, (v * pp + stage + 1) * n) for v in range(num_layers // (pp * n))]
 
 
-
 # ------------------------------------------------- parameters that know their full shape
 def mark_sharded(p: nn.Parameter, full_shape: tuple[int, ...], dim: int, rank: int, size: int,
                  kind: str) -> nn.Parameter:
@@ -1070,8 +1069,8 @@ class MoETransformer(nn.Module):
         zero = torch.zeros((), device=x.device)
         aux, z, all_stats = zero, zero, {}
         for j, layer in enumerate(range(*self.chunks[chunk])):
-            name, block = str(layer), self.layers[str(layer)]
-            seed = None if noise_seed is None else noise_seed * 1009 + int(name)
+            block = self.layers[str(layer)]
+            seed = None if noise_seed is None else noise_seed * 1009 + layer
             if self.recompute and self.training and torch.is_grad_enabled():
                 # Activation checkpointing: keep only the block's input, rerun it during backward
                 # (with the same noise seed, so the rerun routes exactly as the forward did).
@@ -1081,7 +1080,7 @@ class MoETransformer(nn.Module):
                 x, stats = block(x, self.rope, positions, kv_caches[j] if kv_caches is not None else None, seed)
             if stats is not None:
                 aux, z = aux + stats.aux_loss, z + stats.z_loss
-                all_stats[int(name)] = stats
+                all_stats[layer] = stats
         if self.par.last_stage and chunk == len(self.chunks) - 1:
             x = self.lm_head(copy_to_tp(self.norm(x), self.par))  # (B, T, V_local)
         return ModelOutput(x, aux, z, all_stats)
