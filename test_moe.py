@@ -4120,6 +4120,9 @@ INTERLEAVED_LAYOUTS = {
                          "layers8", ["--num-layers", "8"]),
     "pp4_2chunks_all_warmup": (4, ["--pipeline-parallel-size", "4", "--num-layers-per-virtual-stage", "1"], 4,
                                "layers8", ["--num-layers", "8"]),
+    # DP2: the ring's neighbours are a stage apart (2 ranks); 2 micro-batches per DP rank = PP
+    "dp2_pp2_2chunks": (4, ["--pipeline-parallel-size", "2", "--num-layers-per-virtual-stage", "2"], 2,
+                        "layers8", ["--num-layers", "8"]),
     # MoE layers 2 and 5: chunks 1, 6 | 2, 7 hold one each; ranks 0 and 3 none at all
     "pp4_2chunks_moe_interval3": (4, ["--pipeline-parallel-size", "4", "--num-layers-per-virtual-stage", "1"], 8,
                                   "layers8_interval3", ["--num-layers", "8", "--moe-layer-interval", "3"]),
