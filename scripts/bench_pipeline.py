@@ -1,7 +1,6 @@
 """Idle fraction of each pipeline rank: plain 1F1B vs the interleaved schedule, on CPU ranks (gloo).
 
     python scripts/bench_pipeline.py                       # PP 4, 8 micro-batches, 2 chunks per rank
-    python scripts/bench_pipeline.py --pp 4 --num-microbatches 16 --chunks 4 --num-layers 16
 
 Spawns PP processes (one CPU thread each, gloo) and runs the trainer's own step,
 `minimal_pretrain.train_step`, first with one chunk of layers per rank (plain 1F1B), then
