@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moe_layers import ModelConfig, ModelParallel, MoETransformer, stage_layers
+from moe_layers import ModelConfig, ModelParallel, MoETransformer, chunk_layers
 
 if TYPE_CHECKING:
     from minimal_pretrain import TrainConfig
@@ -46,26 +46,33 @@ class NotEnoughMemory(ValueError):
 
 
 # ============================================================== parameters and state
-def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int) -> list[int]:
-    """Parameters one rank of each pipeline stage holds (TP and EP slices), without building the model."""
+def stage_layer_ids(mc: ModelConfig, pp: int, stage: int, layers_per_chunk: int = 0) -> list[int]:
+    """The layers a rank of `stage` builds: its one chunk, or every chunk of the interleaved schedule."""
+    return [i for start, end in chunk_layers(mc.num_layers, pp, stage, layers_per_chunk) for i in range(start, end)]
+
+
+def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int, layers_per_chunk: int = 0) -> list[int]:
+    """Parameters one rank of each pipeline stage holds (TP and EP slices, all its model chunks),
+    without building the model."""
     d, dh = mc.hidden_size, mc.head_dim
     attn = d * dh * (2 * mc.num_attention_heads + 2 * mc.num_kv_heads) // tp + 2 * dh + 2 * d
     moe = d * mc.num_experts + 3 * d * mc.moe_ffn_hidden_size * mc.num_experts // ep \
         + 3 * d * mc.shared_ffn_hidden_size // tp
     counts = []
     for stage in range(pp):
-        start, end = stage_layers(mc.num_layers, pp, stage)
-        n = sum(attn + (moe if mc.is_moe_layer(i) else 3 * d * mc.ffn_hidden_size // tp) for i in range(start, end))
+        n = sum(attn + (moe if mc.is_moe_layer(i) else 3 * d * mc.ffn_hidden_size // tp)
+                for i in stage_layer_ids(mc, pp, stage, layers_per_chunk))
         n += mc.vocab_size * d // tp if stage == 0 else 0  # input embedding
         n += mc.vocab_size * d // tp + d if stage == pp - 1 else 0  # LM head and final norm
         counts.append(n)
     return counts
 
 
-def expert_params_per_stage(mc: ModelConfig, pp: int, ep: int) -> list[int]:
+def expert_params_per_stage(mc: ModelConfig, pp: int, ep: int, layers_per_chunk: int = 0) -> list[int]:
     """The expert weights among them (E / EP experts of each MoE layer of the stage)."""
     per_layer = 3 * mc.hidden_size * mc.moe_ffn_hidden_size * mc.num_experts // ep
-    return [per_layer * sum(mc.is_moe_layer(i) for i in range(*stage_layers(mc.num_layers, pp, s))) for s in range(pp)]
+    return [per_layer * sum(mc.is_moe_layer(i) for i in stage_layer_ids(mc, pp, s, layers_per_chunk))
+            for s in range(pp)]
 
 
 @dataclass
@@ -140,8 +147,8 @@ def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: 
     sp = tc.sequence_parallel
     tokens = tc.micro_batch_size * mc.seq_length
     stream = tokens // tp if sp else tokens  # positions of the residual stream on this rank
-    start, end = stage_layers(mc.num_layers, pp, stage)
-    layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped, sp) for i in range(start, end)]
+    layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped, sp)
+              for i in stage_layer_ids(mc, pp, stage, tc.num_layers_per_virtual_stage)]
     edges = tokens * 8 if stage == 0 else 0  # token ids kept by the embedding
     if stage == pp - 1:  # final norm (its all-gathered output whole), fp32 log-softmax kept by the cross-entropy, targets
         edges += stream * (el * 2 * mc.hidden_size + 4) + tokens * (el * mc.hidden_size + 4 * mc.vocab_size // tp + 8)
@@ -154,9 +161,17 @@ def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: 
                        recompute_layer=max(layers, default=0), transient=transient)
 
 
-def in_flight(pp: int, stage: int, num_microbatches: int) -> int:
-    """Micro-batches whose activations a stage holds at once under 1F1B: PP - stage (warm-up + 1)."""
-    return min(pp - stage, num_microbatches)
+def in_flight(pp: int, stage: int, num_microbatches: int, chunks: int = 1) -> float:
+    """Micro-batches whose activations a stage holds at once under 1F1B: PP - stage (warm-up + 1).
+
+    Interleaved (`chunks` > 1): warm-up + 1 chunk-sized pieces, Megatron's warm-up of
+    (PP - stage - 1) * 2 + (chunks - 1) * PP forwards (all M * chunks when M == PP); a piece
+    holds 1/chunks of the stage's layers, so the count is in whole micro-batches of the stage."""
+    if chunks == 1:
+        return min(pp - stage, num_microbatches)
+    total = num_microbatches * chunks
+    warmup = total if num_microbatches == pp else min(total, (pp - stage - 1) * 2 + (chunks - 1) * pp)
+    return min(warmup + 1, total) / chunks
 
 
 # ============================================================================ a stage
@@ -167,20 +182,20 @@ class StagePlan:
 
     stage: int
     ranks: tuple[int, int]  # first and last global rank of the stage
-    layers: tuple[int, int]  # [start, end)
+    layers: list[tuple[int, int]]  # [start, end) of each model chunk (one without interleaving)
     dense_params: int  # replicated over DP (TP slices of attention, dense MLPs, embeddings, routers)
     expert_params: int  # this rank's experts
     experts_per_rank: int
     expert_replicas: int  # ranks of the stage holding the same experts
     state: StateBytes
     activations: Activations
-    in_flight: int
+    in_flight: float  # micro-batches of this stage's activations alive at once
 
     def total(self, distributed: bool = False, recompute: bool = False) -> int:
         optimizer = self.state.distributed_optimizer if distributed else self.state.optimizer
         a = self.activations
-        acts = (a.per_microbatch_recompute * self.in_flight + a.recompute_layer if recompute
-                else a.per_microbatch * self.in_flight)
+        acts = int(a.per_microbatch_recompute * self.in_flight + a.recompute_layer if recompute
+                   else a.per_microbatch * self.in_flight)
         return self.state.weights + self.state.gradients + optimizer + acts + a.transient
 
 
@@ -191,20 +206,21 @@ def stage_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, stage: int, d
     dp = world_size // (tp * pp)
     replicas = dp * tp // ep
     per_stage = dp * tp
+    chunks = chunk_layers(mc.num_layers, pp, stage, tc.num_layers_per_virtual_stage)
     return StagePlan(stage=stage, ranks=(stage * per_stage, (stage + 1) * per_stage - 1),
-                     layers=stage_layers(mc.num_layers, pp, stage), dense_params=dense, expert_params=experts,
+                     layers=chunks, dense_params=dense, expert_params=experts,
                      experts_per_rank=mc.num_experts // ep if mc.num_experts else 0, expert_replicas=replicas,
                      state=state_bytes(dense, experts, dp, replicas, bf16),
                      activations=activation_bytes(mc, tc, stage, dp, 2 if bf16 else 4, grouped),
-                     in_flight=in_flight(pp, stage, tc.num_microbatches))
+                     in_flight=in_flight(pp, stage, tc.num_microbatches, len(chunks)))
 
 
 def formula_plans(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool, grouped: bool) -> list[StagePlan]:
     """The plan of every stage by formula (no model built)."""
     tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
     ep = tc.expert_parallel_size or tp
-    totals = params_per_stage(mc, tp, pp, ep)
-    experts = expert_params_per_stage(mc, pp, ep)
+    totals = params_per_stage(mc, tp, pp, ep, tc.num_layers_per_virtual_stage)
+    experts = expert_params_per_stage(mc, pp, ep, tc.num_layers_per_virtual_stage)
     return [stage_bytes(mc, tc, world_size, s, totals[s] - experts[s], experts[s], bf16, grouped) for s in range(pp)]
 
 
@@ -253,12 +269,14 @@ def check_memory(mc: ModelConfig, tc: TrainConfig, world_size: int, local_rank: 
 
 # =========================================================================== --dry-run
 def built_params(mc: ModelConfig, tc: TrainConfig, stage: int) -> tuple[int, int]:
-    """(dense, expert) parameters of rank 0 of `stage` (TP rank 0, EP rank 0), counted on the model
-    built for it on the meta device: shapes without storage, so a 100B model takes seconds."""
+    """(dense, expert) parameters of rank 0 of `stage` (TP rank 0, EP rank 0, all its model chunks),
+    counted on the model built for it on the meta device: shapes without storage, so a 100B model
+    takes seconds."""
     tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
-    start, end = stage_layers(mc.num_layers, pp, stage)
-    par = ModelParallel(tp_size=tp, ep_size=tc.expert_parallel_size or tp, layer_start=start, layer_end=end,
-                        first_stage=stage == 0, last_stage=stage == pp - 1)
+    chunks = chunk_layers(mc.num_layers, pp, stage, tc.num_layers_per_virtual_stage)
+    par = ModelParallel(tp_size=tp, ep_size=tc.expert_parallel_size or tp, layer_start=chunks[0][0],
+                        layer_end=chunks[-1][1], first_stage=stage == 0, last_stage=stage == pp - 1,
+                        chunks=tuple(chunks) if len(chunks) > 1 else ())
     with torch.device("meta"):
         model = MoETransformer(mc, par, seed=tc.seed)
     experts = sum(p.numel() for p in model.parameters() if getattr(p, "shard_kind", None) == "ep")
@@ -274,6 +292,12 @@ def plan_stages(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool, g
     return plans
 
 
+def layers_text(chunks: list[tuple[int, int]]) -> str:
+    """`layers 0-3`, or with interleaving `chunks 0-1, 4-5` (each chunk's first and last layer)."""
+    ranges = ", ".join(f"{start}-{end - 1}" if end - start > 1 else f"{start}" for start, end in chunks)
+    return f"chunks {ranges}" if len(chunks) > 1 else f"layers {ranges}"
+
+
 def gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
@@ -286,6 +310,7 @@ def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type
     dp = world_size // (tp * pp)
     grouped = device_type == "cuda"
     plans = plan_stages(mc, tc, world_size, bf16, grouped)
+    schedule = "interleaved 1F1B" if len(plans[0].layers) > 1 else "1F1B"
     precision = ("bf16 weights, activations and gradients; fp32 masters and AdamW moments" if bf16 else
                  "fp32 weights, activations, gradients and AdamW moments")
     experts = "grouped-GEMM experts" if grouped else "expert loop"
@@ -302,15 +327,15 @@ def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type
         expert_text = (f"{p.experts_per_rank} of {mc.num_experts} experts per MoE layer, each expert on "
                        f"{p.expert_replicas} rank{'s' if p.expert_replicas > 1 else ''}" if mc.num_experts else "dense")
         lines += [
-            f"stage {p.stage} (ranks {p.ranks[0]}-{p.ranks[1]}): layers {p.layers[0]}-{p.layers[1] - 1}{where}; {expert_text}",
+            f"stage {p.stage} (ranks {p.ranks[0]}-{p.ranks[1]}): {layers_text(p.layers)}{where}; {expert_text}",
             f"  parameters        {p.dense_params + p.expert_params:,} ({p.dense_params:,} replicated over DP "
             f"{dp}, {p.expert_params:,} in experts)",
             f"  weights           {gib(s.weights)}",
             f"  gradients         {gib(s.gradients)} (with the all-reduce copies)",
             f"  optimizer state   {gib(s.optimizer)}; distributed optimizer {gib(s.distributed_optimizer)} "
             f"(dense / DP {dp}, experts / {p.expert_replicas})",
-            f"  activations       {gib(a.per_microbatch)} per micro-batch x {p.in_flight} in flight (1F1B); "
-            f"--recompute {gib(a.per_microbatch_recompute)} x {p.in_flight} + {gib(a.recompute_layer)} (one block "
+            f"  activations       {gib(a.per_microbatch)} per micro-batch x {p.in_flight:g} in flight ({schedule}); "
+            f"--recompute {gib(a.per_microbatch_recompute)} x {p.in_flight:g} + {gib(a.recompute_layer)} (one block "
             f"re-run); + {gib(a.transient)} once (batch ids" + (", fp32 logits)" if p.stage == pp - 1 else ")"),
             f"  total             {gib(p.total())}; distributed optimizer {gib(p.total(distributed=True))}; "
             f"--recompute {gib(p.total(recompute=True))}; both {gib(p.total(True, True))}"]

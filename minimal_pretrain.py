@@ -21,17 +21,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 import checkpoint as ckpt_io
 from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
-from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, optimizer_bytes_per_rank,
-                    params_per_stage)
+from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, layers_text,
+                    optimizer_bytes_per_rank, params_per_stage)
 from metrics import RunLog, print_run_summary
-from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm, stage_layers,
+from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm, chunk_layers,
                         vocab_parallel_cross_entropy)
 from optim import DistributedAdamW, FlatBucket, LRSchedule, build_optimizer, lr_schedule
 
@@ -65,6 +65,9 @@ class TrainConfig:
 
     tensor_parallel_size: int = arg(1, "TP ranks splitting heads, FFN columns and the vocabulary")
     pipeline_parallel_size: int = arg(1, "PP stages splitting the layers (1F1B schedule)")
+    num_layers_per_virtual_stage: int = arg(0, "interleaved 1F1B: layers per model chunk; each PP rank holds "
+                                               "--num-layers / (PP x this) non-adjacent chunks (virtual stages), "
+                                               "which divides the pipeline bubble by that many; 0: one chunk")
     expert_parallel_size: int = arg(0, "EP ranks splitting the experts; 0 means the TP size")
     sequence_parallel: bool = arg(False, "with TP: keep the residual stream, norms and router inputs split by "
                                          "sequence over the TP ranks (all-gather before the column-parallel "
@@ -136,8 +139,8 @@ class TrainConfig:
                      "max_steps", "log_interval", "eval_iters", "max_skipped_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("expert_parallel_size", "lr_decay_steps", "eval_interval", "save_interval", "keep_last",
-                     "world_size"):
+        for name in ("expert_parallel_size", "num_layers_per_virtual_stage", "lr_decay_steps", "eval_interval",
+                     "save_interval", "keep_last", "world_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         # `not x >= 0` is also true for NaN, which argparse's float() accepts.
@@ -228,6 +231,7 @@ FLAG_GROUPS = (
                          "router_z_loss_coef", "router_bias_update_rate", "moe_capacity_factor",
                          "router_jitter_noise")),
     ("parallel layout", ("tensor_parallel_size", "sequence_parallel", "pipeline_parallel_size",
+                         "num_layers_per_virtual_stage",
                          "expert_parallel_size", "num_microbatches", "dist_timeout", "dry_run", "world_size")),
     ("data", ("data", "seed", "micro_batch_size")),
     ("optimisation", ("max_steps", "optimizer", "lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule",
@@ -442,6 +446,17 @@ def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
     if tc.num_microbatches < pp:
         raise ConfigError(f"--num-microbatches ({tc.num_microbatches}) must be >= --pipeline-parallel-size "
                           f"({pp}) or stages sit idle; use {pp} or more")
+    per_chunk = tc.num_layers_per_virtual_stage
+    if per_chunk:  # Megatron-LM's rules for virtual pipeline stages
+        if pp == 1:
+            raise ConfigError("--num-layers-per-virtual-stage splits each pipeline stage into chunks: it needs "
+                              "--pipeline-parallel-size > 1")
+        if mc.num_layers % (pp * per_chunk):
+            raise ConfigError(f"--num-layers-per-virtual-stage {per_chunk} x --pipeline-parallel-size {pp} must "
+                              f"divide --num-layers ({mc.num_layers}) so every rank holds equal chunks")
+        if mc.num_layers // (pp * per_chunk) > 1 and tc.num_microbatches % pp:
+            raise ConfigError(f"the interleaved schedule runs micro-batches in groups of --pipeline-parallel-size: "
+                              f"--num-microbatches ({tc.num_microbatches}) must be a multiple of {pp}")
 
 
 # ============================================================ distributed setup
@@ -542,27 +557,32 @@ def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int) 
 
 
 def model_parallel_for(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> ModelParallel:
-    start, end = stage_layers(mc.num_layers, pg.pp, pg.pp_rank)
+    chunks = chunk_layers(mc.num_layers, pg.pp, pg.pp_rank, tc.num_layers_per_virtual_stage)
     return ModelParallel(tp_group=pg.tp_group, tp_rank=pg.tp_rank, tp_size=pg.tp,
                          ep_group=pg.ep_group, ep_rank=pg.ep_rank, ep_size=pg.ep,
-                         layer_start=start, layer_end=end,
+                         layer_start=chunks[0][0], layer_end=chunks[-1][1],
                          first_stage=pg.first_stage, last_stage=pg.last_stage,
+                         chunks=tuple(chunks) if len(chunks) > 1 else (),
                          sequence_parallel=tc.sequence_parallel)
 
 
 def describe_layout(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> str:
-    """One line per rank: its stage, layers, TP slice and experts (printed once by rank 0)."""
+    """One line per rank: its stage, layers (each chunk's under interleaving), TP slice and experts
+    (printed once by rank 0)."""
     sp = (f" with sequence parallelism ({mc.seq_length // pg.tp} of {mc.seq_length} positions per TP rank "
           f"between layers)" if tc.sequence_parallel else "")
     lines = [f"layout: world {pg.world_size} = PP {pg.pp} x DP {pg.dp} x TP {pg.tp}{sp}, EP {pg.ep}"]
+    if tc.num_layers_per_virtual_stage and pg.pp > 1:
+        v = mc.num_layers // (pg.pp * tc.num_layers_per_virtual_stage)
+        lines[0] += f" | interleaved 1F1B: {v} chunks of {tc.num_layers_per_virtual_stage} layer(s) per rank"
     e_local = mc.num_experts // pg.ep if mc.num_experts else 0
     for r in range(pg.world_size):
         p, in_stage = divmod(r, pg.dp * pg.tp)
         d, t = divmod(in_stage, pg.tp)
-        start, end = stage_layers(mc.num_layers, pg.pp, p)
+        chunks = chunk_layers(mc.num_layers, pg.pp, p, tc.num_layers_per_virtual_stage)
         e = in_stage % pg.ep
         experts = f"experts {e * e_local}-{(e + 1) * e_local - 1}" if e_local else "dense"
-        lines.append(f"  rank {r}: stage {p} layers {start}-{end - 1} | dp {d} | tp {t}/{pg.tp} | {experts}")
+        lines.append(f"  rank {r}: stage {p} {layers_text(chunks)} | dp {d} | tp {t}/{pg.tp} | {experts}")
     return "\n".join(lines)
 
 
@@ -579,24 +599,43 @@ def local_microbatches(x: torch.Tensor, y: torch.Tensor, pg: ParallelGroups, tc:
 # ===================================================== pipeline schedule (1F1B)
 def p2p(pg: ParallelGroups, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
         recv_prev: bool = False, recv_next: bool = False, shape: tuple[int, ...] = (),
-        device: torch.device | None = None,
-        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Exchange activations / gradients with neighbouring stages in one batch (no deadlock)."""
+        device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+        ring: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Exchange activations / gradients with neighbouring stages in one batch (no deadlock).
+
+    ring: the last stage's next is the first stage and the first's previous the last (the
+    interleaved schedule's chunk boundary). With PP 2 both neighbours are one rank: the sends
+    to it (next, then previous) and its receives (previous, then next) then pair up in order."""
+    next_rank, prev_rank = pg.next_rank, pg.prev_rank
+    if ring:
+        stage_size = pg.world_size // pg.pp
+        next_rank, prev_rank = (pg.rank + stage_size) % pg.world_size, (pg.rank - stage_size) % pg.world_size
     ops, from_prev, from_next = [], None, None
-    if send_next is not None and pg.next_rank is not None:
-        ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), pg.next_rank))
-    if send_prev is not None and pg.prev_rank is not None:
-        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), pg.prev_rank))
-    if recv_prev and pg.prev_rank is not None:
+    if send_next is not None and next_rank is not None:
+        ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), next_rank))
+    if send_prev is not None and prev_rank is not None:
+        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), prev_rank))
+    if recv_prev and prev_rank is not None:
         from_prev = torch.empty(shape, device=device, dtype=dtype)
-        ops.append(dist.P2POp(dist.irecv, from_prev, pg.prev_rank))
-    if recv_next and pg.next_rank is not None:
+        ops.append(dist.P2POp(dist.irecv, from_prev, prev_rank))
+    if recv_next and next_rank is not None:
         from_next = torch.empty(shape, device=device, dtype=dtype)
-        ops.append(dist.P2POp(dist.irecv, from_next, pg.next_rank))
+        ops.append(dist.P2POp(dist.irecv, from_next, next_rank))
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
     return from_prev, from_next
+
+
+@dataclass
+class PipelineTimer:
+    """Seconds one rank spent in run_microbatches and, of those, waiting in p2p; and the CPU
+    seconds of each forward and backward step (given only by scripts/bench_pipeline.py: the
+    trainer passes none and pays nothing)."""
+
+    total: float = 0.0
+    wait: float = 0.0
+    steps: list[tuple[str, int, int, float]] = field(default_factory=list)  # (kind, chunk, micro, CPU s)
 
 
 @dataclass
@@ -614,12 +653,13 @@ class StepStats:
 def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torch.Tensor]],
                      pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, device: torch.device,
                      autocast_dtype: torch.dtype | None, train: bool, step: int | None = None,
-                     reducers: list[OverlappedGradReduce] = ()) -> StepStats:
+                     reducers: list[OverlappedGradReduce] = (), timer: PipelineTimer | None = None) -> StepStats:
     """Forward (and backward when `train`) of this rank's micro-batches, pipelined over stages.
 
     1F1B (PipeDream-Flush, Narayanan et al. 2021): stage s runs PP-s-1 warm-up forwards, then
     alternates one forward and one backward, then drains the remaining backwards, so at most
     PP micro-batches of activations are alive. With PP = 1 it is plain gradient accumulation.
+    A rank holding several model chunks runs the interleaved schedule (run_interleaved).
 
     Each micro-batch's loss is scaled by 1/M so the gradients are those of the mean over the
     M micro-batches; the aux and z losses of every stage join that stage's backward.
@@ -637,15 +677,17 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
     stats = StepStats(aux_loss=torch.zeros((), device=device), z_loss=torch.zeros((), device=device),
                       counts=torch.zeros(n_moe, width, device=device), routed=torch.zeros(n_moe, width, device=device),
                       dropped=torch.zeros(n_moe, device=device))
-    queue: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+    last_chunk = len(model.chunks) - 1
+    # (chunk, micro-batch) -> its (input, output, loss), kept from its forward for its backward
+    saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
 
-    def forward_step(i: int, inp: torch.Tensor | None) -> torch.Tensor:
+    def forward_step(i: int, inp: torch.Tensor | None, chunk: int = 0) -> torch.Tensor:
         x, y = micro[i]
         noise_seed = None  # passed only when used: torch.compile would recompile for every new int value
         if step is not None and mc.router_jitter_noise > 0:
             noise_seed = (tc.seed * 1_000_003 + step) * 65_537 + pg.dp_rank * m + i
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(x if pg.first_stage else inp, noise_seed=noise_seed)
+            out = model(x if pg.first_stage and chunk == 0 else inp, noise_seed=noise_seed, chunk=chunk)
         router_loss = torch.zeros((), device=device)
         if n_moe:
             # Means over all MoE layers of the model: each stage adds its layers' share.
@@ -656,7 +698,7 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
                 stats.counts[moe_row[layer]] += s.counts.float()
                 stats.routed[moe_row[layer]] += s.routed.float()
                 stats.dropped[moe_row[layer]] += s.dropped.float()
-        if pg.last_stage:
+        if pg.last_stage and chunk == last_chunk:
             lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), model.par)
             if pg.tp_rank == 0:
                 stats.lm_loss += lm.item()
@@ -664,18 +706,20 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
         else:
             loss = router_loss / m
         if train:
-            queue.append((inp, out.output, loss))
+            saved[chunk, i] = (inp, out.output, loss)
         return out.output
 
     backwards_done = [0]
 
-    def backward_step(grad_out: torch.Tensor | None) -> torch.Tensor | None:
-        inp, out, loss = queue.pop(0)
+    def backward_step(i: int, grad_out: torch.Tensor | None, chunk: int = 0) -> torch.Tensor | None:
+        inp, out, loss = saved.pop((chunk, i))
         backwards_done[0] += 1
-        if backwards_done[0] == m:  # the last backward completes every gradient of the step
+        # The last backward completes every gradient of the step. Under interleaving it is chunk 0's:
+        # the other chunks' buckets, finished earlier, start in finish() instead of overlapping it.
+        if backwards_done[0] == m * (last_chunk + 1):
             for reducer in reducers:
                 reducer.arm()
-        if pg.last_stage:
+        if pg.last_stage and chunk == last_chunk:
             loss.backward()
         else:
             tensors, grads = [out], [grad_out]
@@ -685,39 +729,182 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
             torch.autograd.backward(tensors, grads)
         return inp.grad if inp is not None else None
 
+    def timed(kind: str, run_step: Callable[..., Any]) -> Callable[..., Any]:
+        def run(i: int, x: torch.Tensor | None, chunk: int = 0) -> Any:
+            start = time.thread_time()  # this thread's CPU time: not inflated by waiting for a core
+            result = run_step(i, x, chunk)
+            timer.steps.append((kind, chunk, i, time.thread_time() - start))
+            return result
+        return run
+
+    if timer is not None:
+        forward_step, backward_step = timed("F", forward_step), timed("B", backward_step)
+
+    def exchange(**kw: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if timer is None:
+            return p2p(pg, shape=shape, device=device, dtype=act_dtype, **kw)
+        start = time.perf_counter()
+        received = p2p(pg, shape=shape, device=device, dtype=act_dtype, **kw)
+        timer.wait += time.perf_counter() - start
+        return received
+
     def recv_forward() -> torch.Tensor | None:
         if pg.first_stage:
             return None
-        inp, _ = p2p(pg, recv_prev=True, shape=shape, device=device, dtype=act_dtype)
+        inp, _ = exchange(recv_prev=True)
         return inp.requires_grad_(train)
 
-    if not train:
+    started = time.perf_counter()
+    if len(model.chunks) > 1:
+        with torch.set_grad_enabled(train):
+            run_interleaved(pg, len(model.chunks), m, train, forward_step, backward_step, exchange)
+    elif not train:
         with torch.no_grad():
             for i in range(m):
                 out = forward_step(i, recv_forward())
-                p2p(pg, send_next=None if pg.last_stage else out)
-        return stats
-
-    warmup = min(pg.pp - pg.pp_rank - 1, m)
-    for i in range(warmup):
-        out = forward_step(i, recv_forward())
-        p2p(pg, send_next=None if pg.last_stage else out)
-    inp = recv_forward() if warmup < m else None
-    for i in range(warmup, m):
-        out = forward_step(i, inp)
-        _, grad_out = p2p(pg, send_next=None if pg.last_stage else out, recv_next=True, shape=shape, device=device,
-                          dtype=act_dtype)
-        in_grad = backward_step(grad_out)
-        if i == m - 1:
-            p2p(pg, send_prev=in_grad)
-        else:  # send this gradient back while receiving the next micro-batch's input
-            inp, _ = p2p(pg, send_prev=in_grad, recv_prev=True, shape=shape, device=device, dtype=act_dtype)
-            if inp is not None:
-                inp.requires_grad_(True)
-    for _ in range(warmup):
-        _, grad_out = p2p(pg, recv_next=True, shape=shape, device=device, dtype=act_dtype)
-        p2p(pg, send_prev=backward_step(grad_out))
+                exchange(send_next=None if pg.last_stage else out)
+    else:
+        warmup = min(pg.pp - pg.pp_rank - 1, m)
+        for i in range(warmup):
+            out = forward_step(i, recv_forward())
+            exchange(send_next=None if pg.last_stage else out)
+        inp = recv_forward() if warmup < m else None
+        for i in range(warmup, m):
+            out = forward_step(i, inp)
+            _, grad_out = exchange(send_next=None if pg.last_stage else out, recv_next=True)
+            in_grad = backward_step(i - warmup, grad_out)
+            if i == m - 1:
+                exchange(send_prev=in_grad)
+            else:  # send this gradient back while receiving the next micro-batch's input
+                inp, _ = exchange(send_prev=in_grad, recv_prev=True)
+                if inp is not None:
+                    inp.requires_grad_(True)
+        for i in range(m - warmup, m):
+            _, grad_out = exchange(recv_next=True)
+            exchange(send_prev=backward_step(i, grad_out))
+    if timer is not None:
+        timer.total += time.perf_counter() - started
     return stats
+
+
+# ============================================ interleaved 1F1B (virtual pipeline stages)
+class PipeStep(NamedTuple):
+    """One step of a pipeline rank: the forward ("F") or backward ("B") of one model chunk on one micro-batch."""
+
+    kind: str
+    chunk: int
+    micro: int
+
+
+def interleaved_ticks(pp: int, rank: int, chunks: int, num_micro: int, train: bool = True) -> list[list[PipeStep]]:
+    """The interleaved 1F1B schedule of pipeline rank `rank` (Narayanan et al. 2021, sec. 2.2, in the
+    order of Megatron-LM's forward_backward_pipelining_with_interleaving), as ticks: [F] in the
+    warm-up, [F, B] in the steady state (forward first), [B] in the cool-down.
+
+    The k-th forward runs chunk (k mod PP*V) // PP on micro-batch (k // (PP*V)) * PP + k mod PP:
+    a group of PP micro-batches goes through chunk 0, then the same group through chunk 1, ...,
+    so a rank works on its next chunk while the group travels round the other ranks. The k-th
+    backward takes the chunks in reverse order. Warm-up: (PP - rank - 1) * 2 + (V - 1) * PP
+    forwards, or all of them when M == PP (and without training)."""
+    total = num_micro * chunks
+
+    def nth(k: int, kind: str) -> PipeStep:
+        group, in_group = divmod(k, pp * chunks)
+        chunk = in_group // pp
+        return PipeStep(kind, chunk if kind == "F" else chunks - 1 - chunk, group * pp + k % pp)
+
+    if not train:
+        return [[nth(k, "F")] for k in range(total)]
+    warmup = total if num_micro == pp else min(total, (pp - rank - 1) * 2 + (chunks - 1) * pp)
+    return ([[nth(k, "F")] for k in range(warmup)]
+            + [[nth(warmup + k, "F"), nth(k, "B")] for k in range(total - warmup)]
+            + [[nth(k, "B")] for k in range(total - warmup, total)])
+
+
+def step_target(pp: int, chunks: int, rank: int, step: PipeStep) -> int | None:
+    """The rank that needs what `step` produces, or None: a forward's output goes to the next
+    rank's same chunk (the last rank's to rank 0's next chunk), an input gradient the opposite way."""
+    if step.kind == "F":
+        return rank + 1 if rank < pp - 1 else (0 if step.chunk < chunks - 1 else None)
+    return rank - 1 if rank > 0 else (pp - 1 if step.chunk > 0 else None)
+
+
+def step_source(pp: int, chunks: int, rank: int, step: PipeStep) -> tuple[int, PipeStep] | None:
+    """The (rank, step) whose output `step` takes as its input (activation or output gradient), or
+    None for the first chunk's forward on rank 0 (token ids) and the last chunk's backward on the
+    last rank (the loss)."""
+    if step.kind == "F":
+        if rank > 0:
+            return rank - 1, step
+        return (pp - 1, step._replace(chunk=step.chunk - 1)) if step.chunk > 0 else None
+    if rank < pp - 1:
+        return rank + 1, step
+    return (0, step._replace(chunk=step.chunk + 1)) if step.chunk < chunks - 1 else None
+
+
+def interleaved_slots(pp: int, chunks: int, num_micro: int, train: bool = True) -> list[list[int]]:
+    """slots[rank][t]: the slot in which `rank` runs its tick t; computed alike on every rank.
+
+    All ranks go through the slots together: in a slot a rank runs at most one tick, then sends
+    what it produced to its ring neighbours, who post the matching receives in that same slot
+    (they know the sender's slots too). So every batched exchange is matched within its slot and
+    no rank can wait for one that comes later: no deadlock, with gloo or NCCL. A tick takes the
+    first slot after the ticks that produce its inputs."""
+    ticks = [interleaved_ticks(pp, r, chunks, num_micro, train) for r in range(pp)]
+    made: set[tuple[int, PipeStep]] = set()  # (rank, step) already run
+    slots: list[list[int]] = [[] for _ in range(pp)]
+    slot = 0
+    while any(len(slots[r]) < len(ticks[r]) for r in range(pp)):
+        ran = []
+        for r in range(pp):
+            t = len(slots[r])
+            if t < len(ticks[r]) and all(step_source(pp, chunks, r, st) in made | {None} for st in ticks[r][t]):
+                slots[r].append(slot)
+                ran += [(r, st) for st in ticks[r][t]]
+        if not ran:
+            raise RuntimeError(f"interleaved schedule stalls at slot {slot} (PP {pp}, {chunks} chunks, "
+                               f"{num_micro} micro-batches)")
+        made.update(ran)  # after the slot: what a slot produces is received at its end
+        slot += 1
+    return slots
+
+
+def run_interleaved(pg: ParallelGroups, chunks: int, num_micro: int, train: bool,
+                    forward_step: Callable[..., torch.Tensor], backward_step: Callable[..., torch.Tensor | None],
+                    exchange: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]) -> None:
+    """Run this rank's interleaved 1F1B ticks slot by slot (interleaved_slots), the received
+    activations and gradients kept by (chunk, micro-batch) until their step runs."""
+    pp, rank = pg.pp, pg.pp_rank
+    ticks = [interleaved_ticks(pp, r, chunks, num_micro, train) for r in range(pp)]
+    slots = interleaved_slots(pp, chunks, num_micro, train)
+    tick_at = [dict(zip(slots[r], ticks[r])) for r in range(pp)]  # rank -> {slot: tick}
+    prev, nxt = (rank - 1) % pp, (rank + 1) % pp
+    inputs: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro) -> activation from the previous rank
+    grads: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro) -> output gradient from the next rank
+    for slot in range(max(s[-1] for s in slots) + 1):
+        send_next = send_prev = None
+        for st in tick_at[rank].get(slot, []):
+            if st.kind == "F":
+                inp = inputs.pop((st.chunk, st.micro)) if step_source(pp, chunks, rank, st) else None
+                out = forward_step(st.micro, inp, st.chunk)
+                send_next = out if step_target(pp, chunks, rank, st) is not None else None
+            else:
+                grad = grads.pop((st.chunk, st.micro)) if step_source(pp, chunks, rank, st) else None
+                in_grad = backward_step(st.micro, grad, st.chunk)
+                send_prev = in_grad if step_target(pp, chunks, rank, st) is not None else None
+        # What the neighbours produced for this rank in this slot (at most one forward, one backward each).
+        fwd_in = [st for st in tick_at[prev].get(slot, [])
+                  if st.kind == "F" and step_target(pp, chunks, prev, st) == rank]
+        bwd_in = [st for st in tick_at[nxt].get(slot, [])
+                  if st.kind == "B" and step_target(pp, chunks, nxt, st) == rank]
+        if send_next is None and send_prev is None and not fwd_in and not bwd_in:
+            continue
+        from_prev, from_next = exchange(send_next=send_next, send_prev=send_prev, recv_prev=bool(fwd_in),
+                                        recv_next=bool(bwd_in), ring=True)
+        for st in fwd_in:  # the previous rank's chunk v is this rank's chunk v (rank 0: v + 1)
+            inputs[st.chunk + (rank == 0), st.micro] = from_prev.requires_grad_(train)
+        for st in bwd_in:  # the next rank's chunk v is this rank's chunk v (last rank: v - 1)
+            grads[st.chunk - (rank == pp - 1), st.micro] = from_next
 
 
 def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig,
@@ -1053,7 +1240,7 @@ def bits_per_byte(corpus: Corpus, loss: float) -> float | None:
 def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
                micro: list[tuple[torch.Tensor, torch.Tensor]], pg: ParallelGroups, mc: ModelConfig,
                tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None,
-               step: int) -> tuple[StepStats, torch.Tensor, bool]:
+               step: int, timer: PipelineTimer | None = None) -> tuple[StepStats, torch.Tensor, bool]:
     """One optimizer step on this rank's micro-batches: what the trainer runs and the benchmarks time.
 
     Set the learning rate -> (global-batch balancing: route every micro-batch first) ->
@@ -1061,7 +1248,8 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     with the distributed optimizer) -> global norm -> clip and the optimizer step (AdamW or Muon;
     with the distributed optimizer, then the all-gather of the updated weights), or skip the
     update when the norm is not finite -> expert-bias update.
-    Returns this rank's step statistics, the global gradient norm and whether the update was applied."""
+    Returns this rank's step statistics, the global gradient norm and whether the update was applied.
+    `timer` (scripts/bench_pipeline.py) times the forward and backward pipeline and its p2p waits."""
     for group in optimizer.param_groups:
         group["lr"] = tc.schedule().at(step)
     optimizer.zero_grad(set_to_none=True)
@@ -1071,7 +1259,7 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
         pre = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=False, step=step)
         set_global_batch_counts(model, mc, global_expert_counts(pre, pg, routed=True))
     stats = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=True, step=step,
-                             reducers=reducers)
+                             reducers=reducers, timer=timer)
     sync_gradients(model, optimizer, pg, reducers)
     sharded = isinstance(optimizer, DistributedAdamW)
     grads = gradient_pieces(model, optimizer)

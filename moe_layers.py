@@ -164,8 +164,9 @@ class ModelParallel:
     ep_size: int = 1
     layer_start: int = 0  # first (global) layer index built on this pipeline stage
     layer_end: int = -1  # one past the last; -1 means num_layers
-    first_stage: bool = True  # holds the embedding
-    last_stage: bool = True  # holds the final norm and the LM head
+    first_stage: bool = True  # holds the embedding (used by its first model chunk)
+    last_stage: bool = True  # holds the final norm and the LM head (used by its last model chunk)
+    chunks: tuple[tuple[int, int], ...] = ()  # interleaved 1F1B: [start, end) of each model chunk; () = one chunk
     sequence_parallel: bool = False  # residual stream split by sequence over TP: (B, T/TP, D) between layers
 
 
@@ -174,6 +175,19 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
     base, extra = divmod(num_layers, pp)
     start = stage * base + min(stage, extra)
     return start, start + base + (1 if stage < extra else 0)
+
+
+def chunk_layers(num_layers: int, pp: int, stage: int, layers_per_chunk: int = 0) -> list[tuple[int, int]]:
+    """Layers [start, end) of each model chunk of pipeline rank `stage`.
+
+    layers_per_chunk 0: one chunk, stage_layers. Otherwise the interleaved schedule's virtual
+    stages (Narayanan et al. 2021, sec. 2.2; Megatron-LM's assignment): the layers are cut into
+    num_layers / layers_per_chunk virtual stages and rank p holds virtual stages p, p + PP,
+    p + 2 PP, ... as its chunks 0, 1, 2, ... (8 layers, PP 2, 2 per chunk: rank 0 holds 0-1 and 4-5)."""
+    if not layers_per_chunk:
+        return [stage_layers(num_layers, pp, stage)]
+    n = layers_per_chunk
+    return [((v * pp + stage) * n, (v * pp + stage + 1) * n) for v in range(num_layers // (pp * n))]
 
 
 # ------------------------------------------------- parameters that know their full shape
@@ -1086,15 +1100,19 @@ class MoETransformerBlock(nn.Module):
 # ----------------------------------------------------------------------- transformer
 @dataclass
 class ModelOutput:
-    output: torch.Tensor  # last stage: logits (B, T, V_local); other stages: hidden (B, T, D), SP (B, T/TP, D)
-    aux_loss: torch.Tensor  # scalar, sum over this stage's MoE layers (0 when none)
-    z_loss: torch.Tensor  # scalar, sum over this stage's MoE layers
+    output: torch.Tensor  # last stage (its last chunk): logits (B, T, V_local); elsewhere: hidden (B, T, D), SP (B, T/TP, D)
+    aux_loss: torch.Tensor  # scalar, sum over the MoE layers run (0 when none)
+    z_loss: torch.Tensor  # scalar, sum over the MoE layers run
     stats: dict[int, MoEStats]  # global layer index -> that MoE layer's stats
 
 
 class MoETransformer(nn.Module):
-    """Decoder-only MoE language model, or the layers of one pipeline stage of it.
+    """Decoder-only MoE language model, or the layers of one pipeline rank of it.
 
+    A pipeline rank holds one chunk of consecutive layers, or under the interleaved schedule
+    several non-adjacent chunks (par.chunks), run one at a time by forward(chunk=v). All of a
+    rank's chunks live in this one module so that parameter names stay global whatever the
+    layout, and checkpoints, gradient reducers and optimizers see one set of weights.
     Parameter names follow transformers' Qwen3-MoE without the `model.` prefix
     (`layers.3.mlp.router.weight` is its `model.layers.3.mlp.gate.weight`)."""
 
@@ -1103,7 +1121,8 @@ class MoETransformer(nn.Module):
         par = par or ModelParallel()
         self.cfg, self.par = cfg, par
         end = cfg.num_layers if par.layer_end < 0 else par.layer_end
-        self.layer_ids = list(range(par.layer_start, end))
+        self.chunks = list(par.chunks) or [(par.layer_start, end)]  # [start, end) of each model chunk
+        self.layer_ids = [i for start, end in self.chunks for i in range(start, end)]
         if par.first_stage:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par, cfg.init_std)
         self.layers = nn.ModuleDict({str(i): MoETransformerBlock(cfg, par, i) for i in self.layer_ids})
@@ -1120,21 +1139,23 @@ class MoETransformer(nn.Module):
         return {int(i): b.mlp for i, b in self.layers.items() if b.is_moe}
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                kv_caches: list[dict] | None = None, noise_seed: int | None = None) -> ModelOutput:
-        """x: token ids (B, T) on the first stage, hidden states (B, T, D) on the others
+                kv_caches: list[dict] | None = None, noise_seed: int | None = None, chunk: int = 0) -> ModelOutput:
+        """x: token ids (B, T) into the first stage's first chunk, hidden states (B, T, D) elsewhere
         (this rank's sequence slice (B, T/TP, D) under sequence parallelism).
 
+        chunk: which of this rank's model chunks to run (interleaved schedule; 0 otherwise).
         noise_seed: seeds router jitter (each layer adds its index), given by the trainer per
         micro-batch so that the noise does not depend on the layout."""
-        if self.par.first_stage:
+        if self.par.first_stage and chunk == 0:
             x = self.embed_tokens(x)  # (B, T, D); SP: (B, T/TP, D)
         if positions is None:  # of the whole sequence: attention gathers it under SP
             seq_len = x.shape[1] * (self.par.tp_size if self.par.sequence_parallel else 1)
             positions = torch.arange(seq_len, device=x.device)
         zero = torch.zeros((), device=x.device)
         aux, z, all_stats = zero, zero, {}
-        for j, (name, block) in enumerate(self.layers.items()):
-            seed = None if noise_seed is None else noise_seed * 1009 + int(name)
+        for j, layer in enumerate(range(*self.chunks[chunk])):
+            block = self.layers[str(layer)]
+            seed = None if noise_seed is None else noise_seed * 1009 + layer
             if self.recompute and self.training and torch.is_grad_enabled():
                 # Activation checkpointing: keep only the block's input, rerun it during backward
                 # (with the same noise seed, so the rerun routes exactly as the forward did).
@@ -1144,8 +1165,8 @@ class MoETransformer(nn.Module):
                 x, stats = block(x, self.rope, positions, kv_caches[j] if kv_caches is not None else None, seed)
             if stats is not None:
                 aux, z = aux + stats.aux_loss, z + stats.z_loss
-                all_stats[int(name)] = stats
-        if self.par.last_stage:
+                all_stats[layer] = stats
+        if self.par.last_stage and chunk == len(self.chunks) - 1:
             h = self.norm(x)  # (B, T, D); SP: (B, T/TP, D)
             # SP: all-gather the sequence slices (backward: reduce-scatter); else h (backward: all-reduce)
             h = gather_sequence(h, self.par) if self.par.sequence_parallel else copy_to_tp(h, self.par)  # (B, T, D)

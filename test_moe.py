@@ -36,7 +36,7 @@ import minimal_pretrain as mp
 import optim
 from moe_layers import (Assignments, Attention, ModelConfig, ModelParallel, MoEExpert, MoETransformer,
                         MoETransformerBlock, RMSNorm, RotaryEmbedding, SparseMoELayer, TopKRouter, _ExpertLoop,
-                        layout_free_init_, load_balancing_loss, router_z_loss)
+                        layout_free_init_, load_balancing_loss, router_z_loss, stage_layers)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
@@ -1729,7 +1729,7 @@ def test_memory_planner_counts_the_parameters_each_stage_builds(layout):
     mc = tiny_config(num_layers=3, vocab_size=64, num_experts=4, moe_layer_interval=2, num_shared_experts=1)
     counted = mp.params_per_stage(mc, tp, pp, ep)
     for stage in range(pp):
-        start, end = mp.stage_layers(mc.num_layers, pp, stage)
+        start, end = stage_layers(mc.num_layers, pp, stage)
         par = ModelParallel(tp_size=tp, ep_size=ep, layer_start=start, layer_end=end,
                             first_stage=stage == 0, last_stage=stage == pp - 1)
         model = MoETransformer(mc, par)
@@ -3386,7 +3386,7 @@ def test_dry_run_counts_the_parameters_of_every_rank_built_on_the_cpu(name):
     formula = memory.params_per_stage(mc, tp, pp, ep)
     for rank in range(world):  # every rank, not only the one the plan builds for its stage
         stage, in_stage = divmod(rank, world // pp)
-        start, end = mp.stage_layers(mc.num_layers, pp, stage)
+        start, end = stage_layers(mc.num_layers, pp, stage)
         par = ModelParallel(tp_rank=in_stage % tp, tp_size=tp, ep_rank=in_stage % ep, ep_size=ep, layer_start=start,
                             layer_end=end, first_stage=stage == 0, last_stage=stage == pp - 1)
         model = MoETransformer(mc, par)
@@ -3474,7 +3474,7 @@ def mapped_bytes(folder: str) -> int:
 def stage_parallel(mc: ModelConfig, rank: int, tp: int, pp: int, ep: int, world: int) -> tuple[ModelParallel, int, int]:
     """(ModelParallel, dp rank, rank within the stage) of global `rank`, as build_process_groups numbers them."""
     stage, in_stage = divmod(rank, world // pp)
-    start, end = mp.stage_layers(mc.num_layers, pp, stage)
+    start, end = stage_layers(mc.num_layers, pp, stage)
     return (ModelParallel(tp_rank=in_stage % tp, tp_size=tp, ep_rank=in_stage % ep, ep_size=ep, layer_start=start,
                           layer_end=end, first_stage=stage == 0, last_stage=stage == pp - 1), in_stage // tp, in_stage)
 
@@ -4061,7 +4061,8 @@ def sp_references(tmp_path_factory):
     """One-process runs (8 sequences per step) and the folder of their checkpoints."""
     tmp = tmp_path_factory.mktemp("sp_references")
     return tmp, {"plain": parity_run(tmp, "plain", 1, [], 4),
-                 "global_index": parity_run(tmp, "global_index", 1, [], 4, SP_GLOBAL_INDEX_FLAGS)}
+                 "global_index": parity_run(tmp, "global_index", 1, [], 4, SP_GLOBAL_INDEX_FLAGS),
+                 "layers4": parity_run(tmp, "layers4", 1, [], 4, ["--num-layers", "4"])}
 
 
 @pytest.fixture(scope="module")
@@ -4080,6 +4081,9 @@ def test_tp2_sequence_parallel_matches_one_process(sp_references, tp2_sp_run):
 SP_LAYOUTS = {
     "tp2_pp2_dp2_sp": (8, SP + ["--pipeline-parallel-size", "2"], 2, "plain", []),
     "tp2_sp_capacity_sequence_jitter_shared": (2, SP, 4, "global_index", SP_GLOBAL_INDEX_FLAGS),
+    # interleaved 1F1B carries the (B, T/TP, D) slices between chunks: 2 chunks of 1 layer per rank
+    "tp2_pp2_sp_interleaved": (4, SP + ["--pipeline-parallel-size", "2", "--num-layers-per-virtual-stage", "1"], 4,
+                               "layers4", ["--num-layers", "4"]),
 }
 
 
@@ -4130,3 +4134,156 @@ def test_sequence_parallel_activation_estimate_is_within_5_percent_of_what_2_ran
         estimate = bench.estimate(ModelConfig(**kw), 2, sp, 4)
         assert abs(estimate - measured) <= 0.05 * measured, (sp, estimate, measured)
     assert kept[True] < 0.9 * kept[False]
+
+
+# ---- interleaved 1F1B: virtual pipeline stages (issue 15)
+def schedule_text(pp: int, rank: int, chunks: int, micro: int) -> str:
+    """A rank's interleaved order as `F0.1` (forward of chunk 0 on micro-batch 1), ticks split by ` | `."""
+    return " | ".join(" ".join(f"{s.kind}{s.chunk}.{s.micro}" for s in tick)
+                      for tick in mp.interleaved_ticks(pp, rank, chunks, micro))
+
+
+def test_interleaved_schedule_is_megatrons_order_on_pp2_and_pp4():
+    # Written out by hand from Megatron-LM's rules: groups of PP micro-batches go through chunk 0,
+    # then chunk 1; backwards take the chunks in reverse; warm-up (PP - rank - 1) * 2 + (V - 1) * PP.
+    assert schedule_text(2, 0, 2, 4) == ("F0.0 | F0.1 | F1.0 | F1.1 | F0.2 B1.0 | F0.3 B1.1 | F1.2 B0.0 | "
+                                         "F1.3 B0.1 | B1.2 | B1.3 | B0.2 | B0.3")
+    assert schedule_text(2, 1, 2, 4) == ("F0.0 | F0.1 | F1.0 B1.0 | F1.1 B1.1 | F0.2 B0.0 | F0.3 B0.1 | "
+                                         "F1.2 B1.2 | F1.3 B1.3 | B0.2 | B0.3")
+    # Narayanan et al. 2021, fig. 4: 4 devices, 8 micro-batches, 2 chunks per device.
+    assert schedule_text(4, 0, 2, 8) == ("F0.0 | F0.1 | F0.2 | F0.3 | F1.0 | F1.1 | F1.2 | F1.3 | F0.4 | F0.5 | "
+                                         "F0.6 B1.0 | F0.7 B1.1 | F1.4 B1.2 | F1.5 B1.3 | F1.6 B0.0 | F1.7 B0.1 | "
+                                         "B0.2 | B0.3 | B1.4 | B1.5 | B1.6 | B1.7 | B0.4 | B0.5 | B0.6 | B0.7")
+    assert schedule_text(4, 3, 2, 8) == ("F0.0 | F0.1 | F0.2 | F0.3 | F1.0 B1.0 | F1.1 B1.1 | F1.2 B1.2 | "
+                                         "F1.3 B1.3 | F0.4 B0.0 | F0.5 B0.1 | F0.6 B0.2 | F0.7 B0.3 | F1.4 B1.4 | "
+                                         "F1.5 B1.5 | F1.6 B1.6 | F1.7 B1.7 | B0.4 | B0.5 | B0.6 | B0.7")
+    # M == PP: every forward first (Megatron's all-warm-up case)
+    assert schedule_text(2, 1, 2, 2) == "F0.0 | F0.1 | F1.0 | F1.1 | B1.0 | B1.1 | B0.0 | B0.1"
+    # Megatron's layer assignment: rank p holds virtual stages p, p + PP, ...
+    assert mp.chunk_layers(8, 2, 0, 2) == [(0, 2), (4, 6)] and mp.chunk_layers(8, 4, 3, 1) == [(3, 4), (7, 8)]
+    assert mp.chunk_layers(6, 2, 1) == [(3, 6)]  # no interleaving: the stage's one chunk
+
+
+@pytest.mark.parametrize("pp,chunks,micro", [(2, 2, 2), (2, 2, 4), (2, 3, 6), (3, 2, 6), (4, 2, 4), (4, 2, 8),
+                                             (4, 3, 12)])
+def test_interleaved_schedule_runs_every_step_once_after_its_inputs(pp, chunks, micro):
+    for train in (True, False):
+        slots = mp.interleaved_slots(pp, chunks, micro, train)
+        when = {}  # (rank, kind, chunk, micro) -> (slot, place in its tick)
+        for rank in range(pp):
+            ticks = mp.interleaved_ticks(pp, rank, chunks, micro, train)
+            assert len(slots[rank]) == len(ticks) and slots[rank] == sorted(set(slots[rank]))
+            for slot, tick in zip(slots[rank], ticks):
+                for place, s in enumerate(tick):
+                    assert (rank, *s) not in when
+                    when[rank, *s] = (slot, place)
+            kinds = ("F", "B") if train else ("F",)
+            assert {k[1:] for k in when if k[0] == rank} == {(k, c, m) for k in kinds for c in range(chunks)
+                                                             for m in range(micro)}
+        # Virtual stage j = chunk * PP + rank feeds j + 1 forward and j - 1 backward in a later slot
+        # (what a slot produces is exchanged at its end); each rank backwards what it forwarded.
+        stage = {(c * pp + r): (r, c) for r in range(pp) for c in range(chunks)}
+        for m in range(micro):
+            for j in range(1, pp * chunks):
+                (r0, c0), (r1, c1) = stage[j - 1], stage[j]
+                assert when[r0, "F", c0, m][0] < when[r1, "F", c1, m][0]
+                if train:
+                    assert when[r1, "B", c1, m][0] < when[r0, "B", c0, m][0]
+            for j in range(pp * chunks if train else 0):
+                assert when[stage[j][0], "F", stage[j][1], m] < when[stage[j][0], "B", stage[j][1], m]
+
+
+@pytest.fixture(scope="module")
+def interleaved_references(tmp_path_factory):
+    """One-process references with the interleaved runs' model flags (8 layers; 8 or 16 sequences a step)."""
+    tmp = tmp_path_factory.mktemp("interleaved_one_process")
+    return {"layers8": parity_run(tmp, "layers8", 1, [], 4, ["--num-layers", "8"]),
+            "layers8_interval3": parity_run(tmp, "layers8_interval3", 1, [], 8,
+                                            ["--num-layers", "8", "--moe-layer-interval", "3"])}
+
+
+# name: (ranks, layout flags, micro-batches, reference, extra model flags)
+INTERLEAVED_LAYOUTS = {
+    "pp2_2chunks_of_2": (2, ["--pipeline-parallel-size", "2", "--num-layers-per-virtual-stage", "2"], 4,
+                         "layers8", ["--num-layers", "8"]),
+    "pp4_2chunks_all_warmup": (4, ["--pipeline-parallel-size", "4", "--num-layers-per-virtual-stage", "1"], 4,
+                               "layers8", ["--num-layers", "8"]),
+    # DP2: the ring's neighbours are a stage apart (2 ranks); 2 micro-batches per DP rank = PP
+    "dp2_pp2_2chunks": (4, ["--pipeline-parallel-size", "2", "--num-layers-per-virtual-stage", "2"], 2,
+                        "layers8", ["--num-layers", "8"]),
+    # MoE layers 2 and 5: chunks 1, 6 | 2, 7 hold one each; ranks 0 and 3 none at all
+    "pp4_2chunks_moe_interval3": (4, ["--pipeline-parallel-size", "4", "--num-layers-per-virtual-stage", "1"], 8,
+                                  "layers8_interval3", ["--num-layers", "8", "--moe-layer-interval", "3"]),
+}
+
+
+@pytest.mark.parametrize("name", list(INTERLEAVED_LAYOUTS))
+def test_interleaved_pipeline_matches_one_process(name, interleaved_references, tmp_path):
+    nproc, layout, micro, ref, extra = INTERLEAVED_LAYOUTS[name]
+    worst = assert_same_training(interleaved_references[ref], parity_run(tmp_path, name, nproc, layout, micro, extra))
+    print(f"{name}: max relative loss difference {worst:.2e}")
+
+
+INTERLEAVED_PP2 = ["--num-layers", "8", "--pipeline-parallel-size", "2", "--num-layers-per-virtual-stage", "2"]
+
+
+@pytest.fixture(scope="module")
+def interleaved_full_run(tmp_path_factory):
+    """A 6-step PP2 interleaved run (2 chunks of 2 layers per rank), checkpoints at 3 and 6."""
+    tmp = tmp_path_factory.mktemp("interleaved_full_run")
+    return tmp, run_for_resume(tmp, "interleaved", 2, INTERLEAVED_PP2, 4)
+
+
+@pytest.mark.parametrize("target", ["one_process", "pp2_plain"])
+def test_interleaved_checkpoint_reshards_onto_plain_layouts(interleaved_full_run, tmp_path, target):
+    tmp, full = interleaved_full_run
+    shutil.copytree(tmp / "interleaved", tmp_path / "ck")
+    nproc, layout = {"one_process": (1, ["--num-layers", "8"]),
+                     "pp2_plain": (2, ["--num-layers", "8", "--pipeline-parallel-size", "2"])}[target]
+    resumed = run_for_resume(tmp_path, "resumed", nproc, layout, 4, load=interrupted_at_3(tmp_path / "ck"))
+    worst = _assert_continues_like(full, resumed)
+    print(f"interleaved -> {target}: max relative loss difference {worst:.2e}")
+
+
+# name: (world size, flags, words the error line must hold)
+BAD_INTERLEAVED = {
+    "no_pipeline": (2, ["--num-layers-per-virtual-stage", "1"], "--pipeline-parallel-size > 1"),
+    "layers_vs_chunks": (2, ["--pipeline-parallel-size", "2", "--num-layers", "6",
+                             "--num-layers-per-virtual-stage", "2"], "must divide --num-layers (6)"),
+    "microbatches_vs_pp": (4, ["--pipeline-parallel-size", "4", "--num-layers", "8", "--num-microbatches", "6",
+                               "--num-layers-per-virtual-stage", "1"], "multiple of 4"),
+    "negative": (2, ["--pipeline-parallel-size", "2", "--num-layers-per-virtual-stage", "-1"], ">= 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INTERLEAVED))
+def test_invalid_interleaving_exits_2_before_any_collective(name):
+    """Rank 0 of a would-be world fails alone, at once: validation needs no peer."""
+    world, flags, words = BAD_INTERLEAVED[name]
+    start = time.time()
+    r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--num-microbatches", "4"] + flags, timeout=60,
+                env={"WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"})
+    assert_clean_refusal(r, words)
+    assert time.time() - start < 30
+
+
+def test_interleaved_layout_and_dry_run_show_each_ranks_chunks():
+    r = run_cli(["--dry-run", "--world-size", "4", "--num-layers", "8", "--pipeline-parallel-size", "2",
+                 "--num-layers-per-virtual-stage", "2", "--num-microbatches", "4", "--hidden-size", "32",
+                 "--num-attention-heads", "4", "--num-kv-heads", "2", "--num-experts", "4"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "stage 0 (ranks 0-1): chunks 0-1, 4-5 + embedding" in r.stdout
+    assert "stage 1 (ranks 2-3): chunks 2-3, 6-7 + LM head" in r.stdout
+    # Parameters each rank builds: the sum over its chunks, counted by hand from the layer formula.
+    mc = tiny_config(num_layers=8, hidden_size=32, num_experts=4)
+    tc = mp.TrainConfig(pipeline_parallel_size=2, num_layers_per_virtual_stage=2, num_microbatches=4)
+    whole = {name: p.numel() for name, p in MoETransformer(mc).named_parameters()}
+    for stage, layers in ((0, (0, 1, 4, 5)), (1, (2, 3, 6, 7))):
+        dense, experts = memory.built_params(mc, tc, stage)
+        want = sum(n for name, n in whole.items() if name.startswith(tuple(f"layers.{i}." for i in layers))
+                   or name.startswith("embed_tokens." if stage == 0 else ("norm.", "lm_head.")))
+        assert dense + experts == want == memory.params_per_stage(mc, 1, 2, 1, layers_per_chunk=2)[stage]
+    pg = mp.ParallelGroups(rank=0, world_size=4, tp=1, dp=2, pp=2, ep=1, tp_rank=0, dp_rank=0, pp_rank=0, ep_rank=0)
+    lines = mp.describe_layout(pg, mc, tc).split("\n")
+    assert lines[1] == "  rank 0: stage 0 chunks 0-1, 4-5 | dp 0 | tp 0/1 | experts 0-3"
+    assert lines[4] == "  rank 3: stage 1 chunks 2-3, 6-7 | dp 1 | tp 0/1 | experts 0-3"
