@@ -48,7 +48,7 @@ class NotEnoughMemory(ValueError):
 # ============================================================== parameters and state
 def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int) -> list[int]:
     """Parameters one rank of each pipeline stage holds (TP and EP slices), without building the model."""
-    d, dh = mc.hidden_size, mc.head_dim
+    d, dh = mc.hidden_size, mc.attn_head_dim
     attn = d * dh * (2 * mc.num_attention_heads + 2 * mc.num_kv_heads) // tp + 2 * dh + 2 * d
     moe = d * mc.num_experts + 3 * d * mc.moe_ffn_hidden_size * mc.num_experts // ep \
         + 3 * d * mc.shared_ffn_hidden_size // tp
@@ -101,7 +101,7 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
     the expert loop (the CPU, EP 1) gate and up pre-activations and the output; with grouped GEMMs
     or EP the expert input, gate, up, silu(gate), their product and the output. The router keeps
     fp32 scores, logits, top-k indices and weights, and the sorted token ids."""
-    d, dh = mc.hidden_size, mc.head_dim
+    d, dh = mc.hidden_size, mc.attn_head_dim
     h, g = mc.num_attention_heads // tp, mc.num_kv_heads // tp
     norm = el * 3 * d + 4  # input, normalised input, output (kept by the matmul after it), fp32 1/rms
     attn = norm + el * 4 * (h + g) * dh + 4 * (2 * h + g)  # + 1/rms of q and k per head, log-sum-exp

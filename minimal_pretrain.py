@@ -30,7 +30,7 @@ import checkpoint as ckpt_io
 from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
 from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, optimizer_bytes_per_rank,
                     params_per_stage)
-from metrics import RunLog, print_run_summary
+from metrics import HEALTH_FIELDS, RunLog, load_health, print_run_summary
 from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm, stage_layers,
                         vocab_parallel_cross_entropy)
 from optim import DistributedAdamW, FlatBucket, LRSchedule, build_optimizer, lr_schedule
@@ -182,6 +182,8 @@ MODEL_HELP = {
     "num_layers": "decoder blocks",
     "num_attention_heads": "query heads",
     "num_kv_heads": "key/value heads (grouped-query attention when fewer than query heads)",
+    "head_dim": "width of each attention head; q/k/v/o are heads x head-dim wide, which need not be the hidden "
+                "size (Qwen3-30B-A3B: hidden 2048, 32 heads of 128); 0 = hidden size / heads",
     "ffn_hidden_size": "hidden width of the dense SwiGLU MLP layers",
     "moe_ffn_hidden_size": "hidden width of each expert",
     "num_experts": "experts per MoE layer; 0 gives a dense model",
@@ -216,8 +218,8 @@ class ArgumentParser(argparse.ArgumentParser):
 # --help shows the flags in these groups, in this order (README_MOE.md's tables follow them);
 # every field of ModelConfig and TrainConfig is in exactly one.
 FLAG_GROUPS = (
-    ("model", ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
-               "seq_length", "rope_theta", "rms_norm_eps", "init_std")),
+    ("model", ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
+               "ffn_hidden_size", "seq_length", "rope_theta", "rms_norm_eps", "init_std")),
     ("MoE and routing", ("num_experts", "num_experts_per_token", "moe_layer_interval", "moe_ffn_hidden_size",
                          "num_shared_experts", "shared_expert_ffn_hidden_size", "norm_topk_prob",
                          "router_score_function", "router_type", "router_aux_loss_type", "router_aux_loss_coef",
@@ -726,6 +728,11 @@ def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc:
     load = {str(layer): (counts[i] / counts[i].sum()).tolist() for i, layer in enumerate(mc.moe_layers)}
     result = {"loss": lm + tc.router_aux_loss_coef * aux + tc.router_z_loss_coef * z, "lm_loss": lm,
               "aux_loss": aux, "z_loss": z, "expert_load": load}
+    health = {str(layer): load_health(counts[i].tolist(), pg.ep, pg.expert_dp_size, steps)
+              for i, layer in enumerate(mc.moe_layers)}
+    for name in HEALTH_FIELDS:  # {field: {layer: value}}
+        if health and name in next(iter(health.values())):
+            result[name] = {layer: h[name] for layer, h in health.items()}
     if mc.moe_capacity_factor > 0 and mc.router_type == "topk":
         result["dropped_fraction"] = {str(layer): (dropped[i] / (dropped[i] + counts[i].sum())).item()
                                       for i, layer in enumerate(mc.moe_layers)}

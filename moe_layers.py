@@ -45,6 +45,7 @@ class ModelConfig:
     num_layers: int = 4  # decoder blocks
     num_attention_heads: int = 4  # H (full model)
     num_kv_heads: int = 2  # Hkv (full model); grouped-query attention when < H
+    head_dim: int = 0  # Dh per attention head; 0 means hidden_size / num_attention_heads
     ffn_hidden_size: int = 512  # hidden width of dense SwiGLU layers
     moe_ffn_hidden_size: int = 256  # F, hidden width of each expert
     num_experts: int = 8  # E; 0 gives the dense model
@@ -64,8 +65,10 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init of every projection
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def attn_head_dim(self) -> int:
+        """Dh: --head-dim, or hidden / heads when it is 0. Attention is H*Dh wide, which need not be D
+        (Qwen3-30B-A3B: D 2048, 32 heads of 128)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and (i + 1) % self.moe_layer_interval == 0
@@ -82,7 +85,7 @@ class ModelConfig:
     def active_params_per_token(self) -> int:
         """Parameters one token's forward pass multiplies by, without the input embedding
         (a lookup): attention, norms, dense MLPs, router, K of E experts, final norm, LM head."""
-        d, dh = self.hidden_size, self.head_dim
+        d, dh = self.hidden_size, self.attn_head_dim
         attn = d * dh * (2 * self.num_attention_heads + 2 * self.num_kv_heads) + 2 * dh + 2 * d
         total = self.vocab_size * d + d
         for i in range(self.num_layers):
@@ -94,9 +97,10 @@ class ModelConfig:
         return total
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 x active parameters + 12 x layers x D x T for the attention
+        """Training FLOPs per token: 6 x active parameters + 12 x layers x H x Dh x T for the attention
         scores and values (PaLM, Chowdhery et al. 2022, appendix B). Basis of the MFU figure."""
-        return 6 * self.active_params_per_token() + 12 * self.num_layers * self.hidden_size * self.seq_length
+        return (6 * self.active_params_per_token()
+                + 12 * self.num_layers * self.num_attention_heads * self.attn_head_dim * self.seq_length)
 
     def validate(self) -> None:
         """Raise ValueError naming the flag to change."""
@@ -106,11 +110,13 @@ class ModelConfig:
         for name in positive:
             if getattr(c, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
-        if c.hidden_size % c.num_attention_heads:
+        if c.head_dim < 0:
+            raise ValueError(f"--head-dim must be >= 0 (0: hidden / heads), got {c.head_dim}")
+        if not c.head_dim and c.hidden_size % c.num_attention_heads:
             raise ValueError(f"--num-attention-heads ({c.num_attention_heads}) must divide "
-                             f"--hidden-size ({c.hidden_size})")
-        if c.head_dim % 2:
-            raise ValueError(f"head dim hidden/heads = {c.head_dim} must be even for rotary embeddings")
+                             f"--hidden-size ({c.hidden_size}), or give --head-dim")
+        if c.attn_head_dim % 2:
+            raise ValueError(f"--head-dim {c.attn_head_dim} (0: hidden / heads) must be even for rotary embeddings")
         if c.num_attention_heads % c.num_kv_heads:
             raise ValueError(f"--num-kv-heads ({c.num_kv_heads}) must divide "
                              f"--num-attention-heads ({c.num_attention_heads})")
@@ -436,7 +442,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
         self.par = par
-        dh, d = cfg.head_dim, cfg.hidden_size
+        dh, d = cfg.attn_head_dim, cfg.hidden_size
         self.n_heads = cfg.num_attention_heads // par.tp_size  # H on this rank
         self.n_kv = cfg.num_kv_heads // par.tp_size
         self.head_dim = dh
@@ -1028,7 +1034,7 @@ class MoETransformer(nn.Module):
         if par.last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, par, cfg.init_std)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
         self.recompute = False  # set by the trainer: recompute each block's activations in backward
         layout_free_init_(self, seed)
 

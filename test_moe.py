@@ -2330,7 +2330,6 @@ VALID_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=32, i
     (dict(attention_bias=True), "attention_bias"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(use_sliding_window=True), "use_sliding_window"),
-    (dict(head_dim=16), "head_dim 16"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling"),
     (dict(model_type="mixtral"), "model_type 'mixtral'"),
 ])
@@ -4046,3 +4045,115 @@ def test_distributed_optimizer_checkpoints_reshard(case, zero1_full_runs, tmp_pa
     resumed = run_for_resume(tmp_path, "resumed", nproc, layout, micro, load=interrupted_at_3(tmp_path / "ck"))
     worst = _assert_continues_like(runs[saved], resumed)
     print(f"{case}: max relative loss difference {worst:.2e}")
+
+
+# ---- recipes: --head-dim, load-balance health, multi-token prediction (issue 14)
+def slow_attention(attn: Attention, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+    """Causal attention head by head with explicit matrices (no SDPA): softmax(q k^T / sqrt(Dh) + mask) v."""
+    b, t, _ = x.shape
+    dh, group = attn.head_dim, attn.n_heads // attn.n_kv
+    q = attn.q_norm((x @ attn.q_proj.weight.T).view(b, t, attn.n_heads, dh)).transpose(1, 2)
+    k = attn.k_norm((x @ attn.k_proj.weight.T).view(b, t, attn.n_kv, dh)).transpose(1, 2)
+    v = (x @ attn.v_proj.weight.T).view(b, t, attn.n_kv, dh).transpose(1, 2)
+    q, k = rope(q, k, torch.arange(t))
+    heads = []
+    for h in range(attn.n_heads):
+        scores = q[:, h] @ k[:, h // group].transpose(-1, -2) / math.sqrt(dh)  # (B, T, T)
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        heads.append(scores.softmax(-1) @ v[:, h // group])  # (B, T, Dh)
+    return torch.cat(heads, dim=-1) @ attn.o_proj.weight.T  # (B, T, D)
+
+
+def test_head_dim_independent_of_hidden_matches_slow_attention():
+    cfg = tiny_config(hidden_size=32, num_attention_heads=4, num_kv_heads=2, head_dim=16)  # H*Dh = 64 != D = 32
+    torch.manual_seed(0)
+    attn = Attention(cfg, ModelParallel())
+    layout_free_init_(attn, 5)
+    assert attn.q_proj.weight.shape == (64, 32) and attn.o_proj.weight.shape == (32, 64)
+    rope = RotaryEmbedding(16, cfg.seq_length, cfg.rope_theta)
+    x = torch.randn(2, cfg.seq_length, 32)
+    with torch.no_grad():
+        assert (attn(x, rope, torch.arange(cfg.seq_length)) - slow_attention(attn, x, rope)).abs().max() < 1e-5
+
+
+def test_head_dim_flops_and_planner_count_the_built_model():
+    cfg = tiny_config(num_layers=3, moe_layer_interval=2, head_dim=16)
+    model = MoETransformer(cfg)
+    by_hand = sum(p.numel() * (2 / 4 if "experts" in name else 1.0) for name, p in model.named_parameters()
+                  if not name.startswith("embed_tokens"))
+    assert cfg.active_params_per_token() == by_hand
+    assert cfg.flops_per_token() == 6 * by_hand + 12 * 3 * (4 * 16) * 16  # 12 x layers x H x Dh x T
+    assert mp.params_per_stage(cfg, 1, 1, 1) == [sum(p.numel() for p in model.parameters())]
+
+
+def test_head_dim_import_and_export_give_transformers_logits(tmp_path):
+    """A Qwen3-MoE with head_dim 16 over hidden 32 and 4 heads: import -> equal logits; export -> equal logits."""
+    pytest.importorskip("safetensors")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=16, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                         moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                         norm_topk_prob=True)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    model.save_pretrained(str(tmp_path / "hf"))
+    import_hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "ck"))
+    assert ckpt_io.read_checkpoint(str(tmp_path / "ck")).meta["model"]["head_dim"] == 16
+    x = tokens(256)
+    with torch.no_grad():
+        theirs = model(x).logits
+    assert (our_logits(str(tmp_path / "ck"), x) - theirs).abs().max() < 1e-4
+    export_hf.export(str(tmp_path / "ck"), str(tmp_path / "out"))
+    assert json.load(open(tmp_path / "out" / "config.json"))["head_dim"] == 16
+    exported, _ = hf_logits(tmp_path / "out", x)
+    assert (exported - theirs).abs().max() < 1e-4
+    metrics = tmp_path / "m.jsonl"  # and it trains on, under TP2 (heads split as before)
+    r = run_cli(["--load", str(tmp_path / "ck"), "--max-steps", "2", "--micro-batch-size", "2", "--seq-length", "16",
+                 "--log-interval", "1", "--eval-interval", "0", "--no-progress", "--metrics-file", str(metrics),
+                 "--tensor-parallel-size", "2", "--dist-timeout", "60"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in train_records(str(metrics))] == [1, 2]
+
+
+def test_load_health_of_hand_made_counts():
+    """Counts (E=4) summed over 2 steps of one EP group of 2 ranks: every figure by hand."""
+    h = metrics_mod.load_health([6.0, 0.0, 2.0, 8.0], ep=2, ep_groups=1, steps=2)
+    assert h["max_over_mean_load"] == 8 / 4
+    assert h["load_cv"] == pytest.approx(math.sqrt((4 + 16 + 4 + 16) / 4) / 4)
+    assert h["dead_experts"] == 1  # expert 1: zero rows
+    assert h["ep_rank_rows"] == [(6 + 0) / 2, (2 + 8) / 2]  # experts 0-1 on EP rank 0, 2-3 on rank 1, per step
+    assert "ep_rank_rows" not in metrics_mod.load_health([1.0, 1.0], ep=1, ep_groups=2, steps=1)
+    assert metrics_mod.load_health([100.0, 0.5, 99.5, 100.0], 1, 1, 1)["dead_experts"] == 1  # 0.5 < 1% of 75
+    assert metrics_mod.load_health([1.0, 1.0, 1.0, 1.0], 1, 1, 1)["load_cv"] == 0.0
+
+
+def test_load_health_of_an_ep2_run_matches_its_expert_load(tmp_path):
+    """DP2 x EP2, log interval 2: the figures against the record's expert_load, and the rows of the EP ranks
+    per step add up to the routed rows by hand: 8 sequences x 16 tokens x top-2 = 256 (dropless)."""
+    metrics = tmp_path / "m.jsonl"
+    r = run_cli(TINY_FLAGS + ["--expert-parallel-size", "2", "--num-microbatches", "2", "--max-steps", "4",
+                              "--log-interval", "2", "--metrics-file", str(metrics), "--dist-timeout", "60"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = train_records(str(metrics))
+    assert [x["step"] for x in records] == [2, 4]
+    for rec in records:
+        for layer, load in rec["expert_load"].items():
+            mean = sum(load) / 4
+            assert rec["max_over_mean_load"][layer] == pytest.approx(max(load) / mean)
+            assert rec["load_cv"][layer] == pytest.approx(float(np.std(load)) / mean)
+            assert rec["dead_experts"][layer] == sum(share < 0.01 * mean for share in load)
+            rows = rec["ep_rank_rows"][layer]
+            assert sum(rows) == pytest.approx(2 * 2 * 2 * 16 * 2)
+            assert rows == pytest.approx([256 * (load[0] + load[1]), 256 * (load[2] + load[3])])
+    worst = max(records[-1]["max_over_mean_load"], key=records[-1]["max_over_mean_load"].get)
+    assert f"Max/Mean Load: {records[-1]['max_over_mean_load'][worst]:.2f} (layer {worst})" in r.stdout
+    assert "rows per EP rank per step" in r.stdout and f"cv {records[-1]['load_cv']['0']:.2f}" in r.stdout
+    pytest.importorskip("matplotlib")
+    r = run_script("plot_metrics.py", [str(metrics), "--out", str(tmp_path / "plots")])
+    assert r.returncode == 0, r.stderr
+    assert all((tmp_path / "plots" / f).stat().st_size > 0 for f in ("load_cv.png", "dead_experts.png",
+                                                                      "ep_rank_rows.png"))

@@ -74,7 +74,7 @@ def hf_config(model: dict, train: dict, dtype: str) -> dict:
         "num_hidden_layers": model["num_layers"],
         "num_attention_heads": model["num_attention_heads"],
         "num_key_value_heads": model["num_kv_heads"],
-        "head_dim": model["hidden_size"] // model["num_attention_heads"],
+        "head_dim": model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"],
         "hidden_act": "silu",
         "max_position_embeddings": model["seq_length"],
         "initializer_range": model["init_std"],
