@@ -55,9 +55,12 @@ def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int) -> list[int]:
     counts = []
     for stage in range(pp):
         start, end = stage_layers(mc.num_layers, pp, stage)
-        n = sum(attn + (moe if mc.is_moe_layer(i) else 3 * d * mc.ffn_hidden_size // tp) for i in range(start, end))
+        layers = list(range(start, end)) + (mc.mtp_layers if stage == pp - 1 else [])  # MTP blocks: last stage
+        n = sum(attn + (moe if i in mc.all_moe_layers else 3 * d * mc.ffn_hidden_size // tp) for i in layers)
         n += mc.vocab_size * d // tp if stage == 0 else 0  # input embedding
         n += mc.vocab_size * d // tp + d if stage == pp - 1 else 0  # LM head and final norm
+        if stage == pp - 1 and mc.mtp_num_layers:  # per MTP module: enorm, hnorm, eh_proj, final norm
+            n += mc.mtp_num_layers * (3 * d + 2 * d * d) + (mc.vocab_size * d // tp if pp > 1 else 0)  # + embedding copy
         counts.append(n)
     return counts
 
@@ -65,7 +68,9 @@ def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int) -> list[int]:
 def expert_params_per_stage(mc: ModelConfig, pp: int, ep: int) -> list[int]:
     """The expert weights among them (E / EP experts of each MoE layer of the stage)."""
     per_layer = 3 * mc.hidden_size * mc.moe_ffn_hidden_size * mc.num_experts // ep
-    return [per_layer * sum(mc.is_moe_layer(i) for i in range(*stage_layers(mc.num_layers, pp, s))) for s in range(pp)]
+    return [per_layer * (sum(mc.is_moe_layer(i) for i in range(*stage_layers(mc.num_layers, pp, s)))
+                         + (len(mc.all_moe_layers) - len(mc.moe_layers) if s == pp - 1 else 0))  # + MTP blocks
+            for s in range(pp)]
 
 
 @dataclass
@@ -105,7 +110,7 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
     h, g = mc.num_attention_heads // tp, mc.num_kv_heads // tp
     norm = el * 3 * d + 4  # input, normalised input, output (kept by the matmul after it), fp32 1/rms
     attn = norm + el * 4 * (h + g) * dh + 4 * (2 * h + g)  # + 1/rms of q and k per head, log-sum-exp
-    if not mc.is_moe_layer(layer):
+    if layer not in mc.all_moe_layers:
         return tokens * (attn + norm + el * 4 * mc.ffn_hidden_size // tp)
     k, e, f = mc.num_experts_per_token, mc.num_experts, mc.moe_ffn_hidden_size
     if grouped:
@@ -131,10 +136,13 @@ def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: 
     ep = tc.expert_parallel_size or tp
     tokens = tc.micro_batch_size * mc.seq_length
     start, end = stage_layers(mc.num_layers, pp, stage)
-    layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped) for i in range(start, end)]
+    blocks = list(range(start, end)) + (mc.mtp_layers if stage == pp - 1 else [])  # MTP blocks: last stage
+    layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped) for i in blocks]
     edges = tokens * 8 if stage == 0 else 0  # token ids kept by the embedding
-    if stage == pp - 1:  # final norm, fp32 log-softmax kept by the cross-entropy, targets
-        edges += tokens * (el * 3 * mc.hidden_size + 4 + 4 * mc.vocab_size // tp + 8)
+    if stage == pp - 1:  # final norm, fp32 log-softmax kept by the cross-entropy, targets; once more per MTP
+        # module, which also keeps its two input norms and their 2D-wide concatenation
+        edges += tokens * (el * 3 * mc.hidden_size + 4 + 4 * mc.vocab_size // tp + 8) * (1 + mc.mtp_num_layers)
+        edges += tokens * mc.mtp_num_layers * (2 * (el * 3 * mc.hidden_size + 4) + el * 2 * mc.hidden_size)
     # every rank draws the global batch of (input, target) ids (int64) and keeps its micro-batches
     transient = 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)
     if stage == pp - 1:  # the logits and the fp32 gradient of the log-softmax, alive together in backward
@@ -288,6 +296,8 @@ def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type
         a, s = p.activations, p.state
         where = " + embedding" if p.stage == 0 else ""
         where += " + LM head" if p.stage == pp - 1 else ""
+        where += f" + {mc.mtp_num_layers} MTP modules" if p.stage == pp - 1 and mc.mtp_num_layers else ""
+        where += " (and an embedding copy)" if p.stage == pp - 1 and mc.mtp_num_layers and pp > 1 else ""
         expert_text = (f"{p.experts_per_rank} of {mc.num_experts} experts per MoE layer, each expert on "
                        f"{p.expert_replicas} rank{'s' if p.expert_replicas > 1 else ''}" if mc.num_experts else "dense")
         lines += [

@@ -125,12 +125,14 @@ class RunLog:
         record = {"step": step, "loss": means["loss"], "lm_loss": means["lm_loss"], "aux_loss": means["aux_loss"],
                   "z_loss": means["z_loss"], "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                   "skipped_steps": skipped, "expert_load": means["expert_load"]}
-        for name in HEALTH_FIELDS:
+        for name in ("mtp_loss",) + HEALTH_FIELDS:
             if name in means:
                 record[name] = means[name]
         line = (f"Step {step} | Loss: {means['loss']:.4f} | Aux Loss: {means['aux_loss']:.4f} | "
                 f"LR: {lr:.2e} | Throughput: {samples_per_sec:.2f} samples/s | Tokens/s: {tokens_per_sec:.0f} | "
                 f"Grad Norm: {grad_norm:.3f} | Z Loss: {means['z_loss']:.4f}")
+        if "mtp_loss" in means:
+            line += f" | MTP Loss: {means['mtp_loss']:.4f}"
         if means.get("max_over_mean_load"):
             worst = max(means["max_over_mean_load"], key=means["max_over_mean_load"].get)
             line += f" | Max/Mean Load: {means['max_over_mean_load'][worst]:.2f} (layer {worst})"
@@ -147,7 +149,8 @@ class RunLog:
             self.say(warning)
         self.write(record)
         if self.board:
-            for name in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
+            for name in ("loss", "lm_loss", "mtp_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec",
+                         "mfu"):
                 if name in record:
                     self.board.add_scalar(f"train/{name}", record[name], step)
             for layer, load in means["expert_load"].items():
@@ -193,7 +196,8 @@ def print_run_summary(steps: int, tokens: int, wall: float, last: dict, val_loss
     """The end of a run at a glance. `last` is the last logged interval's means."""
     print("=" * 24 + " run summary " + "=" * 24)
     print(f"steps {steps} | tokens {tokens:,} | wall time {wall:.1f}s | {tokens / max(wall, 1e-9):,.0f} tokens/s")
-    print(f"final train loss {last.get('loss', float('nan')):.4f} (lm {last.get('lm_loss', float('nan')):.4f}; "
+    mtp = f", mtp {last['mtp_loss']:.4f}" if "mtp_loss" in last else ""
+    print(f"final train loss {last.get('loss', float('nan')):.4f} (lm {last.get('lm_loss', float('nan')):.4f}{mtp}; "
           f"mean of the last logged interval)")
     if val_loss is not None:
         print(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {unigram:.4f} nats/token "

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,6 +63,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # rotary base
     rms_norm_eps: float = 1e-6  # RMSNorm epsilon
     init_std: float = 0.02  # std of the normal init of every projection
+    mtp_num_layers: int = 0  # D multi-token prediction modules (DeepSeek-V3 MTP) on the last stage; 0 = off
 
     @property
     def attn_head_dim(self) -> int:
@@ -82,25 +83,44 @@ class ModelConfig:
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
-    def active_params_per_token(self) -> int:
-        """Parameters one token's forward pass multiplies by, without the input embedding
-        (a lookup): attention, norms, dense MLPs, router, K of E experts, final norm, LM head."""
+    @property
+    def mtp_layers(self) -> list[int]:
+        """Layer indices of the MTP modules' blocks: module k (1..D) holds layer num_layers + k - 1."""
+        return list(range(self.num_layers, self.num_layers + self.mtp_num_layers))
+
+    @property
+    def all_moe_layers(self) -> list[int]:
+        """Every MoE layer: the main stack's, then the MTP blocks (MoE when the model is, as in DeepSeek-V3)."""
+        return self.moe_layers + (self.mtp_layers if self.num_experts > 0 else [])
+
+    def block_active_params(self, i: int) -> int:
+        """Parameters a token multiplies by in block i: attention with its norms, and the dense MLP
+        or the router, K of E experts and the shared experts."""
         d, dh = self.hidden_size, self.attn_head_dim
         attn = d * dh * (2 * self.num_attention_heads + 2 * self.num_kv_heads) + 2 * dh + 2 * d
-        total = self.vocab_size * d + d
-        for i in range(self.num_layers):
-            if self.is_moe_layer(i):
-                total += (attn + d * self.num_experts + self.num_experts_per_token * 3 * d * self.moe_ffn_hidden_size
-                          + 3 * d * self.shared_ffn_hidden_size)
-            else:
-                total += attn + 3 * d * self.ffn_hidden_size
-        return total
+        if i in self.all_moe_layers:
+            return (attn + d * self.num_experts + self.num_experts_per_token * 3 * d * self.moe_ffn_hidden_size
+                    + 3 * d * self.shared_ffn_hidden_size)
+        return attn + 3 * d * self.ffn_hidden_size
+
+    def active_params_per_token(self) -> int:
+        """Parameters one token's forward pass multiplies by, without the input embedding
+        (a lookup) and the MTP modules (training only): blocks, final norm, LM head."""
+        d = self.hidden_size
+        return self.vocab_size * d + d + sum(self.block_active_params(i) for i in range(self.num_layers))
+
+    def mtp_active_params_per_token(self) -> int:
+        """What the MTP modules add in training: per module two norms and the 2D -> D projection,
+        its block, its final norm and the shared LM head once more."""
+        d = self.hidden_size
+        return sum(2 * d + 2 * d * d + self.block_active_params(i) + d + self.vocab_size * d for i in self.mtp_layers)
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 x active parameters + 12 x layers x H x Dh x T for the attention
-        scores and values (PaLM, Chowdhery et al. 2022, appendix B). Basis of the MFU figure."""
-        return (6 * self.active_params_per_token()
-                + 12 * self.num_layers * self.num_attention_heads * self.attn_head_dim * self.seq_length)
+        """Training FLOPs per token: 6 x active parameters (MTP modules included) + 12 x blocks x H x Dh
+        x T for the attention scores and values (PaLM, Chowdhery et al. 2022, appendix B). Basis of MFU."""
+        blocks = self.num_layers + self.mtp_num_layers
+        return (6 * (self.active_params_per_token() + self.mtp_active_params_per_token())
+                + 12 * blocks * self.num_attention_heads * self.attn_head_dim * self.seq_length)
 
     def validate(self) -> None:
         """Raise ValueError naming the flag to change."""
@@ -146,6 +166,10 @@ class ModelConfig:
         if c.router_jitter_noise >= 1:
             raise ValueError(f"--router-jitter-noise must be < 1 (inputs scaled by U(1-eps, 1+eps)), "
                              f"got {c.router_jitter_noise}")
+        if c.mtp_num_layers < 0:
+            raise ValueError(f"--mtp-num-layers must be >= 0, got {c.mtp_num_layers}")
+        if c.mtp_num_layers >= c.seq_length:  # module k predicts k + 1 ahead: some position must have a target
+            raise ValueError(f"--mtp-num-layers ({c.mtp_num_layers}) must be below --seq-length ({c.seq_length})")
         if c.router_type == "expert-choice" and c.router_aux_loss_type != "micro-batch":
             raise ValueError("--router-type expert-choice is balanced by construction; it takes no "
                              "--router-aux-loss-type")
@@ -991,7 +1015,7 @@ class MoETransformerBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel, layer: int):
         super().__init__()
-        self.is_moe = cfg.is_moe_layer(layer)
+        self.is_moe = layer in cfg.all_moe_layers
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, par)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -1007,6 +1031,45 @@ class MoETransformerBlock(nn.Module):
         return x + self.mlp(h), None
 
 
+# ------------------------------------------------------------ multi-token prediction
+class MultiTokenPrediction(nn.Module):
+    """MTP module k of DeepSeek-V3 (Liu et al. 2024, section 2.2): from the previous depth's hidden
+    states h^{k-1} (B, T, D) and the embeddings of the tokens k ahead, one block gives h^k.
+
+        h'^k = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])     (2D -> D)
+        h^k  = block(h'^k)                                          (MoE when the model is)
+        logits of t_{i+k+1} = lm_head(final_layernorm(h^k_i))       (the LM head is the model's, shared)
+
+    The embedding comes first in the concatenation as in the released DeepSeek-V3 weights and
+    Megatron-Core (the paper writes h first; the order only permutes eh_proj's columns). Each module
+    has its own final norm (DeepSeek-V3's `shared_head.norm`, Megatron's `final_layernorm`).
+    eh_proj is replicated over TP: every TP rank holds the whole (B, T, D) hidden states."""
+
+    def __init__(self, cfg: ModelConfig, par: ModelParallel, layer: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj.weight.init_std = cfg.init_std
+        self.block = MoETransformerBlock(cfg, par, layer)
+        self.final_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+                noise_seed: int | None) -> tuple[torch.Tensor, MoEStats | None]:
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # (B, T, 2D) -> (B, T, D)
+        return self.block(x, rope, positions, None, noise_seed)  # (B, T, D)
+
+
+def mtp_input_ids(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids that MTP module k reads at each position i: t_{i+k} = targets[:, i + k - 1] (targets are
+    the inputs shifted by one). The last k - 1 positions have no such token: they read id 0 and
+    their predictions are left out of the loss (as Megatron-Core rolls its inputs and masks)."""
+    ids = torch.zeros_like(targets)  # (B, T)
+    ids[:, :targets.shape[1] - k + 1] = targets[:, k - 1:]
+    return ids
+
+
 # ----------------------------------------------------------------------- transformer
 @dataclass
 class ModelOutput:
@@ -1014,13 +1077,18 @@ class ModelOutput:
     aux_loss: torch.Tensor  # scalar, sum over this stage's MoE layers (0 when none)
     z_loss: torch.Tensor  # scalar, sum over this stage's MoE layers
     stats: dict[int, MoEStats]  # global layer index -> that MoE layer's stats
+    # last stage, given mtp_targets: module k's logits of t_{i+k+1} at positions i < T - k, (B, T - k, V_local)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
 
 
 class MoETransformer(nn.Module):
     """Decoder-only MoE language model, or the layers of one pipeline stage of it.
 
     Parameter names follow transformers' Qwen3-MoE without the `model.` prefix
-    (`layers.3.mlp.router.weight` is its `model.layers.3.mlp.gate.weight`)."""
+    (`layers.3.mlp.router.weight` is its `model.layers.3.mlp.gate.weight`). The MTP modules
+    (`mtp.0.*`, ...) live on the last stage; under PP it then holds a copy of the embedding too,
+    initialised equal (by name) and kept equal by the trainer, which sums the two copies'
+    gradients over the embedding group. Each copy's `pipeline_copy` says which stage holds it."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel | None = None, seed: int = 0):
         super().__init__()
@@ -1028,26 +1096,35 @@ class MoETransformer(nn.Module):
         self.cfg, self.par = cfg, par
         end = cfg.num_layers if par.layer_end < 0 else par.layer_end
         self.layer_ids = list(range(par.layer_start, end))
-        if par.first_stage:
+        mtp = cfg.mtp_num_layers > 0 and par.last_stage
+        if par.first_stage or mtp:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par, cfg.init_std)
+            if cfg.mtp_num_layers > 0 and par.first_stage != par.last_stage:  # one copy on each end of the pipeline
+                self.embed_tokens.weight.pipeline_copy = "first" if par.first_stage else "last"
         self.layers = nn.ModuleDict({str(i): MoETransformerBlock(cfg, par, i) for i in self.layer_ids})
         if par.last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, par, cfg.init_std)
+        self.mtp = nn.ModuleList([MultiTokenPrediction(cfg, par, i) for i in cfg.mtp_layers] if mtp else [])
         self.rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
         self.recompute = False  # set by the trainer: recompute each block's activations in backward
         layout_free_init_(self, seed)
 
     def moe_layers(self) -> dict[int, SparseMoELayer]:
-        """This stage's MoE layers by global layer index."""
-        return {int(i): b.mlp for i, b in self.layers.items() if b.is_moe}
+        """This stage's MoE layers by global layer index (MTP blocks: num_layers + k - 1)."""
+        blocks = {int(i): b for i, b in self.layers.items()}
+        blocks.update({self.cfg.num_layers + j: m.block for j, m in enumerate(self.mtp)})
+        return {i: b.mlp for i, b in blocks.items() if b.is_moe}
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                kv_caches: list[dict] | None = None, noise_seed: int | None = None) -> ModelOutput:
+                kv_caches: list[dict] | None = None, noise_seed: int | None = None,
+                mtp_targets: torch.Tensor | None = None) -> ModelOutput:
         """x: token ids (B, T) on the first stage, hidden states (B, T, D) on the others.
 
         noise_seed: seeds router jitter (each layer adds its index), given by the trainer per
-        micro-batch so that the noise does not depend on the layout."""
+        micro-batch so that the noise does not depend on the layout.
+        mtp_targets: the next-token targets (B, T); given (in training) the last stage also runs
+        the MTP modules. Without them (generation, evaluation) the MTP modules are ignored."""
         if self.par.first_stage:
             x = self.embed_tokens(x)  # (B, T, D)
         if positions is None:
@@ -1066,6 +1143,18 @@ class MoETransformer(nn.Module):
             if stats is not None:
                 aux, z = aux + stats.aux_loss, z + stats.z_loss
                 all_stats[int(name)] = stats
+        mtp_logits = []
+        if self.par.last_stage and mtp_targets is not None:
+            h, t = x, x.shape[1]
+            for j, module in enumerate(self.mtp):  # module k = j + 1, sequential: h^k from h^{k-1}
+                layer, k = self.cfg.num_layers + j, j + 1
+                seed = None if noise_seed is None else noise_seed * 1009 + layer
+                h, stats = module(h, self.embed_tokens(mtp_input_ids(mtp_targets, k)), self.rope, positions, seed)
+                if stats is not None:
+                    aux, z = aux + stats.aux_loss, z + stats.z_loss
+                    all_stats[layer] = stats
+                valid = module.final_layernorm(h[:, :t - k])  # (B, T - k, D): positions whose t_{i+k+1} exists
+                mtp_logits.append(self.lm_head(copy_to_tp(valid, self.par)))  # (B, T - k, V_local), shared head
         if self.par.last_stage:
             x = self.lm_head(copy_to_tp(self.norm(x), self.par))  # (B, T, V_local)
-        return ModelOutput(x, aux, z, all_stats)
+        return ModelOutput(x, aux, z, all_stats, mtp_logits)
