@@ -4339,6 +4339,11 @@ def test_mtp_checkpoint_reshards_onto_pp2_which_saves_the_embedding_once(tmp_pat
     (["--mtp-num-layers", "16"], "--mtp-num-layers (16) must be below --seq-length (16)"),
     (["--mtp-loss-coef", "-0.1"], "--mtp-loss-coef"),
     (["--mtp-loss-coef", "nan"], "--mtp-loss-coef"),
+    (["--mtp-num-layers", "1", "--pipeline-parallel-size", "2", "--num-microbatches", "2",
+      "--use-distributed-optimizer", "--dry-run", "--world-size", "4"], "--use-distributed-optimizer"),
 ])
-def test_mtp_bad_flags_exit_2_with_one_error_line(flags, words):
-    assert_clean_refusal(run_cli(TINY_FLAGS + flags + ["--max-steps", "1"], timeout=60), words)
+def test_mtp_bad_flags_exit_2_with_one_error_line(flags, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        mp.main(TINY_FLAGS + flags + ["--max-steps", "1"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1 and words in errors[0], errors

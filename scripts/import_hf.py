@@ -15,10 +15,10 @@ Needs safetensors (requirements-extras.txt), not transformers.
 
 --seq-length sets the training sequence length (default: max_position_embeddings); rotary
 positions do not depend on it, so the logits of shorter sequences are the same.
+A head_dim other than hidden_size / num_attention_heads becomes the model's --head-dim.
 What MoETransformer cannot represent is refused with one `error:` line, exit 2: tied embeddings,
 attention bias, sliding-window attention, dense layers picked by mlp_only_layers, rope scaling,
-or an activation other than silu (a head_dim other than hidden_size / num_attention_heads is --head-dim). So
-are a config.json with missing or mistyped fields, unreadable or mismatched weights, and an --out
+or an activation other than silu. So are a config.json with missing or mistyped fields, unreadable or mismatched weights, and an --out
 that is not a new or empty folder (an existing run's `latest` is never moved); nothing is written.
 """
 
