@@ -2447,7 +2447,7 @@ def test_plot_metrics_writes_every_figure_as_small_pngs(trained, tmp_path):
     r = run_script("plot_metrics.py", [str(trained / "m.jsonl"), "--out", str(tmp_path / "plots")])
     assert r.returncode == 0, r.stderr
     expected = {"loss.png", "router_losses.png", "lr.png", "grad_norm.png", "throughput.png", "load_balance.png",
-                "expert_load_layer0.png", "expert_load_layer1.png"}
+                "load_cv.png", "dead_experts.png", "expert_load_layer0.png", "expert_load_layer1.png"}
     # byte-level data: the evaluations report bits per byte, which get their own chart
     assert set(os.listdir(tmp_path / "plots")) == expected | {"overview.png", "val_bpb.png"}
     for name in expected:
