@@ -147,9 +147,10 @@ def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: 
     transient = 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)
     if stage == pp - 1:  # the logits and the fp32 gradient of the log-softmax, alive together in backward
         transient += tokens * (el + 4) * mc.vocab_size // tp
+    main, mtp = layers[:end - start], layers[end - start:]  # --recompute reruns the main blocks, not the MTP ones
     return Activations(per_microbatch=sum(layers) + edges,
-                       per_microbatch_recompute=tokens * el * mc.hidden_size * len(layers) + edges,
-                       recompute_layer=max(layers, default=0), transient=transient)
+                       per_microbatch_recompute=tokens * el * mc.hidden_size * len(main) + sum(mtp) + edges,
+                       recompute_layer=max(main, default=0), transient=transient)
 
 
 def in_flight(pp: int, stage: int, num_microbatches: int) -> int:

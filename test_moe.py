@@ -508,7 +508,7 @@ def test_block_and_transformer_shapes():
     cfg = tiny_config()
     block = MoETransformerBlock(cfg, ModelParallel(), 0)
     layout_free_init_(block, 0)
-    rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+    rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
     h, stats = block(torch.randn(3, 10, 32), rope, torch.arange(10))
     assert h.shape == (3, 10, 32) and stats.counts.shape == (4,) and stats.counts.sum() == 3 * 10 * 2
     out = MoETransformer(cfg)(torch.randint(0, 64, (3, 10)))
@@ -734,7 +734,7 @@ def test_grouped_query_attention_matches_repeated_kv_reference():
     cfg = tiny_config(num_attention_heads=4, num_kv_heads=2)
     attn = Attention(cfg, ModelParallel())
     layout_free_init_(attn, 5)
-    rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+    rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
     x = torch.randn(2, 9, cfg.hidden_size, requires_grad=True)
     y, ref = attn(x, rope, torch.arange(9)), repeated_kv_attention(attn, x, rope)
     assert torch.allclose(y, ref, atol=1e-5)
@@ -746,7 +746,7 @@ def test_grouped_query_attention_with_cache_matches_one_full_pass():
     cfg = tiny_config(num_attention_heads=4, num_kv_heads=2)
     attn = Attention(cfg, ModelParallel())
     layout_free_init_(attn, 6)
-    rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+    rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
     x = torch.randn(1, 8, cfg.hidden_size)
     full = attn(x, rope, torch.arange(8))
     cache: dict = {}
