@@ -4119,6 +4119,16 @@ def test_head_dim_import_and_export_give_transformers_logits(tmp_path):
     assert [x["step"] for x in train_records(str(metrics))] == [1, 2]
 
 
+def test_head_dim_under_tp2_and_pp2_matches_one_process(tmp_path):
+    """Attention 4 x 16 = 64 wide over hidden 32: TP2 splits the heads as before; both layouts train as one process."""
+    wide = ["--head-dim", "16"]
+    reference = parity_run(tmp_path, "one", 1, [], 4, wide)
+    for name, layout in (("tp2", ["--tensor-parallel-size", "2"]), ("pp2", ["--pipeline-parallel-size", "2"])):
+        worst = assert_same_training(reference, parity_run(tmp_path, name, 2, layout, 4, wide))
+        print(f"head-dim {name}: max relative loss difference {worst:.2e}")
+    assert reference[1]["layers.0.self_attn.q_proj.weight"].shape == (64, 32)
+
+
 def test_load_health_of_hand_made_counts():
     """Counts (E=4) summed over 2 steps of one EP group of 2 ranks: every figure by hand."""
     h = metrics_mod.load_health([6.0, 0.0, 2.0, 8.0], ep=2, ep_groups=1, steps=2)
