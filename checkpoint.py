@@ -66,7 +66,10 @@ def writes_param(p: torch.nn.Parameter, tp_rank: int, dp_rank: int, stage_rank: 
     """Whether this rank writes `p`: one copy of every slice over the whole world.
 
     TP shards: the DP-rank-0 copy. Replicated weights: DP rank 0, TP rank 0. Experts: the
-    first EP group of the stage (`stage_rank` is the rank within the pipeline stage)."""
+    first EP group of the stage (`stage_rank` is the rank within the pipeline stage). The last
+    stage's copy of the embedding (MTP under PP) is equal to the first stage's: never written."""
+    if getattr(p, "pipeline_copy", None) == "last":
+        return False
     kind = getattr(p, "shard_kind", None)
     if kind == "ep":
         return stage_rank < ep

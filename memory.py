@@ -46,24 +46,29 @@ class NotEnoughMemory(ValueError):
 
 
 # ============================================================== parameters and state
-def stage_layer_ids(mc: ModelConfig, pp: int, stage: int, layers_per_chunk: int = 0) -> list[int]:
-    """The layers a rank of `stage` builds: its one chunk, or every chunk of the interleaved schedule."""
-    return [i for start, end in chunk_layers(mc.num_layers, pp, stage, layers_per_chunk) for i in range(start, end)]
+def stage_blocks(mc: ModelConfig, pp: int, stage: int, layers_per_chunk: int = 0) -> list[int]:
+    """The transformer blocks a rank of `stage` builds, by global layer index: its one chunk, or
+    every chunk of the interleaved schedule; on the last stage also the MTP modules' blocks
+    (num_layers + k - 1)."""
+    chunks = chunk_layers(mc.num_layers, pp, stage, layers_per_chunk)
+    return [i for start, end in chunks for i in range(start, end)] + (mc.mtp_layers if stage == pp - 1 else [])
 
 
 def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int, layers_per_chunk: int = 0) -> list[int]:
     """Parameters one rank of each pipeline stage holds (TP and EP slices, all its model chunks),
     without building the model."""
-    d, dh = mc.hidden_size, mc.head_dim
+    d, dh = mc.hidden_size, mc.attn_head_dim
     attn = d * dh * (2 * mc.num_attention_heads + 2 * mc.num_kv_heads) // tp + 2 * dh + 2 * d
     moe = d * mc.num_experts + 3 * d * mc.moe_ffn_hidden_size * mc.num_experts // ep \
         + 3 * d * mc.shared_ffn_hidden_size // tp
     counts = []
     for stage in range(pp):
-        n = sum(attn + (moe if mc.is_moe_layer(i) else 3 * d * mc.ffn_hidden_size // tp)
-                for i in stage_layer_ids(mc, pp, stage, layers_per_chunk))
+        n = sum(attn + (moe if i in mc.all_moe_layers else 3 * d * mc.ffn_hidden_size // tp)
+                for i in stage_blocks(mc, pp, stage, layers_per_chunk))
         n += mc.vocab_size * d // tp if stage == 0 else 0  # input embedding
         n += mc.vocab_size * d // tp + d if stage == pp - 1 else 0  # LM head and final norm
+        if stage == pp - 1 and mc.mtp_num_layers:  # per MTP module: enorm, hnorm, eh_proj, final norm
+            n += mc.mtp_num_layers * (3 * d + 2 * d * d) + (mc.vocab_size * d // tp if pp > 1 else 0)  # + embedding copy
         counts.append(n)
     return counts
 
@@ -71,7 +76,7 @@ def params_per_stage(mc: ModelConfig, tp: int, pp: int, ep: int, layers_per_chun
 def expert_params_per_stage(mc: ModelConfig, pp: int, ep: int, layers_per_chunk: int = 0) -> list[int]:
     """The expert weights among them (E / EP experts of each MoE layer of the stage)."""
     per_layer = 3 * mc.hidden_size * mc.moe_ffn_hidden_size * mc.num_experts // ep
-    return [per_layer * sum(mc.is_moe_layer(i) for i in stage_layer_ids(mc, pp, s, layers_per_chunk))
+    return [per_layer * sum(i in mc.all_moe_layers for i in stage_blocks(mc, pp, s, layers_per_chunk))
             for s in range(pp)]
 
 
@@ -111,7 +116,7 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
     Sequence parallelism (`sp`) keeps a norm's input, normalised input and 1/rms (and the MoE
     layer's whole input) for this rank's tokens / TP positions only; the matmul after a norm
     still keeps its all-gathered input whole (Megatron re-gathers it in backward instead)."""
-    d, dh = mc.hidden_size, mc.head_dim
+    d, dh = mc.hidden_size, mc.attn_head_dim
     h, g = mc.num_attention_heads // tp, mc.num_kv_heads // tp
     norm = el * 3 * d + 4  # input, normalised input, output (kept by the matmul after it), fp32 1/rms
     if sp:
@@ -120,7 +125,7 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
     else:
         norm_then_gather = norm_then_moe = tokens * norm
     attn = el * 4 * (h + g) * dh + 4 * (2 * h + g)  # q, k before and after norm / rotary, v, output; 1/rms, lse
-    if not mc.is_moe_layer(layer):
+    if layer not in mc.all_moe_layers:
         return 2 * norm_then_gather + tokens * (attn + el * 4 * mc.ffn_hidden_size // tp)
     k, e, f = mc.num_experts_per_token, mc.num_experts, mc.moe_ffn_hidden_size
     if grouped:
@@ -147,18 +152,23 @@ def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: 
     sp = tc.sequence_parallel
     tokens = tc.micro_batch_size * mc.seq_length
     stream = tokens // tp if sp else tokens  # positions of the residual stream on this rank
-    layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped, sp)
-              for i in stage_layer_ids(mc, pp, stage, tc.num_layers_per_virtual_stage)]
+    blocks = stage_blocks(mc, pp, stage, tc.num_layers_per_virtual_stage)
+    layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped, sp) for i in blocks]
     edges = tokens * 8 if stage == 0 else 0  # token ids kept by the embedding
-    if stage == pp - 1:  # final norm (its all-gathered output whole), fp32 log-softmax kept by the cross-entropy, targets
-        edges += stream * (el * 2 * mc.hidden_size + 4) + tokens * (el * mc.hidden_size + 4 * mc.vocab_size // tp + 8)
+    if stage == pp - 1:  # final norm (its all-gathered output whole), fp32 log-softmax kept by the cross-entropy,
+        # targets; once more per MTP module, which also keeps its two input norms and their 2D-wide concatenation
+        d, heads = mc.hidden_size, 1 + mc.mtp_num_layers
+        edges += heads * (stream * (el * 2 * d + 4) + tokens * (el * d + 4 * mc.vocab_size // tp + 8))
+        edges += stream * mc.mtp_num_layers * (2 * (el * 3 * d + 4) + el * 2 * d)
     # every rank draws the global batch of (input, target) ids (int64) and keeps its micro-batches
     transient = 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)
     if stage == pp - 1:  # the logits and the fp32 gradient of the log-softmax, alive together in backward
         transient += tokens * (el + 4) * mc.vocab_size // tp
+    n_main = len(blocks) - (mc.mtp_num_layers if stage == pp - 1 else 0)
+    main, mtp = layers[:n_main], layers[n_main:]  # --recompute reruns the main blocks, not the MTP ones
     return Activations(per_microbatch=sum(layers) + edges,
-                       per_microbatch_recompute=stream * el * mc.hidden_size * len(layers) + edges,
-                       recompute_layer=max(layers, default=0), transient=transient)
+                       per_microbatch_recompute=stream * el * mc.hidden_size * len(main) + sum(mtp) + edges,
+                       recompute_layer=max(main, default=0), transient=transient)
 
 
 def in_flight(pp: int, stage: int, num_microbatches: int, chunks: int = 1) -> float:
@@ -324,6 +334,8 @@ def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type
         a, s = p.activations, p.state
         where = " + embedding" if p.stage == 0 else ""
         where += " + LM head" if p.stage == pp - 1 else ""
+        where += f" + {mc.mtp_num_layers} MTP modules" if p.stage == pp - 1 and mc.mtp_num_layers else ""
+        where += " (and an embedding copy)" if p.stage == pp - 1 and mc.mtp_num_layers and pp > 1 else ""
         expert_text = (f"{p.experts_per_rank} of {mc.num_experts} experts per MoE layer, each expert on "
                        f"{p.expert_replicas} rank{'s' if p.expert_replicas > 1 else ''}" if mc.num_experts else "dense")
         lines += [

@@ -7,7 +7,9 @@ all ranks (a collective); everything here is local to rank 0 and never communica
 
 A train record covers the steps since the previous one (the log interval): its losses, gradient
 norm, expert load and dropped fraction are means over those steps, its throughput their tokens
-over their wall time. The first step after a start is left out of the throughput when the
+over their wall time. The load-health figures (`load_health`) are read off the expert-row counts
+summed over the interval's steps and all ranks, so they describe the interval's whole load, not
+a mean of per-step figures. The first step after a start is left out of the throughput when the
 interval has other steps (it carries the start-up: allocation, compilation).
 """
 
@@ -18,6 +20,9 @@ import os
 from typing import Any, Callable
 
 import numpy as np
+
+# Per-layer load-health fields of a train record (see load_health); ep_rank_rows only under EP.
+HEALTH_FIELDS = ("max_over_mean_load", "load_cv", "dead_experts", "ep_rank_rows")
 
 # An expert that receives less than DEAD_LOAD of the mean load in DEAD_LOGS logged intervals in a row
 # is reported once (again only if it recovers and dies again).
@@ -50,8 +55,37 @@ def open_tensorboard(log_dir: str, start_step: int) -> Any:
     return SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
 
 
+def is_dead(load: float, mean: float) -> bool:
+    """The one definition of a dead expert in an interval: under DEAD_LOAD of the mean load (zero rows included)."""
+    return load < DEAD_LOAD * mean
+
+
+def load_health(counts: list[float], ep: int, ep_groups: int, steps: int) -> dict:
+    """Load-balance figures of one MoE layer from `counts` (E,): rows each expert computed, summed over
+    the interval's `steps` and every rank (so the same whatever the layout).
+
+    max_over_mean_load  max_e c_e / mean_e c_e: 1 is perfect balance, E is all rows on one expert; the
+                        busiest expert's GEMM sets the layer's time, so this is its slowdown over balance
+    load_cv             std_e c_e / mean_e c_e (population std): 0 is perfect balance
+    dead_experts        experts under DEAD_LOAD of the mean load in the interval (`is_dead`)
+    ep_rank_rows        with EP > 1: rows one rank at each EP index received per step (expert e lives on
+                        EP index e // (E / EP)), a mean over the steps and the `ep_groups` EP groups of
+                        the stage. The most loaded rank is the straggler the all-to-all waits for."""
+    e = len(counts)
+    mean = sum(counts) / e
+    std = (sum((c - mean) ** 2 for c in counts) / e) ** 0.5
+    health = {"max_over_mean_load": max(counts) / mean if mean > 0 else float("nan"),
+              "load_cv": std / mean if mean > 0 else float("nan"),
+              "dead_experts": sum(is_dead(c, mean) for c in counts)}
+    if ep > 1:
+        per_rank = e // ep
+        health["ep_rank_rows"] = [sum(counts[r * per_rank:(r + 1) * per_rank]) / (steps * ep_groups)
+                                  for r in range(ep)]
+    return health
+
+
 class DeadExperts:
-    """Counts, per (layer, expert), the logged intervals in a row below DEAD_LOAD of the mean load."""
+    """Counts, per (layer, expert), the logged intervals in a row in which the expert was dead (`is_dead`)."""
 
     def __init__(self) -> None:
         self.runs: dict[tuple[str, int], int] = {}
@@ -62,7 +96,7 @@ class DeadExperts:
             mean = 1.0 / len(load)  # fractions of the routed tokens sum to 1
             for e, share in enumerate(load):
                 key = (layer, e)
-                self.runs[key] = self.runs.get(key, 0) + 1 if share < DEAD_LOAD * mean else 0
+                self.runs[key] = self.runs.get(key, 0) + 1 if is_dead(share, mean) else 0
                 if self.runs[key] == DEAD_LOGS:
                     warnings.append(f"warning: layer {layer} expert {e} is dead: under {DEAD_LOAD:.0%} of the mean "
                                     f"load for {DEAD_LOGS} logged intervals (now {share:.3%} of the tokens, mean "
@@ -86,13 +120,22 @@ class RunLog:
     def train(self, step: int, means: dict, lr: float, grad_norm: float, samples_per_sec: float,
               tokens_per_sec: float, skipped: int) -> None:
         """One logged interval: `means` are the trainer's reduced interval means (loss, lm_loss,
-        aux_loss, z_loss, expert_load, and dropped_fraction with a capacity factor)."""
+        aux_loss, z_loss, expert_load, the load-health figures per layer, and dropped_fraction with
+        a capacity factor)."""
         record = {"step": step, "loss": means["loss"], "lm_loss": means["lm_loss"], "aux_loss": means["aux_loss"],
                   "z_loss": means["z_loss"], "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                   "skipped_steps": skipped, "expert_load": means["expert_load"]}
+        for name in ("mtp_loss",) + HEALTH_FIELDS:
+            if name in means:
+                record[name] = means[name]
         line = (f"Step {step} | Loss: {means['loss']:.4f} | Aux Loss: {means['aux_loss']:.4f} | "
                 f"LR: {lr:.2e} | Throughput: {samples_per_sec:.2f} samples/s | Tokens/s: {tokens_per_sec:.0f} | "
                 f"Grad Norm: {grad_norm:.3f} | Z Loss: {means['z_loss']:.4f}")
+        if "mtp_loss" in means:
+            line += f" | MTP Loss: {means['mtp_loss']:.4f}"
+        if means.get("max_over_mean_load"):
+            worst = max(means["max_over_mean_load"], key=means["max_over_mean_load"].get)
+            line += f" | Max/Mean Load: {means['max_over_mean_load'][worst]:.2f} (layer {worst})"
         if "dropped_fraction" in means:
             record["dropped_fraction"] = means["dropped_fraction"]
             dropped = means["dropped_fraction"].values()
@@ -106,7 +149,8 @@ class RunLog:
             self.say(warning)
         self.write(record)
         if self.board:
-            for name in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
+            for name in ("loss", "lm_loss", "mtp_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec",
+                         "mfu"):
                 if name in record:
                     self.board.add_scalar(f"train/{name}", record[name], step)
             for layer, load in means["expert_load"].items():
@@ -116,6 +160,9 @@ class RunLog:
                 self.board.add_histogram(f"expert_load/layer{layer}", np.asarray(load), step)
             for layer, fraction in record.get("dropped_fraction", {}).items():
                 self.board.add_scalar(f"dropped_fraction/layer{layer}", fraction, step)
+            for layer, cv in record.get("load_cv", {}).items():
+                self.board.add_scalar(f"expert_load/layer{layer}/cv", cv, step)
+                self.board.add_scalar(f"expert_load/layer{layer}/dead", record["dead_experts"][layer], step)
 
     def eval(self, step: int, val_loss: float, bits_per_byte: float | None) -> None:
         record = {"step": step, "val_loss": val_loss}
@@ -149,7 +196,8 @@ def print_run_summary(steps: int, tokens: int, wall: float, last: dict, val_loss
     """The end of a run at a glance. `last` is the last logged interval's means."""
     print("=" * 24 + " run summary " + "=" * 24)
     print(f"steps {steps} | tokens {tokens:,} | wall time {wall:.1f}s | {tokens / max(wall, 1e-9):,.0f} tokens/s")
-    print(f"final train loss {last.get('loss', float('nan')):.4f} (lm {last.get('lm_loss', float('nan')):.4f}; "
+    mtp = f", mtp {last['mtp_loss']:.4f}" if "mtp_loss" in last else ""
+    print(f"final train loss {last.get('loss', float('nan')):.4f} (lm {last.get('lm_loss', float('nan')):.4f}{mtp}; "
           f"mean of the last logged interval)")
     if val_loss is not None:
         print(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {unigram:.4f} nats/token "
@@ -157,5 +205,11 @@ def print_run_summary(steps: int, tokens: int, wall: float, last: dict, val_loss
     for layer, load in last.get("expert_load", {}).items():
         hi = max(range(len(load)), key=load.__getitem__)
         lo = min(range(len(load)), key=load.__getitem__)
-        print(f"layer {layer}: most loaded expert {hi} ({load[hi]:.1%}), least loaded expert {lo} ({load[lo]:.1%})")
+        line = f"layer {layer}: most loaded expert {hi} ({load[hi]:.1%}), least loaded expert {lo} ({load[lo]:.1%})"
+        if layer in last.get("load_cv", {}):
+            line += (f" | max/mean {last['max_over_mean_load'][layer]:.2f}, cv {last['load_cv'][layer]:.2f}, "
+                     f"{last['dead_experts'][layer]} dead")
+        if layer in last.get("ep_rank_rows", {}):
+            line += " | rows per EP rank per step " + ", ".join(f"{r:.0f}" for r in last["ep_rank_rows"][layer])
+        print(line)
     print(f"peak memory per rank ({kind}, MiB): " + ", ".join(f"{m:.0f}" for m in peak))

@@ -30,7 +30,7 @@ import checkpoint as ckpt_io
 from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
 from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, layers_text,
                     optimizer_bytes_per_rank, params_per_stage)
-from metrics import RunLog, print_run_summary
+from metrics import HEALTH_FIELDS, RunLog, load_health, print_run_summary
 from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm, chunk_layers,
                         vocab_parallel_cross_entropy)
 from optim import DistributedAdamW, FlatBucket, LRSchedule, build_optimizer, lr_schedule
@@ -97,6 +97,8 @@ class TrainConfig:
     grad_clip: float = arg(1.0, "clip the global gradient norm to this; 0 disables")
     router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss")
     router_z_loss_coef: float = arg(0.001, "weight of the router z-loss")
+    mtp_loss_coef: float = arg(0.1, "weight L of the multi-token prediction loss: L / D x sum of the D modules' "
+                                    "cross-entropies joins the optimised loss (DeepSeek-V3: 0.3, then 0.1)")
     router_bias_update_rate: float = arg(0.0, "aux-loss-free balancing: after each step move every expert's "
                                               "routing bias by this times sign(mean load - load); 0 = off")
     seed: int = arg(1234, "seed of the initial weights and of every batch")
@@ -145,7 +147,7 @@ class TrainConfig:
                 raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         # `not x >= 0` is also true for NaN, which argparse's float() accepts.
         for name in ("min_lr", "weight_decay", "grad_clip", "router_aux_loss_coef", "router_z_loss_coef",
-                     "router_bias_update_rate"):
+                     "router_bias_update_rate", "mtp_loss_coef"):
             if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{flag(name)} must be finite and >= 0, got {getattr(self, name)}")
         if self.warmup_steps < -1:
@@ -189,6 +191,8 @@ MODEL_HELP = {
     "num_layers": "decoder blocks",
     "num_attention_heads": "query heads",
     "num_kv_heads": "key/value heads (grouped-query attention when fewer than query heads)",
+    "head_dim": "width of each attention head; q/k/v/o are heads x head-dim wide, which need not be the hidden "
+                "size (Qwen3-30B-A3B: hidden 2048, 32 heads of 128); 0 = hidden size / heads",
     "ffn_hidden_size": "hidden width of the dense SwiGLU MLP layers",
     "moe_ffn_hidden_size": "hidden width of each expert",
     "num_experts": "experts per MoE layer; 0 gives a dense model",
@@ -208,6 +212,9 @@ MODEL_HELP = {
     "rope_theta": "rotary embedding base",
     "rms_norm_eps": "RMSNorm epsilon",
     "init_std": "std of the normal initialisation",
+    "mtp_num_layers": "multi-token prediction modules (DeepSeek-V3 MTP): module k predicts the token k + 1 ahead "
+                      "through its own block and the shared embedding and LM head; training only, generation and "
+                      "export ignore them; 0 = off",
 }
 
 
@@ -223,13 +230,14 @@ class ArgumentParser(argparse.ArgumentParser):
 # --help shows the flags in these groups, in this order (README_MOE.md's tables follow them);
 # every field of ModelConfig and TrainConfig is in exactly one.
 FLAG_GROUPS = (
-    ("model", ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
-               "seq_length", "rope_theta", "rms_norm_eps", "init_std")),
+    ("model", ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
+               "ffn_hidden_size", "seq_length", "rope_theta", "rms_norm_eps", "init_std")),
     ("MoE and routing", ("num_experts", "num_experts_per_token", "moe_layer_interval", "moe_ffn_hidden_size",
                          "num_shared_experts", "shared_expert_ffn_hidden_size", "norm_topk_prob",
                          "router_score_function", "router_type", "router_aux_loss_type", "router_aux_loss_coef",
                          "router_z_loss_coef", "router_bias_update_rate", "moe_capacity_factor",
                          "router_jitter_noise")),
+    ("multi-token prediction", ("mtp_num_layers", "mtp_loss_coef")),
     ("parallel layout", ("tensor_parallel_size", "sequence_parallel", "pipeline_parallel_size",
                          "num_layers_per_virtual_stage",
                          "expert_parallel_size", "num_microbatches", "dist_timeout", "dry_run", "world_size")),
@@ -457,6 +465,10 @@ def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
         if mc.num_layers // (pp * per_chunk) > 1 and tc.num_microbatches % pp:
             raise ConfigError(f"the interleaved schedule runs micro-batches in groups of --pipeline-parallel-size: "
                               f"--num-microbatches ({tc.num_microbatches}) must be a multiple of {pp}")
+    if mc.mtp_num_layers and pp > 1 and tc.use_distributed_optimizer and dp > 1:
+        raise ConfigError("--mtp-num-layers under --pipeline-parallel-size > 1 keeps an embedding copy on the last "
+                          "stage by summing whole gradients over the first and last stage, which "
+                          "--use-distributed-optimizer's sharded gradients do not give; drop one of them")
 
 
 # ============================================================ distributed setup
@@ -482,6 +494,7 @@ class ParallelGroups:
     expert_dp_rank: int = 0  # this rank's place in expert_dp_group
     prev_rank: int | None = None  # same (dp, tp) on the previous pipeline stage
     next_rank: int | None = None
+    embedding_group: Any = None  # MTP under PP: this (dp, tp)'s first- and last-stage ranks, which hold the embedding
 
     @property
     def is_main(self) -> bool:
@@ -507,7 +520,8 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout: timede
                             world_size=world_size, timeout=timeout)
 
 
-def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int) -> ParallelGroups:
+def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int,
+                         embedding_groups: bool = False) -> ParallelGroups:
     """Create every process group once (all ranks call new_group for every group, in order).
 
     Worked example, 8 ranks, TP2 x DP2 x PP2, EP2 (rank = (pp*2 + dp)*2 + tp):
@@ -517,7 +531,10 @@ def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int) 
         EP groups  [0,1] [2,3] [4,5] [6,7]      consecutive ranks of a stage split the experts
         expert-DP  [0,2] [1,3] [4,6] [5,7]      ranks with the same experts sum expert gradients
     With EP4 on the same layout the EP groups become [0,1,2,3] [4,5,6,7] and every rank of a stage
-    holds different experts (expert-DP groups of one rank)."""
+    holds different experts (expert-DP groups of one rank).
+    With `embedding_groups` (MTP under PP) also: embedding [0,4] [1,5] [2,6] [3,7], the first and last
+    stage's ranks of each (dp, tp), which sum the gradients of their two embedding copies (Megatron's
+    embedding group); with PP 2 they are the PP groups."""
     dp = world_size // (tp * pp)
     stage_size = dp * tp
     pp_rank, in_stage = divmod(rank, stage_size)
@@ -553,6 +570,12 @@ def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int) 
             group = dist.new_group(ranks)
             if rank in ranks:
                 g.expert_dp_group = group
+    if embedding_groups and pp > 1:
+        for in_stage in range(stage_size):
+            ranks = [in_stage, (pp - 1) * stage_size + in_stage]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                g.embedding_group = group
     return g
 
 
@@ -643,11 +666,23 @@ class StepStats:
     """Sums over this rank's micro-batches, later summed over all ranks."""
 
     lm_loss: float = 0.0  # sum of micro-batch mean LM losses (last stage, TP rank 0 only)
+    mtp_loss: float = 0.0  # sum of micro-batch MTP losses, mean_k CE_k (last stage, TP rank 0 only)
     aux_loss: torch.Tensor | None = None  # sum over micro-batches and this stage's MoE layers
     z_loss: torch.Tensor | None = None
     counts: torch.Tensor | None = None  # (num MoE layers, E) rows each expert computed
     routed: torch.Tensor | None = None  # (num MoE layers, E) the routers' top-k choices
     dropped: torch.Tensor | None = None  # (num MoE layers,) assignments over capacity
+
+
+def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    """Multi-token prediction loss (DeepSeek-V3, eq. 24-25): the mean over the D modules of CE_k, module k's
+    mean cross-entropy over the positions i < T - k whose target t_{i+k+1} = targets[:, i + k] exists.
+    mtp_logits[k - 1] (B, T - k, V_local); targets (B, T). Zero without MTP modules (or off the last stage)."""
+    if not mtp_logits:
+        return torch.zeros((), device=targets.device)
+    losses = [vocab_parallel_cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten(), par)
+              for k, logits in enumerate(mtp_logits, start=1)]
+    return torch.stack(losses).mean()
 
 
 def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torch.Tensor]],
@@ -665,8 +700,8 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
     M micro-batches; the aux and z losses of every stage join that stage's backward.
     `step` seeds the router jitter of each micro-batch by its index in the global batch.
     The `reducers` are armed before the last backward, so gradient all-reduces overlap it."""
-    n_moe = len(mc.moe_layers)
-    moe_row = {layer: i for i, layer in enumerate(mc.moe_layers)}
+    n_moe = len(mc.all_moe_layers)
+    moe_row = {layer: i for i, layer in enumerate(mc.all_moe_layers)}
     m = len(micro)
     b, t = micro[0][0].shape
     # Under sequence parallelism each TP rank sends and receives only its slice of the sequence.
@@ -686,8 +721,11 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
         noise_seed = None  # passed only when used: torch.compile would recompile for every new int value
         if step is not None and mc.router_jitter_noise > 0:
             noise_seed = (tc.seed * 1_000_003 + step) * 65_537 + pg.dp_rank * m + i
+        # Training steps (`step` given) also run the MTP modules; evaluation measures the LM loss only.
+        mtp_targets = y if pg.last_stage and chunk == last_chunk and mc.mtp_num_layers and step is not None else None
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(x if pg.first_stage and chunk == 0 else inp, noise_seed=noise_seed, chunk=chunk)
+            out = model(x if pg.first_stage and chunk == 0 else inp, noise_seed=noise_seed, chunk=chunk,
+                        mtp_targets=mtp_targets)
         router_loss = torch.zeros((), device=device)
         if n_moe:
             # Means over all MoE layers of the model: each stage adds its layers' share.
@@ -700,9 +738,11 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
                 stats.dropped[moe_row[layer]] += s.dropped.float()
         if pg.last_stage and chunk == last_chunk:
             lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), model.par)
+            mtp = mtp_loss(out.mtp_logits, y, model.par)
             if pg.tp_rank == 0:
                 stats.lm_loss += lm.item()
-            loss = (lm + router_loss) / m
+                stats.mtp_loss += mtp.item()
+            loss = (lm + tc.mtp_loss_coef * mtp + router_loss) / m
         else:
             loss = router_loss / m
         if train:
@@ -905,31 +945,36 @@ def run_interleaved(pg: ParallelGroups, chunks: int, num_micro: int, train: bool
             inputs[st.chunk + (rank == 0), st.micro] = from_prev.requires_grad_(train)
         for st in bwd_in:  # the next rank's chunk v is this rank's chunk v (last rank: v - 1)
             grads[st.chunk - (rank == pp - 1), st.micro] = from_next
-
-
 def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig,
                       steps: int = 1) -> dict:
     """Global-batch means of the losses and per-expert load fractions (same on every rank);
     `stats` may sum several steps (a log interval): the means are then over those steps."""
-    n_moe = len(mc.moe_layers)
-    packed = torch.cat([torch.tensor([stats.lm_loss], device=stats.counts.device),
+    n_moe = len(mc.all_moe_layers)
+    packed = torch.cat([torch.tensor([stats.lm_loss, stats.mtp_loss], device=stats.counts.device),
                         stats.aux_loss.reshape(1), stats.z_loss.reshape(1), stats.dropped,
                         stats.counts.flatten()]).double()
     if pg.world_size > 1:
         # lm: last stage, TP rank 0; aux / z: TP ranks hold shares, stages hold layers; counts likewise
         dist.all_reduce(packed, group=None)
     num_micro = tc.num_microbatches * pg.dp * steps
-    lm = packed[0].item() / num_micro
-    aux = packed[1].item() / (num_micro * n_moe) if n_moe else 0.0
-    z = packed[2].item() / (num_micro * n_moe) if n_moe else 0.0
-    dropped = packed[3:3 + n_moe]
-    counts = packed[3 + n_moe:].view(n_moe, max(mc.num_experts, 1))
-    load = {str(layer): (counts[i] / counts[i].sum()).tolist() for i, layer in enumerate(mc.moe_layers)}
-    result = {"loss": lm + tc.router_aux_loss_coef * aux + tc.router_z_loss_coef * z, "lm_loss": lm,
-              "aux_loss": aux, "z_loss": z, "expert_load": load}
+    lm, mtp = packed[0].item() / num_micro, packed[1].item() / num_micro
+    aux = packed[2].item() / (num_micro * n_moe) if n_moe else 0.0
+    z = packed[3].item() / (num_micro * n_moe) if n_moe else 0.0
+    dropped = packed[4:4 + n_moe]
+    counts = packed[4 + n_moe:].view(n_moe, max(mc.num_experts, 1))
+    load = {str(layer): (counts[i] / counts[i].sum()).tolist() for i, layer in enumerate(mc.all_moe_layers)}
+    result = {"loss": lm + tc.mtp_loss_coef * mtp + tc.router_aux_loss_coef * aux + tc.router_z_loss_coef * z,
+              "lm_loss": lm, "aux_loss": aux, "z_loss": z, "expert_load": load}
+    if mc.mtp_num_layers:
+        result["mtp_loss"] = mtp
+    health = {str(layer): load_health(counts[i].tolist(), pg.ep, pg.expert_dp_size, steps)
+              for i, layer in enumerate(mc.all_moe_layers)}
+    for name in HEALTH_FIELDS:  # {field: {layer: value}}
+        if health and name in next(iter(health.values())):
+            result[name] = {layer: h[name] for layer, h in health.items()}
     if mc.moe_capacity_factor > 0 and mc.router_type == "topk":
         result["dropped_fraction"] = {str(layer): (dropped[i] / (dropped[i] + counts[i].sum())).item()
-                                      for i, layer in enumerate(mc.moe_layers)}
+                                      for i, layer in enumerate(mc.all_moe_layers)}
     return result
 
 
@@ -944,7 +989,7 @@ def global_expert_counts(stats: StepStats, pg: ParallelGroups, routed: bool) -> 
 def set_global_batch_counts(model: MoETransformer, mc: ModelConfig, counts: torch.Tensor) -> None:
     """Give every MoE layer of this stage the f_i of the global batch (global-batch balancing)."""
     for layer, moe in model.moe_layers().items():
-        moe.global_counts = counts[mc.moe_layers.index(layer)]
+        moe.global_counts = counts[mc.all_moe_layers.index(layer)]
 
 
 def update_expert_bias(model: MoETransformer, mc: ModelConfig, counts: torch.Tensor, rate: float) -> None:
@@ -954,7 +999,7 @@ def update_expert_bias(model: MoETransformer, mc: ModelConfig, counts: torch.Ten
     counts (num MoE layers, E): rows each expert computed in the whole global batch. The bias
     only enters the top-k choice, never the weights, so it needs no gradient."""
     for layer, moe in model.moe_layers().items():
-        load = counts[mc.moe_layers.index(layer)]
+        load = counts[mc.all_moe_layers.index(layer)]
         moe.router.expert_bias += rate * torch.sign(load.mean() - load)
 
 
@@ -1131,9 +1176,10 @@ def sync_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pg:
 
     - dense and expert weights: the reducers' all-reduces (reduce-scatters with the distributed
       optimizer), started during the last backward;
-    - router and q/k-norm weights (and under sequence parallelism every RMSNorm weight): also
-      summed over TP (each TP rank saw part of the tokens / heads / positions; sums over TP and
-      DP commute, so the order does not matter). With the distributed
+    - router and q/k-norm weights (and under sequence parallelism every RMSNorm weight and the MTP
+      modules' eh_proj): also summed over TP (each TP rank saw part of the tokens / heads / positions;
+      sums over TP and DP commute, so the order does not matter);
+    - MTP under PP: the embedding's two copies, summed over the embedding group. With the distributed
       optimizer, TP peers (same DP rank) own the same shard of identically laid-out buckets, so
       their pieces of these weights line up."""
     for reducer in reducers:
@@ -1141,6 +1187,11 @@ def sync_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pg:
     if pg.tp > 1:
         partial = [g for p, g in gradient_pieces(model, optimizer) if getattr(p, "tp_partial_grad", False)]
         bucketed_all_reduce(partial, pg.tp_group)  # sum partial router / norm grads over TP
+    if pg.embedding_group is not None:
+        # MTP under PP: the first stage's embedding and the last stage's copy (read by the MTP modules) are one
+        # weight; each copy has its own part of the gradient, and both step with the sum, so they stay equal.
+        copies = [g for p, g in gradient_pieces(model, optimizer) if hasattr(p, "pipeline_copy")]
+        bucketed_all_reduce(copies, pg.embedding_group)  # sum the two copies' embedding gradients
 
 
 def global_grad_norm(grads: list[tuple[torch.nn.Parameter, torch.Tensor]], pg: ParallelGroups, sharded: bool,
@@ -1149,13 +1200,14 @@ def global_grad_norm(grads: list[tuple[torch.nn.Parameter, torch.Tensor]], pg: P
 
     A rank's squared norms are divided by how many ranks hold the same elements, then summed
     over all ranks: DP replicas of TP shards, DP x TP replicas of replicated weights,
-    (DP x TP) / EP replicas of an expert. With the distributed optimizer (`sharded`) each
+    (DP x TP) / EP replicas of an expert, twice as many for the embedding with MTP under PP. With the distributed optimizer (`sharded`) each
     element of a bucket sits in one rank's shard of its group (DP, or an expert's replicas),
     so only weights replicated over TP are held more than once: TP times."""
     by_replicas: dict[int, list[torch.Tensor]] = {}
     for p, g in grads:
         kind = getattr(p, "shard_kind", None)
         replicas = {"tp": pg.dp, "ep": pg.expert_dp_size}.get(kind, pg.dp * pg.tp)
+        replicas *= 2 if hasattr(p, "pipeline_copy") else 1  # MTP under PP: the embedding on two stages
         if sharded:
             replicas //= pg.expert_dp_size if kind == "ep" else pg.dp
         by_replicas.setdefault(replicas, []).append(g)
@@ -1253,7 +1305,7 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     for group in optimizer.param_groups:
         group["lr"] = tc.schedule().at(step)
     optimizer.zero_grad(set_to_none=True)
-    if mc.router_aux_loss_type == "global-batch" and mc.moe_layers:
+    if mc.router_aux_loss_type == "global-batch" and mc.all_moe_layers:
         # f_i of the whole global batch must be known before any backward: a forward-only pass
         # over every micro-batch routes the tokens first (one extra forward per step).
         pre = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=False, step=step)
@@ -1273,7 +1325,7 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
         optimizer.step()
         if sharded:
             gather_updated_weights(optimizer)
-        if tc.router_bias_update_rate > 0 and mc.moe_layers:
+        if tc.router_bias_update_rate > 0 and mc.all_moe_layers:
             update_expert_bias(model, mc, global_expert_counts(stats, pg, routed=False), tc.router_bias_update_rate)
     return stats, grad_norm, applied
 
@@ -1581,6 +1633,7 @@ class Interval:
             self.stats = stats
         else:
             self.stats.lm_loss += stats.lm_loss
+            self.stats.mtp_loss += stats.mtp_loss
             for name in ("aux_loss", "z_loss", "counts", "routed", "dropped"):
                 setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
         self.steps += 1
@@ -1753,6 +1806,8 @@ def print_banner(inputs: RunInputs, pg: ParallelGroups, device: torch.device,
           f"{can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)} | {software_text()}")
     experts = (f"{mc.num_experts} experts top-{mc.num_experts_per_token} in layers {mc.moe_layers}"
                if mc.num_experts else "dense")
+    if mc.mtp_num_layers:
+        experts += f" | {mc.mtp_num_layers} MTP modules (layers {mc.mtp_layers}), loss coef {tc.mtp_loss_coef:g}"
     print(f"model: {params_per_stage(mc, 1, 1, 1)[0]:,} parameters, {mc.active_params_per_token():,} active per "
           f"token (embedding lookup excluded) | {mc.num_layers} layers, hidden {mc.hidden_size}, {experts}")
     layout = describe_layout(pg, mc, tc).split("\n")
@@ -1785,7 +1840,7 @@ def run(inputs: RunInputs, rank: int, world_size: int, local_rank: int) -> None:
     mc, tc, corpus, resume = inputs.mc, inputs.tc, inputs.corpus, inputs.resume
     device = resolve_device(tc, local_rank)
     pg = build_process_groups(tc.tensor_parallel_size, tc.pipeline_parallel_size, tc.expert_parallel_size,
-                              rank, world_size)
+                              rank, world_size, embedding_groups=mc.mtp_num_layers > 0)
     autocast_dtype = resolve_autocast(tc, device)
     if pg.is_main:
         print_banner(inputs, pg, device, autocast_dtype)

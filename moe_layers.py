@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ class ModelConfig:
     num_layers: int = 4  # decoder blocks
     num_attention_heads: int = 4  # H (full model)
     num_kv_heads: int = 2  # Hkv (full model); grouped-query attention when < H
+    head_dim: int = 0  # Dh per attention head; 0 means hidden_size / num_attention_heads
     ffn_hidden_size: int = 512  # hidden width of dense SwiGLU layers
     moe_ffn_hidden_size: int = 256  # F, hidden width of each expert
     num_experts: int = 8  # E; 0 gives the dense model
@@ -67,10 +68,13 @@ class ModelConfig:
     rope_theta: float = 10000.0  # rotary base
     rms_norm_eps: float = 1e-6  # RMSNorm epsilon
     init_std: float = 0.02  # std of the normal init of every projection
+    mtp_num_layers: int = 0  # D multi-token prediction modules (DeepSeek-V3 MTP) on the last stage; 0 = off
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def attn_head_dim(self) -> int:
+        """Dh: --head-dim, or hidden / heads when it is 0. Attention is H*Dh wide, which need not be D
+        (Qwen3-30B-A3B: D 2048, 32 heads of 128)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and (i + 1) % self.moe_layer_interval == 0
@@ -84,24 +88,44 @@ class ModelConfig:
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
+    @property
+    def mtp_layers(self) -> list[int]:
+        """Layer indices of the MTP modules' blocks: module k (1..D) holds layer num_layers + k - 1."""
+        return list(range(self.num_layers, self.num_layers + self.mtp_num_layers))
+
+    @property
+    def all_moe_layers(self) -> list[int]:
+        """Every MoE layer: the main stack's, then the MTP blocks (MoE when the model is, as in DeepSeek-V3)."""
+        return self.moe_layers + (self.mtp_layers if self.num_experts > 0 else [])
+
+    def block_active_params(self, i: int) -> int:
+        """Parameters a token multiplies by in block i: attention with its norms, and the dense MLP
+        or the router, K of E experts and the shared experts."""
+        d, dh = self.hidden_size, self.attn_head_dim
+        attn = d * dh * (2 * self.num_attention_heads + 2 * self.num_kv_heads) + 2 * dh + 2 * d
+        if i in self.all_moe_layers:
+            return (attn + d * self.num_experts + self.num_experts_per_token * 3 * d * self.moe_ffn_hidden_size
+                    + 3 * d * self.shared_ffn_hidden_size)
+        return attn + 3 * d * self.ffn_hidden_size
+
     def active_params_per_token(self) -> int:
         """Parameters one token's forward pass multiplies by, without the input embedding
-        (a lookup): attention, norms, dense MLPs, router, K of E experts, final norm, LM head."""
-        d, dh = self.hidden_size, self.head_dim
-        attn = d * dh * (2 * self.num_attention_heads + 2 * self.num_kv_heads) + 2 * dh + 2 * d
-        total = self.vocab_size * d + d
-        for i in range(self.num_layers):
-            if self.is_moe_layer(i):
-                total += (attn + d * self.num_experts + self.num_experts_per_token * 3 * d * self.moe_ffn_hidden_size
-                          + 3 * d * self.shared_ffn_hidden_size)
-            else:
-                total += attn + 3 * d * self.ffn_hidden_size
-        return total
+        (a lookup) and the MTP modules (training only): blocks, final norm, LM head."""
+        d = self.hidden_size
+        return self.vocab_size * d + d + sum(self.block_active_params(i) for i in range(self.num_layers))
+
+    def mtp_active_params_per_token(self) -> int:
+        """What the MTP modules add in training: per module two norms and the 2D -> D projection,
+        its block, its final norm and the shared LM head once more."""
+        d = self.hidden_size
+        return sum(2 * d + 2 * d * d + self.block_active_params(i) + d + self.vocab_size * d for i in self.mtp_layers)
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 x active parameters + 12 x layers x D x T for the attention
-        scores and values (PaLM, Chowdhery et al. 2022, appendix B). Basis of the MFU figure."""
-        return 6 * self.active_params_per_token() + 12 * self.num_layers * self.hidden_size * self.seq_length
+        """Training FLOPs per token: 6 x active parameters (MTP modules included) + 12 x blocks x H x Dh
+        x T for the attention scores and values (PaLM, Chowdhery et al. 2022, appendix B). Basis of MFU."""
+        blocks = self.num_layers + self.mtp_num_layers
+        return (6 * (self.active_params_per_token() + self.mtp_active_params_per_token())
+                + 12 * blocks * self.num_attention_heads * self.attn_head_dim * self.seq_length)
 
     def validate(self) -> None:
         """Raise ValueError naming the flag to change."""
@@ -111,11 +135,13 @@ class ModelConfig:
         for name in positive:
             if getattr(c, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
-        if c.hidden_size % c.num_attention_heads:
+        if c.head_dim < 0:
+            raise ValueError(f"--head-dim must be >= 0 (0: hidden / heads), got {c.head_dim}")
+        if not c.head_dim and c.hidden_size % c.num_attention_heads:
             raise ValueError(f"--num-attention-heads ({c.num_attention_heads}) must divide "
-                             f"--hidden-size ({c.hidden_size})")
-        if c.head_dim % 2:
-            raise ValueError(f"head dim hidden/heads = {c.head_dim} must be even for rotary embeddings")
+                             f"--hidden-size ({c.hidden_size}), or give --head-dim")
+        if c.attn_head_dim % 2:
+            raise ValueError(f"--head-dim {c.attn_head_dim} (0: hidden / heads) must be even for rotary embeddings")
         if c.num_attention_heads % c.num_kv_heads:
             raise ValueError(f"--num-kv-heads ({c.num_kv_heads}) must divide "
                              f"--num-attention-heads ({c.num_attention_heads})")
@@ -145,6 +171,10 @@ class ModelConfig:
         if c.router_jitter_noise >= 1:
             raise ValueError(f"--router-jitter-noise must be < 1 (inputs scaled by U(1-eps, 1+eps)), "
                              f"got {c.router_jitter_noise}")
+        if c.mtp_num_layers < 0:
+            raise ValueError(f"--mtp-num-layers must be >= 0, got {c.mtp_num_layers}")
+        if c.mtp_num_layers >= c.seq_length:  # module k predicts k + 1 ahead: some position must have a target
+            raise ValueError(f"--mtp-num-layers ({c.mtp_num_layers}) must be below --seq-length ({c.seq_length})")
         if c.router_type == "expert-choice" and c.router_aux_loss_type != "micro-batch":
             raise ValueError("--router-type expert-choice is balanced by construction; it takes no "
                              "--router-aux-loss-type")
@@ -512,7 +542,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
         self.par = par
-        dh, d = cfg.head_dim, cfg.hidden_size
+        dh, d = cfg.attn_head_dim, cfg.hidden_size
         self.n_heads = cfg.num_attention_heads // par.tp_size  # H on this rank
         self.n_kv = cfg.num_kv_heads // par.tp_size
         self.head_dim = dh
@@ -1077,7 +1107,7 @@ class MoETransformerBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel, layer: int):
         super().__init__()
-        self.is_moe = cfg.is_moe_layer(layer)
+        self.is_moe = layer in cfg.all_moe_layers
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, par)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -1097,6 +1127,48 @@ class MoETransformerBlock(nn.Module):
         return x + self.mlp(h), None
 
 
+# ------------------------------------------------------------ multi-token prediction
+class MultiTokenPrediction(nn.Module):
+    """MTP module k of DeepSeek-V3 (Liu et al. 2024, section 2.2): from the previous depth's hidden
+    states h^{k-1} (B, T, D) and the embeddings of the tokens k ahead, one block gives h^k.
+
+        h'^k = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])     (2D -> D)
+        h^k  = block(h'^k)                                          (MoE when the model is)
+        logits of t_{i+k+1} = lm_head(final_layernorm(h^k_i))       (the LM head is the model's, shared)
+
+    The embedding comes first in the concatenation as in the released DeepSeek-V3 weights and
+    Megatron-Core (the paper writes h first; the order only permutes eh_proj's columns). Each module
+    has its own final norm (DeepSeek-V3's `shared_head.norm`, Megatron's `final_layernorm`).
+    eh_proj is replicated over TP: every TP rank holds the whole (B, T, D) hidden states, or under
+    sequence parallelism its (B, T/TP, D) slice, when the norms' and eh_proj's gradients are partial."""
+
+    def __init__(self, cfg: ModelConfig, par: ModelParallel, layer: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj.weight.init_std = cfg.init_std
+        self.block = MoETransformerBlock(cfg, par, layer)
+        self.final_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        for weight in (self.enorm.weight, self.hnorm.weight, self.eh_proj.weight, self.final_layernorm.weight):
+            weight.tp_partial_grad = par.sequence_parallel  # SP: each TP rank sees its positions only
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+                noise_seed: int | None) -> tuple[torch.Tensor, MoEStats | None]:
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # (B, T, 2D) -> (B, T, D); SP: T/TP
+        return self.block(x, rope, positions, None, noise_seed)  # (B, T, D); SP: (B, T/TP, D)
+
+
+def mtp_input_ids(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids that MTP module k reads at each position i: t_{i+k} = targets[:, i + k - 1] (targets are
+    the inputs shifted by one). The last k - 1 positions have no such token: they read id 0 and
+    their predictions are left out of the loss (as Megatron-Core rolls its inputs and masks)."""
+    ids = torch.zeros_like(targets)  # (B, T)
+    ids[:, :targets.shape[1] - k + 1] = targets[:, k - 1:]
+    return ids
+
+
 # ----------------------------------------------------------------------- transformer
 @dataclass
 class ModelOutput:
@@ -1104,6 +1176,8 @@ class ModelOutput:
     aux_loss: torch.Tensor  # scalar, sum over the MoE layers run (0 when none)
     z_loss: torch.Tensor  # scalar, sum over the MoE layers run
     stats: dict[int, MoEStats]  # global layer index -> that MoE layer's stats
+    # last stage, given mtp_targets: module k's logits of t_{i+k+1} at positions i < T - k, (B, T - k, V_local)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
 
 
 class MoETransformer(nn.Module):
@@ -1114,7 +1188,10 @@ class MoETransformer(nn.Module):
     rank's chunks live in this one module so that parameter names stay global whatever the
     layout, and checkpoints, gradient reducers and optimizers see one set of weights.
     Parameter names follow transformers' Qwen3-MoE without the `model.` prefix
-    (`layers.3.mlp.router.weight` is its `model.layers.3.mlp.gate.weight`)."""
+    (`layers.3.mlp.router.weight` is its `model.layers.3.mlp.gate.weight`). The MTP modules
+    (`mtp.0.*`, ...) live on the last stage; under PP it then holds a copy of the embedding too,
+    initialised equal (by name) and kept equal by the trainer, which sums the two copies'
+    gradients over the embedding group. Each copy's `pipeline_copy` says which stage holds it."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel | None = None, seed: int = 0):
         super().__init__()
@@ -1123,29 +1200,38 @@ class MoETransformer(nn.Module):
         end = cfg.num_layers if par.layer_end < 0 else par.layer_end
         self.chunks = list(par.chunks) or [(par.layer_start, end)]  # [start, end) of each model chunk
         self.layer_ids = [i for start, end in self.chunks for i in range(start, end)]
-        if par.first_stage:
+        mtp = cfg.mtp_num_layers > 0 and par.last_stage
+        if par.first_stage or mtp:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par, cfg.init_std)
+            if cfg.mtp_num_layers > 0 and par.first_stage != par.last_stage:  # one copy on each end of the pipeline
+                self.embed_tokens.weight.pipeline_copy = "first" if par.first_stage else "last"
         self.layers = nn.ModuleDict({str(i): MoETransformerBlock(cfg, par, i) for i in self.layer_ids})
         if par.last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.norm.weight.tp_partial_grad = par.sequence_parallel  # SP: each rank normalises its positions
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, par, cfg.init_std)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+        self.mtp = nn.ModuleList([MultiTokenPrediction(cfg, par, i) for i in cfg.mtp_layers] if mtp else [])
+        self.rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
         self.recompute = False  # set by the trainer: recompute each block's activations in backward
         layout_free_init_(self, seed)
 
     def moe_layers(self) -> dict[int, SparseMoELayer]:
-        """This stage's MoE layers by global layer index."""
-        return {int(i): b.mlp for i, b in self.layers.items() if b.is_moe}
+        """This stage's MoE layers by global layer index (MTP blocks: num_layers + k - 1)."""
+        blocks = {int(i): b for i, b in self.layers.items()}
+        blocks.update({self.cfg.num_layers + j: m.block for j, m in enumerate(self.mtp)})
+        return {i: b.mlp for i, b in blocks.items() if b.is_moe}
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                kv_caches: list[dict] | None = None, noise_seed: int | None = None, chunk: int = 0) -> ModelOutput:
+                kv_caches: list[dict] | None = None, noise_seed: int | None = None, chunk: int = 0,
+                mtp_targets: torch.Tensor | None = None) -> ModelOutput:
         """x: token ids (B, T) into the first stage's first chunk, hidden states (B, T, D) elsewhere
         (this rank's sequence slice (B, T/TP, D) under sequence parallelism).
 
         chunk: which of this rank's model chunks to run (interleaved schedule; 0 otherwise).
         noise_seed: seeds router jitter (each layer adds its index), given by the trainer per
-        micro-batch so that the noise does not depend on the layout."""
+        micro-batch so that the noise does not depend on the layout.
+        mtp_targets: the next-token targets (B, T); given (in training) the last stage's last chunk
+        also runs the MTP modules. Without them (generation, evaluation) the MTP modules are ignored."""
         if self.par.first_stage and chunk == 0:
             x = self.embed_tokens(x)  # (B, T, D); SP: (B, T/TP, D)
         if positions is None:  # of the whole sequence: attention gathers it under SP
@@ -1166,9 +1252,25 @@ class MoETransformer(nn.Module):
             if stats is not None:
                 aux, z = aux + stats.aux_loss, z + stats.z_loss
                 all_stats[layer] = stats
-        if self.par.last_stage and chunk == len(self.chunks) - 1:
-            h = self.norm(x)  # (B, T, D); SP: (B, T/TP, D)
-            # SP: all-gather the sequence slices (backward: reduce-scatter); else h (backward: all-reduce)
-            h = gather_sequence(h, self.par) if self.par.sequence_parallel else copy_to_tp(h, self.par)  # (B, T, D)
-            x = self.lm_head(h)  # (B, T, V_local)
-        return ModelOutput(x, aux, z, all_stats)
+        last = self.par.last_stage and chunk == len(self.chunks) - 1
+        mtp_logits = []
+        if last and mtp_targets is not None:
+            h, t = x, mtp_targets.shape[1]
+            for j, module in enumerate(self.mtp):  # module k = j + 1, sequential: h^k from h^{k-1}
+                layer, k = self.cfg.num_layers + j, j + 1
+                seed = None if noise_seed is None else noise_seed * 1009 + layer
+                h, stats = module(h, self.embed_tokens(mtp_input_ids(mtp_targets, k)), self.rope, positions, seed)
+                if stats is not None:
+                    aux, z = aux + stats.aux_loss, z + stats.z_loss
+                    all_stats[layer] = stats
+                valid = self.to_lm_head(module.final_layernorm(h))[:, :t - k]  # (B, T - k, D): t_{i+k+1} exists
+                mtp_logits.append(self.lm_head(valid))  # (B, T - k, V_local), the shared head
+        if last:
+            x = self.lm_head(self.to_lm_head(self.norm(x)))  # (B, T, V_local)
+        return ModelOutput(x, aux, z, all_stats, mtp_logits)
+
+    def to_lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Normalised hidden states (B, T, D), SP: (B, T/TP, D), as the column-parallel LM head reads
+        them: whole on every TP rank. SP all-gathers the sequence slices (backward: reduce-scatter);
+        otherwise h is already whole (backward: all-reduce of its partial gradients)."""
+        return gather_sequence(h, self.par) if self.par.sequence_parallel else copy_to_tp(h, self.par)  # (B, T, D)

@@ -508,7 +508,7 @@ def test_block_and_transformer_shapes():
     cfg = tiny_config()
     block = MoETransformerBlock(cfg, ModelParallel(), 0)
     layout_free_init_(block, 0)
-    rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+    rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
     h, stats = block(torch.randn(3, 10, 32), rope, torch.arange(10))
     assert h.shape == (3, 10, 32) and stats.counts.shape == (4,) and stats.counts.sum() == 3 * 10 * 2
     out = MoETransformer(cfg)(torch.randint(0, 64, (3, 10)))
@@ -734,7 +734,7 @@ def test_grouped_query_attention_matches_repeated_kv_reference():
     cfg = tiny_config(num_attention_heads=4, num_kv_heads=2)
     attn = Attention(cfg, ModelParallel())
     layout_free_init_(attn, 5)
-    rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+    rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
     x = torch.randn(2, 9, cfg.hidden_size, requires_grad=True)
     y, ref = attn(x, rope, torch.arange(9)), repeated_kv_attention(attn, x, rope)
     assert torch.allclose(y, ref, atol=1e-5)
@@ -746,7 +746,7 @@ def test_grouped_query_attention_with_cache_matches_one_full_pass():
     cfg = tiny_config(num_attention_heads=4, num_kv_heads=2)
     attn = Attention(cfg, ModelParallel())
     layout_free_init_(attn, 6)
-    rope = RotaryEmbedding(cfg.head_dim, cfg.seq_length, cfg.rope_theta)
+    rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
     x = torch.randn(1, 8, cfg.hidden_size)
     full = attn(x, rope, torch.arange(8))
     cache: dict = {}
@@ -2330,7 +2330,6 @@ VALID_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=32, i
     (dict(attention_bias=True), "attention_bias"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(use_sliding_window=True), "use_sliding_window"),
-    (dict(head_dim=16), "head_dim 16"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling"),
     (dict(model_type="mixtral"), "model_type 'mixtral'"),
 ])
@@ -2448,7 +2447,7 @@ def test_plot_metrics_writes_every_figure_as_small_pngs(trained, tmp_path):
     r = run_script("plot_metrics.py", [str(trained / "m.jsonl"), "--out", str(tmp_path / "plots")])
     assert r.returncode == 0, r.stderr
     expected = {"loss.png", "router_losses.png", "lr.png", "grad_norm.png", "throughput.png", "load_balance.png",
-                "expert_load_layer0.png", "expert_load_layer1.png"}
+                "load_cv.png", "dead_experts.png", "expert_load_layer0.png", "expert_load_layer1.png"}
     # byte-level data: the evaluations report bits per byte, which get their own chart
     assert set(os.listdir(tmp_path / "plots")) == expected | {"overview.png", "val_bpb.png"}
     for name in expected:
@@ -4287,3 +4286,330 @@ def test_interleaved_layout_and_dry_run_show_each_ranks_chunks():
     lines = mp.describe_layout(pg, mc, tc).split("\n")
     assert lines[1] == "  rank 0: stage 0 chunks 0-1, 4-5 | dp 0 | tp 0/1 | experts 0-3"
     assert lines[4] == "  rank 3: stage 1 chunks 2-3, 6-7 | dp 1 | tp 0/1 | experts 0-3"
+
+
+# ---- recipes: --head-dim, load-balance health, multi-token prediction (issue 14)
+def slow_attention(attn: Attention, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+    """Causal attention head by head with explicit matrices (no SDPA): softmax(q k^T / sqrt(Dh) + mask) v."""
+    b, t, _ = x.shape
+    dh, group = attn.head_dim, attn.n_heads // attn.n_kv
+    q = attn.q_norm((x @ attn.q_proj.weight.T).view(b, t, attn.n_heads, dh)).transpose(1, 2)
+    k = attn.k_norm((x @ attn.k_proj.weight.T).view(b, t, attn.n_kv, dh)).transpose(1, 2)
+    v = (x @ attn.v_proj.weight.T).view(b, t, attn.n_kv, dh).transpose(1, 2)
+    q, k = rope(q, k, torch.arange(t))
+    heads = []
+    for h in range(attn.n_heads):
+        scores = q[:, h] @ k[:, h // group].transpose(-1, -2) / math.sqrt(dh)  # (B, T, T)
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        heads.append(scores.softmax(-1) @ v[:, h // group])  # (B, T, Dh)
+    return torch.cat(heads, dim=-1) @ attn.o_proj.weight.T  # (B, T, D)
+
+
+def test_head_dim_independent_of_hidden_matches_slow_attention():
+    cfg = tiny_config(hidden_size=32, num_attention_heads=4, num_kv_heads=2, head_dim=16)  # H*Dh = 64 != D = 32
+    torch.manual_seed(0)
+    attn = Attention(cfg, ModelParallel())
+    layout_free_init_(attn, 5)
+    assert attn.q_proj.weight.shape == (64, 32) and attn.o_proj.weight.shape == (32, 64)
+    rope = RotaryEmbedding(16, cfg.seq_length, cfg.rope_theta)
+    x = torch.randn(2, cfg.seq_length, 32)
+    with torch.no_grad():
+        assert (attn(x, rope, torch.arange(cfg.seq_length)) - slow_attention(attn, x, rope)).abs().max() < 1e-5
+
+
+def test_head_dim_flops_and_planner_count_the_built_model():
+    cfg = tiny_config(num_layers=3, moe_layer_interval=2, head_dim=16)
+    model = MoETransformer(cfg)
+    by_hand = sum(p.numel() * (2 / 4 if "experts" in name else 1.0) for name, p in model.named_parameters()
+                  if not name.startswith("embed_tokens"))
+    assert cfg.active_params_per_token() == by_hand
+    assert cfg.flops_per_token() == 6 * by_hand + 12 * 3 * (4 * 16) * 16  # 12 x layers x H x Dh x T
+    assert mp.params_per_stage(cfg, 1, 1, 1) == [sum(p.numel() for p in model.parameters())]
+
+
+def test_head_dim_import_and_export_give_transformers_logits(tmp_path):
+    """A Qwen3-MoE with head_dim 16 over hidden 32 and 4 heads: import -> equal logits; export -> equal logits."""
+    pytest.importorskip("safetensors")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=16, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                         moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                         norm_topk_prob=True)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    model.save_pretrained(str(tmp_path / "hf"))
+    import_hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "ck"))
+    assert ckpt_io.read_checkpoint(str(tmp_path / "ck")).meta["model"]["head_dim"] == 16
+    x = tokens(256)
+    with torch.no_grad():
+        theirs = model(x).logits
+    assert (our_logits(str(tmp_path / "ck"), x) - theirs).abs().max() < 1e-4
+    export_hf.export(str(tmp_path / "ck"), str(tmp_path / "out"))
+    assert json.load(open(tmp_path / "out" / "config.json"))["head_dim"] == 16
+    exported, _ = hf_logits(tmp_path / "out", x)
+    assert (exported - theirs).abs().max() < 1e-4
+    metrics = tmp_path / "m.jsonl"  # and it trains on, under TP2 (heads split as before)
+    r = run_cli(["--load", str(tmp_path / "ck"), "--max-steps", "2", "--micro-batch-size", "2", "--seq-length", "16",
+                 "--log-interval", "1", "--eval-interval", "0", "--no-progress", "--metrics-file", str(metrics),
+                 "--tensor-parallel-size", "2", "--dist-timeout", "60"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in train_records(str(metrics))] == [1, 2]
+
+
+def test_head_dim_under_tp2_and_pp2_matches_one_process(tmp_path):
+    """Attention 4 x 16 = 64 wide over hidden 32: TP2 splits the heads as before; both layouts train as one process."""
+    wide = ["--head-dim", "16"]
+    reference = parity_run(tmp_path, "one", 1, [], 4, wide)
+    for name, layout in (("tp2", ["--tensor-parallel-size", "2"]), ("pp2", ["--pipeline-parallel-size", "2"])):
+        worst = assert_same_training(reference, parity_run(tmp_path, name, 2, layout, 4, wide))
+        print(f"head-dim {name}: max relative loss difference {worst:.2e}")
+    assert reference[1]["layers.0.self_attn.q_proj.weight"].shape == (64, 32)
+
+
+def test_load_health_of_hand_made_counts():
+    """Counts (E=4) summed over 2 steps of one EP group of 2 ranks: every figure by hand."""
+    h = metrics_mod.load_health([6.0, 0.0, 2.0, 8.0], ep=2, ep_groups=1, steps=2)
+    assert h["max_over_mean_load"] == 8 / 4
+    assert h["load_cv"] == pytest.approx(math.sqrt((4 + 16 + 4 + 16) / 4) / 4)
+    assert h["dead_experts"] == 1  # expert 1: zero rows
+    assert h["ep_rank_rows"] == [(6 + 0) / 2, (2 + 8) / 2]  # experts 0-1 on EP rank 0, 2-3 on rank 1, per step
+    assert "ep_rank_rows" not in metrics_mod.load_health([1.0, 1.0], ep=1, ep_groups=2, steps=1)
+    assert metrics_mod.load_health([100.0, 0.5, 99.5, 100.0], 1, 1, 1)["dead_experts"] == 1  # 0.5 < 1% of 75
+    assert metrics_mod.load_health([1.0, 1.0, 1.0, 1.0], 1, 1, 1)["load_cv"] == 0.0
+
+
+def test_load_health_of_an_ep2_run_matches_its_expert_load(tmp_path):
+    """DP2 x EP2, log interval 2: the figures against the record's expert_load, and the rows of the EP ranks
+    per step add up to the routed rows by hand: 8 sequences x 16 tokens x top-2 = 256 (dropless)."""
+    metrics = tmp_path / "m.jsonl"
+    r = run_cli(TINY_FLAGS + ["--expert-parallel-size", "2", "--num-microbatches", "2", "--max-steps", "4",
+                              "--log-interval", "2", "--metrics-file", str(metrics), "--dist-timeout", "60"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = train_records(str(metrics))
+    assert [x["step"] for x in records] == [2, 4]
+    for rec in records:
+        for layer, load in rec["expert_load"].items():
+            mean = sum(load) / 4
+            assert rec["max_over_mean_load"][layer] == pytest.approx(max(load) / mean)
+            assert rec["load_cv"][layer] == pytest.approx(float(np.std(load)) / mean)
+            assert rec["dead_experts"][layer] == sum(share < 0.01 * mean for share in load)
+            rows = rec["ep_rank_rows"][layer]
+            assert sum(rows) == pytest.approx(2 * 2 * 2 * 16 * 2)
+            assert rows == pytest.approx([256 * (load[0] + load[1]), 256 * (load[2] + load[3])])
+    worst = max(records[-1]["max_over_mean_load"], key=records[-1]["max_over_mean_load"].get)
+    assert f"Max/Mean Load: {records[-1]['max_over_mean_load'][worst]:.2f} (layer {worst})" in r.stdout
+    assert "rows per EP rank per step" in r.stdout and f"cv {records[-1]['load_cv']['0']:.2f}" in r.stdout
+    pytest.importorskip("matplotlib")
+    r = run_script("plot_metrics.py", [str(metrics), "--out", str(tmp_path / "plots")])
+    assert r.returncode == 0, r.stderr
+    assert all((tmp_path / "plots" / f).stat().st_size > 0 for f in ("load_cv.png", "dead_experts.png",
+                                                                      "ep_rank_rows.png"))
+
+
+# ---- multi-token prediction (issue 14, item 4)
+MTP = ["--mtp-num-layers", "2", "--mtp-loss-coef", "0.3"]
+
+
+def direct_mtp_losses(model: MoETransformer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lm loss, mean_k CE_k) by a loop over the model's modules, truncating as the DeepSeek-V3 paper does:
+    module k runs on the T - k positions i whose target t_{i+k+1} exists, reading Emb(t_{i+k})."""
+    t = x.shape[1]
+    pos = torch.arange(t)
+    h = model.embed_tokens.weight[x]  # (B, T, D)
+    for block in model.layers.values():
+        h, _ = block(h, model.rope, pos)
+    lm = F.cross_entropy((model.norm(h) @ model.lm_head.weight.T).flatten(0, 1), y.flatten())
+    ces = []
+    for k, module in enumerate(model.mtp, start=1):
+        n = t - k
+        emb = model.embed_tokens.weight[y[:, k - 1:k - 1 + n]]  # t_{i+k} = y[:, i + k - 1], i < T - k
+        joined = torch.cat([module.enorm(emb), module.hnorm(h[:, :n])], dim=-1) @ module.eh_proj.weight.T
+        h, _ = module.block(joined, model.rope, pos[:n])  # (B, T - k, D)
+        logits = module.final_layernorm(h) @ model.lm_head.weight.T  # the shared head
+        ces.append(F.cross_entropy(logits.flatten(0, 1), y[:, k:].flatten()))  # t_{i+k+1} = y[:, i + k]
+    return lm, torch.stack(ces).mean()
+
+
+def test_mtp_loss_equals_a_direct_computation():
+    cfg = tiny_config(mtp_num_layers=3)
+    model = MoETransformer(cfg, seed=3)
+    x, y = tokens(cfg.vocab_size), tokens(cfg.vocab_size, seed=1)
+    with torch.no_grad():
+        out = model(x, mtp_targets=y)
+        lm, mtp = direct_mtp_losses(model, x, y)
+    assert [tuple(l.shape) for l in out.mtp_logits] == [(2, 15, 64), (2, 14, 64), (2, 13, 64)]
+    assert sorted(out.stats) == [0, 1, 2, 3, 4]  # the MTP blocks are MoE layers 2, 3, 4
+    assert abs(F.cross_entropy(out.output.flatten(0, 1), y.flatten()) - lm) < 1e-5
+    assert abs(mp.mtp_loss(out.mtp_logits, y, model.par) - mtp) < 1e-5
+
+
+def test_mtp_loss_of_the_trainers_first_step_equals_a_direct_computation(tmp_path):
+    """The first record's mtp_loss, and its loss = lm + coef x mtp + router terms, against the loop on the same batch."""
+    metrics = tmp_path / "m.jsonl"
+    r = run_cli(TINY_FLAGS + MTP + ["--max-steps", "1", "--metrics-file", str(metrics)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| MTP Loss: " in r.stdout
+    rec = train_records(str(metrics))[0]
+    mc, tc, _ = mp.parse_config(TINY_FLAGS + MTP)
+    mc.vocab_size = 256
+    model = MoETransformer(mc, seed=tc.seed)
+    x, y = data.get_batch(data.load_corpus("", None).train, tc.seed, 0, 0, 2, 16, 256)
+    with torch.no_grad():
+        lm, mtp = direct_mtp_losses(model, x, y)
+        stats = model(x, mtp_targets=y).stats
+    aux = sum(s.aux_loss for s in stats.values()) / 4  # 2 layers + 2 MTP blocks
+    z = sum(s.z_loss for s in stats.values()) / 4
+    assert rec["mtp_loss"] == pytest.approx(float(mtp), rel=1e-5)
+    assert rec["lm_loss"] == pytest.approx(float(lm), rel=1e-5)
+    assert rec["loss"] == pytest.approx(float(lm + 0.3 * mtp + 0.1 * aux + 0.01 * z), rel=1e-5)
+    assert sorted(rec["expert_load"]) == ["0", "1", "2", "3"]
+
+
+@pytest.fixture(scope="module")
+def mtp_one_process(tmp_path_factory):
+    return parity_run(tmp_path_factory.mktemp("mtp_one_process"), "one", 1, [], 4, MTP)
+
+
+@pytest.mark.parametrize("name,nproc,layout,micro", [
+    ("dp2_ep2", 2, ["--expert-parallel-size", "2"], 2),
+    ("pp2", 2, ["--pipeline-parallel-size", "2"], 4),
+    ("tp2_ep2", 2, ["--tensor-parallel-size", "2"], 4),
+    # SP: the modules read the (B, T/TP, D) slices and all-gather before the shared head
+    ("tp2_sp", 2, ["--tensor-parallel-size", "2", "--sequence-parallel"], 4),
+])
+def test_mtp_layout_matches_one_process(name, nproc, layout, micro, mtp_one_process, tmp_path):
+    candidate = parity_run(tmp_path, name, nproc, layout, micro, MTP)
+    worst = assert_same_training(mtp_one_process, candidate)
+    for a, b in zip(mtp_one_process[0], candidate[0]):
+        assert abs(a["mtp_loss"] - b["mtp_loss"]) / a["mtp_loss"] < 1e-4
+    print(f"mtp {name}: max relative loss difference {worst:.2e}")
+
+
+def test_mtp_under_interleaved_1f1b_matches_one_process(tmp_path):
+    """4 layers, PP2 with 2 chunks of 1 layer per rank: the modules run after the last rank's
+    last chunk (layer 3), and rank 1's embedding copy is summed with rank 0's first chunk."""
+    layers4 = MTP + ["--num-layers", "4"]
+    reference = parity_run(tmp_path, "one", 1, [], 4, layers4)
+    candidate = parity_run(tmp_path, "pp2_interleaved", 2,
+                           ["--pipeline-parallel-size", "2", "--num-layers-per-virtual-stage", "1"], 4, layers4)
+    worst = assert_same_training(reference, candidate)
+    for a, b in zip(reference[0], candidate[0]):
+        assert abs(a["mtp_loss"] - b["mtp_loss"]) / a["mtp_loss"] < 1e-4
+    print(f"mtp pp2 interleaved: max relative loss difference {worst:.2e}")
+
+
+def _mtp_pp2_worker(rank: int, port: int, result_dir: str) -> None:
+    """One rank of a PP2 run of the trainer's own train_step; each rank keeps its embedding copy."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    mc, tc, _ = mp.parse_config(TINY_FLAGS + MTP + ["--pipeline-parallel-size", "2", "--num-microbatches", "2"])
+    mc.vocab_size = 256
+    pg = mp.build_process_groups(1, 2, 1, rank, 2, embedding_groups=True)
+    device = torch.device("cpu")
+    model = mp.build_model(mc, tc, pg, device, None)
+    reducers = mp.build_grad_reducers(model, pg)
+    optimizer = optim.build_optimizer(model, tc.lr, tc.weight_decay)
+    corpus = data.load_corpus("", None)
+    for step in range(3):
+        x, y = data.get_batch(corpus.train, tc.seed, 0, step, 4, 16, 256)
+        mp.train_step(model, optimizer, reducers, mp.local_microbatches(x, y, pg, tc, device), pg, mc, tc, device,
+                      None, step)
+    torch.save(model.embed_tokens.weight.detach().clone(), os.path.join(result_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_mtp_pipeline_keeps_the_two_embedding_copies_equal(tmp_path):
+    import torch.multiprocessing as tmp_mp
+    tmp_mp.spawn(_mtp_pp2_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    first, last = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    initial = MoETransformer(tiny_config(vocab_size=256, mtp_num_layers=2), seed=1234).embed_tokens.weight
+    assert torch.equal(first, last)  # the same summed gradient, the same AdamW step, on both stages
+    assert (first - initial).abs().max() > 1e-3  # and both moved
+
+
+@pytest.mark.parametrize("tp,pp,ep", [(1, 1, 1), (2, 2, 2), (1, 3, 1)])
+def test_mtp_planner_and_flops_count_the_built_model(tp, pp, ep):
+    """The last stage holds the MTP modules (and, under PP, an embedding copy): the planner's counts per stage
+    against the built slices; FLOPs add 6 x the modules' active parameters and their attention."""
+    mc = tiny_config(num_layers=3, moe_layer_interval=2, num_shared_experts=1, mtp_num_layers=2)
+    counted, experts = memory.params_per_stage(mc, tp, pp, ep), memory.expert_params_per_stage(mc, pp, ep)
+    for stage in range(pp):
+        start, end = stage_layers(mc.num_layers, pp, stage)
+        model = MoETransformer(mc, ModelParallel(tp_size=tp, ep_size=ep, layer_start=start, layer_end=end,
+                                                 first_stage=stage == 0, last_stage=stage == pp - 1))
+        assert counted[stage] == sum(p.numel() for p in model.parameters()), stage
+        assert experts[stage] == sum(p.numel() for p in model.parameters() if getattr(p, "shard_kind", "") == "ep")
+    if (tp, pp) == (1, 1):
+        mtp = sum(p.numel() * (2 / 4 if ".experts." in n else 1.0) for n, p in model.named_parameters()
+                  if n.startswith("mtp.")) + model.lm_head.weight.numel() * 2  # the shared head, once per module
+        assert mc.flops_per_token() == 6 * (mc.active_params_per_token() + mtp) + 12 * (3 + 2) * 4 * 8 * 16
+
+
+def test_mtp_modules_change_no_generated_logit(tmp_path):
+    """Generation ignores the MTP modules: the same logits with and without them, in memory and through a checkpoint."""
+    with_mtp, without = MoETransformer(tiny_config(mtp_num_layers=2), seed=3), MoETransformer(tiny_config(), seed=3)
+    x = tokens(64)
+    with torch.no_grad():
+        assert torch.equal(with_mtp(x).output, without(x).output)
+    ck = save_in_process(with_mtp, tmp_path / "ck")
+    loaded = generate.load_model(ck)
+    assert len(loaded.mtp) == 0
+    with torch.no_grad():
+        assert torch.equal(loaded(x).output, without(x).output)
+    assert generate.generate(loaded, [1, 2, 3], 5, temperature=0.0) == generate.generate(without, [1, 2, 3], 5,
+                                                                                         temperature=0.0)
+
+
+def test_mtp_export_leaves_the_modules_out_and_gives_transformers_the_logits(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    model = MoETransformer(tiny_config(mtp_num_layers=2), seed=3)
+    ck = save_in_process(model, tmp_path / "ck")
+    export_hf.export(ck, str(tmp_path / "hf"))
+    assert "2 multi-token prediction modules (mtp.*)" in capsys.readouterr().out
+    x = tokens(64)
+    theirs, _ = hf_logits(tmp_path / "hf", x)
+    with torch.no_grad():
+        assert (model(x).output - theirs).abs().max() < 1e-4
+
+
+def _mtp_resume_run(tmp_path, name: str, nproc: int, layout: list[str], micro: int, load: str = "") -> list[dict]:
+    save = tmp_path / name
+    r = run_cli(TINY_FLAGS + MTP + layout + ["--max-steps", "6", "--num-microbatches", str(micro), "--save", str(save),
+                                             "--save-interval", "3", "--metrics-file", str(save) + ".jsonl",
+                                             "--dist-timeout", "60"] + (["--load", load] if load else []), nproc=nproc)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return train_records(str(save) + ".jsonl")
+
+
+def test_mtp_checkpoint_reshards_onto_pp2_which_saves_the_embedding_once(tmp_path):
+    """A one-process checkpoint at step 3 continues on PP2 (the last stage's copy loaded from the one saved
+    embedding) like the uninterrupted run; PP2's own checkpoint holds the embedding once."""
+    reference = _mtp_resume_run(tmp_path, "one", 1, [], 4)
+    shutil.copytree(tmp_path / "one", tmp_path / "ck")
+    resumed = _mtp_resume_run(tmp_path, "pp2", 2, ["--pipeline-parallel-size", "2"], 4,
+                              load=interrupted_at_3(tmp_path / "ck"))
+    _assert_continues_like(reference, resumed)
+    for a, b in zip(reference[3:], resumed):
+        assert abs(a["mtp_loss"] - b["mtp_loss"]) / a["mtp_loss"] < 1e-4
+    ckpt = ckpt_io.read_checkpoint(str(tmp_path / "pp2"))
+    assert ckpt.meta["layout"]["pp"] == 2 and len(ckpt.params["embed_tokens.weight"]) == 1
+    assert "mtp.1.block.mlp.experts.3.down_proj.weight" in ckpt.params
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--mtp-num-layers", "-1"], "--mtp-num-layers"),
+    (["--mtp-num-layers", "16"], "--mtp-num-layers (16) must be below --seq-length (16)"),
+    (["--mtp-loss-coef", "-0.1"], "--mtp-loss-coef"),
+    (["--mtp-loss-coef", "nan"], "--mtp-loss-coef"),
+    (["--mtp-num-layers", "1", "--pipeline-parallel-size", "2", "--num-microbatches", "2",
+      "--use-distributed-optimizer", "--dry-run", "--world-size", "4"], "--use-distributed-optimizer"),
+])
+def test_mtp_bad_flags_exit_2_with_one_error_line(flags, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        mp.main(TINY_FLAGS + flags + ["--max-steps", "1"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1 and words in errors[0], errors

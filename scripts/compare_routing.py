@@ -50,6 +50,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import minimal_pretrain as mp  # noqa: E402
+from metrics import DEAD_LOAD, is_dead  # noqa: E402  (the trainer's one definition of a dead expert)
 from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 # The trainer's default model (D 128, 4 layers, 8 experts top-2, F 256) on shorter sequences.
@@ -65,7 +66,6 @@ QUICK = dict(steps=6, log_interval=1, window=3, experts=4, top_k=2,
 # decides how torch splits float reductions, so it is part of what the numbers depend on.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 OUTPUTS = ("routing_comparison.md", "routing_comparison.png", "runs")  # what a run writes into --out
-DEAD_SHARE = 0.01  # an expert is dead when its load is below 1% of the mean load (1/E of the assignments)
 
 
 def methods(top_k: int) -> list[tuple[str, list[str]]]:
@@ -120,7 +120,7 @@ def load_stats(train: list[dict], window: int) -> tuple[float, float, int, int, 
     for layer in last[0]["expert_load"]:
         avg = [sum(col) / len(last) for col in zip(*(r["expert_load"][layer] for r in last))]  # (E,)
         mean = sum(avg) / len(avg)
-        dead += sum(x < DEAD_SHARE * mean for x in avg)
+        dead += sum(is_dead(x, mean) for x in avg)
         slots += len(avg)
     return (statistics.fmean(ratios), statistics.fmean(cvs), dead, slots,
             statistics.fmean(dropped) if dropped else None)
@@ -233,7 +233,7 @@ def write_markdown(path: str, results: list[Result], seeds: list[Result], common
         f"(population std / mean of the E loads) are computed per MoE layer and logged step, then averaged "
         f"over the layers and the last {window} logged steps (steps {steps - (window - 1) * log_interval}-{steps}); "
         f"1.00 and 0.00 are perfect balance. **Dead experts**: (layer, expert) pairs whose load averaged over "
-        f"those steps is below {DEAD_SHARE:.0%} of the mean load (that is, under {DEAD_SHARE:.0%} x 1/E of the "
+        f"those steps is below {DEAD_LOAD:.0%} of the mean load (that is, under {DEAD_LOAD:.0%} x 1/E of the "
         f"layer's rows), out of layers x E. **Dropped**: the share of top-k assignments over capacity "
         f"(`dropped_fraction`), averaged the same way; 0% for dropless methods; – for expert choice, where "
         f"a token that no expert picks skips the layer and the trainer does not count it. **tokens/s**: "

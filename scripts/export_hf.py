@@ -19,6 +19,8 @@ ids, so `transformers.pipeline("text-generation", model=OUT)` runs on the folder
 text is generate.py's. A run whose tokenizer is unknown (token files without one) gets none, and
 the run's data meta.json is copied beside the weights. Needs safetensors and tokenizers
 (requirements-extras.txt); writing the folder does not need transformers itself.
+Multi-token prediction modules (`--mtp-num-layers`, `mtp.*` weights) are a training aid that
+Qwen3 has no place for: they are left out, and the script says so.
 --out must be a new or empty folder outside the checkpoint. Before anything is written, every
 tensor's name and shape is checked against what transformers builds from the written config.json;
 a mismatch, a model Qwen3 cannot express or a bad checkpoint is one `error:` line, exit 2.
@@ -74,7 +76,7 @@ def hf_config(model: dict, train: dict, dtype: str) -> dict:
         "num_hidden_layers": model["num_layers"],
         "num_attention_heads": model["num_attention_heads"],
         "num_key_value_heads": model["num_kv_heads"],
-        "head_dim": model["hidden_size"] // model["num_attention_heads"],
+        "head_dim": model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"],
         "hidden_act": "silu",
         "max_position_embeddings": model["seq_length"],
         "initializer_range": model["init_std"],
@@ -210,7 +212,13 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
             raise UnsupportedModel(f"{ckpt.path}: {name} = {meta['model'][name]!r} has no counterpart in "
                                    f"transformers' Qwen3-MoE (it needs {off!r})")
     weights = {}
+    mtp = meta["model"].get("mtp_num_layers", 0)
+    if mtp:
+        print(f"note: the {mtp} multi-token prediction module{'s' if mtp > 1 else ''} (mtp.*) of {ckpt.path} are not "
+              f"exported: they only add a training loss, and the exported model predicts the next token without them")
     for name, t in ckpt_io.full_state_dict(ckpt).items():
+        if name.startswith("mtp."):
+            continue
         if name.endswith(".expert_bias"):  # aux-loss-free balancing bias: Qwen3 routes without one
             if t.any():
                 raise UnsupportedModel(f"{ckpt.path}: {name} is non-zero; Qwen3-MoE routing has no expert bias")

@@ -31,6 +31,7 @@ outside the vocabulary, a checkpoint that is not a whole, finite model of this c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -52,8 +53,9 @@ def load_model(path: str, device: str = "cpu") -> MoETransformer:
         cfg.validate()  # a checkpoint of another kind fails here, before anything is built
     except ValueError as e:
         raise ckpt_io.CheckpointError(f"{ckpt.path}: its model config is invalid ({e})") from None
-    model = MoETransformer(cfg)
-    ckpt_io.load_into(ckpt, model, None)
+    # Multi-token prediction modules only add a training loss: generation builds the model without them.
+    model = MoETransformer(dataclasses.replace(cfg, mtp_num_layers=0))
+    ckpt_io.load_into(ckpt, model, None)  # takes the weights the model has (the mtp.* entries stay unread)
     return model.to(device).eval()
 
 

@@ -15,10 +15,10 @@ Needs safetensors (requirements-extras.txt), not transformers.
 
 --seq-length sets the training sequence length (default: max_position_embeddings); rotary
 positions do not depend on it, so the logits of shorter sequences are the same.
+A head_dim other than hidden_size / num_attention_heads becomes the model's --head-dim.
 What MoETransformer cannot represent is refused with one `error:` line, exit 2: tied embeddings,
 attention bias, sliding-window attention, dense layers picked by mlp_only_layers, rope scaling,
-an activation other than silu, or a head_dim other than hidden_size / num_attention_heads. So
-are a config.json with missing or mistyped fields, unreadable or mismatched weights, and an --out
+or an activation other than silu. So are a config.json with missing or mistyped fields, unreadable or mismatched weights, and an --out
 that is not a new or empty folder (an existing run's `latest` is never moved); nothing is written.
 """
 
@@ -85,10 +85,6 @@ def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig
         (rope.get("rope_type", rope.get("type", "default")) != "default",
          f"rope scaling {rope}; only plain rotary embeddings are supported"),
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r}; our MLPs are SwiGLU (silu)"),
-        (hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
-         != hf["hidden_size"] // hf["num_attention_heads"],
-         f"head_dim {hf.get('head_dim')} differs from hidden_size / num_attention_heads = "
-         f"{hf['hidden_size'] // hf['num_attention_heads']}; our head dim is derived from them"),
     ]
     for refused, why in refusals:
         if refused:
@@ -96,12 +92,14 @@ def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig
     moe = kind == "qwen3_moe"
     num_experts = hf.get("num_experts", hf.get("num_local_experts", 0)) if moe else 0
     defaults = ModelConfig()
+    derived_head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     cfg = ModelConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"],
         num_attention_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        head_dim=0 if hf.get("head_dim", derived_head_dim) == derived_head_dim else hf["head_dim"],  # 0: derived
         ffn_hidden_size=hf["intermediate_size"],
         moe_ffn_hidden_size=hf.get("moe_intermediate_size", defaults.moe_ffn_hidden_size) if moe
         else defaults.moe_ffn_hidden_size,

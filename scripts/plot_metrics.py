@@ -6,7 +6,10 @@ Writes into --out: overview.png (every chart below on one page, 1920 x 1200 pixe
 expert-load heatmap of the least balanced MoE layer) and, 1200 x 750 pixels each: loss.png (train
 loss and lm_loss per logged step, val_loss points), router_losses.png (aux_loss, z_loss), lr.png,
 grad_norm.png, throughput.png (tokens/s), load_balance.png (max / mean expert load per MoE layer;
-1 is perfect balance) and, per MoE layer L, expert_load_layerL.png: a heatmap of the fraction of
+1 is perfect balance), load_cv.png (the load's coefficient of variation per layer; 0 is perfect
+balance) and dead_experts.png (experts under 1% of the mean load per layer), with expert
+parallelism ep_rank_rows.png (per layer, the most loaded EP rank's rows over the mean rank's:
+the straggler the all-to-all waits for) and, per MoE layer L, expert_load_layerL.png: a heatmap of the fraction of
 routed tokens each expert received (rows: logged steps, columns: experts; 1/E everywhere is
 perfect balance). Runs with a capacity factor also get dropped_fraction.png, and evaluations that
 report bits per byte val_bpb.png; without those fields the figures are not drawn. PNGs are stored
@@ -53,7 +56,9 @@ def well_formed(r: object) -> bool:
         return is_number(r.get("val_loss")) and is_number(r.get("val_bpb", 0.0))
     return (all(is_number(r.get(k)) for k in TRAIN_FIELDS)
             and per_layer(r.get("expert_load", {}), lambda v: isinstance(v, list) and v and all(map(is_number, v)))
-            and per_layer(r.get("dropped_fraction", {}), is_number))
+            and per_layer(r.get("dropped_fraction", {}), is_number)
+            and all(per_layer(r.get(k, {}), is_number) for k in ("max_over_mean_load", "load_cv", "dead_experts"))
+            and per_layer(r.get("ep_rank_rows", {}), lambda v: isinstance(v, list) and v and all(map(is_number, v))))
 
 
 def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
@@ -148,6 +153,18 @@ def charts(train: list[dict], evals: list[dict]) -> list[tuple[str, Callable]]:
     balance = {layer: layer_col("expert_load", layer, max_over_mean) for layer in layers}
     out.append(("load_balance.png", lines("max / mean expert load (1 = balanced)", "max / mean",
                                           [(f"layer {layer}", *balance[layer], "-") for layer in layers])))
+    if any("load_cv" in r for r in train):  # the load-health fields (runs from before them lack these)
+        out.append(("load_cv.png", lines("coefficient of variation of the expert load (0 = balanced)", "std / mean",
+                                         [(f"layer {layer}", *layer_col("load_cv", layer, float), "-")
+                                          for layer in layers])))
+        out.append(("dead_experts.png", lines("dead experts (under 1% of the mean load in the interval)", "experts",
+                                              [(f"layer {layer}", *layer_col("dead_experts", layer, float), "-")
+                                               for layer in layers])))
+    if any("ep_rank_rows" in r for r in train):
+        out.append(("ep_rank_rows.png", lines("EP straggler: most loaded EP rank's rows / mean rank's (1 = even)",
+                                              "max / mean rows", [(f"layer {layer}", *layer_col("ep_rank_rows", layer,
+                                                                                              max_over_mean), "-")
+                                                                  for layer in layers])))
     dropped = sorted({layer for r in train for layer in r.get("dropped_fraction", {})}, key=int)
     if dropped:
         out.append(("dropped_fraction.png", lines("dropped fraction (assignments over capacity)", "fraction",
