@@ -56,7 +56,7 @@ class ModelConfig:
     num_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeekMoE)
     shared_expert_ffn_hidden_size: int = 0  # width of each shared expert; 0 means moe_ffn_hidden_size
     router_score_function: str = "softmax"  # softmax | sigmoid (sigmoid: top-k weights renormalised)
-    router_topk_scaling_factor: float = 1.0  # the K combine weights, after renormalisation, times this (DeepSeek-V3: 2.5)
+    router_topk_scaling_factor: float = 1.0  # K combine weights (after renormalising) x this (DeepSeek-V3: 2.5)
     router_num_groups: int = 1  # G: experts split into G contiguous groups of E / G (DeepSeek-V3: 8)
     router_group_topk: int = 1  # groups each token keeps before its top-K (DeepSeek-V3: 4)
     router_type: str = "topk"  # topk | expert-choice | round-robin (forced balance, for benchmarks)
@@ -588,7 +588,8 @@ class TopKRouter(nn.Module):
     scores, and the K experts are chosen among the `router_group_topk` best groups only (which
     bounds how many EP ranks, or nodes, a token travels to). The K weights, after any
     renormalisation, are multiplied by `router_topk_scaling_factor` (DeepSeek-V3 2.5, Kimi-K2
-    2.827), exactly as transformers' DeepseekV3TopkRouter and Glm4MoeTopkRouter do. The math runs in fp32 even under bf16 autocast: small score differences
+    2.827), exactly as transformers' DeepseekV3TopkRouter and Glm4MoeTopkRouter do.
+    The math runs in fp32 even under bf16 autocast: small score differences
     decide the choice, and the z-loss needs an accurate logsumexp. Under TP each rank routes
     only its 1/TP slice of the tokens, so the weight's gradient is a partial sum over TP ranks."""
 
