@@ -2326,7 +2326,7 @@ VALID_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=32, i
 
 
 @pytest.mark.parametrize("change,words", [
-    (dict(mlp_only_layers=[1]), "mlp_only_layers"),
+    (dict(mlp_only_layers=[0, 1]), "mlp_only_layers"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(use_sliding_window=True), "use_sliding_window"),
