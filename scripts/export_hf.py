@@ -289,9 +289,13 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
         cfg.validate()  # a checkpoint of another kind fails here, not in transformers
     except ValueError as e:
         raise ckpt_io.CheckpointError(f"{ckpt.path}: its model config is invalid ({e})") from None
+    state = ckpt_io.full_state_dict(ckpt)
+    if cfg.num_layers > len(state) or 3 * cfg.num_experts > len(state):  # before anything lists the layers
+        raise UnsupportedModel(f"{ckpt.path}: its model config gives more layers or experts than its "
+                               f"{len(state)} tensors hold")
     check_expressible(cfg, ckpt.path)
     weights = {}
-    for name, t in ckpt_io.full_state_dict(ckpt).items():
+    for name, t in state.items():
         if name.endswith(".expert_bias") and not is_glm4_moe(cfg):  # Qwen3 routes without a balancing bias
             if t.any():
                 raise UnsupportedModel(f"{ckpt.path}: {name} is non-zero; Qwen3-MoE routing has no expert bias "
@@ -307,9 +311,6 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
                 name = f"model.layers.{layer}.mlp.shared_experts.{proj}.weight"
                 weights[name] = torch.zeros(shape, dtype=DTYPES[dtype])
     config = hf_config(cfg, meta.get("train", {}), dtype)
-    if config["num_hidden_layers"] > len(weights) or 3 * cfg.num_experts > len(weights):
-        raise UnsupportedModel(f"{ckpt.path}: its model config gives more layers or experts than its "
-                               f"{len(weights)} tensors hold")
     want = hf_shapes(config)
     missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
     if missing or extra:

@@ -151,9 +151,11 @@ def layer_pattern(hf: dict, num_experts: int) -> dict:
     if not isinstance(step, int) or step < 1:
         raise UnsupportedModel(f"config.json: decoder_sparse_step = {step!r}; it must be a positive integer")
     mlp_only = hf.get("mlp_only_layers") or []
-    moe = [i for i in range(layers) if i not in mlp_only and (i + 1) % step == 0]
     if not mlp_only or num_experts == 0:
         return {"moe_layer_interval": step}
+    if layers > len(mlp_only) + 100_000:  # before listing the layers: a config.json may claim a billion of them
+        raise UnsupportedModel(f"config.json: num_hidden_layers = {layers} with mlp_only_layers; too many to list")
+    moe = [i for i in range(layers) if i not in mlp_only and (i + 1) % step == 0]
     if not moe:
         raise UnsupportedModel(f"mlp_only_layers {mlp_only} leaves no MoE layer; convert it as a dense model")
     for first_k in (0, moe[0]):  # the plainest of our rules that gives the same layers
