@@ -4196,6 +4196,20 @@ def test_memory_planner_counts_the_parameters_each_stage_builds_for_a_layer_patt
         assert built[0] == 2 * (attn + 3 * d * cfg.ffn_hidden_size) + cfg.vocab_size * d
 
 
+@pytest.mark.parametrize("pattern", [dict(first_k_dense_layers=1), dict(moe_layer_list="0,2")])
+def test_active_parameters_of_the_flops_formula_follow_the_layer_pattern(pattern):
+    """Counted off the built model: everything but the embedding, with K of E experts of each MoE layer."""
+    cfg = tiny_config(num_layers=3, num_shared_experts=1, **pattern)
+    model = MoETransformer(cfg)
+    counted = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("embed_tokens"):
+            continue
+        counted += p.numel() * (cfg.num_experts_per_token / cfg.num_experts if ".experts." in name else 1)
+    assert cfg.active_params_per_token() == counted
+    assert sum(".experts." in n for n, _ in model.named_parameters()) == 3 * len(cfg.moe_layers) == 6
+
+
 # The DeepSeek-V3 / Kimi-K2 recipe at tiny size: sigmoid scores with aux-loss-free bias updates, 2 groups of
 # 2 experts with 1 kept, routed weights x 2.5, a shared expert, and layer 0 dense (so a PP2 stage 0 has no MoE).
 DEEPSEEK_FLAGS = ["--router-score-function", "sigmoid", "--router-bias-update-rate", "0.01",
@@ -4203,26 +4217,36 @@ DEEPSEEK_FLAGS = ["--router-score-function", "sigmoid", "--router-bias-update-ra
                   "--num-shared-experts", "1", "--first-k-dense-layers", "1"]
 
 
+CAPACITY = ["--moe-capacity-factor", "1.0"]
+
+
 @pytest.fixture(scope="module")
 def deepseek_one_process(tmp_path_factory):
+    """The one-process references of the recipe, without and with an expert capacity."""
     tmp = tmp_path_factory.mktemp("deepseek")
-    return tmp / "one", parity_run(tmp, "one", 1, [], 4, DEEPSEEK_FLAGS)
+    return tmp / "one", {"dropless": parity_run(tmp, "one", 1, [], 4, DEEPSEEK_FLAGS),
+                         "capacity": parity_run(tmp, "one_capacity", 1, [], 4, DEEPSEEK_FLAGS + CAPACITY)}
 
 
+# name: (ranks, layout flags, micro-batches per DP rank, reference and its extra flags)
 DEEPSEEK_LAYOUTS = {
-    "dp2_ep2": (2, ["--expert-parallel-size", "2"], 2),
-    "pp2_stage0_dense": (2, ["--pipeline-parallel-size", "2"], 4),
-    "tp2": (2, ["--tensor-parallel-size", "2", "--expert-parallel-size", "1"], 4),
+    "dp2_ep2": (2, ["--expert-parallel-size", "2"], 2, "dropless"),
+    "pp2_stage0_dense": (2, ["--pipeline-parallel-size", "2"], 4, "dropless"),
+    "tp2": (2, ["--tensor-parallel-size", "2", "--expert-parallel-size", "1"], 4, "dropless"),
+    "tp2_ep2_capacity": (2, ["--tensor-parallel-size", "2"], 4, "capacity"),
 }
 
 
 @pytest.mark.parametrize("name", list(DEEPSEEK_LAYOUTS))
 def test_deepseek_style_recipe_matches_one_process(name, deepseek_one_process, tmp_path):
-    nproc, layout, micro = DEEPSEEK_LAYOUTS[name]
-    _, reference = deepseek_one_process
-    worst = assert_same_training(reference, parity_run(tmp_path, name, nproc, layout, micro, DEEPSEEK_FLAGS))
+    nproc, layout, micro, ref = DEEPSEEK_LAYOUTS[name]
+    reference = deepseek_one_process[1][ref]
+    extra = DEEPSEEK_FLAGS + (CAPACITY if ref == "capacity" else [])
+    worst = assert_same_training(reference, parity_run(tmp_path, name, nproc, layout, micro, extra))
     assert list(reference[0][0]["expert_load"]) == ["1"]  # layer 0 is dense
     assert reference[1]["layers.1.mlp.router.expert_bias"].abs().sum() > 0  # the bias moved
+    if ref == "capacity":
+        assert any(r["dropped_fraction"]["1"] > 0 for r in reference[0])  # the capacity did drop
     print(f"{name}: max relative loss difference {worst:.2e}")
 
 
@@ -4269,7 +4293,8 @@ def test_deepseek_style_export_gives_transformers_the_same_logits(name, tmp_path
 def test_deepseek_style_training_run_exports_to_glm4moe_with_its_moved_bias(deepseek_one_process, tmp_path):
     pytest.importorskip("safetensors")
     st = pytest.importorskip("safetensors.torch")
-    path, (_, weights) = deepseek_one_process
+    path, references = deepseek_one_process
+    weights = references["dropless"][1]
     export_hf.export(str(path), str(tmp_path / "hf"))
     config = json.load(open(tmp_path / "hf" / "config.json"))
     assert (config["model_type"], config["first_k_dense_replace"], config["n_group"], config["topk_group"],
