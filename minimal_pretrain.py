@@ -197,11 +197,19 @@ MODEL_HELP = {
     "moe_ffn_hidden_size": "hidden width of each expert",
     "num_experts": "experts per MoE layer; 0 gives a dense model",
     "num_experts_per_token": "top-k: experts each token is sent to",
-    "moe_layer_interval": "layer i is an MoE layer iff (i + 1) % interval == 0",
+    "moe_layer_interval": "layer i is an MoE layer iff (i + 1) % interval == 0 (and i >= --first-k-dense-layers)",
+    "first_k_dense_layers": "the first this many layers are dense whatever the interval (DeepSeek-V3: 3, Kimi-K2: 1)",
+    "moe_layer_list": "comma-separated 0-based MoE layers, e.g. 1,3,5 (instead of the interval and first-k); "
+                      "empty: the interval decides",
     "norm_topk_prob": "renormalise the top-k router weights to sum to 1",
     "num_shared_experts": "always-on shared experts per MoE layer (DeepSeekMoE)",
     "shared_expert_ffn_hidden_size": "width of each shared expert; 0 = --moe-ffn-hidden-size",
     "router_score_function": "softmax | sigmoid (sigmoid: top-k weights renormalised, as DeepSeek-V3)",
+    "router_topk_scaling_factor": "multiply the top-k combine weights (after renormalisation) by this "
+                                  "(DeepSeek-V3: 2.5, Kimi-K2: 2.827)",
+    "router_num_groups": "group-limited routing: split the experts into this many contiguous groups; 1 = off",
+    "router_group_topk": "groups each token keeps (a group scored by the sum of its two best expert scores) "
+                         "before choosing its top-k among their experts",
     "router_type": "topk | expert-choice (each expert takes its best tokens; not causal) | "
                    "round-robin (forced balance, for benchmarks)",
     "router_aux_loss_type": "micro-batch | global-batch | sequence: where the balancing loss counts f_i",
@@ -232,9 +240,11 @@ class ArgumentParser(argparse.ArgumentParser):
 FLAG_GROUPS = (
     ("model", ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
                "ffn_hidden_size", "seq_length", "rope_theta", "rms_norm_eps", "init_std")),
-    ("MoE and routing", ("num_experts", "num_experts_per_token", "moe_layer_interval", "moe_ffn_hidden_size",
-                         "num_shared_experts", "shared_expert_ffn_hidden_size", "norm_topk_prob",
-                         "router_score_function", "router_type", "router_aux_loss_type", "router_aux_loss_coef",
+    ("MoE and routing", ("num_experts", "num_experts_per_token", "moe_layer_interval", "first_k_dense_layers",
+                         "moe_layer_list", "moe_ffn_hidden_size", "num_shared_experts",
+                         "shared_expert_ffn_hidden_size", "norm_topk_prob", "router_score_function",
+                         "router_topk_scaling_factor", "router_num_groups", "router_group_topk", "router_type",
+                         "router_aux_loss_type", "router_aux_loss_coef",
                          "router_z_loss_coef", "router_bias_update_rate", "moe_capacity_factor",
                          "router_jitter_noise")),
     ("multi-token prediction", ("mtp_num_layers", "mtp_loss_coef")),

@@ -55,11 +55,16 @@ class ModelConfig:
     moe_ffn_hidden_size: int = 256  # F, hidden width of each expert
     num_experts: int = 8  # E; 0 gives the dense model
     num_experts_per_token: int = 2  # K
-    moe_layer_interval: int = 1  # layer i is MoE iff (i + 1) % interval == 0
+    moe_layer_interval: int = 1  # layer i is MoE iff (i + 1) % interval == 0 (and i >= first_k_dense_layers)
+    first_k_dense_layers: int = 0  # the first this many layers are dense whatever the interval (DeepSeek-V3: 3)
+    moe_layer_list: str = ""  # comma-separated 0-based MoE layers, e.g. "1,3,5"; replaces interval and first-k
     norm_topk_prob: bool = True  # renormalise the K chosen router weights to sum to 1
     num_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeekMoE)
     shared_expert_ffn_hidden_size: int = 0  # width of each shared expert; 0 means moe_ffn_hidden_size
     router_score_function: str = "softmax"  # softmax | sigmoid (sigmoid: top-k weights renormalised)
+    router_topk_scaling_factor: float = 1.0  # K combine weights (after renormalising) x this (DeepSeek-V3: 2.5)
+    router_num_groups: int = 1  # G: experts split into G contiguous groups of E / G (DeepSeek-V3: 8)
+    router_group_topk: int = 1  # groups each token keeps before its top-K (DeepSeek-V3: 4)
     router_type: str = "topk"  # topk | expert-choice | round-robin (forced balance, for benchmarks)
     router_aux_loss_type: str = "micro-batch"  # micro-batch | global-batch | sequence
     moe_capacity_factor: float = 0.0  # tokens per expert = factor * N * K / E; 0 = dropless
@@ -76,8 +81,18 @@ class ModelConfig:
         (Qwen3-30B-A3B: D 2048, 32 heads of 128)."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        """The layers --moe-layer-list names (validate has checked they are distinct ints in range)."""
+        return [int(i) for i in self.moe_layer_list.split(",")] if self.moe_layer_list else []
+
     def is_moe_layer(self, i: int) -> bool:
-        return self.num_experts > 0 and (i + 1) % self.moe_layer_interval == 0
+        """The one rule of which layers are MoE; everything else (stages, stats, planner, flops, export) asks it."""
+        if self.num_experts == 0:
+            return False
+        if self.moe_layer_list:
+            return i in self.moe_layer_ids
+        return i >= self.first_k_dense_layers and (i + 1) % self.moe_layer_interval == 0
 
     @property
     def shared_ffn_hidden_size(self) -> int:
@@ -175,9 +190,63 @@ class ModelConfig:
             raise ValueError(f"--mtp-num-layers must be >= 0, got {c.mtp_num_layers}")
         if c.mtp_num_layers >= c.seq_length:  # module k predicts k + 1 ahead: some position must have a target
             raise ValueError(f"--mtp-num-layers ({c.mtp_num_layers}) must be below --seq-length ({c.seq_length})")
+        c.validate_layer_pattern()
+        c.validate_group_routing()
         if c.router_type == "expert-choice" and c.router_aux_loss_type != "micro-batch":
             raise ValueError("--router-type expert-choice is balanced by construction; it takes no "
                              "--router-aux-loss-type")
+
+    def validate_layer_pattern(self) -> None:
+        """--first-k-dense-layers and --moe-layer-list: in range, and the list not mixed with the others."""
+        c = self
+        if c.first_k_dense_layers < 0:
+            raise ValueError(f"--first-k-dense-layers must be >= 0, got {c.first_k_dense_layers}")
+        if c.num_experts > 0 and c.first_k_dense_layers >= c.num_layers:
+            raise ValueError(f"--first-k-dense-layers {c.first_k_dense_layers} leaves no MoE layer of the "
+                             f"{c.num_layers}; use fewer, or --num-experts 0 for a dense model")
+        if not c.moe_layer_list:
+            return
+        if c.num_experts == 0:
+            raise ValueError("--moe-layer-list names MoE layers; it needs --num-experts > 0")
+        if c.first_k_dense_layers or c.moe_layer_interval != 1:
+            raise ValueError("--moe-layer-list names every MoE layer itself; drop --first-k-dense-layers and "
+                             "--moe-layer-interval")
+        items = c.moe_layer_list.split(",")
+        if not all(item.strip().isdigit() for item in items):
+            raise ValueError(f"--moe-layer-list must be comma-separated layer numbers like 1,3,5, "
+                             f"got {c.moe_layer_list!r}")
+        layers = [int(item) for item in items]
+        if len(set(layers)) != len(layers) or max(layers) >= c.num_layers:
+            raise ValueError(f"--moe-layer-list {c.moe_layer_list} must name distinct layers between 0 and "
+                             f"--num-layers - 1 = {c.num_layers - 1}")
+
+    def validate_group_routing(self) -> None:
+        """--router-topk-scaling-factor, --router-num-groups and --router-group-topk."""
+        c = self
+        if not 0 < c.router_topk_scaling_factor < math.inf:  # also false for NaN
+            raise ValueError(f"--router-topk-scaling-factor must be finite and > 0, got {c.router_topk_scaling_factor}")
+        if c.router_num_groups < 1:
+            raise ValueError(f"--router-num-groups must be >= 1, got {c.router_num_groups}")
+        if not 1 <= c.router_group_topk <= c.router_num_groups:
+            raise ValueError(f"--router-group-topk ({c.router_group_topk}) must be between 1 and "
+                             f"--router-num-groups ({c.router_num_groups})")
+        grouped = c.router_num_groups > 1
+        if c.router_type != "topk" and (grouped or c.router_topk_scaling_factor != 1):
+            raise ValueError(f"--router-num-groups and --router-topk-scaling-factor shape top-k routing; "
+                             f"--router-type {c.router_type} takes neither")
+        if not grouped or c.num_experts == 0:
+            return
+        if c.num_experts % c.router_num_groups:
+            raise ValueError(f"--router-num-groups ({c.router_num_groups}) must divide --num-experts "
+                             f"({c.num_experts})")
+        per_group = c.num_experts // c.router_num_groups
+        if per_group < 2:
+            raise ValueError(f"--router-num-groups {c.router_num_groups} leaves {per_group} expert per group; a "
+                             f"group is scored by its two best experts, so use at most {c.num_experts // 2} groups")
+        if c.num_experts_per_token > c.router_group_topk * per_group:
+            raise ValueError(f"--num-experts-per-token ({c.num_experts_per_token}) must not exceed the experts of "
+                             f"the kept groups, --router-group-topk x experts per group = "
+                             f"{c.router_group_topk} x {per_group}")
 
 
 @dataclass
@@ -622,7 +691,13 @@ class TopKRouter(nn.Module):
     when `norm_topk_prob`) or sigmoid gates (DeepSeek-V3; the K weights always renormalised).
     `expert_bias` (E,) is added to the scores for the *choice* only, never to the weights: the
     aux-loss-free balancing of DeepSeek-V3 (Wang et al. 2024) moves it between steps; it stays
-    zero otherwise. The math runs in fp32 even under bf16 autocast: small score differences
+    zero otherwise. Group-limited routing (DeepSeek-V3, `router_num_groups` G > 1): the E experts
+    form G contiguous groups of E / G, each group is scored by the sum of its two best biased
+    scores, and the K experts are chosen among the `router_group_topk` best groups only (which
+    bounds how many EP ranks, or nodes, a token travels to). The K weights, after any
+    renormalisation, are multiplied by `router_topk_scaling_factor` (DeepSeek-V3 2.5, Kimi-K2
+    2.827), exactly as transformers' DeepseekV3TopkRouter and Glm4MoeTopkRouter do.
+    The math runs in fp32 even under bf16 autocast: small score differences
     decide the choice, and the z-loss needs an accurate logsumexp. Under TP each rank routes
     only its 1/TP slice of the tokens, so the weight's gradient is a partial sum over TP ranks."""
 
@@ -631,6 +706,8 @@ class TopKRouter(nn.Module):
         self.top_k = cfg.num_experts_per_token
         self.sigmoid = cfg.router_score_function == "sigmoid"
         self.normalize = cfg.norm_topk_prob or self.sigmoid
+        self.scaling_factor = cfg.router_topk_scaling_factor
+        self.num_groups, self.group_topk = cfg.router_num_groups, cfg.router_group_topk
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.weight.init_std = cfg.init_std
         self.weight.tp_partial_grad = True
@@ -644,11 +721,24 @@ class TopKRouter(nn.Module):
                 probs = scores / scores.sum(dim=-1, keepdim=True)  # (n, E), for the balancing loss
             else:
                 scores = probs = logits.softmax(dim=-1)  # (n, E)
-            _, indices = (scores + self.expert_bias).topk(self.top_k, dim=-1)  # (n, K)
+            choice = scores + self.expert_bias  # (n, E)
+            if self.num_groups > 1:
+                choice = self.keep_best_groups(choice)
+            _, indices = choice.topk(self.top_k, dim=-1)  # (n, K)
             weights = scores.gather(1, indices)  # (n, K)
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights * self.scaling_factor
         return RouterOutput(weights, indices, probs, logits, scores)
+
+    def keep_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """choice (n, E) with the experts outside each token's `group_topk` best groups set to -inf."""
+        n, e = choice.shape
+        grouped = choice.view(n, self.num_groups, e // self.num_groups)  # (n, G, E/G)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (n, G) sum of each group's two best
+        kept = group_scores.topk(self.group_topk, dim=-1).indices  # (n, group_topk)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)  # (n, G)
+        return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(n, e)  # (n, E)
 
 
 def count_per_expert(expert: torch.Tensor, num_experts: int) -> torch.Tensor:

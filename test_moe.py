@@ -2326,7 +2326,7 @@ VALID_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=32, i
 
 
 @pytest.mark.parametrize("change,words", [
-    (dict(mlp_only_layers=[1]), "mlp_only_layers"),
+    (dict(mlp_only_layers=[0, 1]), "mlp_only_layers"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(use_sliding_window=True), "use_sliding_window"),
@@ -4613,3 +4613,345 @@ def test_mtp_bad_flags_exit_2_with_one_error_line(flags, words, capsys):
         mp.main(TINY_FLAGS + flags + ["--max-steps", "1"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert e.value.code == 2 and len(errors) == 1 and words in errors[0], errors
+
+
+# ---- DeepSeek-V3 / Kimi-K2 routing, layer pattern and their export (issue 14)
+def reference_route(cfg: ModelConfig, logits: list[float], bias: list[float]) -> tuple[list[int], list[float]]:
+    """One token, by hand: scores, biased choice, group scores (sum of the two best), kept groups, top-K
+    among their experts, weights from the unbiased scores, renormalised, times the scaling factor."""
+    e, g = cfg.num_experts, cfg.router_num_groups
+    if cfg.router_score_function == "sigmoid":
+        scores = [1 / (1 + math.exp(-z)) for z in logits]
+    else:
+        total = sum(math.exp(z) for z in logits)
+        scores = [math.exp(z) / total for z in logits]
+    choice = [s + b for s, b in zip(scores, bias)]
+    size = e // g
+    group_score = [sum(sorted(choice[j * size:(j + 1) * size], reverse=True)[:2]) for j in range(g)]
+    kept = sorted(range(g), key=lambda j: -group_score[j])[:cfg.router_group_topk]
+    candidates = [i for j in kept for i in range(j * size, (j + 1) * size)]
+    chosen = sorted(candidates, key=lambda i: -choice[i])[:cfg.num_experts_per_token]
+    weights = [scores[i] for i in chosen]
+    if cfg.norm_topk_prob or cfg.router_score_function == "sigmoid":
+        weights = [w / sum(weights) for w in weights]
+    return chosen, [w * cfg.router_topk_scaling_factor for w in weights]
+
+
+GROUP_ROUTING_CASES = {
+    "sigmoid_g4_keep2_top3_bias": dict(router_score_function="sigmoid", router_num_groups=4, router_group_topk=2,
+                                       num_experts_per_token=3, router_topk_scaling_factor=2.5),
+    "sigmoid_g2_keep1_top2": dict(router_score_function="sigmoid", router_num_groups=2, router_group_topk=1,
+                                  router_topk_scaling_factor=2.827),
+    "softmax_g4_keep2_unnormalised": dict(router_num_groups=4, router_group_topk=2, norm_topk_prob=False,
+                                          router_topk_scaling_factor=1.5),
+    "softmax_scale_only": dict(router_topk_scaling_factor=0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUP_ROUTING_CASES))
+def test_group_limited_topk_and_scaling_match_a_per_token_loop(case):
+    cfg = tiny_config(num_experts=8, **GROUP_ROUTING_CASES[case])
+    cfg.validate()
+    router = TopKRouter(cfg)
+    layout_free_init_(router, 5)
+    gen = torch.Generator().manual_seed(6)
+    router.weight.data.mul_(20)  # spread the scores so that groups matter
+    router.expert_bias.copy_(0.1 * torch.randn(8, generator=gen))
+    x = torch.randn(64, cfg.hidden_size, generator=gen)
+    r = router(x)
+    logits = (x.double() @ router.weight.double().T).tolist()
+    changed = 0
+    for n in range(64):
+        chosen, weights = reference_route(cfg, logits[n], router.expert_bias.tolist())
+        assert r.indices[n].tolist() == chosen, n
+        assert r.weights[n].tolist() == pytest.approx(weights, rel=1e-5), n
+        ungrouped, _ = reference_route(dataclasses.replace(cfg, router_num_groups=1, router_group_topk=1),
+                                       logits[n], router.expert_bias.tolist())
+        changed += set(chosen) != set(ungrouped)
+    assert changed > 0 or cfg.router_num_groups == 1  # the groups decided some tokens' experts
+
+
+def hand_router(**kw) -> TopKRouter:
+    """Sigmoid router on 4 experts whose logits are the first 4 features of x (weight = identity)."""
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2, router_score_function="sigmoid", **kw)
+    cfg.validate()
+    router = TopKRouter(cfg)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:, :4] = torch.eye(4)
+    return router
+
+
+def test_group_limiting_by_hand():
+    """Scores 0.9, 0.1 | 0.8, 0.7 in groups {0, 1} and {2, 3}: plain top-2 takes experts 0 and 2; the
+    groups score 1.0 and 1.5, so keeping one group takes 2 and 3, weights 2.5 x 0.8 / 1.5 and 2.5 x 0.7 / 1.5.
+    A bias of 0.6 on expert 1 lifts group 0 to 0.9 + 0.7 = 1.6: experts 0 and 1, weights from the
+    unbiased scores, 2.5 x 0.9 / 1.0 and 2.5 x 0.1 / 1.0."""
+    p = torch.tensor([0.9, 0.1, 0.8, 0.7])
+    x = torch.zeros(1, 32)
+    x[0, :4] = torch.log(p / (1 - p))  # sigmoid(x) = p
+    plain = hand_router(router_topk_scaling_factor=2.5)(x)
+    assert sorted(plain.indices[0].tolist()) == [0, 2]
+    router = hand_router(router_topk_scaling_factor=2.5, router_num_groups=2, router_group_topk=1)
+    r = router(x)
+    assert r.indices[0].tolist() == [2, 3]
+    assert r.weights[0].tolist() == pytest.approx([2.5 * 0.8 / 1.5, 2.5 * 0.7 / 1.5], rel=1e-6)
+    router.expert_bias[1] = 0.6
+    r = router(x)
+    assert sorted(r.indices[0].tolist()) == [0, 1]
+    assert sorted(r.weights[0].tolist()) == pytest.approx([2.5 * 0.1, 2.5 * 0.9], rel=1e-6)
+
+
+# flags -> words the error line must hold (each refused before any collective)
+BAD_RECIPE_FLAGS = {
+    "groups_vs_experts": (["--router-num-groups", "3"], "--router-num-groups (3) must divide --num-experts"),
+    "group_topk_vs_groups": (["--router-num-groups", "2", "--router-group-topk", "3"], "--router-group-topk (3)"),
+    "one_expert_per_group": (["--router-num-groups", "4", "--router-group-topk", "2"], "two best experts"),
+    "topk_vs_kept_experts": (["--router-num-groups", "2", "--router-group-topk", "1", "--num-experts-per-token", "3"],
+                             "--num-experts-per-token (3) must not exceed"),
+    "scale_zero": (["--router-topk-scaling-factor", "0"], "--router-topk-scaling-factor must be finite and > 0"),
+    "scale_nan": (["--router-topk-scaling-factor", "nan"], "--router-topk-scaling-factor"),
+    "groups_with_expert_choice": (["--router-num-groups", "2", "--router-type", "expert-choice"],
+                                  "--router-type expert-choice takes neither"),
+    "first_k_all_layers": (["--first-k-dense-layers", "2"], "--first-k-dense-layers 2 leaves no MoE layer"),
+    "first_k_negative": (["--first-k-dense-layers", "-1"], "--first-k-dense-layers must be >= 0"),
+    "list_out_of_range": (["--moe-layer-list", "1,2"], "--moe-layer-list 1,2 must name distinct layers"),
+    "list_repeated": (["--moe-layer-list", "1,1"], "must name distinct layers"),
+    "list_not_numbers": (["--moe-layer-list", "1;2"], "--moe-layer-list must be comma-separated"),
+    "list_with_interval": (["--moe-layer-list", "1", "--moe-layer-interval", "2"], "drop --first-k-dense-layers"),
+    "list_when_dense": (["--moe-layer-list", "1", "--num-experts", "0"], "--moe-layer-list names MoE layers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECIPE_FLAGS))
+def test_recipe_flags_refuse_bad_values_naming_the_flag(case):
+    flags, words = BAD_RECIPE_FLAGS[case]
+    mc, tc, _ = mp.parse_config(TINY_FLAGS + flags)
+    with pytest.raises(mp.ConfigError) as e:
+        mp.validate(mc, tc, 1)
+    assert words in str(e.value)
+
+
+def test_recipe_flag_refusal_exits_2_with_one_error_line():
+    assert_clean_refusal(run_cli(TINY_FLAGS + ["--router-num-groups", "3"]), "--router-num-groups")
+
+
+def test_first_k_dense_and_moe_layer_list_pick_the_layers_by_hand():
+    assert tiny_config(num_layers=6, first_k_dense_layers=3).moe_layers == [3, 4, 5]  # DeepSeek-V3's shape
+    assert tiny_config(num_layers=6, first_k_dense_layers=2, moe_layer_interval=2).moe_layers == [3, 5]
+    assert tiny_config(num_layers=6, moe_layer_list="5,1,3").moe_layers == [1, 3, 5]
+    assert tiny_config(num_layers=6, moe_layer_list="0").moe_layers == [0]
+    assert tiny_config(num_layers=6, first_k_dense_layers=3, num_experts=0).moe_layers == []
+    model = MoETransformer(tiny_config(num_layers=4, moe_layer_list="0,2"))
+    assert [type(b.mlp).__name__ for b in model.layers.values()] == ["SparseMoELayer", "DenseMLP"] * 2
+
+
+@pytest.mark.parametrize("pattern", [dict(first_k_dense_layers=2), dict(moe_layer_list="0,3")])
+def test_memory_planner_counts_the_parameters_each_stage_builds_for_a_layer_pattern(pattern):
+    cfg = tiny_config(num_layers=4, num_shared_experts=1, **pattern)
+    built = []
+    for stage in range(2):
+        start, end = stage_layers(4, 2, stage)
+        with torch.device("meta"):
+            model = MoETransformer(cfg, ModelParallel(layer_start=start, layer_end=end, first_stage=stage == 0,
+                                                      last_stage=stage == 1))
+        built.append(sum(p.numel() for p in model.parameters()))
+    assert memory.params_per_stage(cfg, 1, 2, 1) == built
+    if "first_k_dense_layers" in pattern:  # stage 0 is dense: attention, norms, embedding, 2 dense MLPs
+        d, dh = cfg.hidden_size, cfg.attn_head_dim
+        attn = d * dh * (2 * 4 + 2 * 2) + 2 * dh + 2 * d
+        assert built[0] == 2 * (attn + 3 * d * cfg.ffn_hidden_size) + cfg.vocab_size * d
+
+
+@pytest.mark.parametrize("pattern", [dict(first_k_dense_layers=1), dict(moe_layer_list="0,2")])
+def test_active_parameters_of_the_flops_formula_follow_the_layer_pattern(pattern):
+    """Counted off the built model: everything but the embedding, with K of E experts of each MoE layer."""
+    cfg = tiny_config(num_layers=3, num_shared_experts=1, **pattern)
+    model = MoETransformer(cfg)
+    counted = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("embed_tokens"):
+            continue
+        counted += p.numel() * (cfg.num_experts_per_token / cfg.num_experts if ".experts." in name else 1)
+    assert cfg.active_params_per_token() == counted
+    assert sum(".experts." in n for n, _ in model.named_parameters()) == 3 * len(cfg.moe_layers) == 6
+
+
+# The DeepSeek-V3 / Kimi-K2 recipe at tiny size: sigmoid scores with aux-loss-free bias updates, 2 groups of
+# 2 experts with 1 kept, routed weights x 2.5, a shared expert, and layer 0 dense (so a PP2 stage 0 has no MoE).
+DEEPSEEK_FLAGS = ["--router-score-function", "sigmoid", "--router-bias-update-rate", "0.01",
+                  "--router-num-groups", "2", "--router-group-topk", "1", "--router-topk-scaling-factor", "2.5",
+                  "--num-shared-experts", "1", "--first-k-dense-layers", "1"]
+
+
+CAPACITY = ["--moe-capacity-factor", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def deepseek_one_process(tmp_path_factory):
+    """The one-process references of the recipe, without and with an expert capacity."""
+    tmp = tmp_path_factory.mktemp("deepseek")
+    return tmp / "one", {"dropless": parity_run(tmp, "one", 1, [], 4, DEEPSEEK_FLAGS),
+                         "capacity": parity_run(tmp, "one_capacity", 1, [], 4, DEEPSEEK_FLAGS + CAPACITY)}
+
+
+# name: (ranks, layout flags, micro-batches per DP rank, reference and its extra flags)
+DEEPSEEK_LAYOUTS = {
+    "dp2_ep2": (2, ["--expert-parallel-size", "2"], 2, "dropless"),
+    "pp2_stage0_dense": (2, ["--pipeline-parallel-size", "2"], 4, "dropless"),
+    "tp2": (2, ["--tensor-parallel-size", "2", "--expert-parallel-size", "1"], 4, "dropless"),
+    "tp2_ep2_capacity": (2, ["--tensor-parallel-size", "2"], 4, "capacity"),
+}
+
+
+@pytest.mark.parametrize("name", list(DEEPSEEK_LAYOUTS))
+def test_deepseek_style_recipe_matches_one_process(name, deepseek_one_process, tmp_path):
+    nproc, layout, micro, ref = DEEPSEEK_LAYOUTS[name]
+    reference = deepseek_one_process[1][ref]
+    extra = DEEPSEEK_FLAGS + (CAPACITY if ref == "capacity" else [])
+    worst = assert_same_training(reference, parity_run(tmp_path, name, nproc, layout, micro, extra))
+    assert list(reference[0][0]["expert_load"]) == ["1"]  # layer 0 is dense
+    assert reference[1]["layers.1.mlp.router.expert_bias"].abs().sum() > 0  # the bias moved
+    if ref == "capacity":
+        assert any(r["dropped_fraction"]["1"] > 0 for r in reference[0])  # the capacity did drop
+    print(f"{name}: max relative loss difference {worst:.2e}")
+
+
+DEEPSEEK_EXPORTS = {  # model flags -> transformers class
+    "groups_scale_shared_first_k": (dict(num_layers=3, num_experts=8, router_score_function="sigmoid",
+                                         router_num_groups=4, router_group_topk=2, router_topk_scaling_factor=2.5,
+                                         num_shared_experts=2, first_k_dense_layers=1), "Glm4MoeForCausalLM"),
+    "sigmoid_no_shared_experts": (dict(router_score_function="sigmoid"), "Glm4MoeForCausalLM"),
+    "softmax_first_k_dense": (dict(num_layers=3, first_k_dense_layers=1), "Qwen3MoeForCausalLM"),
+    "softmax_layer_list": (dict(num_layers=4, moe_layer_list="0,2,3"), "Qwen3MoeForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("name", list(DEEPSEEK_EXPORTS))
+def test_deepseek_style_export_gives_transformers_the_same_logits(name, tmp_path):
+    pytest.importorskip("safetensors")
+    kw, arch = DEEPSEEK_EXPORTS[name]
+    cfg = tiny_config(**kw)
+    model = MoETransformer(cfg, seed=3)
+    briefly_train(model, 2)
+    if cfg.router_score_function == "sigmoid":
+        for moe in model.moe_layers().values():  # as aux-loss-free balancing leaves it
+            moe.router.expert_bias.copy_(0.05 * torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(9)))
+    ck = save_in_process(model, tmp_path / "ck")
+    export_hf.export(ck, str(tmp_path / "hf"))
+    x = tokens(cfg.vocab_size)
+    theirs, got = hf_logits(tmp_path / "hf", x)
+    ours = our_logits(ck, x)
+    assert got == arch
+    assert (ours - theirs).abs().max() < 1e-4
+    if cfg.router_num_groups > 1:  # the groups change the logits, so the equality above covers them
+        ungrouped = MoETransformer(dataclasses.replace(cfg, router_num_groups=1, router_group_topk=1))
+        ungrouped.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (ungrouped(x).output - ours).abs().max() > 1e-3
+    # and back: the same weights and model config
+    import_hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    before, after = ckpt_io.read_checkpoint(ck), ckpt_io.read_checkpoint(str(tmp_path / "back"))
+    a, b = ckpt_io.full_state_dict(before), ckpt_io.full_state_dict(after)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert after.meta["model"] == before.meta["model"]
+
+
+def test_deepseek_style_training_run_exports_to_glm4moe_with_its_moved_bias(deepseek_one_process, tmp_path):
+    pytest.importorskip("safetensors")
+    st = pytest.importorskip("safetensors.torch")
+    path, references = deepseek_one_process
+    weights = references["dropless"][1]
+    export_hf.export(str(path), str(tmp_path / "hf"))
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["model_type"], config["first_k_dense_replace"], config["n_group"], config["topk_group"],
+            config["routed_scaling_factor"], config["n_shared_experts"]) == ("glm4_moe", 1, 2, 1, 2.5, 1)
+    saved = st.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert torch.equal(saved["model.layers.1.mlp.gate.e_score_correction_bias"],
+                       weights["layers.1.mlp.router.expert_bias"])
+    x = tokens(256)
+    theirs, _ = hf_logits(tmp_path / "hf", x)
+    assert (our_logits(str(path), x) - theirs).abs().max() < 1e-4
+
+
+def glm4_moe_model(**kw):
+    """A tiny Glm4MoeForCausalLM built by transformers (no download), every weight and bias perturbed."""
+    transformers = pytest.importorskip("transformers")
+    config = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=16, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+                  n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                  norm_topk_prob=True, use_qk_norm=True, num_nextn_predict_layers=0,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 1.0})
+    config.update(kw)
+    model = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**config))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in list(model.parameters()) + [b for n, b in model.named_buffers() if "correction_bias" in n]:
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.weight.mul_(20)  # spread the router scores so that the groups decide
+    return model.float().eval()
+
+
+def test_import_of_a_transformers_glm4moe_gives_its_logits_and_trains_on(tmp_path):
+    pytest.importorskip("safetensors")
+    model = glm4_moe_model()
+    model.save_pretrained(str(tmp_path / "hf"))
+    r = run_script("import_hf.py", ["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")])
+    assert r.returncode == 0, r.stderr
+    meta = ckpt_io.read_checkpoint(str(tmp_path / "ck")).meta["model"]
+    assert (meta["router_score_function"], meta["router_num_groups"], meta["router_group_topk"],
+            meta["router_topk_scaling_factor"], meta["num_shared_experts"], meta["first_k_dense_layers"]) == \
+        ("sigmoid", 4, 2, 2.5, 1, 1)
+    x = tokens(256)
+    with torch.no_grad():
+        theirs = model(x).logits
+    assert (our_logits(str(tmp_path / "ck"), x) - theirs).abs().max() < 1e-4
+    metrics = tmp_path / "m.jsonl"
+    r = run_cli(["--load", str(tmp_path / "ck"), "--max-steps", "2", "--micro-batch-size", "2", "--log-interval", "1",
+                 "--eval-interval", "0", "--no-progress", "--metrics-file", str(metrics)])
+    assert r.returncode == 0, r.stderr
+    assert [x["step"] for x in train_records(str(metrics))] == [1, 2]
+
+
+# model flags -> words of the refusal (the flag to change)
+UNEXPORTABLE = {
+    "sigmoid_interval2": (dict(num_layers=4, router_score_function="sigmoid", moe_layer_interval=2),
+                          "--moe-layer-interval"),
+    "sigmoid_list_not_a_suffix": (dict(num_layers=3, router_score_function="sigmoid", moe_layer_list="0,2"),
+                                  "--moe-layer-list"),
+    "shared_width": (dict(router_score_function="sigmoid", num_shared_experts=1, shared_expert_ffn_hidden_size=16),
+                     "--shared-expert-ffn-hidden-size"),
+    "softmax_groups": (dict(router_num_groups=2), "--router-num-groups"),
+    "softmax_scale": (dict(router_topk_scaling_factor=2.5), "--router-topk-scaling-factor"),
+    "capacity": (dict(router_score_function="sigmoid", moe_capacity_factor=1.25), "--moe-capacity-factor"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNEXPORTABLE))
+def test_export_refuses_what_no_transformers_class_expresses(case, tmp_path):
+    pytest.importorskip("safetensors")
+    kw, words = UNEXPORTABLE[case]
+    ck = save_in_process(MoETransformer(tiny_config(**kw)), tmp_path / "ck")
+    with pytest.raises(export_hf.UnsupportedModel, match=words):
+        export_hf.export(ck, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+    if case == "sigmoid_interval2":
+        r = run_script("export_hf.py", ["--checkpoint", ck, "--out", tmp_path / "hf"])
+        assert_clean_refusal(r, "--moe-layer-interval")
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 5000.0}), "partial_rotary_factor 0.5"),
+    (dict(use_qk_norm=False), "use_qk_norm is false"),
+    (dict(norm_topk_prob=False), "norm_topk_prob is false"),
+])
+def test_import_refuses_glm4moe_configs_we_cannot_represent(change, words):
+    valid = dict(model_type="glm4_moe", vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=4,
+                 num_experts_per_tok=2, max_position_embeddings=16, use_qk_norm=True, norm_topk_prob=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 1.0})
+    assert import_hf.model_config_from_hf(valid).router_score_function == "sigmoid"
+    with pytest.raises(import_hf.UnsupportedModel, match=words):
+        import_hf.model_config_from_hf({**valid, **change})

@@ -4,10 +4,14 @@
     python scripts/export_hf.py --checkpoint out/ckpt/step_00000400 --out out/hf --dtype bfloat16
     python -c "from transformers import AutoModelForCausalLM as M; print(M.from_pretrained('out/hf'))"
 
-num_experts > 0 gives Qwen3MoeForCausalLM (model_type qwen3_moe), 0 gives Qwen3ForCausalLM
-(qwen3); both give the logits of our MoETransformer. Our names are transformers' without the
-`model.` prefix, except the router (`mlp.router` is their `mlp.gate`). Checkpoints already
-store experts one key per expert in transformers' orientation
+num_experts > 0 gives Qwen3MoeForCausalLM (model_type qwen3_moe; MoE layers by decoder_sparse_step
+and mlp_only_layers), 0 gives Qwen3ForCausalLM (qwen3), and --router-score-function sigmoid (the
+DeepSeek-V3 / Kimi-K2 recipe) gives Glm4MoeForCausalLM (glm4_moe): DeepSeek-V3's router (sigmoid,
+e_score_correction_bias = our expert_bias, n_group / topk_group, routed_scaling_factor, shared
+experts, first_k_dense_replace) on our attention (grouped-query, q/k RMSNorm, full rotary). All three
+give the logits of our MoETransformer. Our names are transformers' without the `model.` prefix,
+except the router (`mlp.router` is their `mlp.gate`, its `expert_bias` their
+`e_score_correction_bias`). Checkpoints already store experts one key per expert in transformers' orientation
 (`layers.0.mlp.experts.5.gate_proj.weight`, (F, D)), which is also how the Qwen3-MoE releases on
 the Hub store them: transformers 4.x loads them as they are, 5.x fuses them while loading.
 Tokenizer: the run's (data.load_tokenizer of the --data stored in the checkpoint) is written as
@@ -20,10 +24,14 @@ text is generate.py's. A run whose tokenizer is unknown (token files without one
 the run's data meta.json is copied beside the weights. Needs safetensors and tokenizers
 (requirements-extras.txt); writing the folder does not need transformers itself.
 Multi-token prediction modules (`--mtp-num-layers`, `mtp.*` weights) are a training aid that
-Qwen3 has no place for: they are left out, and the script says so.
+these classes have no place for (Glm4Moe's num_nextn_predict_layers is written 0): they are left
+out, and the script says so.
 --out must be a new or empty folder outside the checkpoint. Before anything is written, every
 tensor's name and shape is checked against what transformers builds from the written config.json;
-a mismatch, a model Qwen3 cannot express or a bad checkpoint is one `error:` line, exit 2.
+a mismatch, a model no class expresses (softmax routing with groups, a scaling factor or shared
+experts; sigmoid routing with MoE layers other than "first k dense, then all"; shared experts of
+another width than the routed ones; capacity or other router types) or a bad checkpoint is one
+`error:` line naming the flag, exit 2.
 """
 
 from __future__ import annotations
@@ -44,15 +52,53 @@ from moe_layers import ModelConfig  # noqa: E402
 from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Model options Qwen3 has no counterpart for, with the value that means "off"; a checkpoint
-# without the field (written before the option existed) has it off. Training-only options
-# (router jitter, the kind of aux loss) do not change the weights' meaning and pass.
-NOT_IN_QWEN3 = {"num_shared_experts": 0, "router_score_function": "softmax", "router_type": "topk",
-                "moe_capacity_factor": 0.0}
+# Model options neither transformers class has a counterpart for, with the value that means "off"; a
+# checkpoint without the field (written before the option existed) has it off. Training-only options
+# (router jitter, the kind of aux loss, the bias update rate) do not change the weights' meaning and pass.
+NOT_IN_TRANSFORMERS = {"router_type": "topk", "moe_capacity_factor": 0.0}
+# ... and those only the DeepSeek-style class (Glm4Moe, sigmoid scores) has: Qwen3-MoE routes by softmax.
+NOT_IN_QWEN3 = {"num_shared_experts": 0, "router_topk_scaling_factor": 1.0, "router_num_groups": 1}
 
 
 class UnsupportedModel(ValueError):
-    """A checkpoint whose model transformers' Qwen3 classes cannot express."""
+    """A checkpoint whose model no transformers class here can express."""
+
+
+def is_glm4_moe(cfg: ModelConfig) -> bool:
+    """Sigmoid routing goes to Glm4MoeForCausalLM, the class with DeepSeek-V3's router (sigmoid scores,
+    e_score_correction_bias, groups, routed_scaling_factor, shared experts) on our attention (grouped-query,
+    q/k RMSNorm, no bias); softmax routing to Qwen3MoeForCausalLM, a dense model to Qwen3ForCausalLM."""
+    return cfg.num_experts > 0 and cfg.router_score_function == "sigmoid"
+
+
+def check_expressible(cfg: ModelConfig, where: str) -> None:
+    """Raise UnsupportedModel naming the flag when the target class cannot hold this model."""
+    for name, off in NOT_IN_TRANSFORMERS.items():
+        if getattr(cfg, name) != off:
+            raise UnsupportedModel(f"{where}: {name} = {getattr(cfg, name)!r} (--{name.replace('_', '-')}) has no "
+                                   f"counterpart in transformers (it needs {off!r})")
+    if cfg.num_experts == 0:
+        return
+    if not is_glm4_moe(cfg):
+        for name, off in NOT_IN_QWEN3.items():
+            if getattr(cfg, name) != off:
+                raise UnsupportedModel(f"{where}: {name} = {getattr(cfg, name)!r} (--{name.replace('_', '-')}) has "
+                                       f"no counterpart in transformers' Qwen3-MoE (it needs {off!r}), the class of "
+                                       f"softmax routing; Glm4Moe has it but routes by --router-score-function sigmoid")
+        return
+    dense_first = cfg.num_layers - len(cfg.moe_layers)
+    if cfg.moe_layers != list(range(dense_first, cfg.num_layers)):
+        flag = "--moe-layer-list" if cfg.moe_layer_list else "--moe-layer-interval"
+        raise UnsupportedModel(f"{where}: MoE layers {cfg.moe_layers} ({flag}) are not 'the first k layers dense, "
+                               f"then every layer MoE', the one pattern Glm4Moe's first_k_dense_replace expresses; "
+                               f"train with --first-k-dense-layers k and --moe-layer-interval 1")
+    if cfg.shared_expert_ffn_hidden_size not in (0, cfg.moe_ffn_hidden_size):
+        raise UnsupportedModel(f"{where}: --shared-expert-ffn-hidden-size {cfg.shared_expert_ffn_hidden_size} differs "
+                               f"from --moe-ffn-hidden-size {cfg.moe_ffn_hidden_size}; Glm4Moe's shared experts are "
+                               f"n_shared_experts x moe_intermediate_size wide")
+    if cfg.num_experts // cfg.router_num_groups < 2:
+        raise UnsupportedModel(f"{where}: --num-experts {cfg.num_experts}: Glm4Moe scores each group of experts by "
+                               f"its two best, so it needs at least 2 experts per group")
 
 
 def hf_name(name: str) -> str:
@@ -61,54 +107,86 @@ def hf_name(name: str) -> str:
         return name
     if name.endswith(".mlp.router.weight"):
         name = name[: -len("router.weight")] + "gate.weight"
+    if name.endswith(".mlp.router.expert_bias"):  # Glm4Moe / DeepSeek-V3 call the balancing bias this
+        name = name[: -len("router.expert_bias")] + "gate.e_score_correction_bias"
     return "model." + name
 
 
-def hf_config(model: dict, train: dict, dtype: str) -> dict:
-    """transformers' config.json for our ModelConfig (as a dict) and TrainConfig (as a dict)."""
-    moe = model["num_experts"] > 0
+def hf_config(cfg: ModelConfig, train: dict, dtype: str) -> dict:
+    """transformers' config.json for our ModelConfig and TrainConfig (as a dict)."""
     config = {
-        "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
-        "model_type": "qwen3_moe" if moe else "qwen3",
-        "vocab_size": model["vocab_size"],
-        "hidden_size": model["hidden_size"],
-        "intermediate_size": model["ffn_hidden_size"],  # dense layers
-        "num_hidden_layers": model["num_layers"],
-        "num_attention_heads": model["num_attention_heads"],
-        "num_key_value_heads": model["num_kv_heads"],
-        "head_dim": model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,  # dense layers
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.attn_head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": model["seq_length"],
-        "initializer_range": model["init_std"],
-        "rms_norm_eps": model["rms_norm_eps"],
-        # rope_theta: read as is by 4.x and turned into rope_parameters by 5.x
-        "rope_theta": model["rope_theta"],
-        "rope_scaling": None,
+        "max_position_embeddings": cfg.seq_length,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": False,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": model["num_layers"],
         "use_cache": True,
         "torch_dtype": dtype,
     }
-    if moe:
+    if is_glm4_moe(cfg):
         config.update({
-            "moe_intermediate_size": model["moe_ffn_hidden_size"],
-            "num_experts": model["num_experts"],
-            "num_experts_per_tok": model["num_experts_per_token"],
-            "decoder_sparse_step": model["moe_layer_interval"],  # same rule: MoE iff (i + 1) % step == 0
-            "mlp_only_layers": [],
-            "norm_topk_prob": model["norm_topk_prob"],
-            "output_router_logits": False,
-            "router_aux_loss_coef": train.get("router_aux_loss_coef", 0.001),
+            "architectures": ["Glm4MoeForCausalLM"],
+            "model_type": "glm4_moe",
+            # Glm4Moe rotates half of each head by default: ours turns all of it (same rotate-half pairing)
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0},
+            "use_qk_norm": True,
+            "moe_intermediate_size": cfg.moe_ffn_hidden_size,
+            "n_routed_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.num_experts_per_token,
+            "n_shared_experts": cfg.num_shared_experts,
+            "first_k_dense_replace": cfg.num_layers - len(cfg.moe_layers),
+            "norm_topk_prob": True,  # our sigmoid routing always renormalises the K weights
+            "routed_scaling_factor": cfg.router_topk_scaling_factor,
+            "n_group": cfg.router_num_groups,
+            "topk_group": cfg.router_group_topk,
+            "num_nextn_predict_layers": 0,
         })
+        return config
+    config.update({
+        # rope_theta: read as is by 4.x and turned into rope_parameters by 5.x
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.num_layers,
+    })
+    if cfg.num_experts == 0:
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **config}
+    step = 1 if cfg.moe_layer_list else cfg.moe_layer_interval
+    config.update({
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "moe_intermediate_size": cfg.moe_ffn_hidden_size,
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_token,
+        "decoder_sparse_step": step,  # MoE iff (i + 1) % step == 0 and i not in mlp_only_layers
+        "mlp_only_layers": [i for i in range(cfg.num_layers) if (i + 1) % step == 0 and not cfg.is_moe_layer(i)],
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "output_router_logits": False,
+        "router_aux_loss_coef": train.get("router_aux_loss_coef", 0.001),
+    })
     return config
 
 
+def hf_moe_layer(config: dict, i: int) -> bool:
+    """Whether transformers builds layer i of this config.json as an MoE layer (its rule, not ours)."""
+    if config["model_type"] == "glm4_moe":
+        return i >= config["first_k_dense_replace"]
+    return (config.get("num_experts", 0) > 0 and i not in config["mlp_only_layers"]
+            and (i + 1) % config["decoder_sparse_step"] == 0)
+
+
 def hf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every weight that transformers' Qwen3 / Qwen3-MoE builds from this config.json:
+    """Name -> shape of every tensor that transformers' Qwen3 / Qwen3-MoE / Glm4Moe builds from this config.json:
     the folder is refused unless the weights match it exactly, so transformers never refuses it."""
     d, v, hd = config["hidden_size"], config["vocab_size"], config["head_dim"]
     q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
@@ -119,13 +197,19 @@ def hf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
                        p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
                        p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
                        p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
-        if config.get("num_experts", 0) > 0 and (i + 1) % config["decoder_sparse_step"] == 0:
-            f = config["moe_intermediate_size"]
-            shapes[p + "mlp.gate.weight"] = (config["num_experts"], d)
-            for e in range(config["num_experts"]):
-                shapes.update({f"{p}mlp.experts.{e}.gate_proj.weight": (f, d),
-                               f"{p}mlp.experts.{e}.up_proj.weight": (f, d),
-                               f"{p}mlp.experts.{e}.down_proj.weight": (d, f)})
+        if hf_moe_layer(config, i):
+            f, e = config["moe_intermediate_size"], config.get("num_experts", config.get("n_routed_experts"))
+            shapes[p + "mlp.gate.weight"] = (e, d)
+            for j in range(e):
+                shapes.update({f"{p}mlp.experts.{j}.gate_proj.weight": (f, d),
+                               f"{p}mlp.experts.{j}.up_proj.weight": (f, d),
+                               f"{p}mlp.experts.{j}.down_proj.weight": (d, f)})
+            if config["model_type"] == "glm4_moe":
+                s = f * config["n_shared_experts"]  # all shared experts side by side (0 wide when there are none)
+                shapes.update({p + "mlp.gate.e_score_correction_bias": (e,),
+                               p + "mlp.shared_experts.gate_proj.weight": (s, d),
+                               p + "mlp.shared_experts.up_proj.weight": (s, d),
+                               p + "mlp.shared_experts.down_proj.weight": (d, s)})
         else:
             f = config["intermediate_size"]
             shapes.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
@@ -204,30 +288,38 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
     if inside(out, checkpoint) or inside(out, ckpt.path):
         raise ValueError(f"--out {out} lies inside the checkpoint folder; choose a folder outside it")
     try:
-        ModelConfig(**meta["model"]).validate()  # a checkpoint of another kind fails here, not in transformers
+        cfg = ModelConfig(**meta["model"])  # fields the checkpoint predates take their default, which means "off"
+        cfg.validate()  # a checkpoint of another kind fails here, not in transformers
     except ValueError as e:
         raise ckpt_io.CheckpointError(f"{ckpt.path}: its model config is invalid ({e})") from None
-    for name, off in NOT_IN_QWEN3.items():
-        if meta["model"].get(name, off) != off:
-            raise UnsupportedModel(f"{ckpt.path}: {name} = {meta['model'][name]!r} has no counterpart in "
-                                   f"transformers' Qwen3-MoE (it needs {off!r})")
+    state = ckpt_io.full_state_dict(ckpt)
+    if cfg.num_layers > len(state) or 3 * cfg.num_experts > len(state):  # before anything lists the layers
+        raise UnsupportedModel(f"{ckpt.path}: its model config gives more layers or experts than its "
+                               f"{len(state)} tensors hold")
+    check_expressible(cfg, ckpt.path)
     weights = {}
-    mtp = meta["model"].get("mtp_num_layers", 0)
-    if mtp:
-        print(f"note: the {mtp} multi-token prediction module{'s' if mtp > 1 else ''} (mtp.*) of {ckpt.path} are not "
-              f"exported: they only add a training loss, and the exported model predicts the next token without them")
-    for name, t in ckpt_io.full_state_dict(ckpt).items():
+    if cfg.mtp_num_layers:
+        print(f"note: the {cfg.mtp_num_layers} multi-token prediction module{'s' if cfg.mtp_num_layers > 1 else ''} "
+              f"(mtp.*) of {ckpt.path} are not exported: they only add a training loss, and the exported model "
+              f"predicts the next token without them")
+    for name, t in state.items():
         if name.startswith("mtp."):
             continue
-        if name.endswith(".expert_bias"):  # aux-loss-free balancing bias: Qwen3 routes without one
+        if name.endswith(".expert_bias") and not is_glm4_moe(cfg):  # Qwen3 routes without a balancing bias
             if t.any():
-                raise UnsupportedModel(f"{ckpt.path}: {name} is non-zero; Qwen3-MoE routing has no expert bias")
+                raise UnsupportedModel(f"{ckpt.path}: {name} is non-zero; Qwen3-MoE routing has no expert bias "
+                                       f"(Glm4Moe has one, for --router-score-function sigmoid)")
             continue
-        weights[hf_name(name)] = t.to(DTYPES[dtype]).contiguous()  # per-expert tensors are transposed views
-    config = hf_config(meta["model"], meta.get("train", {}), dtype)
-    if config["num_hidden_layers"] > len(weights) or 3 * config.get("num_experts", 0) > len(weights):
-        raise UnsupportedModel(f"{ckpt.path}: its model config gives more layers or experts than its "
-                               f"{len(weights)} tensors hold")
+        # the bias stays fp32 whatever --dtype: transformers keeps e_score_correction_bias in fp32
+        t = t if name.endswith(".expert_bias") else t.to(DTYPES[dtype])
+        weights[hf_name(name)] = t.contiguous()  # per-expert tensors are transposed views
+    if is_glm4_moe(cfg) and not cfg.num_shared_experts:  # Glm4Moe always builds shared experts: 0 wide here
+        for layer in cfg.moe_layers:
+            for proj, shape in (("gate_proj", (0, cfg.hidden_size)), ("up_proj", (0, cfg.hidden_size)),
+                                ("down_proj", (cfg.hidden_size, 0))):
+                name = f"model.layers.{layer}.mlp.shared_experts.{proj}.weight"
+                weights[name] = torch.zeros(shape, dtype=DTYPES[dtype])
+    config = hf_config(cfg, meta.get("train", {}), dtype)
     want = hf_shapes(config)
     missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
     if missing or extra:

@@ -1,4 +1,4 @@
-"""Import a transformers Qwen3-MoE (or dense Qwen3) folder as a checkpoint the trainer continues from.
+"""Import a transformers Qwen3-MoE, dense Qwen3 or Glm4Moe folder as a checkpoint the trainer continues from.
 
     python scripts/import_hf.py --hf path/to/qwen3_moe --out out/imported
     python minimal_pretrain.py --load out/imported --max-steps 100 --save out/continued
@@ -6,8 +6,12 @@
 Writes `OUT/step_00000000/` (meta.json, rank_00000.pt) and `OUT/latest` with
 checkpoint.save_checkpoint, so a crash leaves nothing half written: step 0, layout world 1, the
 default TrainConfig, no optimizer state (AdamW starts fresh on `--load`), the routers' expert_bias
-buffers at zero (Qwen3 routes without one). The inverse of scripts/export_hf.py: our names are
-theirs without `model.`, their `mlp.gate` is our `mlp.router`, experts stay one key per expert.
+buffers from Glm4Moe's e_score_correction_bias, or at zero (Qwen3 routes without one). The inverse
+of scripts/export_hf.py: our names are theirs without `model.`, their `mlp.gate` is our
+`mlp.router`, experts stay one key per expert. Qwen3-MoE's decoder_sparse_step and mlp_only_layers
+become --moe-layer-interval, --first-k-dense-layers or --moe-layer-list; Glm4Moe (DeepSeek-V3's
+router) becomes sigmoid routing with --router-num-groups, --router-group-topk,
+--router-topk-scaling-factor, --num-shared-experts and --first-k-dense-layers.
 Weights may be one model.safetensors or shards listed in model.safetensors.index.json; experts
 fused as transformers 5.x holds them in memory (`mlp.experts.gate_up_proj` (E, 2F, D),
 `mlp.experts.down_proj` (E, D, F)) are split per expert.
@@ -17,9 +21,10 @@ Needs safetensors (requirements-extras.txt), not transformers.
 positions do not depend on it, so the logits of shorter sequences are the same.
 A head_dim other than hidden_size / num_attention_heads becomes the model's --head-dim.
 What MoETransformer cannot represent is refused with one `error:` line, exit 2: tied embeddings,
-attention bias, sliding-window attention, dense layers picked by mlp_only_layers, rope scaling,
-or an activation other than silu. So are a config.json with missing or mistyped fields, unreadable or mismatched weights, and an --out
-that is not a new or empty folder (an existing run's `latest` is never moved); nothing is written.
+attention bias, sliding-window attention, rope scaling, partial rotary (Glm4Moe's default 0.5),
+Glm4Moe without q/k norm or without renormalised top-k weights, or an activation other than
+silu. So are a config.json with missing or mistyped fields, unreadable or mismatched weights, and an --out that is not a new or empty folder
+(an existing run's `latest` is never moved); nothing is written.
 """
 
 from __future__ import annotations
@@ -45,13 +50,17 @@ class UnsupportedModel(ValueError):
     """A transformers model this toolkit cannot hold; the message says what differs."""
 
 
+MODEL_TYPES = ("qwen3_moe", "qwen3", "glm4_moe")
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "max_position_embeddings")
 # config.json keys read, with the JSON types each may have (None: absent, the default applies)
 TYPES = {**{k: (int,) for k in REQUIRED + ("num_key_value_heads", "head_dim", "moe_intermediate_size", "num_experts",
-                                          "num_local_experts", "num_experts_per_tok", "decoder_sparse_step")},
-         **{k: (int, float) for k in ("rope_theta", "rms_norm_eps", "initializer_range")},
-         **{k: (bool,) for k in ("tie_word_embeddings", "attention_bias", "use_sliding_window", "norm_topk_prob")}}
+                                          "num_local_experts", "num_experts_per_tok", "decoder_sparse_step",
+                                          "n_routed_experts", "n_shared_experts", "n_group", "topk_group",
+                                          "first_k_dense_replace")},
+         **{k: (int, float) for k in ("rope_theta", "rms_norm_eps", "initializer_range", "routed_scaling_factor")},
+         **{k: (bool,) for k in ("tie_word_embeddings", "attention_bias", "use_sliding_window", "norm_topk_prob",
+                                 "use_qk_norm")}}
 
 
 def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig:
@@ -59,8 +68,8 @@ def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig
     if not isinstance(hf, dict):
         raise UnsupportedModel("config.json is not a JSON object")
     kind = hf.get("model_type")
-    if kind not in ("qwen3_moe", "qwen3"):
-        raise UnsupportedModel(f"model_type {kind!r}: only qwen3_moe and qwen3 are supported")
+    if kind not in MODEL_TYPES:
+        raise UnsupportedModel(f"model_type {kind!r}: only {', '.join(MODEL_TYPES)} are supported")
     for key in REQUIRED:
         if key not in hf:
             raise UnsupportedModel(f"config.json lacks {key}")
@@ -76,12 +85,21 @@ def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise UnsupportedModel(f"config.json: rope parameters {rope!r} are not a JSON object")
+    glm = kind == "glm4_moe"
+    # Glm4Moe rotates half of each head unless told otherwise; ours turns all of it
+    rotary = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5 if glm else 1.0))
+    mlp_only = hf.get("mlp_only_layers") or []
     refusals = [
         (hf.get("tie_word_embeddings", False), "tie_word_embeddings is true; our embedding and LM head are untied"),
         (hf.get("attention_bias", False), "attention_bias is true; our projections have no bias"),
         (hf.get("use_sliding_window", False), "use_sliding_window is true; our attention is full causal"),
-        (hf.get("mlp_only_layers"), f"mlp_only_layers {hf.get('mlp_only_layers')} is not empty; our MoE layers "
-                                    f"follow decoder_sparse_step only"),
+        (not isinstance(mlp_only, list) or not all(isinstance(i, int) and 0 <= i < hf["num_hidden_layers"]
+                                                   for i in mlp_only),
+         f"mlp_only_layers {mlp_only!r} is not a list of layer numbers"),
+        (rotary != 1.0, f"partial_rotary_factor {rotary}; our rotary embedding turns the whole head"),
+        (glm and not hf.get("use_qk_norm", False), "use_qk_norm is false; our attention always normalises q and k"),
+        (glm and not hf.get("norm_topk_prob", True), "norm_topk_prob is false; our sigmoid routing always "
+                                                     "renormalises the top-k weights"),
         (rope.get("rope_type", rope.get("type", "default")) != "default",
          f"rope scaling {rope}; only plain rotary embeddings are supported"),
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r}; our MLPs are SwiGLU (silu)"),
@@ -89,9 +107,10 @@ def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig
     for refused, why in refusals:
         if refused:
             raise UnsupportedModel(why)
-    moe = kind == "qwen3_moe"
-    num_experts = hf.get("num_experts", hf.get("num_local_experts", 0)) if moe else 0
+    moe = kind in ("qwen3_moe", "glm4_moe")
+    num_experts = hf.get("n_routed_experts" if glm else "num_experts", hf.get("num_local_experts", 0)) if moe else 0
     defaults = ModelConfig()
+    pattern = layer_pattern(hf, num_experts) if moe else {}
     derived_head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     cfg = ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -106,18 +125,48 @@ def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig
         num_experts=num_experts,
         num_experts_per_token=hf.get("num_experts_per_tok", defaults.num_experts_per_token) if moe
         else defaults.num_experts_per_token,
-        moe_layer_interval=hf.get("decoder_sparse_step", 1) if moe else 1,
-        norm_topk_prob=hf.get("norm_topk_prob", False) if moe else defaults.norm_topk_prob,
+        **pattern,
+        norm_topk_prob=hf.get("norm_topk_prob", glm) if moe else defaults.norm_topk_prob,
         seq_length=hf["max_position_embeddings"] if seq_length is None else seq_length,
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", defaults.rope_theta))),
         rms_norm_eps=hf.get("rms_norm_eps", defaults.rms_norm_eps),
         init_std=hf.get("initializer_range", defaults.init_std),
+        **(deepseek_routing(hf) if glm else {}),
     )
     try:
         cfg.validate()
     except ValueError as e:
         raise UnsupportedModel(f"the config maps to an invalid model: {e}") from None
     return cfg
+
+
+def layer_pattern(hf: dict, num_experts: int) -> dict:
+    """Our layer-pattern fields for transformers' rule: Glm4Moe's first_k_dense_replace, or Qwen3-MoE's
+    decoder_sparse_step minus mlp_only_layers (kept as an interval when it is one, else as a list)."""
+    if hf["model_type"] == "glm4_moe":
+        return {"first_k_dense_layers": hf.get("first_k_dense_replace", 1)}
+    step, layers = hf.get("decoder_sparse_step", 1), hf["num_hidden_layers"]
+    if not isinstance(step, int) or step < 1:
+        raise UnsupportedModel(f"config.json: decoder_sparse_step = {step!r}; it must be a positive integer")
+    mlp_only = hf.get("mlp_only_layers") or []
+    if not mlp_only or num_experts == 0:
+        return {"moe_layer_interval": step}
+    if layers > len(mlp_only) + 100_000:  # before listing the layers: a config.json may claim a billion of them
+        raise UnsupportedModel(f"config.json: num_hidden_layers = {layers} with mlp_only_layers; too many to list")
+    moe = [i for i in range(layers) if i not in mlp_only and (i + 1) % step == 0]
+    if not moe:
+        raise UnsupportedModel(f"mlp_only_layers {mlp_only} leaves no MoE layer; convert it as a dense model")
+    for first_k in (0, moe[0]):  # the plainest of our rules that gives the same layers
+        if moe == [i for i in range(first_k, layers) if (i + 1) % step == 0]:
+            return {"moe_layer_interval": step, "first_k_dense_layers": first_k}
+    return {"moe_layer_list": ",".join(map(str, moe))}
+
+
+def deepseek_routing(hf: dict) -> dict:
+    """Our routing fields for Glm4Moe's DeepSeek-V3 router: sigmoid scores, groups, scale, shared experts."""
+    return {"router_score_function": "sigmoid", "num_shared_experts": hf.get("n_shared_experts", 1),
+            "router_topk_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
+            "router_num_groups": hf.get("n_group", 1), "router_group_topk": hf.get("topk_group", 1)}
 
 
 def regular_file(path: str) -> bool:
@@ -171,6 +220,8 @@ def our_name(name: str) -> str:
     name = name.removeprefix("model.")
     if name.endswith(".mlp.gate.weight"):
         name = name[: -len("gate.weight")] + "router.weight"
+    if name.endswith(".mlp.gate.e_score_correction_bias"):
+        name = name[: -len("gate.e_score_correction_bias")] + "router.expert_bias"
     return name
 
 
@@ -190,7 +241,7 @@ def checkpoint_tensors(hf_weights: dict[str, torch.Tensor]) -> dict[str, torch.T
         elif name.endswith(".mlp.experts.down_proj"):  # (E, D, F)
             for e, down in enumerate(t.unbind(0)):
                 out[f"{prefix}.{e}.down_proj.weight"] = down.contiguous()  # (D, F)
-        else:
+        elif t.numel() or ".shared_experts." not in name:  # Glm4Moe without shared experts holds 0-wide ones
             out[name] = t.contiguous()
     return out
 
@@ -229,6 +280,9 @@ def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
         raise UnsupportedModel(f"{hf_dir}: config.json gives {cfg.num_layers} layers of {cfg.num_experts} experts, "
                                f"more than the {len(tensors)} tensors of the weights hold")
     want, buffers = expected_shapes(cfg)
+    for name, shape in buffers.items():  # the routers' expert_bias: Glm4Moe's e_score_correction_bias, or
+        tensors.setdefault(name, torch.zeros(shape))  # zero for Qwen3, which routes without one
+    want.update(buffers)
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
         raise UnsupportedModel(f"{hf_dir}: weights do not fit the config: missing {missing[:3]}, "
@@ -236,8 +290,6 @@ def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
     for name, shape in want.items():
         if tuple(tensors[name].shape) != shape:
             raise UnsupportedModel(f"{hf_dir}: {name} has shape {tuple(tensors[name].shape)}, the config gives {shape}")
-    for name, shape in buffers.items():
-        tensors[name] = torch.zeros(shape)  # the routers' expert_bias: Qwen3 routes without a bias
     return ckpt_io.save_full_state(out, tensors, dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig()))
 
 
