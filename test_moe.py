@@ -4817,6 +4817,21 @@ def test_deepseek_style_recipe_matches_one_process(name, deepseek_one_process, t
     print(f"{name}: max relative loss difference {worst:.2e}")
 
 
+def test_recipe_with_mtp_and_head_dim_under_sp_and_interleaved_tp2_pp2_matches_one_process(tmp_path):
+    """Issues 14 and 15 at once: the recipe above with --head-dim 16 (attention 64 wide over hidden 32)
+    and an MTP module, trained on TP2 x PP2 with sequence parallelism and 2 chunks of 1 layer per rank
+    (rank 0's first chunk is the dense layer 0; the MTP module follows rank 1's last chunk)."""
+    model = DEEPSEEK_FLAGS + ["--num-layers", "4", "--head-dim", "16", "--mtp-num-layers", "1"]
+    reference = parity_run(tmp_path, "one", 1, [], 4, model)
+    layout = SP + ["--pipeline-parallel-size", "2", "--num-layers-per-virtual-stage", "1"]
+    candidate = parity_run(tmp_path, "tp2_pp2_sp_interleaved", 4, layout, 4, model)
+    worst = assert_same_training(reference, candidate)
+    for a, b in zip(reference[0], candidate[0]):
+        assert abs(a["mtp_loss"] - b["mtp_loss"]) / a["mtp_loss"] < 1e-4
+    assert list(reference[0][0]["expert_load"]) == ["1", "2", "3", "4"]  # layer 0 dense; 4 is the MTP block
+    print(f"recipe under TP2 x PP2, SP, interleaved: max relative loss difference {worst:.2e}")
+
+
 DEEPSEEK_EXPORTS = {  # model flags -> transformers class
     "groups_scale_shared_first_k": (dict(num_layers=3, num_experts=8, router_score_function="sigmoid",
                                          router_num_groups=4, router_group_topk=2, router_topk_scaling_factor=2.5,
