@@ -2606,10 +2606,6 @@ def test_quick_comparison_writes_the_png(quick_comparison):
     assert f"wrote {png}" in stdout
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q", "-m", "smoke"]))
-
-
 # --------------------------------------------------------------- scripts: bad input (issue 16, cause 6)
 # Every script of scripts/ given hostile input: exit status 2, exactly one line starting with
 # `error:` that names what to change, no traceback, no hang, and nothing that existed before changed.
@@ -4970,3 +4966,7 @@ def test_import_refuses_glm4moe_configs_we_cannot_represent(change, words):
     assert import_hf.model_config_from_hf(valid).router_score_function == "sigmoid"
     with pytest.raises(import_hf.UnsupportedModel, match=words):
         import_hf.model_config_from_hf({**valid, **change})
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-m", "smoke"]))
