@@ -113,20 +113,16 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
     the expert loop (the CPU, EP 1) gate and up pre-activations and the output; with grouped GEMMs
     or EP the expert input, gate, up, silu(gate), their product and the output. The router keeps
     fp32 scores, logits, top-k indices and weights, and the sorted token ids.
-    Sequence parallelism (`sp`) keeps a norm's input, normalised input and 1/rms (and the MoE
-    layer's whole input) for this rank's tokens / TP positions only; the matmul after a norm
-    still keeps its all-gathered input whole (Megatron re-gathers it in backward instead)."""
+    Sequence parallelism (`sp`) keeps a norm's input, normalised input, output and 1/rms (and
+    the MoE layer's input) for this rank's tokens / TP positions only: the column-parallel
+    projections after a norm keep its output's slice and all-gather it again in backward."""
     d, dh = mc.hidden_size, mc.attn_head_dim
     h, g = mc.num_attention_heads // tp, mc.num_kv_heads // tp
     norm = el * 3 * d + 4  # input, normalised input, output (kept by the matmul after it), fp32 1/rms
-    if sp:
-        norm_then_gather = tokens // tp * (norm - el * d) + tokens * el * d
-        norm_then_moe = tokens // tp * norm + (tokens * el * d if mc.num_shared_experts else 0)
-    else:
-        norm_then_gather = norm_then_moe = tokens * norm
+    norms = 2 * (tokens // tp if sp else tokens) * norm  # before attention and before the MLP
     attn = el * 4 * (h + g) * dh + 4 * (2 * h + g)  # q, k before and after norm / rotary, v, output; 1/rms, lse
     if layer not in mc.all_moe_layers:
-        return 2 * norm_then_gather + tokens * (attn + el * 4 * mc.ffn_hidden_size // tp)
+        return norms + tokens * (attn + el * 4 * mc.ffn_hidden_size // tp)
     k, e, f = mc.num_experts_per_token, mc.num_experts, mc.moe_ffn_hidden_size
     if grouped:
         experts = el * k * (2 * d + 4 * f)
@@ -134,7 +130,7 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
         experts = el * k * (d + 2 * f) + (el * k * d if ep > 1 else 0)  # EP: expert input kept too
     router = 8 * e + 28 * k + 8 + el * k + (4 * d if el == 2 else 0)  # fp32 copy of bf16 router input
     shared = el * 4 * mc.shared_ffn_hidden_size // tp
-    return norm_then_gather + norm_then_moe + tokens * (attn + shared) + tokens // tp * (experts + router)
+    return norms + tokens * (attn + shared) + tokens // tp * (experts + router)
 
 
 @dataclass
@@ -155,10 +151,11 @@ def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: 
     blocks = stage_blocks(mc, pp, stage, tc.num_layers_per_virtual_stage)
     layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped, sp) for i in blocks]
     edges = tokens * 8 if stage == 0 else 0  # token ids kept by the embedding
-    if stage == pp - 1:  # final norm (its all-gathered output whole), fp32 log-softmax kept by the cross-entropy,
-        # targets; once more per MTP module, which also keeps its two input norms and their 2D-wide concatenation
+    if stage == pp - 1:  # final norm (its output's slice kept by the LM head), fp32 log-softmax kept by the
+        # cross-entropy, targets; once more per MTP module, which also keeps its two input norms and their
+        # 2D-wide concatenation
         d, heads = mc.hidden_size, 1 + mc.mtp_num_layers
-        edges += heads * (stream * (el * 2 * d + 4) + tokens * (el * d + 4 * mc.vocab_size // tp + 8))
+        edges += heads * (stream * (el * 3 * d + 4) + tokens * (4 * mc.vocab_size // tp + 8))
         edges += stream * mc.mtp_num_layers * (2 * (el * 3 * d + 4) + el * 2 * d)
     # every rank draws the global batch of (input, target) ids (int64) and keeps its micro-batches
     transient = 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)

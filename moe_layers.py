@@ -385,22 +385,49 @@ class _GatherTokens(torch.autograd.Function):
         return g.chunk(size, dim=0)[rank].contiguous(), None
 
 
-class _GatherSequence(torch.autograd.Function):
-    """All-gather the sequence slices forward (B, T/TP, D) -> (B, T, D); reduce-scatter the gradient
-    backward (each rank's columns gave part of dL/dx of every position: sum, keep this rank's slice).
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul of x in (x's own dtype outside autocast)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
-    The input of a column-parallel layer under sequence parallelism (Korthikanti et al. 2022)."""
+
+def _all_gather_sequence(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """(B, T/TP, D) this rank's positions -> (B, T, D) every rank's, in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)  # every rank's positions of every sequence
+    return torch.cat(parts, dim=1)
+
+
+class _GatherThenProject(torch.autograd.Function):
+    """The column-parallel projections that read one input under sequence parallelism
+    (Korthikanti et al. 2022, sec. 4.2.2; Megatron-LM's linear with sequence parallelism):
+    forward all-gathers the (B, T/TP, D) slices to (B, T, D) and multiplies the whole sequence by
+    each weight (this rank's output columns); backward all-gathers the slices again for the weight
+    gradients and reduce-scatters dL/dx (each rank's columns gave part of it for every position).
+
+    Only the slice is kept between forward and backward, so no TP rank holds the whole (B, T, D)
+    input for backward: one more all-gather per backward buys 1/TP of that memory. The products
+    run in the autocast dtype when autocast is on (recorded here, as backward runs outside it)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)  # every rank's positions of every sequence
-        return torch.cat(parts, dim=1)
+    def forward(ctx, x: torch.Tensor, group: Any, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.dtype, ctx.group = compute_dtype(x), group
+        ctx.save_for_backward(x, *weights)
+        whole = _all_gather_sequence(x, group).to(ctx.dtype)  # (B, T, D)
+        with torch.autocast(x.device.type, enabled=False):
+            return tuple(F.linear(whole, w.to(ctx.dtype)) for w in weights)  # (B, T, out / TP) each
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return _reduce_scatter_sequence(g, ctx.group), None
+    def backward(ctx, *grads: torch.Tensor):
+        x, *weights = ctx.saved_tensors
+        whole = _all_gather_sequence(x, ctx.group).to(ctx.dtype).flatten(0, 1)  # (B*T, D), gathered again
+        grad_whole = torch.zeros_like(whole)
+        grad_weights = []
+        for g, w in reversed(list(zip(grads, weights))):  # last first: the order autograd adds separate layers' in
+            g = g.flatten(0, 1).to(ctx.dtype)  # (B*T, out / TP)
+            grad_whole += g @ w.to(ctx.dtype)  # (B*T, D): this rank's columns' part of dL/dx
+            grad_weights.insert(0, g.T @ whole)  # (out / TP, D)
+        grad_x = _reduce_scatter_sequence(grad_whole.view(*grads[0].shape[:2], -1), ctx.group)  # (B, T/TP, D)
+        return (grad_x, None, *grad_weights)
 
 
 class _ReduceScatterSequence(torch.autograd.Function):
@@ -414,9 +441,7 @@ class _ReduceScatterSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        parts = [torch.empty_like(g) for _ in range(dist.get_world_size(ctx.group))]
-        dist.all_gather(parts, g.contiguous(), group=ctx.group)  # the gradient of every position
-        return torch.cat(parts, dim=1), None
+        return _all_gather_sequence(g, ctx.group), None  # (B, T, D): the gradient of every position
 
 
 def _reduce_scatter_sequence(x: torch.Tensor, group: Any) -> torch.Tensor:
@@ -453,8 +478,14 @@ def reduce_from_tp(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
     return x if par.tp_size == 1 else _ReduceFromGroup.apply(x, par.tp_group)
 
 
-def gather_sequence(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
-    return _GatherSequence.apply(x, par.tp_group)
+def column_parallel(x: torch.Tensor, par: ModelParallel, *layers: ColumnParallelLinear) -> tuple[torch.Tensor, ...]:
+    """Each column-parallel layer applied to the whole input, whatever the layout: x (B, T, D)
+    (backward: all-reduce of the partial dL/dx), or under SP this rank's slice (B, T/TP, D),
+    all-gathered (backward: reduce-scatter). Returns one (B, T, out / TP) tensor per layer."""
+    if par.sequence_parallel:
+        return _GatherThenProject.apply(x, par.tp_group, *(layer.weight for layer in layers))
+    x = copy_to_tp(x, par)  # (B, T, D)
+    return tuple(layer(x) for layer in layers)
 
 
 def reduce_scatter_sequence(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
@@ -629,11 +660,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
                 kv_cache: dict | None = None) -> torch.Tensor:
         # SP: rotary positions and the causal mask need the whole sequence, so attention runs on it
-        x = gather_sequence(x, self.par) if self.par.sequence_parallel else copy_to_tp(x, self.par)  # (B, T, D)
-        b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        q, k, v = column_parallel(x, self.par, self.q_proj, self.k_proj, self.v_proj)  # (B, T, (H | Hkv) * Dh)
+        b, t, _ = q.shape
+        q = self.q_norm(q.view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_norm(k.view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         q, k = rope(q, k, positions)
         if kv_cache is not None:  # generation: prepend the keys and values of earlier positions
             if "k" in kv_cache:
@@ -668,9 +699,8 @@ class DenseMLP(nn.Module):
         self.down_proj = RowParallelLinear(width, cfg.hidden_size, par, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SP: all-gather the sequence slices (backward: reduce-scatter); else x (backward: all-reduce)
-        x = gather_sequence(x, self.par) if self.par.sequence_parallel else copy_to_tp(x, self.par)  # (B, T, D)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, D); SP: (B, T/TP, D)
+        gate, up = column_parallel(x, self.par, self.gate_proj, self.up_proj)  # (B, T, F / TP) each
+        return self.down_proj(F.silu(gate) * up)  # (B, T, D); SP: (B, T/TP, D)
 
 
 # ---------------------------------------------------------------------------- router
@@ -791,11 +821,6 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         return g.contiguous()
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run a matmul of x in (x's own dtype outside autocast)."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 class _ExpertLoop(torch.autograd.Function):
@@ -1353,14 +1378,8 @@ class MoETransformer(nn.Module):
                 if stats is not None:
                     aux, z = aux + stats.aux_loss, z + stats.z_loss
                     all_stats[layer] = stats
-                valid = self.to_lm_head(module.final_layernorm(h))[:, :t - k]  # (B, T - k, D): t_{i+k+1} exists
-                mtp_logits.append(self.lm_head(valid))  # (B, T - k, V_local), the shared head
+                logits, = column_parallel(module.final_layernorm(h), self.par, self.lm_head)  # the shared head
+                mtp_logits.append(logits[:, :t - k])  # (B, T - k, V_local): the positions whose t_{i+k+1} exists
         if last:
-            x = self.lm_head(self.to_lm_head(self.norm(x)))  # (B, T, V_local)
+            x, = column_parallel(self.norm(x), self.par, self.lm_head)  # (B, T, V_local)
         return ModelOutput(x, aux, z, all_stats, mtp_logits)
-
-    def to_lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        """Normalised hidden states (B, T, D), SP: (B, T/TP, D), as the column-parallel LM head reads
-        them: whole on every TP rank. SP all-gathers the sequence slices (backward: reduce-scatter);
-        otherwise h is already whole (backward: all-reduce of its partial gradients)."""
-        return gather_sequence(h, self.par) if self.par.sequence_parallel else copy_to_tp(h, self.par)  # (B, T, D)

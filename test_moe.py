@@ -4131,6 +4131,61 @@ def test_sequence_parallel_activation_estimate_is_within_5_percent_of_what_2_ran
     assert kept[True] < 0.9 * kept[False]
 
 
+def _gather_then_project_worker(rank: int, port: int, result_dir: str) -> None:
+    """Rank `rank` of TP2 + SP: q/k/v-like projections of its sequence slice through column_parallel."""
+    import torch.distributed as dist
+    from moe_layers import ColumnParallelLinear, column_parallel
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    par = ModelParallel(tp_group=dist.group.WORLD, tp_rank=rank, tp_size=2, sequence_parallel=True)
+    torch.manual_seed(0)
+    x, whole_weights = torch.randn(2, 8, 16), [torch.randn(12, 16), torch.randn(4, 16), torch.randn(4, 16)]
+    layers = []
+    for w in whole_weights:
+        layer = ColumnParallelLinear(16, w.shape[0], par)
+        layer.weight.data.copy_(w.chunk(2, dim=0)[rank])  # this rank's output rows
+        layers.append(layer)
+    result = {}
+    for autocast in (False, True):
+        x_slice = x[:, 4 * rank:4 * rank + 4].clone().requires_grad_(True)  # (B, T/TP, D)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                outs = column_parallel(x_slice, par, *layers)  # (B, T, out / TP) each
+        sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        result[autocast] = {"outs": [o.detach().float() for o in outs], "x_grad": x_slice.grad,
+                            "w_grads": [layer.weight.grad.clone() for layer in layers], "saved": saved}
+        for layer in layers:
+            layer.weight.grad = None
+    torch.save(result, os.path.join(result_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sequence_parallel_projections_equal_whole_sequence_matmuls_and_keep_only_the_slice(tmp_path):
+    """column_parallel under SP against plain matmuls of the whole input on one process: outputs,
+    dL/dx of each rank's slice and the weight gradients (fp32 to rounding, bf16 autocast within its
+    precision); and autograd keeps the (B, T/TP, D) slice, never the gathered (B, T, D) input."""
+    import torch.multiprocessing as tmp_mp
+    tmp_mp.spawn(_gather_then_project_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    x, whole_weights = torch.randn(2, 8, 16), [torch.randn(12, 16), torch.randn(4, 16), torch.randn(4, 16)]
+    x.requires_grad_(True)
+    outs = [x @ w.T for w in whole_weights]  # (B, T, out): the reference, whole
+    sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+    for autocast, tol in ((False, 1e-5), (True, 5e-2)):
+        for r, got in enumerate(ranks):
+            got = got[autocast]
+            for i, (o, want, w_grad, w) in enumerate(zip(got["outs"], outs, got["w_grads"], whole_weights)):
+                rows = slice(r * w.shape[0] // 2, (r + 1) * w.shape[0] // 2)
+                assert torch.allclose(o, want[..., rows].detach(), atol=tol * 10, rtol=tol)
+                # dL/dW = sum over all B x T positions of (i + 1) x_t: the whole sequence, from a slice
+                want_grad = (i + 1) * x.detach().sum((0, 1)).expand(w.shape[0] // 2, 16)
+                assert torch.allclose(w_grad, want_grad, atol=tol * 10, rtol=tol)
+            assert torch.allclose(got["x_grad"], x.grad[:, 4 * r:4 * r + 4], atol=tol * 10, rtol=tol)
+            # the slice (B, T/TP, D) and this rank's weights: no gathered (B, T, D) tensor
+            assert sorted(got["saved"]) == sorted([2 * 4 * 16] + [w.numel() // 2 for w in whole_weights])
+
+
 # ---- interleaved 1F1B: virtual pipeline stages (issue 15)
 def schedule_text(pp: int, rank: int, chunks: int, micro: int) -> str:
     """A rank's interleaved order as `F0.1` (forward of chunk 0 on micro-batch 1), ticks split by ` | `."""
