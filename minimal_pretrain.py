@@ -475,10 +475,6 @@ def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
         if mc.num_layers // (pp * per_chunk) > 1 and tc.num_microbatches % pp:
             raise ConfigError(f"the interleaved schedule runs micro-batches in groups of --pipeline-parallel-size: "
                               f"--num-microbatches ({tc.num_microbatches}) must be a multiple of {pp}")
-    if mc.mtp_num_layers and pp > 1 and tc.use_distributed_optimizer and dp > 1:
-        raise ConfigError("--mtp-num-layers under --pipeline-parallel-size > 1 keeps an embedding copy on the last "
-                          "stage by summing whole gradients over the first and last stage, which "
-                          "--use-distributed-optimizer's sharded gradients do not give; drop one of them")
 
 
 # ============================================================ distributed setup
@@ -1149,12 +1145,16 @@ def build_grad_reducers(model: torch.nn.Module, pg: ParallelGroups,
     experts (their tokens came from every rank of the EP group already), then divided by DP.
 
     With the distributed optimizer (and DP > 1; at DP 1 no replica shares the state and the
-    flag changes nothing) the same groups reduce-scatter flat buckets instead."""
+    flag changes nothing) the same groups reduce-scatter flat buckets instead. An embedding copy
+    (MTP under PP) gets a bucket of its own: laid out alike on the first and last stage, so the
+    two stages' shards of it hold the same elements and can be summed over the embedding group."""
     params = list(model.parameters())
     dense = [p for p in params if getattr(p, "shard_kind", None) != "ep"]
     experts = [p for p in params if getattr(p, "shard_kind", None) == "ep"]
     if distributed_optimizer and pg.dp > 1:
-        reducers = [ShardedGradReduce(dense, pg.dp_group, pg.dp, pg.dp_rank, 1.0 / pg.dp)]
+        copies = [p for p in dense if hasattr(p, "pipeline_copy")]
+        dense = [p for p in dense if not hasattr(p, "pipeline_copy")]
+        reducers = [ShardedGradReduce(ps, pg.dp_group, pg.dp, pg.dp_rank, 1.0 / pg.dp) for ps in (dense, copies) if ps]
         if experts:
             reducers.append(ShardedGradReduce(experts, pg.expert_dp_group, pg.expert_dp_size, pg.expert_dp_rank,
                                               1.0 / pg.dp))
@@ -1191,7 +1191,8 @@ def sync_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pg:
       sums over TP and DP commute, so the order does not matter);
     - MTP under PP: the embedding's two copies, summed over the embedding group. With the distributed
       optimizer, TP peers (same DP rank) own the same shard of identically laid-out buckets, so
-      their pieces of these weights line up."""
+      their pieces of these weights line up; so do the two stages' pieces of the embedding, which
+      sits alone in its bucket on both (build_grad_reducers)."""
     for reducer in reducers:
         reducer.finish()
     if pg.tp > 1:
