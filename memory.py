@@ -151,21 +151,25 @@ def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: 
     blocks = stage_blocks(mc, pp, stage, tc.num_layers_per_virtual_stage)
     layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped, sp) for i in blocks]
     edges = tokens * 8 if stage == 0 else 0  # token ids kept by the embedding
+    d, mtp_inputs, mtp_module = mc.hidden_size, 0, 0
     if stage == pp - 1:  # final norm (its output's slice kept by the LM head), fp32 log-softmax kept by the
-        # cross-entropy, targets; once more per MTP module, which also keeps its two input norms and their
-        # 2D-wide concatenation
-        d, heads = mc.hidden_size, 1 + mc.mtp_num_layers
+        # cross-entropy, targets; once more per MTP module, whose embedding also keeps its ids
+        heads = 1 + mc.mtp_num_layers
         edges += heads * (stream * (el * 3 * d + 4) + tokens * (4 * mc.vocab_size // tp + 8))
-        edges += stream * mc.mtp_num_layers * (2 * (el * 3 * d + 4) + el * 2 * d)
+        edges += tokens * 8 * mc.mtp_num_layers
+        # an MTP module around its block: enorm's input, normalised input and 1/rms, hnorm's normalised
+        # input and 1/rms (its input, the previous hidden state, is kept already), the 2D-wide concatenation
+        # eh_proj keeps; --recompute keeps only the embedded input instead
+        mtp_module, mtp_inputs = stream * (el * 5 * d + 8), stream * el * d * mc.mtp_num_layers
     # every rank draws the global batch of (input, target) ids (int64) and keeps its micro-batches
     transient = 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)
     if stage == pp - 1:  # the logits and the fp32 gradient of the log-softmax, alive together in backward
         transient += tokens * (el + 4) * mc.vocab_size // tp
     n_main = len(blocks) - (mc.mtp_num_layers if stage == pp - 1 else 0)
-    main, mtp = layers[:n_main], layers[n_main:]  # --recompute reruns the main blocks, not the MTP ones
-    return Activations(per_microbatch=sum(layers) + edges,
-                       per_microbatch_recompute=stream * el * mc.hidden_size * len(main) + sum(mtp) + edges,
-                       recompute_layer=max(main, default=0), transient=transient)
+    main, mtp = layers[:n_main], [block + mtp_module for block in layers[n_main:]]  # an MTP module, whole
+    return Activations(per_microbatch=sum(main) + sum(mtp) + edges,
+                       per_microbatch_recompute=stream * el * d * len(main) + mtp_inputs + edges,
+                       recompute_layer=max(main + mtp, default=0), transient=transient)
 
 
 def in_flight(pp: int, stage: int, num_microbatches: int, chunks: int = 1) -> float:

@@ -1607,7 +1607,7 @@ def build_model(mc: ModelConfig, tc: TrainConfig, pg: ParallelGroups, device: to
             module.use_grouped_mm = grouped
     model.recompute = tc.recompute
     if tc.compile:
-        for block in model.layers.values():
+        for block in [*model.layers.values(), *(module.block for module in model.mtp)]:
             block.compile()  # each block on its own: pipeline stages and checkpointing stay eager
     return model
 

@@ -1374,7 +1374,12 @@ class MoETransformer(nn.Module):
             for j, module in enumerate(self.mtp):  # module k = j + 1, sequential: h^k from h^{k-1}
                 layer, k = self.cfg.num_layers + j, j + 1
                 seed = None if noise_seed is None else noise_seed * 1009 + layer
-                h, stats = module(h, self.embed_tokens(mtp_input_ids(mtp_targets, k)), self.rope, positions, seed)
+                emb = self.embed_tokens(mtp_input_ids(mtp_targets, k))  # (B, T, D); SP: (B, T/TP, D)
+                if self.recompute and self.training and torch.is_grad_enabled():  # as the main blocks: keep the inputs
+                    h, stats = torch.utils.checkpoint.checkpoint(module, h, emb, self.rope, positions, seed,
+                                                                 use_reentrant=False)
+                else:
+                    h, stats = module(h, emb, self.rope, positions, seed)
                 if stats is not None:
                     aux, z = aux + stats.aux_loss, z + stats.z_loss
                     all_stats[layer] = stats

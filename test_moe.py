@@ -1870,7 +1870,8 @@ def test_recompute_gives_identical_losses(tmp_path):
     runs = {}
     for name, extra in (("eager", []), ("recompute", ["--recompute"])):
         metrics = tmp_path / f"{name}.jsonl"
-        r = run_cli(TINY_FLAGS + ["--max-steps", "3", "--num-microbatches", "2", "--metrics-file", str(metrics)] + extra)
+        r = run_cli(TINY_FLAGS + ["--max-steps", "3", "--num-microbatches", "2", "--metrics-file", str(metrics),
+                                  "--mtp-num-layers", "1"] + extra)  # the MTP module is recomputed too
         assert r.returncode == 0, r.stderr
         runs[name] = without_timing(train_records(str(metrics)))
     assert runs["eager"] == runs["recompute"]
@@ -1880,7 +1881,8 @@ def test_compile_gives_the_same_losses_to_rounding(tmp_path):
     runs = {}
     for name, extra in (("eager", []), ("compile", ["--compile"])):
         metrics = tmp_path / f"{name}.jsonl"
-        r = run_cli(TINY_FLAGS + ["--max-steps", "3", "--metrics-file", str(metrics)] + extra, timeout=400)
+        r = run_cli(TINY_FLAGS + ["--max-steps", "3", "--metrics-file", str(metrics), "--mtp-num-layers", "1"] + extra,
+                    timeout=400)  # the MTP module's block is compiled too
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = train_records(str(metrics))
     for a, b in zip(runs["eager"], runs["compile"]):
@@ -3435,14 +3437,16 @@ def saved_activation_bytes(mc: ModelConfig, batch: int, recompute: bool) -> int:
 
     x = torch.randint(0, mc.vocab_size, (batch, mc.seq_length))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
+        out = model(x, mtp_targets=x if mc.mtp_num_layers else None)  # the MTP modules run in training
         loss = mp.vocab_parallel_cross_entropy(out.output.flatten(0, 1), x.flatten(), model.par)
+        loss = loss + mp.mtp_loss(out.mtp_logits, x, model.par)
         (loss + out.aux_loss + out.z_loss).backward()
     return sum(kept.values())
 
 
 @pytest.mark.parametrize("kw", [dict(num_experts=0), dict(num_experts=4), dict(num_experts=8, num_experts_per_token=1),
-                                dict(num_experts=4, num_shared_experts=1, moe_layer_interval=2, num_layers=3)])
+                                dict(num_experts=4, num_shared_experts=1, moe_layer_interval=2, num_layers=3),
+                                dict(num_experts=4, mtp_num_layers=2), dict(num_experts=0, mtp_num_layers=1)])
 def test_activation_estimate_is_within_3_percent_of_what_autograd_keeps_on_the_cpu(kw):
     mc = tiny_config(hidden_size=64, ffn_hidden_size=128, moe_ffn_hidden_size=48, seq_length=64, vocab_size=256, **kw)
     tc = mp.TrainConfig(micro_batch_size=4)
