@@ -4061,7 +4061,8 @@ def sp_references(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sp_references")
     return tmp, {"plain": parity_run(tmp, "plain", 1, [], 4),
                  "global_index": parity_run(tmp, "global_index", 1, [], 4, SP_GLOBAL_INDEX_FLAGS),
-                 "layers4": parity_run(tmp, "layers4", 1, [], 4, ["--num-layers", "4"])}
+                 "layers4": parity_run(tmp, "layers4", 1, [], 4, ["--num-layers", "4"]),
+                 "expert_choice": parity_run(tmp, "expert_choice", 1, [], 4, ["--router-type", "expert-choice"])}
 
 
 @pytest.fixture(scope="module")
@@ -4083,6 +4084,12 @@ SP_LAYOUTS = {
     # interleaved 1F1B carries the (B, T/TP, D) slices between chunks: 2 chunks of 1 layer per rank
     "tp2_pp2_sp_interleaved": (4, SP + ["--pipeline-parallel-size", "2", "--num-layers-per-virtual-stage", "1"], 4,
                                "layers4", ["--num-layers", "4"]),
+    # EP spanning DP: each rank dispatches the tokens of its sequence slice to 4 expert ranks
+    "dp2_tp2_ep4_sp": (4, SP + ["--expert-parallel-size", "4"], 2, "plain", []),
+    # the norms' partial gradients summed over TP on the distributed optimizer's shards
+    "dp2_tp2_sp_distributed_optimizer": (4, SP + ["--use-distributed-optimizer"], 2, "plain", []),
+    # experts pick their tokens among the whole micro-batch's, numbered globally
+    "tp2_sp_expert_choice": (2, SP, 4, "expert_choice", ["--router-type", "expert-choice"]),
 }
 
 
