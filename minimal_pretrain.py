@@ -897,14 +897,14 @@ def interleaved_slots(pp: int, chunks: int, num_micro: int, train: bool = True) 
     no rank can wait for one that comes later: no deadlock, with gloo or NCCL. A tick takes the
     first slot after the ticks that produce its inputs."""
     ticks = [interleaved_ticks(pp, r, chunks, num_micro, train) for r in range(pp)]
-    made: set[tuple[int, PipeStep]] = set()  # (rank, step) already run
+    made: set[tuple[int, PipeStep] | None] = {None}  # (rank, step) already run; None: the inputs a rank has itself
     slots: list[list[int]] = [[] for _ in range(pp)]
     slot = 0
     while any(len(slots[r]) < len(ticks[r]) for r in range(pp)):
         ran = []
         for r in range(pp):
             t = len(slots[r])
-            if t < len(ticks[r]) and all(step_source(pp, chunks, r, st) in made | {None} for st in ticks[r][t]):
+            if t < len(ticks[r]) and all(step_source(pp, chunks, r, st) in made for st in ticks[r][t]):
                 slots[r].append(slot)
                 ran += [(r, st) for st in ticks[r][t]]
         if not ran:
