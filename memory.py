@@ -285,9 +285,8 @@ def built_params(mc: ModelConfig, tc: TrainConfig, stage: int) -> tuple[int, int
     takes seconds."""
     tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
     chunks = chunk_layers(mc.num_layers, pp, stage, tc.num_layers_per_virtual_stage)
-    par = ModelParallel(tp_size=tp, ep_size=tc.expert_parallel_size or tp, layer_start=chunks[0][0],
-                        layer_end=chunks[-1][1], first_stage=stage == 0, last_stage=stage == pp - 1,
-                        chunks=tuple(chunks) if len(chunks) > 1 else ())
+    par = ModelParallel(tp_size=tp, ep_size=tc.expert_parallel_size or tp, first_stage=stage == 0,
+                        last_stage=stage == pp - 1, chunks=tuple(chunks))
     with torch.device("meta"):
         model = MoETransformer(mc, par, seed=tc.seed)
     experts = sum(p.numel() for p in model.parameters() if getattr(p, "shard_kind", None) == "ep")

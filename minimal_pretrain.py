@@ -589,9 +589,7 @@ def model_parallel_for(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> 
     chunks = chunk_layers(mc.num_layers, pg.pp, pg.pp_rank, tc.num_layers_per_virtual_stage)
     return ModelParallel(tp_group=pg.tp_group, tp_rank=pg.tp_rank, tp_size=pg.tp,
                          ep_group=pg.ep_group, ep_rank=pg.ep_rank, ep_size=pg.ep,
-                         layer_start=chunks[0][0], layer_end=chunks[-1][1],
-                         first_stage=pg.first_stage, last_stage=pg.last_stage,
-                         chunks=tuple(chunks) if len(chunks) > 1 else (),
+                         first_stage=pg.first_stage, last_stage=pg.last_stage, chunks=tuple(chunks),
                          sequence_parallel=tc.sequence_parallel)
 
 
@@ -787,11 +785,10 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
         forward_step, backward_step = timed("F", forward_step), timed("B", backward_step)
 
     def exchange(**kw: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if timer is None:
-            return p2p(pg, shape=shape, device=device, dtype=act_dtype, **kw)
         start = time.perf_counter()
         received = p2p(pg, shape=shape, device=device, dtype=act_dtype, **kw)
-        timer.wait += time.perf_counter() - start
+        if timer is not None:
+            timer.wait += time.perf_counter() - start
         return received
 
     def recv_forward() -> torch.Tensor | None:

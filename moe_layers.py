@@ -265,7 +265,8 @@ class ModelParallel:
     layer_end: int = -1  # one past the last; -1 means num_layers
     first_stage: bool = True  # holds the embedding (used by its first model chunk)
     last_stage: bool = True  # holds the final norm and the LM head (used by its last model chunk)
-    chunks: tuple[tuple[int, int], ...] = ()  # interleaved 1F1B: [start, end) of each model chunk; () = one chunk
+    chunks: tuple[tuple[int, int], ...] = ()  # [start, end) of each model chunk (interleaved 1F1B: several);
+    # () = the one chunk [layer_start, layer_end)
     sequence_parallel: bool = False  # residual stream split by sequence over TP: (B, T/TP, D) between layers
 
 
@@ -1357,13 +1358,8 @@ class MoETransformer(nn.Module):
         for j, layer in enumerate(range(*self.chunks[chunk])):
             block = self.layers[str(layer)]
             seed = None if noise_seed is None else noise_seed * 1009 + layer
-            if self.recompute and self.training and torch.is_grad_enabled():
-                # Activation checkpointing: keep only the block's input, rerun it during backward
-                # (with the same noise seed, so the rerun routes exactly as the forward did).
-                x, stats = torch.utils.checkpoint.checkpoint(block, x, self.rope, positions, None, seed,
-                                                             use_reentrant=False)
-            else:
-                x, stats = block(x, self.rope, positions, kv_caches[j] if kv_caches is not None else None, seed)
+            x, stats = self.run_block(block, x, self.rope, positions,
+                                      kv_caches[j] if kv_caches is not None else None, seed)
             if stats is not None:
                 aux, z = aux + stats.aux_loss, z + stats.z_loss
                 all_stats[layer] = stats
@@ -1375,11 +1371,7 @@ class MoETransformer(nn.Module):
                 layer, k = self.cfg.num_layers + j, j + 1
                 seed = None if noise_seed is None else noise_seed * 1009 + layer
                 emb = self.embed_tokens(mtp_input_ids(mtp_targets, k))  # (B, T, D); SP: (B, T/TP, D)
-                if self.recompute and self.training and torch.is_grad_enabled():  # as the main blocks: keep the inputs
-                    h, stats = torch.utils.checkpoint.checkpoint(module, h, emb, self.rope, positions, seed,
-                                                                 use_reentrant=False)
-                else:
-                    h, stats = module(h, emb, self.rope, positions, seed)
+                h, stats = self.run_block(module, h, emb, self.rope, positions, seed)
                 if stats is not None:
                     aux, z = aux + stats.aux_loss, z + stats.z_loss
                     all_stats[layer] = stats
@@ -1388,3 +1380,11 @@ class MoETransformer(nn.Module):
         if last:
             x, = column_parallel(self.norm(x), self.par, self.lm_head)  # (B, T, V_local)
         return ModelOutput(x, aux, z, all_stats, mtp_logits)
+
+    def run_block(self, block: nn.Module, *args: Any) -> Any:
+        """block(*args), or under --recompute in training with activation checkpointing: only the
+        inputs are kept and the block reruns during backward (with the same noise seed among its
+        args, so the rerun routes exactly as the forward did). Training passes no KV cache."""
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
