@@ -1208,9 +1208,10 @@ def global_grad_norm(grads: list[tuple[torch.nn.Parameter, torch.Tensor]], pg: P
 
     A rank's squared norms are divided by how many ranks hold the same elements, then summed
     over all ranks: DP replicas of TP shards, DP x TP replicas of replicated weights,
-    (DP x TP) / EP replicas of an expert, twice as many for the embedding with MTP under PP. With the distributed optimizer (`sharded`) each
-    element of a bucket sits in one rank's shard of its group (DP, or an expert's replicas),
-    so only weights replicated over TP are held more than once: TP times."""
+    (DP x TP) / EP replicas of an expert, twice as many for the embedding with MTP under PP.
+    With the distributed optimizer (`sharded`) each element of a bucket sits in one rank's shard
+    of its group (DP, or an expert's replicas), so only weights replicated over TP are held more
+    than once: TP times; and the embedding with MTP under PP, on two stages."""
     by_replicas: dict[int, list[torch.Tensor]] = {}
     for p, g in grads:
         kind = getattr(p, "shard_kind", None)

@@ -1288,7 +1288,8 @@ def mtp_input_ids(targets: torch.Tensor, k: int) -> torch.Tensor:
 # ----------------------------------------------------------------------- transformer
 @dataclass
 class ModelOutput:
-    output: torch.Tensor  # last stage (its last chunk): logits (B, T, V_local); elsewhere: hidden (B, T, D), SP (B, T/TP, D)
+    # last stage (its last chunk): logits (B, T, V_local); elsewhere: hidden (B, T, D), SP (B, T/TP, D)
+    output: torch.Tensor
     aux_loss: torch.Tensor  # scalar, sum over the MoE layers run (0 when none)
     z_loss: torch.Tensor  # scalar, sum over the MoE layers run
     stats: dict[int, MoEStats]  # global layer index -> that MoE layer's stats

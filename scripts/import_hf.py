@@ -23,8 +23,9 @@ A head_dim other than hidden_size / num_attention_heads becomes the model's --he
 What MoETransformer cannot represent is refused with one `error:` line, exit 2: tied embeddings,
 attention bias, sliding-window attention, rope scaling, partial rotary (Glm4Moe's default 0.5),
 Glm4Moe without q/k norm or without renormalised top-k weights, or an activation other than
-silu. So are a config.json with missing or mistyped fields, unreadable or mismatched weights, and an --out that is not a new or empty folder
-(an existing run's `latest` is never moved); nothing is written.
+silu. So are a config.json with missing or mistyped fields, unreadable or mismatched weights,
+and an --out that is not a new or empty folder (an existing run's `latest` is never moved);
+nothing is written.
 """
 
 from __future__ import annotations
