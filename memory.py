@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moe_layers import ModelConfig, ModelParallel, MoETransformer, chunk_layers
+from moe_layers import ModelConfig, MoETransformer
+from parallel_layers import ModelParallel, chunk_layers
 
 if TYPE_CHECKING:
     from minimal_pretrain import TrainConfig

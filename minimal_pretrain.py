@@ -31,8 +31,8 @@ from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
 from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, layers_text,
                     optimizer_bytes_per_rank, params_per_stage)
 from metrics import HEALTH_FIELDS, RunLog, load_health, print_run_summary
-from moe_layers import (ModelConfig, ModelParallel, MoETransformer, can_use_grouped_mm, chunk_layers,
-                        vocab_parallel_cross_entropy)
+from moe_layers import ModelConfig, MoETransformer, can_use_grouped_mm
+from parallel_layers import ModelParallel, chunk_layers, vocab_parallel_cross_entropy
 from optim import DistributedAdamW, FlatBucket, LRSchedule, build_optimizer, lr_schedule
 
 

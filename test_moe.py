@@ -34,9 +34,10 @@ import memory
 import metrics as metrics_mod
 import minimal_pretrain as mp
 import optim
-from moe_layers import (Assignments, Attention, ModelConfig, ModelParallel, MoEExpert, MoETransformer,
-                        MoETransformerBlock, RMSNorm, RotaryEmbedding, SparseMoELayer, TopKRouter, _ExpertLoop,
-                        layout_free_init_, load_balancing_loss, router_z_loss, stage_layers)
+from moe_layers import (Assignments, Attention, ModelConfig, MoEExpert, MoETransformer, MoETransformerBlock, RMSNorm,
+                        RotaryEmbedding, SparseMoELayer, TopKRouter, _ExpertLoop, layout_free_init_,
+                        load_balancing_loss, router_z_loss)
+from parallel_layers import ModelParallel, stage_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
@@ -4145,7 +4146,7 @@ def test_sequence_parallel_activation_estimate_is_within_5_percent_of_what_2_ran
 def _gather_then_project_worker(rank: int, port: int, result_dir: str) -> None:
     """Rank `rank` of TP2 + SP: q/k/v-like projections of its sequence slice through column_parallel."""
     import torch.distributed as dist
-    from moe_layers import ColumnParallelLinear, column_parallel
+    from parallel_layers import ColumnParallelLinear, column_parallel
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     par = ModelParallel(tp_group=dist.group.WORLD, tp_rank=rank, tp_size=2, sequence_parallel=True)
     torch.manual_seed(0)

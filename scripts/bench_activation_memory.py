@@ -27,7 +27,8 @@ import torch.multiprocessing as torch_mp  # noqa: E402
 
 import memory  # noqa: E402
 from minimal_pretrain import TrainConfig  # noqa: E402
-from moe_layers import ModelConfig, ModelParallel, MoETransformer, vocab_parallel_cross_entropy  # noqa: E402
+from moe_layers import ModelConfig, MoETransformer  # noqa: E402
+from parallel_layers import ModelParallel, vocab_parallel_cross_entropy  # noqa: E402
 
 
 def saved_bytes(model: MoETransformer, ids: torch.Tensor) -> int:

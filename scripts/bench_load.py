@@ -25,7 +25,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import checkpoint as ckpt_io  # noqa: E402
-from moe_layers import ModelConfig, ModelParallel, MoETransformer, stage_layers  # noqa: E402
+from moe_layers import ModelConfig, MoETransformer  # noqa: E402
+from parallel_layers import ModelParallel, stage_layers  # noqa: E402
 
 MODEL = dict(vocab_size=32000, hidden_size=512, num_layers=8, num_attention_heads=8, num_kv_heads=4,
              ffn_hidden_size=2048, moe_ffn_hidden_size=1024, num_experts=8, num_experts_per_token=2, seq_length=256)

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 # `python scripts/bench_moe.py` puts scripts/ on the path, not the repository root.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from moe_layers import (ModelConfig, ModelParallel, SparseMoELayer, TopKRouter,  # noqa: E402
-                        can_use_grouped_mm, layout_free_init_)
+from moe_layers import ModelConfig, SparseMoELayer, TopKRouter, can_use_grouped_mm, layout_free_init_  # noqa: E402
+from parallel_layers import ModelParallel  # noqa: E402
 
 # name -> (tokens N, hidden D, expert hidden F, experts E, top-k K)
 SHAPES = {

@@ -1,0 +1,366 @@
+"""The tensor-, sequence- and expert-parallel building blocks the model in moe_layers.py uses.
+
+Which slice of the model a rank builds (ModelParallel, the layers of a pipeline stage), the
+autograd functions whose forward and backward are collectives, and the parallel layers built on
+them. Every function here also runs in one process, where it is the plain operation.
+
+With tensor parallelism (TP) q/k/v and gate/up are split by columns, o and down by rows
+(Megatron-LM, Shoeybi et al. 2019); the vocabulary is split for the embedding and LM head.
+With sequence parallelism (SP) the residual stream between those projections is split by
+sequence over the TP ranks as well (Korthikanti et al. 2022): norms and residual adds run on
+(B, T/TP, D) slices, all-gathered before the column-parallel projections and reduce-scattered
+after the row-parallel ones.
+With expert parallelism (EP) each rank holds E / EP experts and tokens travel to them by
+all-to-all (GShard, Lepikhin et al. 2020).
+
+Shapes as in moe_layers.py: B batch, T sequence, D hidden, N = B*T tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelParallel:
+    """Which slice of the full model this rank builds and the groups its layers talk over.
+
+    The default is the whole model in one process."""
+
+    tp_group: Any = None  # ranks that split heads, FFN columns and the vocabulary
+    tp_rank: int = 0
+    tp_size: int = 1
+    ep_group: Any = None  # ranks that split the experts of each MoE layer
+    ep_rank: int = 0
+    ep_size: int = 1
+    layer_start: int = 0  # first (global) layer index built on this pipeline stage
+    layer_end: int = -1  # one past the last; -1 means num_layers
+    first_stage: bool = True  # holds the embedding (used by its first model chunk)
+    last_stage: bool = True  # holds the final norm and the LM head (used by its last model chunk)
+    chunks: tuple[tuple[int, int], ...] = ()  # [start, end) of each model chunk (interleaved 1F1B: several);
+    # () = the one chunk [layer_start, layer_end)
+    sequence_parallel: bool = False  # residual stream split by sequence over TP: (B, T/TP, D) between layers
+
+
+def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
+    """Layers [start, end) of a pipeline stage: as even as possible, earlier stages take the remainder."""
+    base, extra = divmod(num_layers, pp)
+    start = stage * base + min(stage, extra)
+    return start, start + base + (1 if stage < extra else 0)
+
+
+def chunk_layers(num_layers: int, pp: int, stage: int, layers_per_chunk: int = 0) -> list[tuple[int, int]]:
+    """Layers [start, end) of each model chunk of pipeline rank `stage`.
+
+    layers_per_chunk 0: one chunk, stage_layers. Otherwise the interleaved schedule's virtual
+    stages (Narayanan et al. 2021, sec. 2.2; Megatron-LM's assignment): the layers are cut into
+    num_layers / layers_per_chunk virtual stages and rank p holds virtual stages p, p + PP,
+    p + 2 PP, ... as its chunks 0, 1, 2, ... (8 layers, PP 2, 2 per chunk: rank 0 holds 0-1 and 4-5)."""
+    if not layers_per_chunk:
+        return [stage_layers(num_layers, pp, stage)]
+    n = layers_per_chunk
+    return [((v * pp + stage) * n, (v * pp + stage + 1) * n) for v in range(num_layers // (pp * n))]
+
+
+# ------------------------------------------------- parameters that know their full shape
+def mark_sharded(p: nn.Parameter, full_shape: tuple[int, ...], dim: int, rank: int, size: int,
+                 kind: str) -> nn.Parameter:
+    """Record that p is slice `rank` of `size` equal slices along `dim` of a full tensor.
+
+    kind is "tp" (split over tensor-parallel ranks) or "ep" (experts split over EP ranks).
+    Layout-free initialisation, gradient-norm accounting and checkpoints read this."""
+    p.full_shape = tuple(full_shape)
+    p.shard_dim, p.shard_rank, p.shard_size, p.shard_kind = dim, rank, size, kind
+    return p
+
+
+
+# ------------------------------------------------ tensor-parallel autograd collectives
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; sum of gradients backward (input of a column-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)  # each rank's columns gave part of dL/dx: sum them
+        return g, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    """Sum forward (output of a row-parallel layer); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)  # sum the partial products of the row shards
+        return x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, None
+
+
+class _SplitTokens(torch.autograd.Function):
+    """Keep this rank's contiguous chunk of rows forward; all-gather the gradient backward.
+
+    Used where TP ranks hold the same tokens but each should route only 1/TP of them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        return x.chunk(size, dim=0)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        parts = [torch.empty_like(g) for _ in range(dist.get_world_size(ctx.group))]
+        dist.all_gather(parts, g.contiguous(), group=ctx.group)  # every rank's rows get their grad
+        return torch.cat(parts, dim=0), None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather rows forward; keep this rank's chunk of the (identical) gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)  # rebuild all N tokens' outputs
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return g.chunk(size, dim=0)[rank].contiguous(), None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul of x in (x's own dtype outside autocast)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _all_gather_sequence(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """(B, T/TP, D) this rank's positions -> (B, T, D) every rank's, in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)  # every rank's positions of every sequence
+    return torch.cat(parts, dim=1)
+
+
+class _GatherThenProject(torch.autograd.Function):
+    """The column-parallel projections that read one input under sequence parallelism
+    (Korthikanti et al. 2022, sec. 4.2.2; Megatron-LM's linear with sequence parallelism):
+    forward all-gathers the (B, T/TP, D) slices to (B, T, D) and multiplies the whole sequence by
+    each weight (this rank's output columns); backward all-gathers the slices again for the weight
+    gradients and reduce-scatters dL/dx (each rank's columns gave part of it for every position).
+
+    Only the slice is kept between forward and backward, so no TP rank holds the whole (B, T, D)
+    input for backward: one more all-gather per backward buys 1/TP of that memory. The products
+    run in the autocast dtype when autocast is on (recorded here, as backward runs outside it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.dtype, ctx.group = compute_dtype(x), group
+        ctx.save_for_backward(x, *weights)
+        whole = _all_gather_sequence(x, group).to(ctx.dtype)  # (B, T, D)
+        with torch.autocast(x.device.type, enabled=False):
+            return tuple(F.linear(whole, w.to(ctx.dtype)) for w in weights)  # (B, T, out / TP) each
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        x, *weights = ctx.saved_tensors
+        whole = _all_gather_sequence(x, ctx.group).to(ctx.dtype).flatten(0, 1)  # (B*T, D), gathered again
+        grad_whole = torch.zeros_like(whole)
+        grad_weights = []
+        for g, w in reversed(list(zip(grads, weights))):  # last first: the order autograd adds separate layers' in
+            g = g.flatten(0, 1).to(ctx.dtype)  # (B*T, out / TP)
+            grad_whole += g @ w.to(ctx.dtype)  # (B*T, D): this rank's columns' part of dL/dx
+            grad_weights.insert(0, g.T @ whole)  # (out / TP, D)
+        grad_x = _reduce_scatter_sequence(grad_whole.view(*grads[0].shape[:2], -1), ctx.group)  # (B, T/TP, D)
+        return (grad_x, None, *grad_weights)
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Sum partial outputs and keep this rank's sequence slice forward (B, T, D) -> (B, T/TP, D);
+    all-gather the gradient backward. The output of a row-parallel layer under sequence parallelism."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return _reduce_scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return _all_gather_sequence(g, ctx.group), None  # (B, T, D): the gradient of every position
+
+
+def _reduce_scatter_sequence(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """(B, T, D) partial sums on every rank -> (B, T/TP, D) sums of this rank's positions."""
+    chunks = [c.contiguous() for c in x.chunk(dist.get_world_size(group), dim=1)]  # (B, T/TP, D) each
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=group)  # rank r receives the sum of every rank's chunk r
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; the backward sends gradients the reverse way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        back = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
+        dist.all_to_all_single(back, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def copy_to_tp(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    return x if par.tp_size == 1 else _CopyToGroup.apply(x, par.tp_group)
+
+
+def reduce_from_tp(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    return x if par.tp_size == 1 else _ReduceFromGroup.apply(x, par.tp_group)
+
+
+def column_parallel(x: torch.Tensor, par: ModelParallel, *layers: ColumnParallelLinear) -> tuple[torch.Tensor, ...]:
+    """Each column-parallel layer applied to the whole input, whatever the layout: x (B, T, D)
+    (backward: all-reduce of the partial dL/dx), or under SP this rank's slice (B, T/TP, D),
+    all-gathered (backward: reduce-scatter). Returns one (B, T, out / TP) tensor per layer."""
+    if par.sequence_parallel:
+        return _GatherThenProject.apply(x, par.tp_group, *(layer.weight for layer in layers))
+    x = copy_to_tp(x, par)  # (B, T, D)
+    return tuple(layer(x) for layer in layers)
+
+
+def split_tokens(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    """(N, D) the same on every TP rank -> (N / TP, D) this rank's contiguous chunk of rows."""
+    return _SplitTokens.apply(x, par.tp_group)
+
+
+def gather_tokens(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    """(N / TP, D) this rank's rows -> (N, D) every rank's, in rank order."""
+    return _GatherTokens.apply(x, par.tp_group)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    return _ReduceScatterSequence.apply(x, par.tp_group)
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+# ------------------------------------------------------------ tensor-parallel layers
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split over TP ranks; each rank returns its columns of y."""
+
+    def __init__(self, in_features: int, out_features: int, par: ModelParallel, std: float = 0.02):
+        super().__init__()
+        assert out_features % par.tp_size == 0
+        self.par = par
+        self.weight = nn.Parameter(torch.empty(out_features // par.tp_size, in_features))
+        mark_sharded(self.weight, (out_features, in_features), 0, par.tp_rank, par.tp_size, "tp")
+        self.weight.init_std = std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)  # (..., out / TP); caller applied copy_to_tp to x
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split over TP ranks; partial sums are all-reduced
+    (reduce-scattered by sequence under sequence parallelism)."""
+
+    def __init__(self, in_features: int, out_features: int, par: ModelParallel, std: float = 0.02):
+        super().__init__()
+        assert in_features % par.tp_size == 0
+        self.par = par
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // par.tp_size))
+        mark_sharded(self.weight, (out_features, in_features), 1, par.tp_rank, par.tp_size, "tp")
+        self.weight.init_std = std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # (B, T, out) this rank's partial sum
+        if self.par.sequence_parallel:
+            return reduce_scatter_sequence(y, self.par)  # (B, T/TP, out): summed over TP, this rank's positions
+        return reduce_from_tp(y, self.par)  # (B, T, out)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; a rank looks up only the ids it owns."""
+
+    def __init__(self, vocab_size: int, dim: int, par: ModelParallel, std: float = 0.02):
+        super().__init__()
+        self.par = par
+        self.v_local = vocab_size // par.tp_size
+        self.v_start = par.tp_rank * self.v_local
+        self.weight = nn.Parameter(torch.empty(self.v_local, dim))
+        mark_sharded(self.weight, (vocab_size, dim), 0, par.tp_rank, par.tp_size, "tp")
+        self.weight.init_std = std
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.par.tp_size == 1:
+            return F.embedding(ids, self.weight)  # (B, T, D)
+        local = ids - self.v_start
+        outside = (local < 0) | (local >= self.v_local)
+        emb = F.embedding(local.masked_fill(outside, 0), self.weight)
+        emb = emb.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.par.sequence_parallel:  # exactly one rank gave each row; keep this rank's positions
+            return reduce_scatter_sequence(emb, self.par)  # (B, T/TP, D)
+        return reduce_from_tp(emb, self.par)  # (B, T, D): exactly one rank gave each row
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary, never building the full (N, V) logits.
+
+    Per token: loss = log(sum_v exp(z_v)) - z_target, with the max, the sum of exponentials
+    and the target logit each all-reduced over the TP group (Megatron-LM)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, v_start: int, group: Any):
+        logits = logits.float()  # (N, V_local)
+        z_max = logits.max(dim=-1).values
+        dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)  # global max per token
+        z = logits - z_max.unsqueeze(-1)
+        local = targets - v_start
+        mine = (local >= 0) & (local < logits.shape[-1])
+        idx = local.clamp(0, logits.shape[-1] - 1)
+        z_target = z.gather(1, idx.unsqueeze(1)).squeeze(1) * mine
+        exp = z.exp()
+        sum_exp = exp.sum(dim=-1)
+        both = torch.stack([z_target, sum_exp])  # (2, N)
+        dist.all_reduce(both, group=group)  # target logit lives on one rank; sum of exps over all
+        z_target, sum_exp = both
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), idx, mine)
+        return sum_exp.log() - z_target  # (N,)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        softmax, idx, mine = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(1, idx.unsqueeze(1), -mine.to(grad.dtype).unsqueeze(1))  # softmax - onehot
+        return grad * g.unsqueeze(-1), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                                 par: ModelParallel) -> torch.Tensor:
+    """Mean token cross-entropy; logits (N, V_local), targets (N,) global ids."""
+    if par.tp_size == 1:
+        return F.cross_entropy(logits.float(), targets)
+    v_start = par.tp_rank * logits.shape[-1]
+    return _VocabParallelCrossEntropy.apply(logits, targets, v_start, par.tp_group).mean()
