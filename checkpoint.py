@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from optim import DistributedAdamW
+from parallel_layers import Layout, placement
 
 FORMAT = "moe-minimal-checkpoint"
 FORMAT_VERSION = 1
@@ -62,22 +63,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def writes_param(p: torch.nn.Parameter, tp_rank: int, dp_rank: int, stage_rank: int, ep: int) -> bool:
-    """Whether this rank writes `p`: one copy of every slice over the whole world.
-
-    TP shards: the DP-rank-0 copy. Replicated weights: DP rank 0, TP rank 0. Experts: the
-    first EP group of the stage (`stage_rank` is the rank within the pipeline stage). The last
-    stage's copy of the embedding (MTP under PP) is equal to the first stage's: never written."""
-    if getattr(p, "pipeline_copy", None) == "last":
-        return False
-    kind = getattr(p, "shard_kind", None)
-    if kind == "ep":
-        return stage_rank < ep
-    if kind == "tp":
-        return dp_rank == 0
-    return dp_rank == 0 and tp_rank == 0
-
-
 EXPERT_PROJ = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 
 
@@ -89,14 +74,15 @@ def expert_key(stacked_name: str, expert: int) -> str:
 
 def per_expert(name: str, t: torch.Tensor, p: torch.nn.Parameter) -> dict[str, dict]:
     """Split a stacked (E_local, in, out) expert tensor into per-expert (out, in) entries."""
-    first = p.shard_rank * t.shape[0]
+    first = placement(p).rank * t.shape[0]
     return {expert_key(name, first + i): {"tensor": t[i].detach().T.cpu().clone(), "dim": None, "rank": 0, "size": 1}
             for i in range(t.shape[0])}
 
 
 def _entry(t: torch.Tensor, p: torch.nn.Parameter) -> dict:
-    if hasattr(p, "full_shape") and p.shard_size > 1:
-        return {"tensor": t.detach().cpu().clone(), "dim": p.shard_dim, "rank": p.shard_rank, "size": p.shard_size}
+    where = placement(p)
+    if where.size > 1:
+        return {"tensor": t.detach().cpu().clone(), "dim": where.dim, "rank": where.rank, "size": where.size}
     return {"tensor": t.detach().cpu().clone(), "dim": None, "rank": 0, "size": 1}
 
 
@@ -137,14 +123,15 @@ def buffer_entries(model: torch.nn.Module, tp_rank: int, dp_rank: int) -> dict[s
 MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
-def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_rank: int, dp_rank: int,
-                 stage_rank: int, ep: int, gathered: dict | None = None) -> dict:
+def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout,
+                 gathered: dict | None = None) -> dict:
     """This rank's slices of the weights and of the optimizer's moments, plus its RNG states.
 
     With bf16 weights the fp32 masters of the optimizer are saved (see MasterWeightAdamW).
     With the distributed optimizer no rank holds a whole state: `gathered` maps each weight this
     rank writes to its (fp32 weight, AdamW state) made whole from every rank's shard
-    (minimal_pretrain.gather_for_save), and replaces writes_param's choice."""
+    (minimal_pretrain.gather_for_save), and replaces Placement.written_by's choice (one copy of
+    every slice over the whole world, written by `layout`'s rank where it is the first replica)."""
     params, optim = {}, {}
     master = getattr(optimizer, "master", {})
     for name, p in model.named_parameters():
@@ -152,14 +139,14 @@ def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_ra
             if p not in gathered:
                 continue
             weight, state = gathered[p]
-        elif not writes_param(p, tp_rank, dp_rank, stage_rank, ep):
+        elif not placement(p).written_by(layout):
             continue
         else:
             weight = master.get(p, p)
             state = optimizer.state.get(weight, {})
         moments = [k for k in MOMENTS if k in state]
         step = {"step": float(state["step"])} if "step" in state else {}  # AdamW counts steps, Muon does not
-        if getattr(p, "shard_kind", None) == "ep":
+        if placement(p).expert:
             params.update(per_expert(name, weight, p))
             split = {k: per_expert(name, state[k], p) for k in moments}  # moment -> expert key -> entry
             for key in (split[moments[0]] if moments else {}):
@@ -168,7 +155,7 @@ def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tp_ra
         params[name] = _entry(weight, p)
         if moments:
             optim[name] = dict(step, **{k: _entry(state[k], p) for k in moments})
-    params.update(buffer_entries(model, tp_rank, dp_rank))
+    params.update(buffer_entries(model, layout.tp_rank, layout.dp_rank))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -510,13 +497,14 @@ def local_tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, p: t
                  key: str | None = None) -> torch.Tensor:
     """This rank's part of parameter `name` (or of its optimizer moment `key`) from any layout's files,
     reading only the saved slices that overlap it."""
-    if getattr(p, "shard_kind", None) == "ep":  # re-stack this rank's experts from per-expert keys
-        first = p.shard_rank * p.shape[0]
+    where = placement(p)
+    if where.expert:  # re-stack this rank's experts from per-expert keys
+        first = where.rank * p.shape[0]
         return torch.stack([assemble(_slices(ckpt, table, expert_key(name, first + i), p.shape[1:][::-1], key),
                                      key).T for i in range(p.shape[0])])
-    entries = _slices(ckpt, table, name, getattr(p, "full_shape", p.shape), key)
-    if hasattr(p, "full_shape"):
-        return read_part(entries, p.shard_dim, p.shard_rank, p.shard_size, key)
+    entries = _slices(ckpt, table, name, where.full_shape, key)
+    if where.shard:
+        return read_part(entries, where.dim, where.rank, where.size, key)
     return assemble(entries, key)
 
 
@@ -539,7 +527,7 @@ def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.O
                 master[p].copy_(full)
         if sharded:
             optimizer.load_weight(p, full)
-        first_key = expert_key(name, p.shard_rank * p.shape[0]) if getattr(p, "shard_kind", None) == "ep" else name
+        first_key = expert_key(name, placement(p).rank * p.shape[0]) if placement(p).expert else name
         if optimizer is None or first_key not in ckpt.optim:
             continue
         weight, saved = master.get(p, p), ckpt.optim[first_key][0]

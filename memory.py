@@ -29,15 +29,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from moe_layers import ModelConfig, MoETransformer
-from parallel_layers import ModelParallel, chunk_layers
-
-if TYPE_CHECKING:
-    from minimal_pretrain import TrainConfig
+from parallel_layers import Layout, ModelParallel, chunk_layers, placement
 
 GIB = 2**30
 
@@ -142,14 +138,12 @@ class Activations:
     transient: int  # once per rank: the global batch of token ids, the last stage's fp32 logits
 
 
-def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: int, grouped: bool) -> Activations:
+def activation_bytes(mc: ModelConfig, layout: Layout, stage: int, el: int, grouped: bool) -> Activations:
     """Activations of one rank of `stage` (el: bytes per activation; grouped: grouped-GEMM experts)."""
-    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
-    ep = tc.expert_parallel_size or tp
-    sp = tc.sequence_parallel
-    tokens = tc.micro_batch_size * mc.seq_length
+    tp, pp, ep, sp = layout.tp, layout.pp, layout.ep, layout.sequence_parallel
+    tokens = layout.micro_batch_size * mc.seq_length
     stream = tokens // tp if sp else tokens  # positions of the residual stream on this rank
-    blocks = stage_blocks(mc, pp, stage, tc.num_layers_per_virtual_stage)
+    blocks = stage_blocks(mc, pp, stage, layout.layers_per_chunk)
     layers = [layer_activation_bytes(mc, i, tokens, tp, ep, el, grouped, sp) for i in blocks]
     edges = tokens * 8 if stage == 0 else 0  # token ids kept by the embedding
     d, mtp_inputs, mtp_module = mc.hidden_size, 0, 0
@@ -163,7 +157,7 @@ def activation_bytes(mc: ModelConfig, tc: TrainConfig, stage: int, dp: int, el: 
         # eh_proj keeps; --recompute keeps only the embedded input instead
         mtp_module, mtp_inputs = stream * (el * 5 * d + 8), stream * el * d * mc.mtp_num_layers
     # every rank draws the global batch of (input, target) ids (int64) and keeps its micro-batches
-    transient = 2 * 8 * tc.micro_batch_size * tc.num_microbatches * dp * (mc.seq_length + 1)
+    transient = 2 * 8 * layout.global_batch * (mc.seq_length + 1)
     if stage == pp - 1:  # the logits and the fp32 gradient of the log-softmax, alive together in backward
         transient += tokens * (el + 4) * mc.vocab_size // tp
     n_main = len(blocks) - (mc.mtp_num_layers if stage == pp - 1 else 0)
@@ -211,47 +205,41 @@ class StagePlan:
         return self.state.weights + self.state.gradients + optimizer + acts + a.transient
 
 
-def stage_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, stage: int, dense: int, experts: int,
+def stage_bytes(mc: ModelConfig, layout: Layout, stage: int, dense: int, experts: int,
                 bf16: bool, grouped: bool) -> StagePlan:
-    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
-    ep = tc.expert_parallel_size or tp
-    dp = world_size // (tp * pp)
-    replicas = dp * tp // ep
-    per_stage = dp * tp
-    chunks = chunk_layers(mc.num_layers, pp, stage, tc.num_layers_per_virtual_stage)
+    per_stage = layout.stage_size
+    chunks = layout.chunks(mc.num_layers, stage)
     return StagePlan(stage=stage, ranks=(stage * per_stage, (stage + 1) * per_stage - 1),
                      layers=chunks, dense_params=dense, expert_params=experts,
-                     experts_per_rank=mc.num_experts // ep if mc.num_experts else 0, expert_replicas=replicas,
-                     state=state_bytes(dense, experts, dp, replicas, bf16),
-                     activations=activation_bytes(mc, tc, stage, dp, 2 if bf16 else 4, grouped),
-                     in_flight=in_flight(pp, stage, tc.num_microbatches, len(chunks)))
+                     experts_per_rank=mc.num_experts // layout.ep if mc.num_experts else 0,
+                     expert_replicas=layout.expert_dp_size,
+                     state=state_bytes(dense, experts, layout.dp, layout.expert_dp_size, bf16),
+                     activations=activation_bytes(mc, layout, stage, 2 if bf16 else 4, grouped),
+                     in_flight=in_flight(layout.pp, stage, layout.num_microbatches, len(chunks)))
 
 
-def formula_plans(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool, grouped: bool) -> list[StagePlan]:
+def formula_plans(mc: ModelConfig, layout: Layout, bf16: bool, grouped: bool) -> list[StagePlan]:
     """The plan of every stage by formula (no model built)."""
-    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
-    ep = tc.expert_parallel_size or tp
-    totals = params_per_stage(mc, tp, pp, ep, tc.num_layers_per_virtual_stage)
-    experts = expert_params_per_stage(mc, pp, ep, tc.num_layers_per_virtual_stage)
-    return [stage_bytes(mc, tc, world_size, s, totals[s] - experts[s], experts[s], bf16, grouped) for s in range(pp)]
+    pp, ep, per_chunk = layout.pp, layout.ep, layout.layers_per_chunk
+    totals = params_per_stage(mc, layout.tp, pp, ep, per_chunk)
+    experts = expert_params_per_stage(mc, pp, ep, per_chunk)
+    return [stage_bytes(mc, layout, s, totals[s] - experts[s], experts[s], bf16, grouped) for s in range(pp)]
 
 
-def estimate_rank_bytes(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool,
-                        grouped: bool = False) -> tuple[int, int]:
+def estimate_rank_bytes(mc: ModelConfig, layout: Layout, bf16: bool, grouped: bool = False, *,
+                        distributed: bool = False, recompute: bool = False) -> tuple[int, int]:
     """(weights + gradients + optimizer state, activations) in bytes of the busiest rank, by formula,
-    with the optimizer state sharded when --use-distributed-optimizer is given."""
-    distributed = tc.use_distributed_optimizer
-    busiest = max(formula_plans(mc, tc, world_size, bf16, grouped),
-                  key=lambda p: p.total(distributed, recompute=tc.recompute))
+    with the optimizer state sharded when `distributed` (--use-distributed-optimizer)."""
+    busiest = max(formula_plans(mc, layout, bf16, grouped), key=lambda p: p.total(distributed, recompute))
     optimizer = busiest.state.distributed_optimizer if distributed else busiest.state.optimizer
     state = busiest.state.weights + busiest.state.gradients + optimizer
-    return state, busiest.total(distributed, recompute=tc.recompute) - state
+    return state, busiest.total(distributed, recompute) - state
 
 
-def optimizer_bytes_per_rank(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool) -> int:
+def optimizer_bytes_per_rank(mc: ModelConfig, layout: Layout, bf16: bool, distributed: bool) -> int:
     """The optimizer state (bf16 runs' fp32 masters and AdamW's moments) of the rank holding the most, by formula."""
-    plans = formula_plans(mc, tc, world_size, bf16, grouped=False)
-    return max(p.state.distributed_optimizer if tc.use_distributed_optimizer else p.state.optimizer for p in plans)
+    plans = formula_plans(mc, layout, bf16, grouped=False)
+    return max(p.state.distributed_optimizer if distributed else p.state.optimizer for p in plans)
 
 
 def available_memory_bytes(device_type: str, local_rank: int) -> int | None:
@@ -266,10 +254,11 @@ def available_memory_bytes(device_type: str, local_rank: int) -> int | None:
     return avail // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def check_memory(mc: ModelConfig, tc: TrainConfig, world_size: int, local_rank: int, device_type: str,
-                 bf16: bool) -> None:
+def check_memory(mc: ModelConfig, layout: Layout, local_rank: int, device_type: str, bf16: bool, *,
+                 distributed: bool, recompute: bool) -> None:
     """Refuse, before allocating, a run that cannot fit: an OOM kill prints nothing at all."""
-    state, acts = estimate_rank_bytes(mc, tc, world_size, bf16, grouped=device_type == "cuda")
+    state, acts = estimate_rank_bytes(mc, layout, bf16, grouped=device_type == "cuda", distributed=distributed,
+                                      recompute=recompute)
     avail = available_memory_bytes(device_type, local_rank)
     if avail is not None and state + acts > avail:
         raise NotEnoughMemory(f"this run needs about {(state + acts) / GIB:.1f} GiB per rank (weights, gradients "
@@ -280,26 +269,24 @@ def check_memory(mc: ModelConfig, tc: TrainConfig, world_size: int, local_rank: 
 
 
 # =========================================================================== --dry-run
-def built_params(mc: ModelConfig, tc: TrainConfig, stage: int) -> tuple[int, int]:
+def built_params(mc: ModelConfig, layout: Layout, stage: int) -> tuple[int, int]:
     """(dense, expert) parameters of rank 0 of `stage` (TP rank 0, EP rank 0, all its model chunks),
     counted on the model built for it on the meta device: shapes without storage, so a 100B model
     takes seconds."""
-    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
-    chunks = chunk_layers(mc.num_layers, pp, stage, tc.num_layers_per_virtual_stage)
-    par = ModelParallel(tp_size=tp, ep_size=tc.expert_parallel_size or tp, first_stage=stage == 0,
-                        last_stage=stage == pp - 1, chunks=tuple(chunks))
+    par = ModelParallel(tp_size=layout.tp, ep_size=layout.ep, first_stage=stage == 0,
+                        last_stage=stage == layout.pp - 1, chunks=tuple(layout.chunks(mc.num_layers, stage)))
     with torch.device("meta"):
-        model = MoETransformer(mc, par, seed=tc.seed)
-    experts = sum(p.numel() for p in model.parameters() if getattr(p, "shard_kind", None) == "ep")
+        model = MoETransformer(mc, par, seed=0)
+    experts = sum(p.numel() for p in model.parameters() if placement(p).expert)
     return sum(p.numel() for p in model.parameters()) - experts, experts
 
 
-def plan_stages(mc: ModelConfig, tc: TrainConfig, world_size: int, bf16: bool, grouped: bool) -> list[StagePlan]:
+def plan_stages(mc: ModelConfig, layout: Layout, bf16: bool, grouped: bool) -> list[StagePlan]:
     """The plan of every stage, from the slices built on the meta device (the layout already validated)."""
     plans = []
-    for stage in range(tc.pipeline_parallel_size):
-        dense, experts = built_params(mc, tc, stage)
-        plans.append(stage_bytes(mc, tc, world_size, stage, dense, experts, bf16, grouped))
+    for stage in range(layout.pp):
+        dense, experts = built_params(mc, layout, stage)
+        plans.append(stage_bytes(mc, layout, stage, dense, experts, bf16, grouped))
     return plans
 
 
@@ -313,22 +300,21 @@ def gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
-def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type: str, bf16: bool) -> str:
+def describe_plan(mc: ModelConfig, layout: Layout, device_type: str, bf16: bool, *, distributed: bool,
+                  recompute: bool) -> str:
     """--dry-run's report: per stage, one rank's parameters and bytes, with and without the
-    distributed optimizer and --recompute, then the busiest rank."""
-    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
-    ep = tc.expert_parallel_size or tp
-    dp = world_size // (tp * pp)
+    distributed optimizer and --recompute, then the busiest rank (as flagged: `distributed`, `recompute`)."""
+    tp, pp, ep, dp, world_size = layout.tp, layout.pp, layout.ep, layout.dp, layout.world_size
     grouped = device_type == "cuda"
-    plans = plan_stages(mc, tc, world_size, bf16, grouped)
+    plans = plan_stages(mc, layout, bf16, grouped)
     schedule = "interleaved 1F1B" if len(plans[0].layers) > 1 else "1F1B"
     precision = ("bf16 weights, activations and gradients; fp32 masters and AdamW moments" if bf16 else
                  "fp32 weights, activations, gradients and AdamW moments")
     experts = "grouped-GEMM experts" if grouped else "expert loop"
-    sp = " with sequence parallelism" if tc.sequence_parallel else ""
+    sp = " with sequence parallelism" if layout.sequence_parallel else ""
     lines = [f"dry run: world {world_size} = PP {pp} x DP {dp} x TP {tp}{sp}, EP {ep} | planned for {device_type} "
-             f"({precision}; {experts}) | {tc.num_microbatches} micro-batch{'es' if tc.num_microbatches > 1 else ''} of "
-             f"{tc.micro_batch_size} x "
+             f"({precision}; {experts}) | {layout.num_microbatches} micro-batch"
+             f"{'es' if layout.num_microbatches > 1 else ''} of {layout.micro_batch_size} x "
              f"{mc.seq_length} tokens per step and DP rank",
              f"model: {sum(params_per_stage(mc, 1, 1, 1)):,} parameters; one rank of each stage holds:"]
     for p in plans:
@@ -352,10 +338,9 @@ def describe_plan(mc: ModelConfig, tc: TrainConfig, world_size: int, device_type
             f"re-run); + {gib(a.transient)} once (batch ids" + (", fp32 logits)" if p.stage == pp - 1 else ")"),
             f"  total             {gib(p.total())}; distributed optimizer {gib(p.total(distributed=True))}; "
             f"--recompute {gib(p.total(recompute=True))}; both {gib(p.total(True, True))}"]
-    distributed = tc.use_distributed_optimizer
-    busiest = max(plans, key=lambda p: p.total(distributed, recompute=tc.recompute))
-    lines.append(f"busiest rank: stage {busiest.stage}, {gib(busiest.total(distributed, recompute=tc.recompute))} "
-                 f"as flagged (--recompute {'on' if tc.recompute else 'off'}, "
+    busiest = max(plans, key=lambda p: p.total(distributed, recompute))
+    lines.append(f"busiest rank: stage {busiest.stage}, {gib(busiest.total(distributed, recompute))} "
+                 f"as flagged (--recompute {'on' if recompute else 'off'}, "
                  f"{'' if distributed else 'no '}distributed optimizer); all ranks together "
-                 f"{gib(sum(p.total(distributed, tc.recompute) * (p.ranks[1] - p.ranks[0] + 1) for p in plans))}")
+                 f"{gib(sum(p.total(distributed, recompute) * (p.ranks[1] - p.ranks[0] + 1) for p in plans))}")
     return "\n".join(lines)

@@ -4,22 +4,21 @@
     torchrun --nproc_per_node=8 minimal_pretrain.py --tensor-parallel-size 2 \
         --pipeline-parallel-size 2 --num-microbatches 4          # TP2 x PP2 x DP2, EP2
 
-The story is told in main(): config -> distributed setup -> data -> model -> optimizer and
-schedule -> training loop -> teardown. Every collective is visible where it happens.
+This file starts at step 0: launch.py has parsed the flags, checked every input and resolved the
+one Layout of the launch. The story is told in main(): start-up -> distributed setup -> model and
+optimizer -> training loop -> teardown. Every collective is visible where it happens, with its group.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, NamedTuple
 
@@ -27,492 +26,34 @@ import torch
 import torch.distributed as dist
 
 import checkpoint as ckpt_io
-from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
-from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, layers_text,
-                    optimizer_bytes_per_rank, params_per_stage)
+from data import Corpus, DataError, get_batch, unigram_entropy
+from launch import (ConfigError, RunInputs, StopRequest, TrainConfig, dry_run, fail, fail_together, launch_ranks,
+                    parse_config, prepare_inputs, print_banner, resolve_autocast, resolve_device, resolve_param_dtype, software,
+                    uses_cuda)
 from metrics import HEALTH_FIELDS, RunLog, load_health, print_run_summary
 from moe_layers import ModelConfig, MoETransformer, can_use_grouped_mm
-from parallel_layers import ModelParallel, chunk_layers, vocab_parallel_cross_entropy
-from optim import DistributedAdamW, FlatBucket, LRSchedule, build_optimizer, lr_schedule
-
-
-# =========================================================================== config
-class ConfigError(ValueError):
-    """Bad flags or layout, the same on every rank: one `error:` line, exit status 2, at once."""
-
-
-class LocalInputError(ConfigError):
-    """Bad input found in this rank's own files or machine (--save, --metrics-file, memory, GPUs).
-
-    Another node may not see it, so ranks agree before exiting (see fail_together), as they
-    do for data (DataError) and checkpoint (CheckpointError) problems."""
-
-
-def arg(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field that also carries its command-line help."""
-    return field(default=default, metadata={"help": help, **kw})
-
-
-def field_kind(f: dataclasses.Field) -> type:
-    """int, float, str or bool: a config field's type (annotations are strings under `from __future__`)."""
-    name = f.type if isinstance(f.type, str) else f.type.__name__
-    return {"int": int, "float": float, "str": str, "bool": bool}[name]
-
-
-@dataclass
-class TrainConfig:
-    """Everything about a run that is not the model itself."""
-
-    tensor_parallel_size: int = arg(1, "TP ranks splitting heads, FFN columns and the vocabulary")
-    pipeline_parallel_size: int = arg(1, "PP stages splitting the layers (1F1B schedule)")
-    num_layers_per_virtual_stage: int = arg(0, "interleaved 1F1B: layers per model chunk; each PP rank holds "
-                                               "--num-layers / (PP x this) non-adjacent chunks (virtual stages), "
-                                               "which divides the pipeline bubble by that many; 0: one chunk")
-    expert_parallel_size: int = arg(0, "EP ranks splitting the experts; 0 means the TP size")
-    sequence_parallel: bool = arg(False, "with TP: keep the residual stream, norms and router inputs split by "
-                                         "sequence over the TP ranks (all-gather before the column-parallel "
-                                         "projections, reduce-scatter after the row-parallel ones); needs "
-                                         "--tensor-parallel-size > 1 dividing --seq-length")
-    num_microbatches: int = arg(1, "micro-batches per step on each DP rank (gradient accumulation)")
-    micro_batch_size: int = arg(8, "sequences per micro-batch")
-    max_steps: int = arg(400, "optimizer steps")
-    lr: float = arg(2e-3, "peak learning rate")
-    min_lr: float = arg(2e-4, "learning rate at the end of the decay, and after it")
-    warmup_steps: int = arg(-1, "linear warm-up steps; -1: a tenth of the decay steps, at most 2000")
-    lr_decay_steps: int = arg(0, "the decay reaches --min-lr at this step; 0: --max-steps. On --load the "
-                                 "checkpoint's schedule goes on unless a schedule flag is given")
-    lr_schedule: str = arg("cosine", "cosine: decay from the end of the warm-up | wsd: warm-up, stable at --lr, "
-                                     "decay over the last --lr-decay-fraction of the decay steps",
-                           choices=["cosine", "wsd"])
-    lr_decay_fraction: float = arg(0.2, "wsd: the last fraction of the decay steps that decays (0, 1]")
-    lr_decay_style: str = arg("sqrt", "wsd: the decay's shape, linear | cosine | sqrt (1 - sqrt(progress), "
-                                      "Hägele et al. 2024)", choices=["linear", "cosine", "sqrt"])
-    optimizer: str = arg("adamw", "adamw | muon: Muon (orthogonalised momentum) on the hidden layers' matrices, "
-                                  "AdamW on embeddings, LM head, norms and routers. On --load: the checkpoint's",
-                         choices=["adamw", "muon"])
-    weight_decay: float = arg(0.1, "decoupled weight decay of AdamW and Muon (not applied to norms)")
-    use_distributed_optimizer: bool = arg(False, "ZeRO stage 1: each rank keeps the AdamW state (and bf16 runs' fp32 "
-                                                 "masters) of 1/DP of the dense weights and 1/replicas of its experts; "
-                                                 "gradients reduce-scattered, weights all-gathered. No effect at DP 1")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this; 0 disables")
-    router_aux_loss_coef: float = arg(0.01, "weight of the load-balancing loss")
-    router_z_loss_coef: float = arg(0.001, "weight of the router z-loss")
-    mtp_loss_coef: float = arg(0.1, "weight L of the multi-token prediction loss: L / D x sum of the D modules' "
-                                    "cross-entropies joins the optimised loss (DeepSeek-V3: 0.3, then 0.1)")
-    router_bias_update_rate: float = arg(0.0, "aux-loss-free balancing: after each step move every expert's "
-                                              "routing bias by this times sign(mean load - load); 0 = off")
-    seed: int = arg(1234, "seed of the initial weights and of every batch")
-    data: str = arg("", "text file, folder of text files, or folder with train.bin/val.bin; "
-                        "empty: the Python standard library sources")
-    eval_interval: int = arg(100, "evaluate every this many steps (and at the end); 0 disables")
-    eval_iters: int = arg(10, "global batches per evaluation")
-    log_interval: int = arg(10, "log every this many steps")
-    metrics_file: str = arg("", "write JSON lines of train and eval metrics here (rank 0)")
-    tensorboard: str = arg("", "also write the metrics as TensorBoard events into this folder (needs tensorboard)")
-    allow_global_batch_change: bool = arg(False, "on --load, train on with a global batch other than the "
-                                                 "checkpoint's (a different data stream and gradient noise)")
-    save: str = arg("", "checkpoint folder")
-    save_interval: int = arg(0, "save every this many steps (and at the end); 0: only at the end")
-    keep_last: int = arg(0, "keep only the newest this many checkpoints; 0 keeps all")
-    load: str = arg("", "resume from this checkpoint folder (a --save root or one step folder); "
-                        "empty: resume from --save when it holds a checkpoint")
-    max_skipped_steps: int = arg(5, "stop after this many consecutive steps with a non-finite loss or "
-                                    "gradient norm (each is skipped, not applied)")
-    device: str = arg("auto", "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on the CPU) | float32 | bfloat16: bf16 weights and "
-                             "activations, fp32 master weights and AdamW state | bfloat16-autocast: fp32 weights, "
-                             "bf16 matmuls (the older, slower scheme)",
-                     choices=["auto", "float32", "bfloat16", "bfloat16-autocast"])
-    recompute: bool = arg(False, "activation checkpointing: recompute each block in backward (less memory)")
-    compile: bool = arg(False, "torch.compile each block (CUDA; works on CPU too, slowly)")
-    dist_timeout: float = arg(300.0, "seconds before a stuck collective fails the run")
-    progress: bool = arg(True, "show a tqdm progress bar on rank 0")
-    eval_only: bool = arg(False, "with --load: report validation loss, perplexity (and bits per byte) and exit")
-    dry_run: bool = arg(False, "check the flags and layout of a launch of --world-size ranks and print each stage's "
-                               "parameters and memory per rank, then exit: one process, no GPU, nothing allocated")
-    world_size: int = arg(0, "with --dry-run: the ranks of the planned launch; 0: this launch's (1 without torchrun)")
-
-    def validate(self) -> None:
-        """Ranges and finiteness of every field; raise ConfigError naming the flag to change."""
-        def flag(name: str) -> str:
-            return "--" + name.replace("_", "-")
-
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "num_microbatches", "micro_batch_size",
-                     "max_steps", "log_interval", "eval_iters", "max_skipped_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("expert_parallel_size", "num_layers_per_virtual_stage", "lr_decay_steps", "eval_interval",
-                     "save_interval", "keep_last", "world_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
-        # `not x >= 0` is also true for NaN, which argparse's float() accepts.
-        for name in ("min_lr", "weight_decay", "grad_clip", "router_aux_loss_coef", "router_z_loss_coef",
-                     "router_bias_update_rate", "mtp_loss_coef"):
-            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{flag(name)} must be finite and >= 0, got {getattr(self, name)}")
-        if self.warmup_steps < -1:
-            raise ConfigError(f"--warmup-steps must be >= 0 (or -1 for the default), got {self.warmup_steps}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ConfigError(f"--lr must be finite and > 0, got {self.lr}")
-        if self.min_lr > self.lr:
-            raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
-        if not 0 < self.lr_decay_fraction <= 1:  # also false for NaN
-            raise ConfigError(f"--lr-decay-fraction must be in (0, 1], got {self.lr_decay_fraction}")
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        if self.lr_schedule == "cosine" and any(getattr(self, n) != defaults[n] for n in WSD_FLAGS):
-            raise ConfigError("--lr-decay-fraction and --lr-decay-style shape the decay of --lr-schedule wsd; "
-                              "add --lr-schedule wsd (the cosine schedule decays from the end of the warm-up)")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"--seed must be between 0 and 2^63 - 1, got {self.seed}")
-        if not 1 <= self.dist_timeout <= 7 * 86400:  # also false for NaN
-            raise ConfigError(f"--dist-timeout must be between 1 second and 7 days, got {self.dist_timeout}")
-        if self.use_distributed_optimizer and self.optimizer == "muon":
-            raise ConfigError("--use-distributed-optimizer shards AdamW's state by flat ranges of the weights, but "
-                              "Muon's Newton-Schulz needs each matrix whole; use --optimizer adamw, or drop "
-                              "--use-distributed-optimizer (on --load the checkpoint's optimizer counts)")
-        if self.eval_only and not self.load:
-            raise ConfigError("--eval-only needs a checkpoint: give --load DIR")
-        if self.world_size and not self.dry_run:
-            raise ConfigError("--world-size sizes a planned launch: give it with --dry-run (torchrun sets a real one)")
-        if self.device == "cuda" and not self.dry_run and not torch.cuda.is_available():
-            raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
-
-    def schedule(self) -> LRSchedule:
-        return lr_schedule(self.lr, self.min_lr, self.warmup_steps, self.lr_decay_steps, self.max_steps,
-                           self.lr_schedule, self.lr_decay_fraction, self.lr_decay_style)
-
-
-MODEL_CHOICES = {"router_score_function": ["softmax", "sigmoid"],
-                 "router_type": ["topk", "expert-choice", "round-robin"],
-                 "router_aux_loss_type": ["micro-batch", "global-batch", "sequence"]}
-MODEL_HELP = {
-    "vocab_size": "vocabulary size (byte-level data: 256; token files: from meta.json)",
-    "hidden_size": "model width D",
-    "num_layers": "decoder blocks",
-    "num_attention_heads": "query heads",
-    "num_kv_heads": "key/value heads (grouped-query attention when fewer than query heads)",
-    "head_dim": "width of each attention head; q/k/v/o are heads x head-dim wide, which need not be the hidden "
-                "size (Qwen3-30B-A3B: hidden 2048, 32 heads of 128); 0 = hidden size / heads",
-    "ffn_hidden_size": "hidden width of the dense SwiGLU MLP layers",
-    "moe_ffn_hidden_size": "hidden width of each expert",
-    "num_experts": "experts per MoE layer; 0 gives a dense model",
-    "num_experts_per_token": "top-k: experts each token is sent to",
-    "moe_layer_interval": "layer i is an MoE layer iff (i + 1) % interval == 0 (and i >= --first-k-dense-layers)",
-    "first_k_dense_layers": "the first this many layers are dense whatever the interval (DeepSeek-V3: 3, Kimi-K2: 1)",
-    "moe_layer_list": "comma-separated 0-based MoE layers, e.g. 1,3,5 (instead of the interval and first-k); "
-                      "empty: the interval decides",
-    "norm_topk_prob": "renormalise the top-k router weights to sum to 1",
-    "num_shared_experts": "always-on shared experts per MoE layer (DeepSeekMoE)",
-    "shared_expert_ffn_hidden_size": "width of each shared expert; 0 = --moe-ffn-hidden-size",
-    "router_score_function": "softmax | sigmoid (sigmoid: top-k weights renormalised, as DeepSeek-V3)",
-    "router_topk_scaling_factor": "multiply the top-k combine weights (after renormalisation) by this "
-                                  "(DeepSeek-V3: 2.5, Kimi-K2: 2.827)",
-    "router_num_groups": "group-limited routing: split the experts into this many contiguous groups; 1 = off",
-    "router_group_topk": "groups each token keeps (a group scored by the sum of its two best expert scores) "
-                         "before choosing its top-k among their experts",
-    "router_type": "topk | expert-choice (each expert takes its best tokens; not causal) | "
-                   "round-robin (forced balance, for benchmarks)",
-    "router_aux_loss_type": "micro-batch | global-batch | sequence: where the balancing loss counts f_i",
-    "moe_capacity_factor": "expert capacity = factor x tokens x top-k / experts; lowest-scored "
-                           "assignments beyond it are dropped; 0 = dropless",
-    "router_jitter_noise": "multiply router inputs by U(1-eps, 1+eps) in training (Switch); 0 = off",
-    "seq_length": "tokens per training sequence",
-    "rope_theta": "rotary embedding base",
-    "rms_norm_eps": "RMSNorm epsilon",
-    "init_std": "std of the normal initialisation",
-    "mtp_num_layers": "multi-token prediction modules (DeepSeek-V3 MTP): module k predicts the token k + 1 ahead "
-                      "through its own block and the shared embedding and LM head; training only, generation and "
-                      "export ignore them; 0 = off",
-}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with its complaint on one `error:` line (it prints `prog: error:`), exit status 2."""
-
-    def error(self, message: str) -> None:
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-# --help shows the flags in these groups, in this order (README_MOE.md's tables follow them);
-# every field of ModelConfig and TrainConfig is in exactly one.
-FLAG_GROUPS = (
-    ("model", ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
-               "ffn_hidden_size", "seq_length", "rope_theta", "rms_norm_eps", "init_std")),
-    ("MoE and routing", ("num_experts", "num_experts_per_token", "moe_layer_interval", "first_k_dense_layers",
-                         "moe_layer_list", "moe_ffn_hidden_size", "num_shared_experts",
-                         "shared_expert_ffn_hidden_size", "norm_topk_prob", "router_score_function",
-                         "router_topk_scaling_factor", "router_num_groups", "router_group_topk", "router_type",
-                         "router_aux_loss_type", "router_aux_loss_coef",
-                         "router_z_loss_coef", "router_bias_update_rate", "moe_capacity_factor",
-                         "router_jitter_noise")),
-    ("multi-token prediction", ("mtp_num_layers", "mtp_loss_coef")),
-    ("parallel layout", ("tensor_parallel_size", "sequence_parallel", "pipeline_parallel_size",
-                         "num_layers_per_virtual_stage",
-                         "expert_parallel_size", "num_microbatches", "dist_timeout", "dry_run", "world_size")),
-    ("data", ("data", "seed", "micro_batch_size")),
-    ("optimisation", ("max_steps", "optimizer", "lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule",
-                      "lr_decay_fraction", "lr_decay_style", "weight_decay", "grad_clip", "max_skipped_steps",
-                      "use_distributed_optimizer")),
-    ("device and precision", ("device", "dtype", "recompute", "compile")),
-    ("checkpoints", ("save", "save_interval", "keep_last", "load", "allow_global_batch_change")),
-    ("evaluation and logging", ("eval_interval", "eval_iters", "eval_only", "log_interval", "metrics_file",
-                                "tensorboard", "progress")),
-)
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """One flag per config field, named after it (`num_experts` -> `--num-experts`), in FLAG_GROUPS."""
-    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       usage="[torchrun --nproc_per_node=N] minimal_pretrain.py [flags]")
-    fields = {f.name: (f, MODEL_HELP[f.name]) for f in dataclasses.fields(ModelConfig)}
-    fields.update({f.name: (f, f.metadata["help"]) for f in dataclasses.fields(TrainConfig)})
-    for title, names in FLAG_GROUPS:
-        group = p.add_argument_group(title)
-        for name in names:
-            f, help_text = fields[name]
-            flag, help_text = "--" + name.replace("_", "-"), help_text.replace("%", "%%")
-            if field_kind(f) is bool:
-                group.add_argument(flag, default=f.default, help=help_text, action=argparse.BooleanOptionalAction)
-            else:
-                choices = f.metadata.get("choices") if f.metadata else MODEL_CHOICES.get(name)
-                group.add_argument(flag, default=f.default, type=field_kind(f), help=help_text, choices=choices)
-    return p
-
-
-def parse_config(argv: list[str] | None = None) -> tuple[ModelConfig, TrainConfig, set[str]]:
-    """Flags -> (model config, train config, names of the flags given explicitly)."""
-    parser = build_arg_parser()
-    args = parser.parse_args(argv)
-    given = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-             if a.startswith("--")}
-    model = ModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)})
-    train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    return model, train, given
-
-
-# Train flags that define which sequences a step sees: on --load they default to the checkpoint's.
-DATA_STREAM_FLAGS = ("seed", "data", "micro_batch_size")
-# Train flags that shape the learning rate: on --load they default to the checkpoint's too, so a
-# resumed run goes on with the schedule it was following (a longer --max-steps alone keeps it).
-SCHEDULE_FLAGS = ("lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule", "lr_decay_fraction",
-                  "lr_decay_style")
-# The flags that shape only WSD's decay (the cosine schedule refuses values other than their defaults).
-WSD_FLAGS = ("lr_decay_fraction", "lr_decay_style")
-
-
-def checked_fields(cls: type, saved: dict, where: str) -> dict:
-    """The entries of a saved config that are fields of `cls`, each of its field's type.
-
-    Unknown names or wrong types mean the checkpoint was written by another trainer (or
-    edited by hand): refused here, with the field named, not as a TypeError later."""
-    kinds = {f.name: field_kind(f) for f in dataclasses.fields(cls)}
-    unknown = sorted(set(saved) - set(kinds))
-    if unknown:
-        raise ckpt_io.CheckpointError(f"{where}: unknown fields {unknown}; the checkpoint was written by "
-                                      f"another trainer or version")
-    for name, value in saved.items():
-        kind = kinds[name]
-        if kind is bool:
-            ok = isinstance(value, bool)
-        else:  # bool is an int to Python, not to a config; an int is a fine float
-            ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
-        if not ok:
-            raise ckpt_io.CheckpointError(f"{where}: {name} = {value!r} is not a {kind.__name__}; "
-                                          f"the checkpoint is damaged")
-    return saved
-
-
-def model_config_from_checkpoint(saved: dict, mc: ModelConfig, given: set[str], where: str) -> ModelConfig:
-    """The checkpoint's model config; a model flag given on the command line must agree with it."""
-    saved = checked_fields(ModelConfig, saved, where)
-    for name, value in saved.items():
-        if name in given and getattr(mc, name) != value:
-            raise ckpt_io.CheckpointError(f"--{name.replace('_', '-')} {getattr(mc, name)} conflicts with the "
-                                          f"checkpoint's {value}; drop the flag (model flags come from the checkpoint)")
-    return ModelConfig(**saved)
-
-
-def saved_value(saved_train: dict, name: str, where: str) -> Any:
-    """A saved train flag, type-checked; the default for a field the checkpoint predates."""
-    if name not in saved_train:
-        return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
-    return checked_fields(TrainConfig, {name: saved_train[name]}, where)[name]
-
-
-def flag_text(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
-
-
-def continue_saved_run(tc: TrainConfig, resume: ckpt_io.Checkpoint, given: set[str], world_size: int) -> list[str]:
-    """Make the flags of a resumed run continue the saved one; return the notes to print at start.
-
-    The data stream (seed, data, micro-batch size), the LR schedule and the optimizer default
-    to the checkpoint's. The global batch must stay the checkpoint's: when --num-microbatches is not
-    given it is derived to keep it; a change needs --allow-global-batch-change. A checkpoint
-    with weights only (import_hf.py, upcycle.py) starts a fresh optimizer and schedule."""
-    saved, where = resume.meta["train"], f"{resume.path}/meta.json"
-    for name in DATA_STREAM_FLAGS:  # the batches of a resumed run continue the saved stream
-        if name not in given and name in saved:
-            setattr(tc, name, saved_value(saved, name, where))
-    if not resume.optim:
-        return [f"{resume.path} holds weights only (imported or upcycled): the optimizer state is fresh and the LR "
-                f"schedule starts at step 0 with its warm-up"]
-    if tc.eval_only:
-        return []
-    step, notes = resume.meta["step"], []
-
-    # ---- the optimizer
-    old_optimizer = saved_value(saved, "optimizer", where)  # "adamw" for checkpoints from before Muon
-    if "optimizer" not in given:
-        tc.optimizer = old_optimizer
-    elif tc.optimizer != old_optimizer:
-        notes.append(f"the checkpoint was trained with {old_optimizer}, this run uses --optimizer {tc.optimizer}: the "
-                     f"hidden matrices' optimizer state starts fresh (AdamW's moments <-> Muon's momentum); the "
-                     f"embedding, LM head, norm and router moments go on")
-
-    # ---- the learning-rate schedule
-    old = {name: saved_value(saved, name, where) for name in SCHEDULE_FLAGS + ("max_steps",)}
-    old_schedule = lr_schedule(old["lr"], old["min_lr"], old["warmup_steps"], old["lr_decay_steps"],
-                               max(1, old["max_steps"]), old["lr_schedule"], old["lr_decay_fraction"],
-                               old["lr_decay_style"])
-    kept = dict(old, warmup_steps=old_schedule.warmup_steps, lr_decay_steps=old_schedule.decay_steps)
-    for name in SCHEDULE_FLAGS:  # lr_schedule comes before the WSD flags, which a cosine schedule leaves alone
-        if name not in given and not (name in WSD_FLAGS and tc.lr_schedule == "cosine"):
-            setattr(tc, name, kept[name])
-    new_schedule = tc.schedule()
-    if new_schedule != old_schedule:
-        changed = ", ".join(f"--{n.replace('_', '-')} {flag_text(kept[n])} -> {flag_text(getattr(tc, n))}"
-                            for n in SCHEDULE_FLAGS if getattr(tc, n) != kept[n] and n in given)
-        notes.append(f"the LR schedule changes at step {step} ({changed}): the LR goes from "
-                     f"{old_schedule.at(step):.2e} to {new_schedule.at(step):.2e}")
-    elif tc.max_steps > new_schedule.decay_steps:
-        longer = lr_schedule(tc.lr, tc.min_lr, new_schedule.warmup_steps, tc.max_steps, tc.max_steps,
-                             tc.lr_schedule, tc.lr_decay_fraction, tc.lr_decay_style)
-        notes.append(f"the checkpoint's LR schedule goes on: its decay ends at step {new_schedule.decay_steps}, so "
-                     f"steps {max(step, new_schedule.decay_steps)}-{tc.max_steps} train at --min-lr "
-                     f"{tc.min_lr:.2e}; to decay over the longer run give --lr-decay-steps {tc.max_steps} "
-                     f"(the LR at step {step} then goes from {old_schedule.at(step):.2e} to {longer.at(step):.2e})")
-
-    # ---- the global batch (sequences per step)
-    layout = resume.meta["layout"]
-    old_batch = (saved_value(saved, "micro_batch_size", where) * saved_value(saved, "num_microbatches", where)
-                 * layout["dp"])
-    dp = max(1, world_size // max(1, tc.tensor_parallel_size * tc.pipeline_parallel_size))
-    per_micro = tc.micro_batch_size * dp
-    if "num_microbatches" not in given and old_batch % per_micro == 0 and old_batch // per_micro != tc.num_microbatches:
-        tc.num_microbatches = old_batch // per_micro
-        notes.append(f"--num-microbatches {tc.num_microbatches} keeps the checkpoint's global batch of {old_batch} "
-                     f"sequences on DP {dp}")
-    new_batch = per_micro * tc.num_microbatches
-    if new_batch != old_batch:
-        if not tc.allow_global_batch_change:
-            fix = (f"--num-microbatches {old_batch // per_micro}" if old_batch % per_micro == 0 else
-                   f"a layout whose DP x --micro-batch-size divides {old_batch}")
-            raise ConfigError(f"the checkpoint was trained with a global batch of {old_batch} sequences, this run's is "
-                              f"{new_batch} (--micro-batch-size {tc.micro_batch_size} x --num-microbatches "
-                              f"{tc.num_microbatches} x DP {dp}), which changes the data stream and gradient noise; "
-                              f"use {fix}, or --allow-global-batch-change to train on with it")
-        notes.append(f"the global batch changes from {old_batch} to {new_batch} sequences "
-                     f"(--allow-global-batch-change): steps after {step} see another data stream")
-    return notes
-
-
-def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
-    """The model's own checks, then the layout's: flags that fit each other and the world size
-    (TrainConfig.validate has checked each train flag on its own first). Needs no communication."""
-    try:
-        mc.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
-    ep = tc.expert_parallel_size or tp
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by --tensor-parallel-size {tp} x "
-                          f"--pipeline-parallel-size {pp}; launch a multiple of {tp * pp} ranks")
-    dp = world_size // (tp * pp)
-    if mc.num_attention_heads % tp or mc.num_kv_heads % tp:
-        raise ConfigError(f"--tensor-parallel-size {tp} must divide --num-attention-heads "
-                          f"({mc.num_attention_heads}) and --num-kv-heads ({mc.num_kv_heads})")
-    if mc.vocab_size % tp:
-        raise ConfigError(f"--tensor-parallel-size {tp} must divide the vocabulary ({mc.vocab_size})")
-    if mc.ffn_hidden_size % tp:
-        raise ConfigError(f"--tensor-parallel-size {tp} must divide --ffn-hidden-size ({mc.ffn_hidden_size})")
-    if mc.shared_ffn_hidden_size % tp:
-        raise ConfigError(f"--tensor-parallel-size {tp} must divide the shared experts' width "
-                          f"(--num-shared-experts x size = {mc.shared_ffn_hidden_size})")
-    if tc.sequence_parallel and tp == 1:
-        raise ConfigError("--sequence-parallel splits the sequence over the TP ranks: it needs "
-                          "--tensor-parallel-size > 1 (or drop --sequence-parallel)")
-    if tc.sequence_parallel and mc.seq_length % tp:
-        raise ConfigError(f"--sequence-parallel: --tensor-parallel-size {tp} must divide --seq-length "
-                          f"({mc.seq_length}) so each TP rank holds an equal slice of every sequence")
-    if mc.num_experts > 0:
-        if mc.num_experts % ep:
-            raise ConfigError(f"--expert-parallel-size {ep} must divide --num-experts ({mc.num_experts})")
-        if (dp * tp) % ep:
-            raise ConfigError(f"--expert-parallel-size {ep} must divide the ranks of a pipeline stage "
-                              f"(DP {dp} x TP {tp} = {dp * tp})")
-        if (tc.micro_batch_size * mc.seq_length) % tp:
-            raise ConfigError(f"--tensor-parallel-size {tp} must divide the tokens of a micro-batch "
-                              f"({tc.micro_batch_size} x {mc.seq_length}) so each TP rank routes a slice")
-    elif tc.expert_parallel_size > 1:
-        raise ConfigError("--expert-parallel-size > 1 needs --num-experts > 0")
-    if mc.num_layers < pp:
-        raise ConfigError(f"--num-layers ({mc.num_layers}) must be >= --pipeline-parallel-size ({pp})")
-    if tc.num_microbatches < pp:
-        raise ConfigError(f"--num-microbatches ({tc.num_microbatches}) must be >= --pipeline-parallel-size "
-                          f"({pp}) or stages sit idle; use {pp} or more")
-    per_chunk = tc.num_layers_per_virtual_stage
-    if per_chunk:  # Megatron-LM's rules for virtual pipeline stages
-        if pp == 1:
-            raise ConfigError("--num-layers-per-virtual-stage splits each pipeline stage into chunks: it needs "
-                              "--pipeline-parallel-size > 1")
-        if mc.num_layers % (pp * per_chunk):
-            raise ConfigError(f"--num-layers-per-virtual-stage {per_chunk} x --pipeline-parallel-size {pp} must "
-                              f"divide --num-layers ({mc.num_layers}) so every rank holds equal chunks")
-        if mc.num_layers // (pp * per_chunk) > 1 and tc.num_microbatches % pp:
-            raise ConfigError(f"the interleaved schedule runs micro-batches in groups of --pipeline-parallel-size: "
-                              f"--num-microbatches ({tc.num_microbatches}) must be a multiple of {pp}")
+from optim import DistributedAdamW, FlatBucket, build_optimizer
+from parallel_layers import Layout, ModelParallel, placement, vocab_parallel_cross_entropy
 
 
 # ============================================================ distributed setup
-@dataclass
-class ParallelGroups:
-    """Ranks, sizes and process groups of this rank. Global rank = (pp * DP + dp) * TP + tp."""
+@dataclass(frozen=True)
+class ParallelGroups(Layout):
+    """This rank's Layout (every size and coordinate) and the process groups it talks over."""
 
-    rank: int
-    world_size: int
-    tp: int
-    dp: int
-    pp: int
-    ep: int
-    tp_rank: int
-    dp_rank: int
-    pp_rank: int
-    ep_rank: int
-    tp_group: Any = None
-    dp_group: Any = None
-    ep_group: Any = None
-    expert_dp_group: Any = None  # ranks of this stage holding the same experts
-    expert_dp_size: int = 1
-    expert_dp_rank: int = 0  # this rank's place in expert_dp_group
-    prev_rank: int | None = None  # same (dp, tp) on the previous pipeline stage
-    next_rank: int | None = None
+    tp_group: Any = None  # this stage's ranks with the same dp_rank: split heads, FFN columns, vocab
+    dp_group: Any = None  # this stage's ranks with the same tp_rank: average dense gradients
+    ep_group: Any = None  # EP consecutive ranks of this stage: split the experts
+    expert_dp_group: Any = None  # ranks of this stage holding the same experts: sum their gradients
     embedding_group: Any = None  # MTP under PP: this (dp, tp)'s first- and last-stage ranks, which hold the embedding
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def prev_rank(self) -> int | None:  # same (dp, tp) on the previous pipeline stage
+        return self.rank - self.stage_size if self.pp_rank > 0 else None
 
     @property
-    def first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
+    def next_rank(self) -> int | None:
+        return self.rank + self.stage_size if self.pp_rank < self.pp - 1 else None
 
 
 def init_process_group(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
@@ -526,8 +67,7 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout: timede
                             world_size=world_size, timeout=timeout)
 
 
-def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int,
-                         embedding_groups: bool = False) -> ParallelGroups:
+def build_process_groups(layout: Layout, embedding_groups: bool = False) -> ParallelGroups:
     """Create every process group once (all ranks call new_group for every group, in order).
 
     Worked example, 8 ranks, TP2 x DP2 x PP2, EP2 (rank = (pp*2 + dp)*2 + tp):
@@ -541,86 +81,56 @@ def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int,
     With `embedding_groups` (MTP under PP) also: embedding [0,4] [1,5] [2,6] [3,7], the first and last
     stage's ranks of each (dp, tp), which sum the gradients of their two embedding copies (Megatron's
     embedding group); with PP 2 they are the PP groups."""
-    dp = world_size // (tp * pp)
-    stage_size = dp * tp
-    pp_rank, in_stage = divmod(rank, stage_size)
-    dp_rank, tp_rank = divmod(in_stage, tp)
-    g = ParallelGroups(rank=rank, world_size=world_size, tp=tp, dp=dp, pp=pp, ep=ep, tp_rank=tp_rank,
-                       dp_rank=dp_rank, pp_rank=pp_rank, ep_rank=in_stage % ep,
-                       expert_dp_size=stage_size // ep, expert_dp_rank=in_stage // ep)
-    if pp_rank > 0:
-        g.prev_rank = rank - stage_size
-    if pp_rank < pp - 1:
-        g.next_rank = rank + stage_size
-    if world_size == 1:
-        return g
+    tp, dp, pp, ep, rank, stage_size = layout.tp, layout.dp, layout.pp, layout.ep, layout.rank, layout.stage_size
+    mine: dict[str, Any] = {}  # this rank's group of each kind
+    if layout.world_size == 1:
+        return ParallelGroups(**dataclasses.asdict(layout))
     for p in range(pp):
         base = p * stage_size
         for d in range(dp):
             ranks = [base + d * tp + t for t in range(tp)]
             group = dist.new_group(ranks)
             if rank in ranks:
-                g.tp_group = group
+                mine["tp_group"] = group
         for t in range(tp):
             ranks = [base + d * tp + t for d in range(dp)]
             group = dist.new_group(ranks)
             if rank in ranks:
-                g.dp_group = group
+                mine["dp_group"] = group
         for start in range(0, stage_size, ep):
             ranks = [base + start + i for i in range(ep)]
             group = dist.new_group(ranks)
             if rank in ranks:
-                g.ep_group = group
+                mine["ep_group"] = group
         for e in range(ep):
             ranks = [base + e + j * ep for j in range(stage_size // ep)]
             group = dist.new_group(ranks)
             if rank in ranks:
-                g.expert_dp_group = group
+                mine["expert_dp_group"] = group
     if embedding_groups and pp > 1:
         for in_stage in range(stage_size):
             ranks = [in_stage, (pp - 1) * stage_size + in_stage]
             group = dist.new_group(ranks)
             if rank in ranks:
-                g.embedding_group = group
-    return g
+                mine["embedding_group"] = group
+    return ParallelGroups(**dataclasses.asdict(layout), **mine)
 
 
-def model_parallel_for(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> ModelParallel:
-    chunks = chunk_layers(mc.num_layers, pg.pp, pg.pp_rank, tc.num_layers_per_virtual_stage)
+def model_parallel_for(pg: ParallelGroups, mc: ModelConfig) -> ModelParallel:
     return ModelParallel(tp_group=pg.tp_group, tp_rank=pg.tp_rank, tp_size=pg.tp,
                          ep_group=pg.ep_group, ep_rank=pg.ep_rank, ep_size=pg.ep,
-                         first_stage=pg.first_stage, last_stage=pg.last_stage, chunks=tuple(chunks),
-                         sequence_parallel=tc.sequence_parallel)
-
-
-def describe_layout(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig) -> str:
-    """One line per rank: its stage, layers (each chunk's under interleaving), TP slice and experts
-    (printed once by rank 0)."""
-    sp = (f" with sequence parallelism ({mc.seq_length // pg.tp} of {mc.seq_length} positions per TP rank "
-          f"between layers)" if tc.sequence_parallel else "")
-    lines = [f"layout: world {pg.world_size} = PP {pg.pp} x DP {pg.dp} x TP {pg.tp}{sp}, EP {pg.ep}"]
-    if tc.num_layers_per_virtual_stage and pg.pp > 1:
-        v = mc.num_layers // (pg.pp * tc.num_layers_per_virtual_stage)
-        lines[0] += f" | interleaved 1F1B: {v} chunks of {tc.num_layers_per_virtual_stage} layer(s) per rank"
-    e_local = mc.num_experts // pg.ep if mc.num_experts else 0
-    for r in range(pg.world_size):
-        p, in_stage = divmod(r, pg.dp * pg.tp)
-        d, t = divmod(in_stage, pg.tp)
-        chunks = chunk_layers(mc.num_layers, pg.pp, p, tc.num_layers_per_virtual_stage)
-        e = in_stage % pg.ep
-        experts = f"experts {e * e_local}-{(e + 1) * e_local - 1}" if e_local else "dense"
-        lines.append(f"  rank {r}: stage {p} {layers_text(chunks)} | dp {d} | tp {t}/{pg.tp} | {experts}")
-    return "\n".join(lines)
+                         first_stage=pg.first_stage, last_stage=pg.last_stage, chunks=tuple(pg.chunks(mc.num_layers)),
+                         sequence_parallel=pg.sequence_parallel)
 
 
 # ========================================================================= data
-def local_microbatches(x: torch.Tensor, y: torch.Tensor, pg: ParallelGroups, tc: TrainConfig,
+def local_microbatches(x: torch.Tensor, y: torch.Tensor, pg: ParallelGroups,
                        device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """DP rank d takes the d-th contiguous slice of the global batch, cut into micro-batches."""
-    per_rank = tc.micro_batch_size * tc.num_microbatches
+    per_rank = pg.micro_batch_size * pg.num_microbatches
     x = x[pg.dp_rank * per_rank:(pg.dp_rank + 1) * per_rank].to(device)
     y = y[pg.dp_rank * per_rank:(pg.dp_rank + 1) * per_rank].to(device)
-    return list(zip(x.split(tc.micro_batch_size), y.split(tc.micro_batch_size)))
+    return list(zip(x.split(pg.micro_batch_size), y.split(pg.micro_batch_size)))
 
 
 # ===================================================== pipeline schedule (1F1B)
@@ -635,8 +145,7 @@ def p2p(pg: ParallelGroups, send_next: torch.Tensor | None = None, send_prev: to
     to it (next, then previous) and its receives (previous, then next) then pair up in order."""
     next_rank, prev_rank = pg.next_rank, pg.prev_rank
     if ring:
-        stage_size = pg.world_size // pg.pp
-        next_rank, prev_rank = (pg.rank + stage_size) % pg.world_size, (pg.rank - stage_size) % pg.world_size
+        next_rank, prev_rank = (pg.rank + pg.stage_size) % pg.world_size, (pg.rank - pg.stage_size) % pg.world_size
     ops, from_prev, from_next = [], None, None
     if send_next is not None and next_rank is not None:
         ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), next_rank))
@@ -655,27 +164,28 @@ def p2p(pg: ParallelGroups, send_next: torch.Tensor | None = None, send_prev: to
 
 
 @dataclass
-class PipelineTimer:
-    """Seconds one rank spent in run_microbatches and, of those, waiting in p2p; and the CPU
-    seconds of each forward and backward step (given only by scripts/bench_pipeline.py: the
-    trainer passes none and pays nothing)."""
-
-    total: float = 0.0
-    wait: float = 0.0
-    steps: list[tuple[str, int, int, float]] = field(default_factory=list)  # (kind, chunk, micro, CPU s)
-
-
-@dataclass
 class StepStats:
-    """Sums over this rank's micro-batches, later summed over all ranks."""
+    """Sums over this rank's micro-batches, later summed over all ranks. Kept on the device: read
+    back once per logged interval (reduce_step_stats), never once per micro-batch."""
 
-    lm_loss: float = 0.0  # sum of micro-batch mean LM losses (last stage, TP rank 0 only)
-    mtp_loss: float = 0.0  # sum of micro-batch MTP losses, mean_k CE_k (last stage, TP rank 0 only)
-    aux_loss: torch.Tensor | None = None  # sum over micro-batches and this stage's MoE layers
-    z_loss: torch.Tensor | None = None
-    counts: torch.Tensor | None = None  # (num MoE layers, E) rows each expert computed
-    routed: torch.Tensor | None = None  # (num MoE layers, E) the routers' top-k choices
-    dropped: torch.Tensor | None = None  # (num MoE layers,) assignments over capacity
+    lm_loss: torch.Tensor  # sum of micro-batch mean LM losses (last stage, TP rank 0 only)
+    mtp_loss: torch.Tensor  # sum of micro-batch MTP losses, mean_k CE_k (last stage, TP rank 0 only)
+    aux_loss: torch.Tensor  # sum over micro-batches and this stage's MoE layers
+    z_loss: torch.Tensor
+    counts: torch.Tensor  # (num MoE layers, E) rows each expert computed
+    routed: torch.Tensor  # (num MoE layers, E) the routers' top-k choices
+    dropped: torch.Tensor  # (num MoE layers,) assignments over capacity
+
+    @staticmethod
+    def zeros(mc: ModelConfig, device: torch.device) -> StepStats:
+        n_moe, width = len(mc.all_moe_layers), max(mc.num_experts, 1)
+        return StepStats(*(torch.zeros((), device=device) for _ in range(4)),
+                         counts=torch.zeros(n_moe, width, device=device), routed=torch.zeros(n_moe, width, device=device),
+                         dropped=torch.zeros(n_moe, device=device))
+
+    def add(self, other: StepStats) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, par: ModelParallel) -> torch.Tensor:
@@ -689,81 +199,83 @@ def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, par: ModelPa
     return torch.stack(losses).mean()
 
 
-def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torch.Tensor]],
-                     pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, device: torch.device,
-                     autocast_dtype: torch.dtype | None, train: bool, step: int | None = None,
-                     reducers: list[OverlappedGradReduce] = (), timer: PipelineTimer | None = None) -> StepStats:
-    """Forward (and backward when `train`) of this rank's micro-batches, pipelined over stages.
-
-    1F1B (PipeDream-Flush, Narayanan et al. 2021): stage s runs PP-s-1 warm-up forwards, then
-    alternates one forward and one backward, then drains the remaining backwards, so at most
-    PP micro-batches of activations are alive. With PP = 1 it is plain gradient accumulation.
-    A rank holding several model chunks runs the interleaved schedule (run_interleaved).
+class MicroBatches:
+    """One pass of a step over this rank's micro-batches: the forward and backward of one (chunk,
+    micro-batch) and the exchange with the neighbouring stages, which the schedules (one_f_one_b,
+    run_interleaved) call in their order.
 
     Each micro-batch's loss is scaled by 1/M so the gradients are those of the mean over the
     M micro-batches; the aux and z losses of every stage join that stage's backward.
-    `step` seeds the router jitter of each micro-batch by its index in the global batch.
-    The `reducers` are armed before the last backward, so gradient all-reduces overlap it."""
-    n_moe = len(mc.all_moe_layers)
-    moe_row = {layer: i for i, layer in enumerate(mc.all_moe_layers)}
-    m = len(micro)
-    b, t = micro[0][0].shape
-    # Under sequence parallelism each TP rank sends and receives only its slice of the sequence.
-    shape = (b, t // pg.tp if model.par.sequence_parallel else t, mc.hidden_size)
-    # Activations and their gradients cross stages in the weights' dtype (bf16 with bf16 weights).
-    act_dtype = next(iter(model.layers.values())).input_layernorm.weight.dtype
-    width = max(mc.num_experts, 1)
-    stats = StepStats(aux_loss=torch.zeros((), device=device), z_loss=torch.zeros((), device=device),
-                      counts=torch.zeros(n_moe, width, device=device), routed=torch.zeros(n_moe, width, device=device),
-                      dropped=torch.zeros(n_moe, device=device))
-    last_chunk = len(model.chunks) - 1
-    # (chunk, micro-batch) -> its (input, output, loss), kept from its forward for its backward
-    saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
+    `step` seeds the router jitter of each micro-batch by its index in the global batch; training
+    steps (`step` given) also run the MTP modules, evaluation measures the LM loss only.
+    The `reducers` are armed before the last backward, so gradient all-reduces overlap it.
+    scripts/bench_pipeline.py times a subclass of it; the trainer runs this one."""
 
-    def forward_step(i: int, inp: torch.Tensor | None, chunk: int = 0) -> torch.Tensor:
-        x, y = micro[i]
+    def __init__(self, model: MoETransformer, micro: list[tuple[torch.Tensor, torch.Tensor]], pg: ParallelGroups,
+                 mc: ModelConfig, tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None,
+                 train: bool, step: int | None, reducers: list[OverlappedGradReduce]):
+        self.model, self.micro, self.pg, self.mc, self.tc = model, micro, pg, mc, tc
+        self.device, self.autocast_dtype, self.train, self.step, self.reducers = (device, autocast_dtype, train,
+                                                                                  step, reducers)
+        self.moe_row = {layer: i for i, layer in enumerate(mc.all_moe_layers)}
+        self.last_chunk = len(model.chunks) - 1
+        b, t = micro[0][0].shape
+        # Under sequence parallelism each TP rank sends and receives only its slice of the sequence.
+        self.shape = (b, t // pg.tp if pg.sequence_parallel else t, mc.hidden_size)
+        # Activations and their gradients cross stages in the weights' dtype (bf16 with bf16 weights).
+        self.act_dtype = next(iter(model.layers.values())).input_layernorm.weight.dtype
+        self.stats = StepStats.zeros(mc, device)
+        # (chunk, micro-batch) -> its (input, output, loss), kept from its forward for its backward
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
+        self.backwards_done = 0
+
+    def forward(self, i: int, inp: torch.Tensor | None, chunk: int = 0) -> torch.Tensor:
+        """Forward of model chunk `chunk` on micro-batch i (inp: the previous stage's activation)."""
+        mc, tc, pg, (x, y) = self.mc, self.tc, self.pg, self.micro[i]
         noise_seed = None  # passed only when used: torch.compile would recompile for every new int value
-        if step is not None and mc.router_jitter_noise > 0:
-            noise_seed = (tc.seed * 1_000_003 + step) * 65_537 + pg.dp_rank * m + i
-        # Training steps (`step` given) also run the MTP modules; evaluation measures the LM loss only.
-        mtp_targets = y if pg.last_stage and chunk == last_chunk and mc.mtp_num_layers and step is not None else None
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(x if pg.first_stage and chunk == 0 else inp, noise_seed=noise_seed, chunk=chunk,
-                        mtp_targets=mtp_targets)
-        router_loss = torch.zeros((), device=device)
-        if n_moe:
-            # Means over all MoE layers of the model: each stage adds its layers' share.
-            router_loss = (tc.router_aux_loss_coef * out.aux_loss + tc.router_z_loss_coef * out.z_loss) / n_moe
-            stats.aux_loss += out.aux_loss.detach()
-            stats.z_loss += out.z_loss.detach()
-            for layer, s in out.stats.items():
-                stats.counts[moe_row[layer]] += s.counts.float()
-                stats.routed[moe_row[layer]] += s.routed.float()
-                stats.dropped[moe_row[layer]] += s.dropped.float()
-        if pg.last_stage and chunk == last_chunk:
-            lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), model.par)
-            mtp = mtp_loss(out.mtp_logits, y, model.par)
-            if pg.tp_rank == 0:
-                stats.lm_loss += lm.item()
-                stats.mtp_loss += mtp.item()
-            loss = (lm + tc.mtp_loss_coef * mtp + router_loss) / m
-        else:
-            loss = router_loss / m
-        if train:
-            saved[chunk, i] = (inp, out.output, loss)
+        if self.step is not None and mc.router_jitter_noise > 0:
+            noise_seed = (tc.seed * 1_000_003 + self.step) * 65_537 + pg.dp_rank * len(self.micro) + i
+        last = pg.last_stage and chunk == self.last_chunk
+        mtp_targets = y if last and mc.mtp_num_layers and self.step is not None else None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.model(x if pg.first_stage and chunk == 0 else inp, noise_seed=noise_seed, chunk=chunk,
+                             mtp_targets=mtp_targets)
+        loss = self.router_loss(out)
+        if last:
+            lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), self.model.par)
+            mtp = mtp_loss(out.mtp_logits, y, self.model.par)
+            if pg.tp_rank == 0:  # summed on the device: no host sync per micro-batch
+                self.stats.lm_loss += lm.detach()
+                self.stats.mtp_loss += mtp.detach()
+            loss = lm + tc.mtp_loss_coef * mtp + loss
+        if self.train:
+            self.saved[chunk, i] = (inp, out.output, loss / len(self.micro))
         return out.output
 
-    backwards_done = [0]
+    def router_loss(self, out: Any) -> torch.Tensor:
+        """This chunk's share of the router losses (means over all MoE layers of the model), and its statistics."""
+        n_moe = len(self.mc.all_moe_layers)
+        if not n_moe:
+            return torch.zeros((), device=self.device)
+        self.stats.aux_loss += out.aux_loss.detach()
+        self.stats.z_loss += out.z_loss.detach()
+        for layer, s in out.stats.items():
+            row = self.moe_row[layer]
+            self.stats.counts[row] += s.counts.float()
+            self.stats.routed[row] += s.routed.float()
+            self.stats.dropped[row] += s.dropped.float()
+        return (self.tc.router_aux_loss_coef * out.aux_loss + self.tc.router_z_loss_coef * out.z_loss) / n_moe
 
-    def backward_step(i: int, grad_out: torch.Tensor | None, chunk: int = 0) -> torch.Tensor | None:
-        inp, out, loss = saved.pop((chunk, i))
-        backwards_done[0] += 1
+    def backward(self, i: int, grad_out: torch.Tensor | None, chunk: int = 0) -> torch.Tensor | None:
+        """Backward of chunk `chunk` on micro-batch i from the next stage's gradient; returns dL/d(input)."""
+        inp, out, loss = self.saved.pop((chunk, i))
+        self.backwards_done += 1
         # The last backward completes every gradient of the step. Under interleaving it is chunk 0's:
         # the other chunks' buckets, finished earlier, start in finish() instead of overlapping it.
-        if backwards_done[0] == m * (last_chunk + 1):
-            for reducer in reducers:
+        if self.backwards_done == len(self.micro) * (self.last_chunk + 1):
+            for reducer in self.reducers:
                 reducer.arm()
-        if pg.last_stage and chunk == last_chunk:
+        if self.pg.last_stage and chunk == self.last_chunk:
             loss.backward()
         else:
             tensors, grads = [out], [grad_out]
@@ -773,61 +285,64 @@ def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torc
             torch.autograd.backward(tensors, grads)
         return inp.grad if inp is not None else None
 
-    def timed(kind: str, run_step: Callable[..., Any]) -> Callable[..., Any]:
-        def run(i: int, x: torch.Tensor | None, chunk: int = 0) -> Any:
-            start = time.thread_time()  # this thread's CPU time: not inflated by waiting for a core
-            result = run_step(i, x, chunk)
-            timer.steps.append((kind, chunk, i, time.thread_time() - start))
-            return result
-        return run
+    def exchange(self, **kw: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return p2p(self.pg, shape=self.shape, device=self.device, dtype=self.act_dtype, **kw)
 
-    if timer is not None:
-        forward_step, backward_step = timed("F", forward_step), timed("B", backward_step)
-
-    def exchange(**kw: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        start = time.perf_counter()
-        received = p2p(pg, shape=shape, device=device, dtype=act_dtype, **kw)
-        if timer is not None:
-            timer.wait += time.perf_counter() - start
-        return received
-
-    def recv_forward() -> torch.Tensor | None:
-        if pg.first_stage:
+    def recv_forward(self) -> torch.Tensor | None:
+        if self.pg.first_stage:
             return None
-        inp, _ = exchange(recv_prev=True)
-        return inp.requires_grad_(train)
+        inp, _ = self.exchange(recv_prev=True)
+        return inp.requires_grad_(self.train)
 
-    started = time.perf_counter()
-    if len(model.chunks) > 1:
-        with torch.set_grad_enabled(train):
-            run_interleaved(pg, len(model.chunks), m, train, forward_step, backward_step, exchange)
-    elif not train:
-        with torch.no_grad():
-            for i in range(m):
-                out = forward_step(i, recv_forward())
-                exchange(send_next=None if pg.last_stage else out)
-    else:
-        warmup = min(pg.pp - pg.pp_rank - 1, m)
-        for i in range(warmup):
-            out = forward_step(i, recv_forward())
-            exchange(send_next=None if pg.last_stage else out)
-        inp = recv_forward() if warmup < m else None
-        for i in range(warmup, m):
-            out = forward_step(i, inp)
-            _, grad_out = exchange(send_next=None if pg.last_stage else out, recv_next=True)
-            in_grad = backward_step(i - warmup, grad_out)
-            if i == m - 1:
-                exchange(send_prev=in_grad)
-            else:  # send this gradient back while receiving the next micro-batch's input
-                inp, _ = exchange(send_prev=in_grad, recv_prev=True)
-                if inp is not None:
-                    inp.requires_grad_(True)
-        for i in range(m - warmup, m):
-            _, grad_out = exchange(recv_next=True)
-            exchange(send_prev=backward_step(i, grad_out))
-    if timer is not None:
-        timer.total += time.perf_counter() - started
-    return stats
+
+def run_microbatches(model: MoETransformer, micro: list[tuple[torch.Tensor, torch.Tensor]],
+                     pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, device: torch.device,
+                     autocast_dtype: torch.dtype | None, train: bool, step: int | None = None,
+                     reducers: list[OverlappedGradReduce] = (),
+                     runner: Callable[..., MicroBatches] = MicroBatches) -> StepStats:
+    """Forward (and backward when `train`) of this rank's micro-batches, pipelined over stages:
+    1F1B (one_f_one_b), or the interleaved schedule when a rank holds several model chunks."""
+    mb = runner(model, micro, pg, mc, tc, device, autocast_dtype, train, step, list(reducers))
+    with torch.set_grad_enabled(train):
+        if len(model.chunks) > 1:
+            run_interleaved(mb)
+        elif train:
+            one_f_one_b(mb)
+        else:
+            forward_only(mb)
+    return mb.stats
+
+
+def forward_only(mb: MicroBatches) -> None:
+    """Evaluation (or global-batch routing): every micro-batch forward, stage after stage."""
+    for i in range(len(mb.micro)):
+        out = mb.forward(i, mb.recv_forward())
+        mb.exchange(send_next=None if mb.pg.last_stage else out)
+
+
+def one_f_one_b(mb: MicroBatches) -> None:
+    """1F1B (PipeDream-Flush, Narayanan et al. 2021): stage s runs PP-s-1 warm-up forwards, then
+    alternates one forward and one backward, then drains the remaining backwards, so at most
+    PP micro-batches of activations are alive. With PP = 1 it is plain gradient accumulation."""
+    pg, m = mb.pg, len(mb.micro)
+    send_next = (lambda out: None) if pg.last_stage else (lambda out: out)  # the last stage sends nothing on
+    warmup = min(pg.pp - pg.pp_rank - 1, m)
+    for i in range(warmup):
+        mb.exchange(send_next=send_next(mb.forward(i, mb.recv_forward())))
+    inp = mb.recv_forward() if warmup < m else None
+    for i in range(warmup, m):
+        out = mb.forward(i, inp)
+        _, grad_out = mb.exchange(send_next=send_next(out), recv_next=True)
+        in_grad = mb.backward(i - warmup, grad_out)
+        if i == m - 1:
+            mb.exchange(send_prev=in_grad)
+        else:  # send this gradient back while receiving the next micro-batch's input
+            inp, _ = mb.exchange(send_prev=in_grad, recv_prev=True)
+            if inp is not None:
+                inp.requires_grad_(True)
+    for i in range(m - warmup, m):
+        _, grad_out = mb.exchange(recv_next=True)
+        mb.exchange(send_prev=mb.backward(i, grad_out))
 
 
 # ============================================ interleaved 1F1B (virtual pipeline stages)
@@ -912,12 +427,10 @@ def interleaved_slots(pp: int, chunks: int, num_micro: int, train: bool = True) 
     return slots
 
 
-def run_interleaved(pg: ParallelGroups, chunks: int, num_micro: int, train: bool,
-                    forward_step: Callable[..., torch.Tensor], backward_step: Callable[..., torch.Tensor | None],
-                    exchange: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]) -> None:
+def run_interleaved(mb: MicroBatches) -> None:
     """Run this rank's interleaved 1F1B ticks slot by slot (interleaved_slots), the received
     activations and gradients kept by (chunk, micro-batch) until their step runs."""
-    pp, rank = pg.pp, pg.pp_rank
+    pp, rank, chunks, num_micro, train = mb.pg.pp, mb.pg.pp_rank, len(mb.model.chunks), len(mb.micro), mb.train
     ticks = [interleaved_ticks(pp, r, chunks, num_micro, train) for r in range(pp)]
     slots = interleaved_slots(pp, chunks, num_micro, train)
     tick_at = [dict(zip(slots[r], ticks[r])) for r in range(pp)]  # rank -> {slot: tick}
@@ -929,11 +442,11 @@ def run_interleaved(pg: ParallelGroups, chunks: int, num_micro: int, train: bool
         for st in tick_at[rank].get(slot, []):
             if st.kind == "F":
                 inp = inputs.pop((st.chunk, st.micro)) if step_source(pp, chunks, rank, st) else None
-                out = forward_step(st.micro, inp, st.chunk)
+                out = mb.forward(st.micro, inp, st.chunk)
                 send_next = out if step_target(pp, chunks, rank, st) is not None else None
             else:
                 grad = grads.pop((st.chunk, st.micro)) if step_source(pp, chunks, rank, st) else None
-                in_grad = backward_step(st.micro, grad, st.chunk)
+                in_grad = mb.backward(st.micro, grad, st.chunk)
                 send_prev = in_grad if step_target(pp, chunks, rank, st) is not None else None
         # What the neighbours produced for this rank in this slot (at most one forward, one backward each).
         fwd_in = [st for st in tick_at[prev].get(slot, [])
@@ -942,7 +455,7 @@ def run_interleaved(pg: ParallelGroups, chunks: int, num_micro: int, train: bool
                   if st.kind == "B" and step_target(pp, chunks, nxt, st) == rank]
         if send_next is None and send_prev is None and not fwd_in and not bwd_in:
             continue
-        from_prev, from_next = exchange(send_next=send_next, send_prev=send_prev, recv_prev=bool(fwd_in),
+        from_prev, from_next = mb.exchange(send_next=send_next, send_prev=send_prev, recv_prev=bool(fwd_in),
                                         recv_next=bool(bwd_in), ring=True)
         for st in fwd_in:  # the previous rank's chunk v is this rank's chunk v (rank 0: v + 1)
             inputs[st.chunk + (rank == 0), st.micro] = from_prev.requires_grad_(train)
@@ -953,13 +466,12 @@ def reduce_step_stats(stats: StepStats, pg: ParallelGroups, mc: ModelConfig, tc:
     """Global-batch means of the losses and per-expert load fractions (same on every rank);
     `stats` may sum several steps (a log interval): the means are then over those steps."""
     n_moe = len(mc.all_moe_layers)
-    packed = torch.cat([torch.tensor([stats.lm_loss, stats.mtp_loss], device=stats.counts.device),
-                        stats.aux_loss.reshape(1), stats.z_loss.reshape(1), stats.dropped,
-                        stats.counts.flatten()]).double()
+    losses = torch.stack([stats.lm_loss, stats.mtp_loss, stats.aux_loss, stats.z_loss])
+    packed = torch.cat([losses, stats.dropped, stats.counts.flatten()]).double()
     if pg.world_size > 1:
         # lm: last stage, TP rank 0; aux / z: TP ranks hold shares, stages hold layers; counts likewise
         dist.all_reduce(packed, group=None)
-    num_micro = tc.num_microbatches * pg.dp * steps
+    num_micro = pg.num_microbatches * pg.dp * steps
     lm, mtp = packed[0].item() / num_micro, packed[1].item() / num_micro
     aux = packed[2].item() / (num_micro * n_moe) if n_moe else 0.0
     z = packed[3].item() / (num_micro * n_moe) if n_moe else 0.0
@@ -1146,11 +658,11 @@ def build_grad_reducers(model: torch.nn.Module, pg: ParallelGroups,
     (MTP under PP) gets a bucket of its own: laid out alike on the first and last stage, so the
     two stages' shards of it hold the same elements and can be summed over the embedding group."""
     params = list(model.parameters())
-    dense = [p for p in params if getattr(p, "shard_kind", None) != "ep"]
-    experts = [p for p in params if getattr(p, "shard_kind", None) == "ep"]
+    dense = [p for p in params if not placement(p).expert]
+    experts = [p for p in params if placement(p).expert]
     if distributed_optimizer and pg.dp > 1:
-        copies = [p for p in dense if hasattr(p, "pipeline_copy")]
-        dense = [p for p in dense if not hasattr(p, "pipeline_copy")]
+        copies = [p for p in dense if placement(p).pipeline_copy]
+        dense = [p for p in dense if not placement(p).pipeline_copy]
         reducers = [ShardedGradReduce(ps, pg.dp_group, pg.dp, pg.dp_rank, 1.0 / pg.dp) for ps in (dense, copies) if ps]
         if experts:
             reducers.append(ShardedGradReduce(experts, pg.expert_dp_group, pg.expert_dp_size, pg.expert_dp_rank,
@@ -1193,12 +705,12 @@ def sync_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pg:
     for reducer in reducers:
         reducer.finish()
     if pg.tp > 1:
-        partial = [g for p, g in gradient_pieces(model, optimizer) if getattr(p, "tp_partial_grad", False)]
+        partial = [g for p, g in gradient_pieces(model, optimizer) if placement(p).tp_partial_grad]
         bucketed_all_reduce(partial, pg.tp_group)  # sum partial router / norm grads over TP
     if pg.embedding_group is not None:
         # MTP under PP: the first stage's embedding and the last stage's copy (read by the MTP modules) are one
         # weight; each copy has its own part of the gradient, and both step with the sum, so they stay equal.
-        copies = [g for p, g in gradient_pieces(model, optimizer) if hasattr(p, "pipeline_copy")]
+        copies = [g for p, g in gradient_pieces(model, optimizer) if placement(p).pipeline_copy]
         bucketed_all_reduce(copies, pg.embedding_group)  # sum the two copies' embedding gradients
 
 
@@ -1206,19 +718,17 @@ def global_grad_norm(grads: list[tuple[torch.nn.Parameter, torch.Tensor]], pg: P
                      device: torch.device) -> torch.Tensor:
     """L2 norm of the full model's gradient, each distinct element counted once.
 
-    A rank's squared norms are divided by how many ranks hold the same elements, then summed
-    over all ranks: DP replicas of TP shards, DP x TP replicas of replicated weights,
-    (DP x TP) / EP replicas of an expert, twice as many for the embedding with MTP under PP.
-    With the distributed optimizer (`sharded`) each element of a bucket sits in one rank's shard
-    of its group (DP, or an expert's replicas), so only weights replicated over TP are held more
-    than once: TP times; and the embedding with MTP under PP, on two stages."""
+    A rank's squared norms are divided by how many ranks hold the same elements (Placement.replicas),
+    then summed over all ranks. With the distributed optimizer (`sharded`) each element of a bucket
+    sits in one rank's shard of the group that reduces it (DP, or an expert's replicas), so that
+    group's size divides out: only weights replicated over TP are held more than once (TP times),
+    and the embedding with MTP under PP, on two stages."""
     by_replicas: dict[int, list[torch.Tensor]] = {}
     for p, g in grads:
-        kind = getattr(p, "shard_kind", None)
-        replicas = {"tp": pg.dp, "ep": pg.expert_dp_size}.get(kind, pg.dp * pg.tp)
-        replicas *= 2 if hasattr(p, "pipeline_copy") else 1  # MTP under PP: the embedding on two stages
+        where = placement(p)
+        replicas = where.replicas(pg)
         if sharded:
-            replicas //= pg.expert_dp_size if kind == "ep" else pg.dp
+            replicas //= where.reduce_group_size(pg)
         by_replicas.setdefault(replicas, []).append(g)
     sq = torch.zeros((), dtype=torch.float64, device=device)
     for replicas, tensors in by_replicas.items():
@@ -1262,7 +772,7 @@ def gather_for_save(optimizer: DistributedAdamW, pg: ParallelGroups) -> dict:
                 all_gather_flat(flat, shard, group=fb.group)  # (numel,) every rank's shard of `key`
             full[key] = fb.views(flat)
         for i, p in enumerate(fb.params):
-            replicated = getattr(p, "shard_kind", None) not in ("tp", "ep")
+            replicated = placement(p).shard is None
             if fb.owner(p) != fb.rank or (replicated and pg.tp_rank != 0):
                 continue
             step = optimizer.step_count(p)
@@ -1278,10 +788,10 @@ def evaluate(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: Mode
     """Mean LM loss (nats per token) over --eval-iters fixed global batches of the val split."""
     model.eval()
     total = 0.0
-    global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
+    global_batch = pg.global_batch
     for i in range(tc.eval_iters):
         x, y = get_batch(corpus.val, tc.seed, 1, i, global_batch, mc.seq_length, corpus.vocab_size)
-        stats = run_microbatches(model, local_microbatches(x, y, pg, tc, device), pg, mc, tc, device,
+        stats = run_microbatches(model, local_microbatches(x, y, pg, device), pg, mc, tc, device,
                                  autocast_dtype, train=False)
         total += reduce_step_stats(stats, pg, mc, tc)["lm_loss"]
     model.train()
@@ -1301,7 +811,7 @@ def bits_per_byte(corpus: Corpus, loss: float) -> float | None:
 def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
                micro: list[tuple[torch.Tensor, torch.Tensor]], pg: ParallelGroups, mc: ModelConfig,
                tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None,
-               step: int, timer: PipelineTimer | None = None) -> tuple[StepStats, torch.Tensor, bool]:
+               step: int, runner: Callable[..., MicroBatches] = MicroBatches) -> tuple[StepStats, torch.Tensor, bool]:
     """One optimizer step on this rank's micro-batches: what the trainer runs and the benchmarks time.
 
     Set the learning rate -> (global-batch balancing: route every micro-batch first) ->
@@ -1310,7 +820,7 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     with the distributed optimizer, then the all-gather of the updated weights), or skip the
     update when the norm is not finite -> expert-bias update.
     Returns this rank's step statistics, the global gradient norm and whether the update was applied.
-    `timer` (scripts/bench_pipeline.py) times the forward and backward pipeline and its p2p waits."""
+    `runner`: scripts/bench_pipeline.py passes a MicroBatches that times the pipeline and its p2p waits."""
     for group in optimizer.param_groups:
         group["lr"] = tc.schedule().at(step)
     optimizer.zero_grad(set_to_none=True)
@@ -1320,7 +830,7 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
         pre = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=False, step=step)
         set_global_batch_counts(model, mc, global_expert_counts(pre, pg, routed=True))
     stats = run_microbatches(model, micro, pg, mc, tc, device, autocast_dtype, train=True, step=step,
-                             reducers=reducers, timer=timer)
+                             reducers=reducers, runner=runner)
     sync_gradients(model, optimizer, pg, reducers)
     sharded = isinstance(optimizer, DistributedAdamW)
     grads = gradient_pieces(model, optimizer)
@@ -1340,142 +850,6 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
 
 
 # ================================================================ start-up checks
-def fail(message: str, is_main: bool) -> None:
-    """Bad input: one line on stderr from rank 0, exit status 2 on every rank."""
-    if is_main:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(2)
-
-
-def fail_together(error: str | None, rank: int, world_size: int) -> None:
-    """Every rank reports whether its own checks passed; if any failed, all exit 2 together.
-
-    Ranks on other nodes see other files (data, checkpoints, memory), so one rank alone can
-    fail. Without this, that rank would exit and the others would wait in their first
-    collective for --dist-timeout; here rank 0 prints the first failing rank's message."""
-    if world_size > 1:
-        errors: list[str | None] = [None] * world_size
-        dist.all_gather_object(errors, error)  # every rank's error message, or None (over the CPU backend)
-        failing = [(r, e) for r, e in enumerate(errors) if e]
-        if failing:
-            r, error = failing[0]
-            if any(e != error for _, e in failing) or r != 0:
-                error = f"rank {r}: {error}"
-    if error:
-        fail(error, rank == 0)
-
-
-def check_writable(root: str, flag: str = "--save") -> None:
-    """Fail at start, not after hours of training, when checkpoints (or logs) cannot be written."""
-    try:
-        os.makedirs(root, exist_ok=True)
-        probe = os.path.join(root, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise LocalInputError(f"{flag} {root}: not writable ({e.strerror}); choose another folder") from None
-
-
-def check_metrics_file(path: str) -> None:
-    """The metrics file must be a writable regular file, or creatable; checked without touching it."""
-    if os.path.isdir(path):
-        raise LocalInputError(f"--metrics-file {path}: is a folder; give a file name")
-    if os.path.lexists(path):
-        if not os.path.isfile(path) or not os.access(path, os.W_OK):
-            raise LocalInputError(f"--metrics-file {path}: not a writable regular file")
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise LocalInputError(f"--metrics-file {path}: cannot create its folder ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise LocalInputError(f"--metrics-file {path}: folder {parent} is not writable")
-
-
-def check_tensorboard(log_dir: str) -> None:
-    if importlib.util.find_spec("tensorboard") is None:  # torch's SummaryWriter needs it
-        raise LocalInputError("--tensorboard needs the tensorboard package: pip install -r requirements-extras.txt")
-    check_writable(log_dir, "--tensorboard")
-
-
-def dry_run(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
-    """--dry-run: check the flags and layout of a launch of `world_size` ranks as that launch
-    would (the same validate), then print its memory plan. One process, no process group, no
-    data or checkpoint read (the vocabulary is --vocab-size), each stage built on the meta device."""
-    try:
-        tc.validate()
-        validate(mc, tc, world_size)
-    except ConfigError as e:
-        fail(str(e), True)
-    tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
-    device_type = "cpu" if tc.device == "cpu" else "cuda"  # a plan is for the machines of the launch
-    bf16 = resolve_param_dtype(tc, torch.device(device_type)) == torch.bfloat16
-    print(describe_plan(mc, tc, world_size, device_type, bf16))
-    print(f"model config: {json.dumps(dataclasses.asdict(mc))}")
-    print(f"train config: {json.dumps(dataclasses.asdict(tc))}")
-
-
-@dataclass
-class RunInputs:
-    """What the start-up checks produce: the resolved configs, the data and the checkpoint to resume."""
-
-    mc: ModelConfig
-    tc: TrainConfig
-    corpus: Corpus
-    resume: ckpt_io.Checkpoint | None
-    save_lock: Any  # the open lock file of --save (rank 0), held until the run ends
-    notes: list[str]  # what rank 0 says at start about a resumed run (schedule, batch, fresh optimizer)
-
-
-def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int, world_size: int,
-                   local_rank: int) -> RunInputs:
-    """Every check that needs no communication: flags, checkpoint, data, layout, memory, --save.
-
-    Raises ConfigError / CheckpointError; reads the whole checkpoint, so a bad one fails here."""
-    if not tc.load and tc.save and os.path.isdir(tc.save):
-        if os.path.lexists(os.path.join(tc.save, "latest")):
-            tc.load = tc.save  # auto-resume: a restarted run (torchrun --max-restarts) continues by itself
-        elif ckpt_io.list_checkpoints(tc.save):
-            raise LocalInputError(f"--save {tc.save} holds checkpoints {ckpt_io.list_checkpoints(tc.save)[-3:]} but no "
-                                  f"`latest`; resume one with --load {tc.save}/step_N, or choose another folder")
-    resume, notes = None, []
-    if tc.load:
-        resume = ckpt_io.read_checkpoint(tc.load)
-        mc = model_config_from_checkpoint(resume.meta["model"], mc, given, f"{resume.path}/meta.json")
-        notes = continue_saved_run(tc, resume, given, world_size)
-    tc.validate()  # before the data: --seed and the sizes must be sane to read batches
-    schedule = tc.schedule()  # the defaults resolved, so the printed and saved config say what runs
-    tc.warmup_steps, tc.lr_decay_steps = schedule.warmup_steps, schedule.decay_steps
-    corpus = load_corpus(tc.data, mc.vocab_size if "vocab_size" in given or resume else None)
-    if (resume or "vocab_size" in given) and corpus.vocab_size != mc.vocab_size:
-        raise LocalInputError(f"--data {tc.data or '(built-in)'} has vocab {corpus.vocab_size}, "
-                              + (f"the checkpoint's model {mc.vocab_size}" if resume else
-                                 f"--vocab-size says {mc.vocab_size}; drop the flag"))
-    mc.vocab_size = corpus.vocab_size
-    validate(mc, tc, world_size)
-    if min(len(corpus.train), len(corpus.val)) < mc.seq_length + 2:
-        raise LocalInputError(f"data too short: {len(corpus.train)} train / {len(corpus.val)} val tokens, "
-                              f"need more than --seq-length {mc.seq_length} + 1 in each split")
-    if uses_cuda(tc) and local_rank >= torch.cuda.device_count():
-        raise LocalInputError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
-                              f"launch at most that many processes per node")
-    device_type = "cuda" if uses_cuda(tc) else "cpu"
-    check_memory(mc, tc, world_size, local_rank, device_type,
-                 resolve_param_dtype(tc, torch.device(device_type)) == torch.bfloat16)
-    if tc.metrics_file and rank == 0:
-        check_metrics_file(tc.metrics_file)
-    if tc.tensorboard and rank == 0:
-        check_tensorboard(tc.tensorboard)
-    save_lock = None
-    if tc.save:
-        check_writable(tc.save)
-        if rank == 0:
-            save_lock = ckpt_io.acquire_save_lock(tc.save)
-    tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
-    return RunInputs(mc, tc, corpus, resume, save_lock, notes)
 
 
 # ======================================================================== the run
@@ -1499,8 +873,7 @@ def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.M
          optimizer: torch.optim.Optimizer, step: int, skipped: int) -> str:
     """Write a checkpoint of the state after `step` updates (all ranks call this)."""
     gathered = gather_for_save(optimizer, pg) if isinstance(optimizer, DistributedAdamW) else None
-    payload = ckpt_io.rank_payload(model, optimizer, pg.tp_rank, pg.dp_rank,
-                                   pg.rank % (pg.dp * pg.tp), pg.ep, gathered)
+    payload = ckpt_io.rank_payload(model, optimizer, pg, gathered)
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": step,
             "skipped_steps": skipped, "model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc),
             "layout": {"world_size": pg.world_size, "tp": pg.tp, "pp": pg.pp, "dp": pg.dp, "ep": pg.ep},
@@ -1513,35 +886,14 @@ def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.M
         sys.exit(2)  # torchrun then stops the other ranks
 
 
-class StopRequest:
-    """SIGTERM (what SLURM and Kubernetes send before a kill) or SIGINT asks the run to stop after
-    the current step, saving a checkpoint; a second SIGINT stops at once.
-
-    The handler only sets a flag; ranks agree on it after every step (one all-reduce), so all
-    stop after the same step even when the signal reaches them at different moments."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self.handle)
-
-    def handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        if signum == signal.SIGINT:  # Ctrl-C twice: the default behaviour, at once
-            signal.signal(signum, self.previous[signum])
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def agreed(self, pg: ParallelGroups) -> bool:
-        flag = torch.tensor([0 if self.signum is None else 1])
-        if pg.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=None)  # did any rank get a signal? (CPU backend)
-        return bool(flag.item())
+def stop_diverged(model: MoETransformer, optimizer: torch.optim.Optimizer, pg: ParallelGroups, mc: ModelConfig,
+                  tc: TrainConfig, step: int, skipped_total: int, bad_in_a_row: int) -> None:
+    """Too many non-finite steps in a row: save the last good state (the skipped updates left it
+    untouched) and end with exit 2."""
+    if tc.save:
+        save(tc, mc, pg, model, optimizer, step, skipped_total)
+    fail(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last: step {step + 1}); "
+         f"lower --lr or raise --router-z-loss-coef, then resume" + (f" from {tc.save}" if tc.save else ""), pg.is_main)
 
 
 # Dense bf16 peak FLOP/s by a substring of the CUDA device name; the first match wins.
@@ -1563,37 +915,10 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def uses_cuda(tc: TrainConfig) -> bool:
-    """Whether this run trains on a GPU: --device cuda, or auto with one visible."""
-    return tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
-
-
-def resolve_device(tc: TrainConfig, local_rank: int) -> torch.device:
-    if uses_cuda(tc):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def resolve_autocast(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 matmuls under every bf16 scheme; with bf16 weights autocast's casts are no-ops, and it
-    still runs the few ops it keeps in fp32 (softmax-like reductions) there."""
-    if tc.dtype in ("bfloat16", "bfloat16-autocast") or (tc.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def resolve_param_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype:
-    """The dtype the model's weights are stored and computed in (the optimizer keeps fp32 masters)."""
-    if tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
-
-
 def build_model(mc: ModelConfig, tc: TrainConfig, pg: ParallelGroups, device: torch.device,
                 autocast_dtype: torch.dtype | None) -> MoETransformer:
     """This rank's slice of the model, with the expert kernel, recomputation and compilation chosen."""
-    model = MoETransformer(mc, model_parallel_for(pg, mc, tc), seed=tc.seed).to(device)
+    model = MoETransformer(mc, model_parallel_for(pg, mc), seed=tc.seed).to(device)
     dtype = resolve_param_dtype(tc, device)
     for name, p in model.named_parameters():
         # Routers stay fp32: small score differences decide the expert choice (they compute in fp32).
@@ -1641,10 +966,7 @@ class Interval:
         if self.stats is None:
             self.stats = stats
         else:
-            self.stats.lm_loss += stats.lm_loss
-            self.stats.mtp_loss += stats.mtp_loss
-            for name in ("aux_loss", "z_loss", "counts", "routed", "dropped"):
-                setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+            self.stats.add(stats)
         self.steps += 1
         self.grad_norm = self.grad_norm + grad_norm
         if seconds is not None:
@@ -1657,7 +979,7 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
                autocast_dtype: torch.dtype | None, start_step: int, skipped_total: int) -> None:
     """Steps start_step .. --max-steps: batches, train_step, logging, evaluation, checkpoints, summary."""
     is_main = pg.is_main
-    global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
+    global_batch = pg.global_batch
     peak_flops = peak_bf16_flops(device)
     bar = None
     if is_main and tc.progress:
@@ -1676,23 +998,17 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
         for step in range(start_step, tc.max_steps):
             t0 = time.time()
             x, y = get_batch(corpus.train, tc.seed, 0, step, global_batch, mc.seq_length, corpus.vocab_size)
-            micro = local_microbatches(x, y, pg, tc, device)
+            micro = local_microbatches(x, y, pg, device)
             stats, grad_norm, applied = train_step(model, optimizer, reducers, micro, pg, mc, tc, device,
                                                    autocast_dtype, step)
             done = step + 1
+            bad_in_a_row = 0 if applied else bad_in_a_row + 1
+            skipped_total += 0 if applied else 1
             if not applied:
-                skipped_total += 1
-                bad_in_a_row += 1
                 say(f"Step {done} | non-finite gradient norm: update skipped "
                     f"({bad_in_a_row} in a row, {skipped_total} in all)")
                 if bad_in_a_row >= tc.max_skipped_steps:
-                    if tc.save:
-                        save(tc, mc, pg, model, optimizer, step, skipped_total)
-                    fail(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last: step {done}); "
-                         f"lower --lr or raise --router-z-loss-coef, then resume"
-                         + (f" from {tc.save}" if tc.save else ""), is_main)
-            else:
-                bad_in_a_row = 0
+                    stop_diverged(model, optimizer, pg, mc, tc, step, skipped_total, bad_in_a_row)
             logging = done % tc.log_interval == 0 or done == tc.max_steps
             if logging and device.type == "cuda":
                 torch.cuda.synchronize()  # the step's kernels finish inside its timing
@@ -1711,7 +1027,7 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
                 val_loss = evaluate(model, corpus, pg, mc, tc, device, autocast_dtype)
                 if log:
                     log.eval(done, val_loss, bits_per_byte(corpus, val_loss))
-            stopping = stop.agreed(pg)
+            stopping = stop.agreed(pg.world_size)
             if tc.save and ((tc.save_interval > 0 and done % tc.save_interval == 0) or done == tc.max_steps
                             or stopping):
                 say(f"Step {done} | saved {save(tc, mc, pg, model, optimizer, done, skipped_total)}")
@@ -1729,15 +1045,20 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
         if log:
             log.close()
 
-    # --------------------------------------------------------------- summary
+    summarise_run(pg, mc, tc, corpus, device, done - start_step, time.time() - start_time, last, val_loss)
+
+
+def summarise_run(pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, corpus: Corpus, device: torch.device,
+                  steps: int, seconds: float, last: dict, val_loss: float | None) -> None:
+    """The end of a run on rank 0: tokens and time, final losses against the unigram entropy, expert
+    load, every rank's peak memory, where the checkpoints and metrics are."""
     peak = torch.tensor([peak_memory_mib(device)], device=device)
     if pg.world_size > 1:
         peaks = [torch.zeros_like(peak) for _ in range(pg.world_size)]
         dist.all_gather(peaks, peak, group=None)  # every rank's peak memory, for the summary
         peak = torch.cat(peaks)
-    if is_main:
-        steps = done - start_step
-        print_run_summary(steps, steps * global_batch * mc.seq_length, time.time() - start_time, last, val_loss,
+    if pg.is_main:
+        print_run_summary(steps, steps * pg.global_batch * mc.seq_length, seconds, last, val_loss,
                           unigram_entropy(corpus.val, mc.vocab_size), peak.tolist(),
                           "CUDA allocated" if device.type == "cuda" else "resident")
         if tc.save:
@@ -1747,26 +1068,20 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
 
 
 def main(argv: list[str] | None = None) -> None:
-    # ---------------------------------------------------------------- config
+    """One run: start-up (launch.py) -> distributed setup -> model and optimizer -> training -> teardown."""
+    # ------------------------------------------- start-up: nothing collective yet
     mc, tc, given = parse_config(argv)
     if tc.dry_run:  # the plan of a launch, printed by one process: nothing runs
         dry_run(mc, tc, tc.world_size or int(os.environ.get("WORLD_SIZE", 1)))
         return
-    try:  # set by torchrun (or by hand for a multi-node launch without it)
-        rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
-                                        (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-        if not 0 <= rank < world_size or local_rank < 0:
-            raise ValueError
-    except ValueError:
-        fail(f"RANK={os.environ.get('RANK')} WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
-             f"LOCAL_RANK={os.environ.get('LOCAL_RANK')} are not a valid launch; use torchrun", True)
+    rank, world_size, local_rank = launch_ranks()
     inputs, error = None, None
     try:
         inputs = prepare_inputs(mc, tc, given, rank, world_size, local_rank)
-    except (LocalInputError, DataError, ckpt_io.CheckpointError, NotEnoughMemory) as e:
-        error = str(e)  # this rank's files or machine: settled with the others below
     except ConfigError as e:
-        fail(str(e), rank == 0)  # flags and layout fail alike on every rank: no peer needed
+        if not e.local:
+            fail(str(e), rank == 0)  # flags and layout fail alike on every rank: no peer needed
+        error = str(e)  # this rank's files or machine: settled with the others below
 
     # ---------------------------------------------------- distributed setup
     if world_size > 1:
@@ -1775,8 +1090,11 @@ def main(argv: list[str] | None = None) -> None:
         timeout = tc.dist_timeout if error is None else 300.0  # the flag itself may be what is wrong
         init_process_group(backend, rank, world_size, timedelta(seconds=timeout))
     fail_together(error, rank, world_size)  # all ranks passed their checks, or all exit 2 now
+    pg = build_process_groups(inputs.layout, embedding_groups=inputs.mc.mtp_num_layers > 0)
+
+    # ---------------------------------------------- model, optimizer, training
     try:
-        run(inputs, rank, world_size, local_rank)
+        run(inputs, pg, local_rank)
     finally:
         if inputs.save_lock:
             inputs.save_lock.close()
@@ -1784,77 +1102,13 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
-def size_text(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def software() -> dict:
-    """What the numbers of a CPU run depend on besides the flags: the thread count decides how
-    torch splits float sums, the kernels and the torch version how it computes them."""
-    return {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-            "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
-
-
-def software_text() -> str:
-    sw = software()
-    return f"torch {sw['torch']}, {sw['cpu_threads']} CPU threads per rank ({sw['cpu_kernels']})"
-
-
-def print_banner(inputs: RunInputs, pg: ParallelGroups, device: torch.device,
-                 autocast_dtype: torch.dtype | None) -> None:
-    """What is about to run, before anything is allocated: device and precision, model size,
-    layout, data, batch and schedule, the memory estimate, notes on a resume, the full config."""
-    mc, tc, corpus = inputs.mc, inputs.tc, inputs.corpus
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        "no CUDA device visible" if tc.device == "auto" else "--device cpu")
-    weights = resolve_param_dtype(tc, device)
-    precision = "fp32" if weights == torch.float32 else "bf16 with fp32 master weights"
-    print("=" * 28 + " run " + "=" * 28)
-    print(f"device: {device.type} ({where}) x {pg.world_size} rank{'s' if pg.world_size > 1 else ''} | weights {precision} | "
-          f"autocast {autocast_dtype or 'off'} | grouped GEMM "
-          f"{can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)} | {software_text()}")
-    experts = (f"{mc.num_experts} experts top-{mc.num_experts_per_token} in layers {mc.moe_layers}"
-               if mc.num_experts else "dense")
-    if mc.mtp_num_layers:
-        experts += f" | {mc.mtp_num_layers} MTP modules (layers {mc.mtp_layers}), loss coef {tc.mtp_loss_coef:g}"
-    print(f"model: {params_per_stage(mc, 1, 1, 1)[0]:,} parameters, {mc.active_params_per_token():,} active per "
-          f"token (embedding lookup excluded) | {mc.num_layers} layers, hidden {mc.hidden_size}, {experts}")
-    layout = describe_layout(pg, mc, tc).split("\n")
-    print("\n".join(layout[:17] + ([f"  ... {len(layout) - 17} more ranks"] if len(layout) > 17 else [])))
-    print(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
-    global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
-    print(f"batch: {global_batch} sequences x {mc.seq_length} tokens per step ({tc.micro_batch_size} per "
-          f"micro-batch x {tc.num_microbatches} micro-batches x DP {pg.dp}), {tc.max_steps} steps | "
-          f"{tc.optimizer} | LR: {tc.schedule().describe()}")
-    state, acts = estimate_rank_bytes(mc, tc, pg.world_size, weights == torch.bfloat16, device.type == "cuda")
-    print(f"memory per rank (estimate): {size_text(state)} weights, gradients and optimizer state + at least "
-          f"{size_text(acts)} activations")
-    optim_bytes = optimizer_bytes_per_rank(mc, tc, pg.world_size, weights == torch.bfloat16)
-    if not tc.use_distributed_optimizer:
-        sharding = "each rank holds all of it; --use-distributed-optimizer shards it over DP"
-    elif pg.dp == 1:
-        sharding = "--use-distributed-optimizer changes nothing at DP 1: no replica to share it with"
-    else:
-        sharding = (f"--use-distributed-optimizer: dense weights' state / DP {pg.dp}, experts' / their "
-                    f"{pg.expert_dp_size} replica{'s' if pg.expert_dp_size > 1 else ''}")
-    print(f"optimizer state per rank (estimate): {size_text(optim_bytes)} ({sharding})")
-    for note in inputs.notes:
-        print(f"note: {note}")
-    print(f"model config: {json.dumps(dataclasses.asdict(mc))}")
-    print(f"train config: {json.dumps(dataclasses.asdict(tc))}")
-
-
-def run(inputs: RunInputs, rank: int, world_size: int, local_rank: int) -> None:
-    """Process groups, model, optimizer and checkpoint, then training (or evaluation) to the end."""
+def run(inputs: RunInputs, pg: ParallelGroups, local_rank: int) -> None:
+    """Model, optimizer and checkpoint, then training (or evaluation) to the end."""
     mc, tc, corpus, resume = inputs.mc, inputs.tc, inputs.corpus, inputs.resume
     device = resolve_device(tc, local_rank)
-    pg = build_process_groups(tc.tensor_parallel_size, tc.pipeline_parallel_size, tc.expert_parallel_size,
-                              rank, world_size, embedding_groups=mc.mtp_num_layers > 0)
     autocast_dtype = resolve_autocast(tc, device)
     if pg.is_main:
-        print_banner(inputs, pg, device, autocast_dtype)
-
-    # ------------------------------------------------- model and optimizer
+        print_banner(inputs, device, autocast_dtype)
     model = build_model(mc, tc, pg, device, autocast_dtype)
     reducers = build_grad_reducers(model, pg, tc.use_distributed_optimizer)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer, buckets=flat_buckets(reducers))
@@ -1864,10 +1118,8 @@ def run(inputs: RunInputs, rank: int, world_size: int, local_rank: int) -> None:
             start_step, skipped = resume_from(resume, model, optimizer, pg, tc)
         except ckpt_io.CheckpointError as e:
             error = str(e)
-        fail_together(error, rank, world_size)
+        fail_together(error, pg.rank, pg.world_size)
         inputs.resume = resume = None  # free the whole checkpoint's tensors
-
-    # ----------------------------------------------------------- training
     try:
         if tc.eval_only:
             report_eval_only(model, corpus, pg, mc, tc, device, autocast_dtype, start_step)

@@ -36,43 +36,64 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from parallel_layers import (ColumnParallelLinear, ModelParallel, RowParallelLinear, VocabParallelEmbedding,
-                             all_to_all, column_parallel, compute_dtype, gather_tokens, mark_sharded, split_tokens)
+                             all_to_all, column_parallel, compute_dtype, gather_tokens, place, placement, split_tokens)
 
 
 # --------------------------------------------------------------------------- config
+def arg(default: Any, help: str, **kw: Any) -> Any:
+    """A config field that also carries its command-line help (and choices) as metadata."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass
 class ModelConfig:
-    """Every model hyper-parameter; flags of minimal_pretrain.py map onto these one to one."""
+    """Every model hyper-parameter. Each field is a flag of minimal_pretrain.py (`num_experts` ->
+    `--num-experts`) whose help text (and choices) it carries as metadata: the one description
+    that --help and README_MOE.md's flag tables show."""
 
-    vocab_size: int = 256  # tokens; 256 for byte-level data
-    hidden_size: int = 128  # D
-    num_layers: int = 4  # decoder blocks
-    num_attention_heads: int = 4  # H (full model)
-    num_kv_heads: int = 2  # Hkv (full model); grouped-query attention when < H
-    head_dim: int = 0  # Dh per attention head; 0 means hidden_size / num_attention_heads
-    ffn_hidden_size: int = 512  # hidden width of dense SwiGLU layers
-    moe_ffn_hidden_size: int = 256  # F, hidden width of each expert
-    num_experts: int = 8  # E; 0 gives the dense model
-    num_experts_per_token: int = 2  # K
-    moe_layer_interval: int = 1  # layer i is MoE iff (i + 1) % interval == 0 (and i >= first_k_dense_layers)
-    first_k_dense_layers: int = 0  # the first this many layers are dense whatever the interval (DeepSeek-V3: 3)
-    moe_layer_list: str = ""  # comma-separated 0-based MoE layers, e.g. "1,3,5"; replaces interval and first-k
-    norm_topk_prob: bool = True  # renormalise the K chosen router weights to sum to 1
-    num_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeekMoE)
-    shared_expert_ffn_hidden_size: int = 0  # width of each shared expert; 0 means moe_ffn_hidden_size
-    router_score_function: str = "softmax"  # softmax | sigmoid (sigmoid: top-k weights renormalised)
-    router_topk_scaling_factor: float = 1.0  # K combine weights (after renormalising) x this (DeepSeek-V3: 2.5)
-    router_num_groups: int = 1  # G: experts split into G contiguous groups of E / G (DeepSeek-V3: 8)
-    router_group_topk: int = 1  # groups each token keeps before its top-K (DeepSeek-V3: 4)
-    router_type: str = "topk"  # topk | expert-choice | round-robin (forced balance, for benchmarks)
-    router_aux_loss_type: str = "micro-batch"  # micro-batch | global-batch | sequence
-    moe_capacity_factor: float = 0.0  # tokens per expert = factor * N * K / E; 0 = dropless
-    router_jitter_noise: float = 0.0  # multiply router inputs by U(1-eps, 1+eps) in training (Switch)
-    seq_length: int = 256  # T, longest sequence (size of the rotary table)
-    rope_theta: float = 10000.0  # rotary base
-    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
-    init_std: float = 0.02  # std of the normal init of every projection
-    mtp_num_layers: int = 0  # D multi-token prediction modules (DeepSeek-V3 MTP) on the last stage; 0 = off
+    vocab_size: int = arg(256, "vocabulary size (byte-level data: 256; token files: from meta.json)")
+    hidden_size: int = arg(128, "model width D")
+    num_layers: int = arg(4, "decoder blocks")
+    num_attention_heads: int = arg(4, "query heads")
+    num_kv_heads: int = arg(2, "key/value heads (grouped-query attention when fewer than query heads)")
+    head_dim: int = arg(0, "width of each attention head; q/k/v/o are heads x head-dim wide, which need not be the "
+                           "hidden size (Qwen3-30B-A3B: hidden 2048, 32 heads of 128); 0 = hidden size / heads")
+    ffn_hidden_size: int = arg(512, "hidden width of the dense SwiGLU MLP layers")
+    moe_ffn_hidden_size: int = arg(256, "hidden width of each expert")
+    num_experts: int = arg(8, "experts per MoE layer; 0 gives a dense model")
+    num_experts_per_token: int = arg(2, "top-k: experts each token is sent to")
+    moe_layer_interval: int = arg(1, "layer i is an MoE layer iff (i + 1) % interval == 0 (and i >= "
+                                     "--first-k-dense-layers)")
+    first_k_dense_layers: int = arg(0, "the first this many layers are dense whatever the interval (DeepSeek-V3: 3, "
+                                       "Kimi-K2: 1)")
+    moe_layer_list: str = arg("", "comma-separated 0-based MoE layers, e.g. 1,3,5 (instead of the interval and "
+                                  "first-k); empty: the interval decides")
+    norm_topk_prob: bool = arg(True, "renormalise the top-k router weights to sum to 1")
+    num_shared_experts: int = arg(0, "always-on shared experts per MoE layer (DeepSeekMoE)")
+    shared_expert_ffn_hidden_size: int = arg(0, "width of each shared expert; 0 = --moe-ffn-hidden-size")
+    router_score_function: str = arg("softmax", "softmax | sigmoid (sigmoid: top-k weights renormalised, as "
+                                                "DeepSeek-V3)", choices=["softmax", "sigmoid"])
+    router_topk_scaling_factor: float = arg(1.0, "multiply the top-k combine weights (after renormalisation) by "
+                                                 "this (DeepSeek-V3: 2.5, Kimi-K2: 2.827)")
+    router_num_groups: int = arg(1, "group-limited routing: split the experts into this many contiguous "
+                                    "groups; 1 = off")
+    router_group_topk: int = arg(1, "groups each token keeps (a group scored by the sum of its two best expert "
+                                    "scores) before choosing its top-k among their experts")
+    router_type: str = arg("topk", "topk | expert-choice (each expert takes its best tokens; not causal) | "
+                                   "round-robin (forced balance, for benchmarks)",
+                           choices=["topk", "expert-choice", "round-robin"])
+    router_aux_loss_type: str = arg("micro-batch", "micro-batch | global-batch | sequence: where the balancing loss "
+                                                   "counts f_i", choices=["micro-batch", "global-batch", "sequence"])
+    moe_capacity_factor: float = arg(0.0, "expert capacity = factor x tokens x top-k / experts; lowest-scored "
+                                          "assignments beyond it are dropped; 0 = dropless")
+    router_jitter_noise: float = arg(0.0, "multiply router inputs by U(1-eps, 1+eps) in training (Switch); 0 = off")
+    seq_length: int = arg(256, "tokens per training sequence")
+    rope_theta: float = arg(10000.0, "rotary embedding base")
+    rms_norm_eps: float = arg(1e-6, "RMSNorm epsilon")
+    init_std: float = arg(0.02, "std of the normal initialisation")
+    mtp_num_layers: int = arg(0, "multi-token prediction modules (DeepSeek-V3 MTP): module k predicts the token k + "
+                                 "1 ahead through its own block and the shared embedding and LM head; training "
+                                 "only, generation and export ignore them; 0 = off")
 
     @property
     def attn_head_dim(self) -> int:
@@ -258,12 +279,11 @@ def layout_free_init_(model: nn.Module, seed: int) -> None:
             with torch.no_grad():
                 p.fill_(1.0)
             continue
-        full_shape = getattr(p, "full_shape", tuple(p.shape))
+        where = placement(p)
         gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)  # any seed >= 0
-        std = p.init_std if hasattr(p, "init_std") else 0.02
-        full = torch.randn(full_shape, generator=gen) * std
-        if hasattr(p, "full_shape"):
-            full = full.chunk(p.shard_size, dim=p.shard_dim)[p.shard_rank]
+        full = torch.randn(where.full_shape, generator=gen) * where.init_std
+        if where.shard:
+            full = full.chunk(where.size, dim=where.dim)[where.rank]
         with torch.no_grad():
             p.copy_(full)
 
@@ -327,8 +347,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(dh, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(dh, cfg.rms_norm_eps)
         # Each TP rank normalises only its own heads, so these weights get partial gradients.
-        self.q_norm.weight.tp_partial_grad = True
-        self.k_norm.weight.tp_partial_grad = True
+        place(self.q_norm.weight, tp_partial_grad=True)
+        place(self.k_norm.weight, tp_partial_grad=True)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
                 kv_cache: dict | None = None) -> torch.Tensor:
@@ -412,8 +432,7 @@ class TopKRouter(nn.Module):
         self.scaling_factor = cfg.router_topk_scaling_factor
         self.num_groups, self.group_topk = cfg.router_num_groups, cfg.router_group_topk
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
-        self.weight.init_std = cfg.init_std
-        self.weight.tp_partial_grad = True
+        place(self.weight, init_std=cfg.init_std, tp_partial_grad=True)
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))  # saved in checkpoints
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
@@ -588,8 +607,8 @@ class MoEExpert(nn.Module):
         self.w_up = nn.Parameter(torch.empty(self.num_local, d, f))
         self.w_down = nn.Parameter(torch.empty(self.num_local, f, d))
         for w, std in ((self.w_gate, cfg.init_std), (self.w_up, cfg.init_std), (self.w_down, out_std)):
-            mark_sharded(w, (e,) + tuple(w.shape[1:]), 0, par.ep_rank, par.ep_size, "ep")
-            w.init_std = std
+            place(w, full_shape=(e,) + tuple(w.shape[1:]), shard="ep", dim=0, rank=par.ep_rank, size=par.ep_size,
+                  init_std=std)
         self.use_grouped_mm = False  # set by the trainer (see `can_use_grouped_mm`)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -901,8 +920,8 @@ class MoETransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoELayer(cfg, par) if self.is_moe else DenseMLP(cfg, par)
         # SP: each TP rank normalises only its positions, so the norm weights get partial gradients.
-        self.input_layernorm.weight.tp_partial_grad = par.sequence_parallel
-        self.post_attention_layernorm.weight.tp_partial_grad = par.sequence_parallel
+        place(self.input_layernorm.weight, tp_partial_grad=par.sequence_parallel)
+        place(self.post_attention_layernorm.weight, tp_partial_grad=par.sequence_parallel)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
                 kv_cache: dict | None = None, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats | None]:
@@ -936,11 +955,11 @@ class MultiTokenPrediction(nn.Module):
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
-        self.eh_proj.weight.init_std = cfg.init_std
+        place(self.eh_proj.weight, init_std=cfg.init_std)
         self.block = MoETransformerBlock(cfg, par, layer)
         self.final_layernorm = RMSNorm(d, cfg.rms_norm_eps)
         for weight in (self.enorm.weight, self.hnorm.weight, self.eh_proj.weight, self.final_layernorm.weight):
-            weight.tp_partial_grad = par.sequence_parallel  # SP: each TP rank sees its positions only
+            place(weight, tp_partial_grad=par.sequence_parallel)  # SP: each TP rank sees its positions only
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
                 noise_seed: int | None) -> tuple[torch.Tensor, MoEStats | None]:
@@ -980,7 +999,7 @@ class MoETransformer(nn.Module):
     (`layers.3.mlp.router.weight` is its `model.layers.3.mlp.gate.weight`). The MTP modules
     (`mtp.0.*`, ...) live on the last stage; under PP it then holds a copy of the embedding too,
     initialised equal (by name) and kept equal by the trainer, which sums the two copies'
-    gradients over the embedding group. Each copy's `pipeline_copy` says which stage holds it."""
+    gradients over the embedding group. Each copy's placement says which stage holds it."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel | None = None, seed: int = 0):
         super().__init__()
@@ -993,11 +1012,11 @@ class MoETransformer(nn.Module):
         if par.first_stage or mtp:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par, cfg.init_std)
             if cfg.mtp_num_layers > 0 and par.first_stage != par.last_stage:  # one copy on each end of the pipeline
-                self.embed_tokens.weight.pipeline_copy = "first" if par.first_stage else "last"
+                place(self.embed_tokens.weight, pipeline_copy="first" if par.first_stage else "last")
         self.layers = nn.ModuleDict({str(i): MoETransformerBlock(cfg, par, i) for i in self.layer_ids})
         if par.last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            self.norm.weight.tp_partial_grad = par.sequence_parallel  # SP: each rank normalises its positions
+            place(self.norm.weight, tp_partial_grad=par.sequence_parallel)  # SP: each rank normalises its positions
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, par, cfg.init_std)
         self.mtp = nn.ModuleList([MultiTokenPrediction(cfg, par, i) for i in cfg.mtp_layers] if mtp else [])
         self.rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)

@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from parallel_layers import placement
+
 # Warm-up when --warmup-steps is not given: this fraction of the decay steps, at most WARMUP_CAP
 # steps (DeepSeek-V3 warms up for 2000 steps; a 400-step laptop run gets 40).
 WARMUP_FRACTION, WARMUP_CAP = 0.1, 2000
@@ -144,18 +146,18 @@ class Muon(MasterWeightAdamW):
             buf.lerp_(m.grad, 1 - mu)  # EMA of the gradient
             nesterov = m.grad.lerp(buf, mu)  # the gradient seen one momentum step ahead
             m.mul_(1 - lr * wd)  # decoupled weight decay with the unscaled lr, as AdamW's
-            m.add_(self.orthogonalise(nesterov, p), alpha=-lr * match_rms_adamw(getattr(p, "full_shape", p.shape)))
+            m.add_(self.orthogonalise(nesterov, p), alpha=-lr * match_rms_adamw(placement(p).full_shape))
 
     def orthogonalise(self, update: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
         """Newton-Schulz of the whole matrix (or matrices) that this rank's `update` belongs to."""
-        kind = getattr(p, "shard_kind", None)
-        if kind == "ep":  # (E_local, A, B): every expert whole on this rank
+        where = placement(p)
+        if where.expert:  # (E_local, A, B): every expert whole on this rank
             return torch.stack([newton_schulz(u, dtype=self.ns_dtype) for u in update])
-        if kind == "tp" and p.shard_size > 1:
-            parts = [torch.empty_like(update) for _ in range(p.shard_size)]
+        if where.shard == "tp" and where.size > 1:
+            parts = [torch.empty_like(update) for _ in range(where.size)]
             dist.all_gather(parts, update.contiguous(), group=self.tp_group)  # every TP rank's rows (or columns)
-            full = torch.cat(parts, dim=p.shard_dim)  # p.full_shape
-            return newton_schulz(full, dtype=self.ns_dtype).chunk(p.shard_size, dim=p.shard_dim)[p.shard_rank]
+            full = torch.cat(parts, dim=where.dim)  # where.full_shape
+            return newton_schulz(full, dtype=self.ns_dtype).chunk(where.size, dim=where.dim)[where.rank]
         return newton_schulz(update, dtype=self.ns_dtype)
 
 

@@ -18,6 +18,7 @@ Shapes as in moe_layers.py: B batch, T sequence, D hidden, N = B*T tokens, V voc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,17 +69,139 @@ def chunk_layers(num_layers: int, pp: int, stage: int, layers_per_chunk: int = 0
     return [((v * pp + stage) * n, (v * pp + stage + 1) * n) for v in range(num_layers // (pp * n))]
 
 
-# ------------------------------------------------- parameters that know their full shape
-def mark_sharded(p: nn.Parameter, full_shape: tuple[int, ...], dim: int, rank: int, size: int,
-                 kind: str) -> nn.Parameter:
-    """Record that p is slice `rank` of `size` equal slices along `dim` of a full tensor.
+# ------------------------------------------------------------------ the launch's layout
+@dataclass(frozen=True)
+class Layout:
+    """Every size of a parallel launch and one rank's place in it, resolved and checked once
+    (launch.resolve_layout) and passed to whoever needs a size: nothing else derives one.
 
-    kind is "tp" (split over tensor-parallel ranks) or "ep" (experts split over EP ranks).
-    Layout-free initialisation, gradient-norm accounting and checkpoints read this."""
-    p.full_shape = tuple(full_shape)
-    p.shard_dim, p.shard_rank, p.shard_size, p.shard_kind = dim, rank, size, kind
+    world = PP x DP x TP; global rank = (pp_rank * DP + dp_rank) * TP + tp_rank (TP fastest, then
+    DP, then PP). EP carves the DP x TP ranks of a stage into groups of EP consecutive ranks that
+    split the experts; the ranks of a stage holding the same experts (expert-DP) sum their gradients."""
+
+    world_size: int = 1
+    tp: int = 1  # tensor-parallel ranks
+    pp: int = 1  # pipeline stages
+    ep: int = 1  # expert-parallel ranks (resolved: never 0)
+    sequence_parallel: bool = False
+    layers_per_chunk: int = 0  # interleaved 1F1B's virtual stage size; 0 = one chunk per rank
+    num_microbatches: int = 1  # per DP rank and step
+    micro_batch_size: int = 1  # sequences per micro-batch
+    rank: int = 0  # this rank (0 for a plan of the whole launch)
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def stage_size(self) -> int:  # ranks of one pipeline stage
+        return self.dp * self.tp
+
+    @property
+    def expert_dp_size(self) -> int:  # ranks of a stage holding the same experts
+        return self.stage_size // self.ep
+
+    @property
+    def global_batch(self) -> int:  # sequences per optimizer step
+        return self.micro_batch_size * self.num_microbatches * self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.stage_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank % self.stage_size // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.stage_size % self.ep
+
+    @property
+    def expert_dp_rank(self) -> int:  # this rank's place among the ranks holding its experts
+        return self.rank % self.stage_size // self.ep
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def chunks(self, num_layers: int, stage: int | None = None) -> list[tuple[int, int]]:
+        """Layers [start, end) of each model chunk of `stage` (default: this rank's)."""
+        return chunk_layers(num_layers, self.pp, self.pp_rank if stage is None else stage, self.layers_per_chunk)
+
+
+# ------------------------------------------------------------ where a weight lives
+@dataclass(frozen=True)
+class Placement:
+    """Where one parameter's elements live across the ranks and how its gradient is completed:
+    the one record of these facts, set where the layer builds the weight (place) and read by the
+    layout-free init, gradient sync, the distributed optimizer, the gradient norm, checkpoints,
+    Muon and the memory planner.
+
+    A weight is whole on every rank (shard None), or this rank holds slice `rank` of `size` equal
+    slices along `dim` of a `full_shape` tensor: "tp" split over the TP ranks, "ep" experts split
+    over the EP ranks of a stage. Either way the other ranks of its replica group hold the same
+    slice; replicas() says how many ranks hold each element."""
+
+    full_shape: tuple[int, ...]
+    shard: str | None = None  # None | "tp" | "ep"
+    dim: int = 0
+    rank: int = 0
+    size: int = 1
+    init_std: float = 0.02  # std of its layout-free normal initialisation
+    tp_partial_grad: bool = False  # each TP rank's gradient is a part of it (router, q/k norms, SP norms): summed over TP
+    pipeline_copy: str | None = None  # MTP under PP: the embedding's copy on the "first" or "last" stage
+
+    @property
+    def expert(self) -> bool:  # reduced over the ranks holding the same experts, not over DP
+        return self.shard == "ep"
+
+    def replicas(self, layout: Layout) -> int:
+        """Ranks of the whole launch that hold each element of this weight: DP for a TP slice, the
+        expert's replicas for an expert, DP x TP for a replicated weight; twice that for the
+        embedding held on two stages (MTP under PP)."""
+        per_stage = {"tp": layout.dp, "ep": layout.expert_dp_size}.get(self.shard, layout.dp * layout.tp)
+        return per_stage * (2 if self.pipeline_copy else 1)
+
+    def reduce_group_size(self, layout: Layout) -> int:
+        """Ranks its gradient is reduced over by the trainer's reducers: an expert's replicas, else DP."""
+        return layout.expert_dp_size if self.expert else layout.dp
+
+    def written_by(self, layout: Layout) -> bool:
+        """Whether `layout`'s rank writes this weight to a checkpoint: one copy of every slice over the
+        whole world (the first replica of it). The last stage's copy of the embedding is equal to the
+        first stage's: never written."""
+        if self.pipeline_copy == "last":
+            return False
+        if self.expert:
+            return layout.rank % layout.stage_size < layout.ep  # the first EP group of the stage
+        if self.shard == "tp":
+            return layout.dp_rank == 0
+        return layout.dp_rank == 0 and layout.tp_rank == 0
+
+
+def placement(p: torch.Tensor) -> Placement:
+    """p's placement; a weight built without one is whole on every rank."""
+    return getattr(p, "placement", None) or Placement(tuple(p.shape))
+
+
+def place(p: nn.Parameter, **facts: Any) -> nn.Parameter:
+    """Record (or update) facts of p's placement, e.g. place(w, shard="tp", dim=0, rank=r, size=TP,
+    full_shape=...) or place(norm.weight, tp_partial_grad=True)."""
+    p.placement = dataclasses.replace(placement(p), **facts)
     return p
-
 
 
 # ------------------------------------------------ tensor-parallel autograd collectives
@@ -275,8 +398,8 @@ class ColumnParallelLinear(nn.Module):
         assert out_features % par.tp_size == 0
         self.par = par
         self.weight = nn.Parameter(torch.empty(out_features // par.tp_size, in_features))
-        mark_sharded(self.weight, (out_features, in_features), 0, par.tp_rank, par.tp_size, "tp")
-        self.weight.init_std = std
+        place(self.weight, full_shape=(out_features, in_features), shard="tp", dim=0, rank=par.tp_rank,
+              size=par.tp_size, init_std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)  # (..., out / TP); caller applied copy_to_tp to x
@@ -291,8 +414,8 @@ class RowParallelLinear(nn.Module):
         assert in_features % par.tp_size == 0
         self.par = par
         self.weight = nn.Parameter(torch.empty(out_features, in_features // par.tp_size))
-        mark_sharded(self.weight, (out_features, in_features), 1, par.tp_rank, par.tp_size, "tp")
-        self.weight.init_std = std
+        place(self.weight, full_shape=(out_features, in_features), shard="tp", dim=1, rank=par.tp_rank,
+              size=par.tp_size, init_std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)  # (B, T, out) this rank's partial sum
@@ -310,8 +433,8 @@ class VocabParallelEmbedding(nn.Module):
         self.v_local = vocab_size // par.tp_size
         self.v_start = par.tp_rank * self.v_local
         self.weight = nn.Parameter(torch.empty(self.v_local, dim))
-        mark_sharded(self.weight, (vocab_size, dim), 0, par.tp_rank, par.tp_size, "tp")
-        self.weight.init_std = std
+        place(self.weight, full_shape=(vocab_size, dim), shard="tp", dim=0, rank=par.tp_rank, size=par.tp_size,
+              init_std=std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.par.tp_size == 1:

@@ -30,14 +30,16 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt_io
 import data
+import launch
 import memory
 import metrics as metrics_mod
 import minimal_pretrain as mp
 import optim
+import parallel_layers
 from moe_layers import (Assignments, Attention, ModelConfig, MoEExpert, MoETransformer, MoETransformerBlock, RMSNorm,
                         RotaryEmbedding, SparseMoELayer, TopKRouter, _ExpertLoop, layout_free_init_,
                         load_balancing_loss, router_z_loss)
-from parallel_layers import ModelParallel, stage_layers
+from parallel_layers import Layout, ModelParallel, placement, stage_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
@@ -579,7 +581,7 @@ def test_unigram_entropy_by_hand():
 
 @smoke
 def test_lr_warmup_then_cosine():
-    tc = mp.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    tc = launch.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert math.isclose(tc.schedule().at(0), 0.1)
     assert math.isclose(tc.schedule().at(9), 1.0)
     assert math.isclose(tc.schedule().at(60), 0.55)  # half way down the cosine
@@ -590,13 +592,13 @@ def test_lr_warmup_then_cosine():
 @pytest.mark.parametrize("max_steps,decay,want_warmup", [(3, 0, 0), (50, 0, 5), (400, 0, 40), (999, 0, 99),
                                                          (100_000, 0, 2000), (50, 300, 30)])
 def test_default_warmup_is_a_tenth_of_the_decay_steps_at_most_2000(max_steps, decay, want_warmup):
-    schedule = mp.TrainConfig(lr=1.0, min_lr=0.0, max_steps=max_steps, lr_decay_steps=decay).schedule()
+    schedule = launch.TrainConfig(lr=1.0, min_lr=0.0, max_steps=max_steps, lr_decay_steps=decay).schedule()
     assert schedule.warmup_steps == want_warmup and schedule.decay_steps == (decay or max_steps)
     if want_warmup:  # the formula by hand: linear to the peak at the last warm-up step
         assert math.isclose(schedule.at(want_warmup - 1), 1.0) and math.isclose(schedule.at(0), 1 / want_warmup)
     else:
         assert schedule.at(0) == 1.0
-    explicit = mp.TrainConfig(max_steps=max_steps, warmup_steps=7).schedule()
+    explicit = launch.TrainConfig(max_steps=max_steps, warmup_steps=7).schedule()
     assert explicit.warmup_steps == 7  # an explicit value is kept
 
 
@@ -1160,7 +1162,7 @@ def tiny_checkpoint_at_step_3(root) -> tuple[MoETransformer, torch.optim.Optimiz
     opt = torch.optim.AdamW(model.parameters())
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 3, "skipped_steps": 0,
             "model": {}, "train": {}, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}}
-    ckpt_io.save_checkpoint(str(root), 3, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), meta, 0, 1)
+    ckpt_io.save_checkpoint(str(root), 3, ckpt_io.rank_payload(model, opt, Layout()), meta, 0, 1)
     return model, opt, meta, ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(root)))
 
 
@@ -1179,13 +1181,13 @@ def test_save_that_crashes_between_files_leaves_latest_loadable(tmp_path, monkey
         for p in model.parameters():
             p.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        ckpt_io.save_checkpoint(str(tmp_path), 6, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1),
+        ckpt_io.save_checkpoint(str(tmp_path), 6, ckpt_io.rank_payload(model, opt, Layout()),
                                 dict(meta, step=6), 0, 1)
     assert (tmp_path / "latest").read_text() == "step_00000003"
     after = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path)))
     assert all(torch.equal(before[k], after[k]) for k in before)
     monkeypatch.setattr(ckpt_io, "_fsync_write", real_write)  # the next save cleans up and succeeds
-    ckpt_io.save_checkpoint(str(tmp_path), 6, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), dict(meta, step=6), 0, 1)
+    ckpt_io.save_checkpoint(str(tmp_path), 6, ckpt_io.rank_payload(model, opt, Layout()), dict(meta, step=6), 0, 1)
     assert ckpt_io.read_checkpoint(str(tmp_path)).meta["step"] == 6
     assert not any(d.startswith(".tmp") for d in os.listdir(tmp_path))
 
@@ -1358,14 +1360,14 @@ def test_collapsed_router_gets_a_dead_expert_warning(tmp_path, capsys):
 
 
 def test_help_lists_every_flag_once_under_its_group():
-    groups = [title for title, _ in mp.FLAG_GROUPS]
-    grouped = [name for _, names in mp.FLAG_GROUPS for name in names]
-    fields = [f.name for cls in (ModelConfig, mp.TrainConfig) for f in dataclasses.fields(cls)]
+    groups = [title for title, _ in launch.FLAG_GROUPS]
+    grouped = [name for _, names in launch.FLAG_GROUPS for name in names]
+    fields = [f.name for cls in (ModelConfig, launch.TrainConfig) for f in dataclasses.fields(cls)]
     assert sorted(grouped) == sorted(fields) and len(set(grouped)) == len(grouped)
-    text = mp.build_arg_parser().format_help()
+    text = launch.build_arg_parser().format_help()
     starts = [text.index(f"\n{title}:\n") for title in groups]
     assert starts == sorted(starts)  # in the guide's order
-    for (title, names), start, end in zip(mp.FLAG_GROUPS, starts, starts[1:] + [len(text)]):
+    for (title, names), start, end in zip(launch.FLAG_GROUPS, starts, starts[1:] + [len(text)]):
         section = text[start:end]
         for name in names:
             assert f"--{name.replace('_', '-')}" in section, (title, name)
@@ -1375,7 +1377,7 @@ def test_help_lists_every_flag_once_under_its_group():
 def test_banner_says_device_dtype_sizes_and_memory(capsys):
     mp.main(TINY_FLAGS + ["--max-steps", "1"])
     out = capsys.readouterr().out
-    mc = mp.parse_config(TINY_FLAGS)[0]
+    mc = launch.parse_config(TINY_FLAGS)[0]
     params = dict(MoETransformer(mc, seed=0).named_parameters())
     total = sum(p.numel() for p in params.values())
     # A token multiplies by every weight but the embedding (a lookup) and by K of the E experts.
@@ -1411,7 +1413,7 @@ def test_tensorboard_events_hold_the_metrics_once_after_a_restart(tmp_path):
 
 @smoke
 def test_non_finite_loss_skips_the_update_and_stops_after_too_many(tmp_path, monkeypatch):
-    real_ce = mp.vocab_parallel_cross_entropy
+    real_ce = parallel_layers.vocab_parallel_cross_entropy
     calls = {"n": 0}
 
     def nan_on_steps_2_and_3(logits, targets, par):  # one micro-batch per step
@@ -1728,7 +1730,7 @@ def test_ids_over_the_vocabulary_in_a_large_split_fail_at_the_batch_that_reads_t
 def test_memory_planner_counts_the_parameters_each_stage_builds(layout):
     tp, pp, ep = layout
     mc = tiny_config(num_layers=3, vocab_size=64, num_experts=4, moe_layer_interval=2, num_shared_experts=1)
-    counted = mp.params_per_stage(mc, tp, pp, ep)
+    counted = memory.params_per_stage(mc, tp, pp, ep)
     for stage in range(pp):
         start, end = stage_layers(mc.num_layers, pp, stage)
         par = ModelParallel(tp_size=tp, ep_size=ep, layer_start=start, layer_end=end,
@@ -1767,12 +1769,12 @@ def test_resave_of_the_latest_step_that_crashes_midway_still_loads(tmp_path, mon
         for p in model.parameters():
             p.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        ckpt_io.save_checkpoint(str(tmp_path), 3, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), meta, 0, 1)
+        ckpt_io.save_checkpoint(str(tmp_path), 3, ckpt_io.rank_payload(model, opt, Layout()), meta, 0, 1)
     monkeypatch.setattr(ckpt_io.os, "replace", real_replace)
     assert not (tmp_path / "step_00000003").exists()  # the crash fell between the two renames
     after = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path)))  # `latest` -> the old copy
     assert all(torch.equal(before[k], after[k]) for k in before)
-    ckpt_io.save_checkpoint(str(tmp_path), 3, ckpt_io.rank_payload(model, opt, 0, 0, 0, 1), meta, 0, 1)
+    ckpt_io.save_checkpoint(str(tmp_path), 3, ckpt_io.rank_payload(model, opt, Layout()), meta, 0, 1)
     resaved = ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(tmp_path)))
     assert all(torch.equal(before[k] + 1.0, resaved[k]) for k in before if k.endswith("weight"))
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_00000003"]
@@ -1893,7 +1895,7 @@ def test_compile_gives_the_same_losses_to_rounding(tmp_path):
 @pytest.mark.parametrize("fused", [False, True])
 def test_adamw_state_round_trips_through_a_checkpoint_fused_or_not(fused):
     """The fused AdamW the trainer uses on CUDA (runnable on the CPU too) resumes exactly like the reference."""
-    tc = mp.TrainConfig()
+    tc = launch.TrainConfig()
 
     def fresh() -> tuple[MoETransformer, torch.optim.Optimizer]:
         model = MoETransformer(tiny_config(), seed=0)
@@ -1910,7 +1912,7 @@ def test_adamw_state_round_trips_through_a_checkpoint_fused_or_not(fused):
     assert bool(opt.defaults.get("fused")) == fused
     for seed in range(2):
         step(model, opt, seed)
-    payload = ckpt_io.rank_payload(model, opt, 0, 0, 0, 1)
+    payload = ckpt_io.rank_payload(model, opt, Layout())
     saved = ckpt_io.Checkpoint(path="memory", meta={}, params={k: [v] for k, v in payload["params"].items()},
                                optim={k: [v] for k, v in payload["optim"].items()}, rng={0: payload["rng"]})
     resumed, resumed_opt = fresh()
@@ -1928,8 +1930,8 @@ def test_compiled_blocks_compile_once_across_steps_and_microbatches():
     fixed, so any extra graph here is the trainer's doing."""
     from torch._dynamo.utils import counters
     mc = tiny_config(router_type="round-robin")
-    tc = mp.TrainConfig(micro_batch_size=2, num_microbatches=2)
-    pg = mp.build_process_groups(1, 1, 1, 0, 1)
+    tc = launch.TrainConfig(micro_batch_size=2, num_microbatches=2)
+    pg = mp.build_process_groups(launch.resolve_layout(mc, tc, 1))
 
     def graphs_compiled(steps: list[int | None]) -> int:
         model = MoETransformer(mc, seed=0)
@@ -1951,8 +1953,8 @@ def test_compiled_blocks_compile_once_across_steps_and_microbatches():
 # ------------------------------------------------------------- bf16 weights with fp32 master weights
 def test_bf16_model_holds_bf16_weights_and_the_optimizer_fp32_masters_it_rounds_from():
     mc = tiny_config()
-    tc = mp.TrainConfig(dtype="bfloat16")
-    pg = mp.build_process_groups(1, 1, 1, 0, 1)
+    tc = launch.TrainConfig(dtype="bfloat16")
+    pg = mp.build_process_groups(launch.resolve_layout(mc, tc, 1))
     model = mp.build_model(mc, tc, pg, torch.device("cpu"), torch.bfloat16)
     reference = MoETransformer(mc, seed=tc.seed)  # the same init in fp32
     opt = optim.build_optimizer(model, tc.lr, tc.weight_decay)
@@ -2097,7 +2099,7 @@ def run_script(name: str, args: list, timeout: float = 240) -> subprocess.Comple
 
 def save_in_process(model: MoETransformer, root) -> str:
     """A one-rank checkpoint of `model` as the trainer writes it (no optimizer state)."""
-    payload = ckpt_io.rank_payload(model, torch.optim.AdamW(model.parameters()), 0, 0, 0, 1)
+    payload = ckpt_io.rank_payload(model, torch.optim.AdamW(model.parameters()), Layout())
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 0, "skipped_steps": 0,
             "model": dataclasses.asdict(model.cfg), "train": {"router_aux_loss_coef": 0.01},
             "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}}
@@ -3377,10 +3379,10 @@ PLAN_MODEL = ["--hidden-size", "32", "--num-layers", "3", "--num-attention-heads
 @pytest.mark.parametrize("name", list(PLAN_LAYOUTS))
 def test_dry_run_counts_the_parameters_of_every_rank_built_on_the_cpu(name):
     world, flags = PLAN_LAYOUTS[name]
-    mc, tc, _ = mp.parse_config(PLAN_MODEL + flags)
+    mc, tc, _ = launch.parse_config(PLAN_MODEL + flags)
     tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
     ep = tc.expert_parallel_size or tp
-    plans = memory.plan_stages(mc, tc, world, bf16=False, grouped=False)
+    plans = memory.plan_stages(mc, launch.resolve_layout(mc, tc, world), bf16=False, grouped=False)
     formula = memory.params_per_stage(mc, tp, pp, ep)
     for rank in range(world):  # every rank, not only the one the plan builds for its stage
         stage, in_stage = divmod(rank, world // pp)
@@ -3418,7 +3420,7 @@ def test_dry_run_plans_a_100b_model_in_seconds(capsys):
     mp.main(flags)
     assert time.time() - start < 60  # about 3 s alone on 2 cores; the suite shares them
     out = capsys.readouterr().out
-    mc, tc, _ = mp.parse_config(flags)
+    mc, tc, _ = launch.parse_config(flags)
     total = sum(memory.params_per_stage(mc, 1, 1, 1))
     assert total > 100e9 and f"model: {total:,} parameters" in out
 
@@ -3439,7 +3441,7 @@ def saved_activation_bytes(mc: ModelConfig, batch: int, recompute: bool) -> int:
     x = torch.randint(0, mc.vocab_size, (batch, mc.seq_length))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x, mtp_targets=x if mc.mtp_num_layers else None)  # the MTP modules run in training
-        loss = mp.vocab_parallel_cross_entropy(out.output.flatten(0, 1), x.flatten(), model.par)
+        loss = parallel_layers.vocab_parallel_cross_entropy(out.output.flatten(0, 1), x.flatten(), model.par)
         loss = loss + mp.mtp_loss(out.mtp_logits, x, model.par)
         (loss + out.aux_loss + out.z_loss).backward()
     return sum(kept.values())
@@ -3450,8 +3452,8 @@ def saved_activation_bytes(mc: ModelConfig, batch: int, recompute: bool) -> int:
                                 dict(num_experts=4, mtp_num_layers=2), dict(num_experts=0, mtp_num_layers=1)])
 def test_activation_estimate_is_within_3_percent_of_what_autograd_keeps_on_the_cpu(kw):
     mc = tiny_config(hidden_size=64, ffn_hidden_size=128, moe_ffn_hidden_size=48, seq_length=64, vocab_size=256, **kw)
-    tc = mp.TrainConfig(micro_batch_size=4)
-    plan = memory.activation_bytes(mc, tc, stage=0, dp=1, el=4, grouped=False)
+    tc = launch.TrainConfig(micro_batch_size=4)
+    plan = memory.activation_bytes(mc, launch.resolve_layout(mc, tc, 1), stage=0, el=4, grouped=False)
     for recompute, estimate in ((False, plan.per_microbatch), (True, plan.per_microbatch_recompute)):
         measured = saved_activation_bytes(mc, 4, recompute)
         assert abs(estimate - measured) <= 0.03 * measured, (kw, recompute, estimate, measured)
@@ -3491,7 +3493,8 @@ def write_sharded_checkpoint(root, mc: ModelConfig, tp: int, pp: int, ep: int) -
         opt = torch.optim.AdamW(model.parameters())
         for p in model.parameters():
             opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": 2 * p.detach(), "exp_avg_sq": 3 * p.detach()}
-        torch.save(ckpt_io.rank_payload(model, opt, par.tp_rank, dp_rank, in_stage, ep), step / f"rank_{rank:05d}.pt")
+        torch.save(ckpt_io.rank_payload(model, opt, Layout(world_size=world, tp=tp, pp=pp, ep=ep, rank=rank)),
+                   step / f"rank_{rank:05d}.pt")
     files = [f"rank_{r:05d}.pt" for r in range(world)]
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 1, "model": dataclasses.asdict(mc),
             "train": {}, "layout": {"world_size": world, "tp": tp, "pp": pp, "dp": 1, "ep": ep}, "files": files,
@@ -3659,22 +3662,22 @@ def test_wsd_learning_rates_at_the_phase_boundaries_by_hand():
     assert math.isclose(at_66["cosine"], 0.9140576, rel_tol=1e-7) and math.isclose(at_66["sqrt"], 0.5975078,
                                                                                    rel_tol=1e-7)
     for style, want in at_66.items():
-        s = mp.TrainConfig(lr_decay_style=style, **base).schedule()
+        s = launch.TrainConfig(lr_decay_style=style, **base).schedule()
         assert (s.warmup_steps, s.decay_start, s.decay_steps) == (10, 55, 110)
         assert math.isclose(s.at(0), 0.1) and math.isclose(s.at(9), 1.0)  # warm-up
         assert s.at(10) == s.at(54) == s.at(55) == 1.0  # stable; the decay starts from the peak
         assert math.isclose(s.at(66), want), style
         assert math.isclose(s.at(110), 0.1) and math.isclose(s.at(500), 0.1)  # floor after the decay
         assert "stable to step 55" in s.describe() and f"{style} decay" in s.describe()
-    whole = mp.TrainConfig(**dict(base, lr_decay_fraction=1.0)).schedule()
+    whole = launch.TrainConfig(**dict(base, lr_decay_fraction=1.0)).schedule()
     assert whole.decay_start == 10  # a decay longer than what follows the warm-up starts where it ends
 
 
 def test_wsd_flags_are_validated():
-    with pytest.raises(mp.ConfigError, match="--lr-decay-fraction must be in"):
-        mp.TrainConfig(lr_schedule="wsd", lr_decay_fraction=0.0).validate()
-    with pytest.raises(mp.ConfigError, match="add --lr-schedule wsd"):
-        mp.TrainConfig(lr_decay_style="linear").validate()
+    with pytest.raises(launch.ConfigError, match="--lr-decay-fraction must be in"):
+        launch.TrainConfig(lr_schedule="wsd", lr_decay_fraction=0.0).validate()
+    with pytest.raises(launch.ConfigError, match="add --lr-schedule wsd"):
+        launch.TrainConfig(lr_decay_style="linear").validate()
     r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--lr-decay-fraction", "0.5"], timeout=60)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "--lr-schedule wsd" in errors[0], r.stderr
@@ -3748,7 +3751,7 @@ def test_adamw_checkpoint_loaded_by_muon_keeps_the_adamw_moments_and_starts_muon
     x = tokens(64, seed=0)
     F.cross_entropy(model(x).output.flatten(0, 1), x.flatten()).backward()
     adamw.step()
-    payload = ckpt_io.rank_payload(model, adamw, 0, 0, 0, 1)
+    payload = ckpt_io.rank_payload(model, adamw, Layout())
     saved = ckpt_io.Checkpoint(path="memory", meta={}, params={k: [v] for k, v in payload["params"].items()},
                                optim={k: [v] for k, v in payload["optim"].items()}, rng={0: payload["rng"]})
     resumed = MoETransformer(tiny_config(), seed=1)
@@ -3763,27 +3766,29 @@ def test_adamw_checkpoint_loaded_by_muon_keeps_the_adamw_moments_and_starts_muon
 
 
 def test_resumed_run_takes_the_checkpoints_optimizer_and_wsd_flags_and_notes_a_switch():
-    saved_train = dataclasses.asdict(mp.TrainConfig(optimizer="muon", lr_schedule="wsd", lr_decay_fraction=0.3,
+    saved_train = dataclasses.asdict(launch.TrainConfig(optimizer="muon", lr_schedule="wsd", lr_decay_fraction=0.3,
                                                     lr_decay_style="linear", max_steps=10))
     resume = ckpt_io.Checkpoint(path="ck", meta={"step": 3, "train": saved_train, "layout": {"dp": 1}},
                                 params={}, optim={"w": [{}]}, rng={})
-    tc = mp.TrainConfig(max_steps=10)
-    assert mp.continue_saved_run(tc, resume, set(), 1) == []
+    given = launch.TrainConfig(max_steps=10)
+    tc, notes = launch.continue_saved_run(given, resume, set(), 1)
+    assert notes == [] and given == launch.TrainConfig(max_steps=10)  # the given config is not changed
     assert (tc.optimizer, tc.lr_schedule, tc.lr_decay_fraction, tc.lr_decay_style) == ("muon", "wsd", 0.3, "linear")
-    switched = mp.TrainConfig(max_steps=10, optimizer="adamw")
-    notes = mp.continue_saved_run(switched, resume, {"optimizer"}, 1)
+    switched = launch.TrainConfig(max_steps=10, optimizer="adamw")
+    switched, notes = launch.continue_saved_run(switched, resume, {"optimizer"}, 1)
     assert switched.optimizer == "adamw" and len(notes) == 1 and "starts fresh" in notes[0]
     old = dict(saved_train)
     for name in ("optimizer", "lr_schedule", "lr_decay_fraction", "lr_decay_style"):
         del old[name]  # a checkpoint from before issue 13
-    before = mp.TrainConfig(max_steps=10)
-    mp.continue_saved_run(before, dataclasses.replace(resume, meta=dict(resume.meta, train=old)), set(), 1)
+    before = launch.TrainConfig(max_steps=10)
+    before, _ = launch.continue_saved_run(before, dataclasses.replace(resume, meta=dict(resume.meta, train=old)),
+                                          set(), 1)
     assert (before.optimizer, before.lr_schedule) == ("adamw", "cosine")
 
 
 def test_muon_on_a_bf16_model_steps_fp32_masters_with_fp32_momentum():
-    mc, tc = tiny_config(), mp.TrainConfig(dtype="bfloat16", optimizer="muon")
-    pg = mp.build_process_groups(1, 1, 1, 0, 1)
+    mc, tc = tiny_config(), launch.TrainConfig(dtype="bfloat16", optimizer="muon")
+    pg = mp.build_process_groups(launch.resolve_layout(mc, tc, 1))
     model = mp.build_model(mc, tc, pg, torch.device("cpu"), torch.bfloat16)
     opt = optim.build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer)
     x = tokens(64, (4, 16))
@@ -3911,15 +3916,15 @@ def _optimizer_state_worker(rank: int, world: int, port: int, result_dir: str, d
     """One rank of DP4 x EP2 with the distributed optimizer: one step, then count the state it holds."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    mc, tc = tiny_config(), mp.TrainConfig(dtype=dtype, expert_parallel_size=2, use_distributed_optimizer=True)
-    pg = mp.build_process_groups(1, 1, 2, rank, world)
+    mc, tc = tiny_config(), launch.TrainConfig(dtype=dtype, expert_parallel_size=2, use_distributed_optimizer=True)
+    pg = mp.build_process_groups(launch.resolve_layout(mc, tc, world, rank))
     cpu, autocast = torch.device("cpu"), torch.bfloat16 if dtype == "bfloat16" else None
     model = mp.build_model(mc, tc, pg, cpu, autocast)
     reducers = mp.build_grad_reducers(model, pg, distributed_optimizer=True)
     opt = optim.build_optimizer(model, tc.lr, tc.weight_decay, buckets=mp.flat_buckets(reducers))
     x = tokens(64, (2, 16), seed=rank)
     _, _, applied = mp.train_step(model, opt, reducers, [(x, x)], pg, mc, tc, cpu, autocast, 0)
-    is_expert = {id(m): getattr(piece.param, "shard_kind", None) == "ep"
+    is_expert = {id(m): placement(piece.param).expert
                  for fb in opt.buckets for piece, m in zip(fb.pieces, fb.masters)}
     held = {"dense": 0, "expert": 0}
     for m, state in opt.state.items():
@@ -3929,10 +3934,10 @@ def _optimizer_state_worker(rank: int, world: int, port: int, result_dir: str, d
     copies = sum(m.numel() for piece, m in pieces
                  if m.untyped_storage().data_ptr() != piece.param.untyped_storage().data_ptr())
     bf16_pieces = sum(m.numel() for piece, m in pieces if piece.param.dtype == torch.bfloat16)
-    weights = {kind: sum(p.numel() for p in model.parameters() if (getattr(p, "shard_kind", None) == "ep") == expert)
+    weights = {kind: sum(p.numel() for p in model.parameters() if placement(p).expert == expert)
                for kind, expert in (("dense", False), ("expert", True))}
     padding = {kind: sum(fb.numel - fb.offsets[-1] for fb in mp.flat_buckets(reducers)
-                         if (getattr(fb.params[0], "shard_kind", None) == "ep") == (kind == "expert"))
+                         if placement(fb.params[0]).expert == (kind == "expert"))
                for kind in ("dense", "expert")}
     with open(os.path.join(result_dir, f"{dtype}_{rank}.json"), "w") as f:
         json.dump({"applied": applied, "held": held, "weights": weights, "padding": padding, "master_copies": copies,
@@ -4222,8 +4227,8 @@ def test_interleaved_schedule_is_megatrons_order_on_pp2_and_pp4():
     # M == PP: every forward first (Megatron's all-warm-up case)
     assert schedule_text(2, 1, 2, 2) == "F0.0 | F0.1 | F1.0 | F1.1 | B1.0 | B1.1 | B0.0 | B0.1"
     # Megatron's layer assignment: rank p holds virtual stages p, p + PP, ...
-    assert mp.chunk_layers(8, 2, 0, 2) == [(0, 2), (4, 6)] and mp.chunk_layers(8, 4, 3, 1) == [(3, 4), (7, 8)]
-    assert mp.chunk_layers(6, 2, 1) == [(3, 6)]  # no interleaving: the stage's one chunk
+    assert parallel_layers.chunk_layers(8, 2, 0, 2) == [(0, 2), (4, 6)] and parallel_layers.chunk_layers(8, 4, 3, 1) == [(3, 4), (7, 8)]
+    assert parallel_layers.chunk_layers(6, 2, 1) == [(3, 6)]  # no interleaving: the stage's one chunk
 
 
 @pytest.mark.parametrize("pp,chunks,micro", [(2, 2, 2), (2, 2, 4), (2, 3, 6), (3, 2, 6), (4, 2, 4), (4, 2, 8),
@@ -4338,15 +4343,14 @@ def test_interleaved_layout_and_dry_run_show_each_ranks_chunks():
     assert "stage 1 (ranks 2-3): chunks 2-3, 6-7 + LM head" in r.stdout
     # Parameters each rank builds: the sum over its chunks, counted by hand from the layer formula.
     mc = tiny_config(num_layers=8, hidden_size=32, num_experts=4)
-    tc = mp.TrainConfig(pipeline_parallel_size=2, num_layers_per_virtual_stage=2, num_microbatches=4)
+    tc = launch.TrainConfig(pipeline_parallel_size=2, num_layers_per_virtual_stage=2, num_microbatches=4)
     whole = {name: p.numel() for name, p in MoETransformer(mc).named_parameters()}
     for stage, layers in ((0, (0, 1, 4, 5)), (1, (2, 3, 6, 7))):
-        dense, experts = memory.built_params(mc, tc, stage)
+        dense, experts = memory.built_params(mc, launch.resolve_layout(mc, tc, 4), stage)
         want = sum(n for name, n in whole.items() if name.startswith(tuple(f"layers.{i}." for i in layers))
                    or name.startswith("embed_tokens." if stage == 0 else ("norm.", "lm_head.")))
         assert dense + experts == want == memory.params_per_stage(mc, 1, 2, 1, layers_per_chunk=2)[stage]
-    pg = mp.ParallelGroups(rank=0, world_size=4, tp=1, dp=2, pp=2, ep=1, tp_rank=0, dp_rank=0, pp_rank=0, ep_rank=0)
-    lines = mp.describe_layout(pg, mc, tc).split("\n")
+    lines = launch.describe_layout(launch.resolve_layout(mc, tc, 4), mc).split("\n")
     assert lines[1] == "  rank 0: stage 0 chunks 0-1, 4-5 | dp 0 | tp 0/1 | experts 0-3"
     assert lines[4] == "  rank 3: stage 1 chunks 2-3, 6-7 | dp 1 | tp 0/1 | experts 0-3"
 
@@ -4387,7 +4391,7 @@ def test_head_dim_flops_and_planner_count_the_built_model():
                   if not name.startswith("embed_tokens"))
     assert cfg.active_params_per_token() == by_hand
     assert cfg.flops_per_token() == 6 * by_hand + 12 * 3 * (4 * 16) * 16  # 12 x layers x H x Dh x T
-    assert mp.params_per_stage(cfg, 1, 1, 1) == [sum(p.numel() for p in model.parameters())]
+    assert memory.params_per_stage(cfg, 1, 1, 1) == [sum(p.numel() for p in model.parameters())]
 
 
 def test_head_dim_import_and_export_give_transformers_logits(tmp_path):
@@ -4517,7 +4521,7 @@ def test_mtp_loss_of_the_trainers_first_step_equals_a_direct_computation(tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| MTP Loss: " in r.stdout
     rec = train_records(str(metrics))[0]
-    mc, tc, _ = mp.parse_config(TINY_FLAGS + MTP)
+    mc, tc, _ = launch.parse_config(TINY_FLAGS + MTP)
     mc.vocab_size = 256
     model = MoETransformer(mc, seed=tc.seed)
     x, y = data.get_batch(data.load_corpus("", None).train, tc.seed, 0, 0, 2, 16, 256)
@@ -4571,9 +4575,9 @@ def _mtp_pp2_worker(rank: int, port: int, result_dir: str) -> None:
     """One rank of a PP2 run of the trainer's own train_step; each rank keeps its embedding copy."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    mc, tc, _ = mp.parse_config(TINY_FLAGS + MTP + ["--pipeline-parallel-size", "2", "--num-microbatches", "2"])
+    mc, tc, _ = launch.parse_config(TINY_FLAGS + MTP + ["--pipeline-parallel-size", "2", "--num-microbatches", "2"])
     mc.vocab_size = 256
-    pg = mp.build_process_groups(1, 2, 1, rank, 2, embedding_groups=True)
+    pg = mp.build_process_groups(launch.resolve_layout(mc, tc, 2, rank), embedding_groups=True)
     device = torch.device("cpu")
     model = mp.build_model(mc, tc, pg, device, None)
     reducers = mp.build_grad_reducers(model, pg)
@@ -4581,7 +4585,7 @@ def _mtp_pp2_worker(rank: int, port: int, result_dir: str) -> None:
     corpus = data.load_corpus("", None)
     for step in range(3):
         x, y = data.get_batch(corpus.train, tc.seed, 0, step, 4, 16, 256)
-        mp.train_step(model, optimizer, reducers, mp.local_microbatches(x, y, pg, tc, device), pg, mc, tc, device,
+        mp.train_step(model, optimizer, reducers, mp.local_microbatches(x, y, pg, device), pg, mc, tc, device,
                       None, step)
     torch.save(model.embed_tokens.weight.detach().clone(), os.path.join(result_dir, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -4607,7 +4611,7 @@ def test_mtp_planner_and_flops_count_the_built_model(tp, pp, ep):
         model = MoETransformer(mc, ModelParallel(tp_size=tp, ep_size=ep, layer_start=start, layer_end=end,
                                                  first_stage=stage == 0, last_stage=stage == pp - 1))
         assert counted[stage] == sum(p.numel() for p in model.parameters()), stage
-        assert experts[stage] == sum(p.numel() for p in model.parameters() if getattr(p, "shard_kind", "") == "ep")
+        assert experts[stage] == sum(p.numel() for p in model.parameters() if placement(p).expert)
     if (tp, pp) == (1, 1):
         mtp = sum(p.numel() * (2 / 4 if ".experts." in n else 1.0) for n, p in model.named_parameters()
                   if n.startswith("mtp.")) + model.lm_head.weight.numel() * 2  # the shared head, once per module
@@ -4799,9 +4803,9 @@ BAD_RECIPE_FLAGS = {
 @pytest.mark.parametrize("case", list(BAD_RECIPE_FLAGS))
 def test_recipe_flags_refuse_bad_values_naming_the_flag(case):
     flags, words = BAD_RECIPE_FLAGS[case]
-    mc, tc, _ = mp.parse_config(TINY_FLAGS + flags)
-    with pytest.raises(mp.ConfigError) as e:
-        mp.validate(mc, tc, 1)
+    mc, tc, _ = launch.parse_config(TINY_FLAGS + flags)
+    with pytest.raises(launch.ConfigError) as e:
+        launch.resolve_layout(mc, tc, 1)
     assert words in str(e.value)
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as torch_mp  # noqa: E402
 
 import memory  # noqa: E402
-from minimal_pretrain import TrainConfig  # noqa: E402
+from launch import TrainConfig  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
 from parallel_layers import ModelParallel, vocab_parallel_cross_entropy  # noqa: E402
 
@@ -81,7 +81,7 @@ def estimate(mc: ModelConfig, tp: int, sp: bool, batch: int) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="TP sizes to measure")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=4)

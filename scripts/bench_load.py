@@ -26,7 +26,7 @@ import torch.distributed as dist  # noqa: E402
 
 import checkpoint as ckpt_io  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
-from parallel_layers import ModelParallel, stage_layers  # noqa: E402
+from parallel_layers import Layout, ModelParallel, stage_layers  # noqa: E402
 
 MODEL = dict(vocab_size=32000, hidden_size=512, num_layers=8, num_attention_heads=8, num_kv_heads=4,
              ffn_hidden_size=2048, moe_ffn_hidden_size=1024, num_experts=8, num_experts_per_token=2, seq_length=256)
@@ -59,7 +59,7 @@ def write(root: str) -> None:
         opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 1, "model": MODEL, "train": {},
             "layout": {"world_size": world, "tp": TP, "pp": PP, "dp": 1, "ep": EP}}
-    ckpt_io.save_checkpoint(root, 1, ckpt_io.rank_payload(model, opt, par.tp_rank, dp_rank, in_stage, EP), meta,
+    ckpt_io.save_checkpoint(root, 1, ckpt_io.rank_payload(model, opt, Layout(world_size=world, tp=TP, pp=PP, ep=EP, rank=rank)), meta,
                             rank, world)
     dist.destroy_process_group()
 
@@ -101,7 +101,7 @@ def read(root: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("root", help="the checkpoint folder to write, or to read: loading measured on 8 ranks, on 1, "
                                 "and with every file read whole")
     p.add_argument("--write", action="store_true", help="write the checkpoint (under torchrun, 8 ranks)")

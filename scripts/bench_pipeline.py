@@ -5,7 +5,7 @@
 Spawns PP processes (one CPU thread each, gloo) and runs the trainer's own step,
 `minimal_pretrain.train_step`, first with one chunk of layers per rank (plain 1F1B), then
 with --chunks chunks per rank (--num-layers-per-virtual-stage = layers / (PP x chunks)). Each
-rank times its pipeline schedule (run_microbatches: every forward, backward and p2p exchange of
+rank times its pipeline schedule (TimedMicroBatches: every forward, backward and p2p exchange of
 the step) and, inside it, the time it waits in p2p; its idle fraction is wait / schedule time,
 summed over the timed steps. The measured wait also holds the transfers themselves and the
 uneven work of the stages (the first holds the embedding, the last the LM head and the loss),
@@ -27,6 +27,9 @@ import argparse
 import os
 import socket
 import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,10 +37,50 @@ import torch.multiprocessing as mp_spawn
 
 # `python scripts/bench_pipeline.py` puts scripts/ on the path, not the repository root.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minimal_pretrain import (PipelineTimer, PipeStep, TrainConfig, build_grad_reducers, build_model,  # noqa: E402
-                              build_process_groups, interleaved_ticks, local_microbatches, step_source, train_step)
+from launch import TrainConfig, resolve_layout  # noqa: E402
+from minimal_pretrain import (MicroBatches, PipeStep, build_grad_reducers, build_model, build_process_groups,  # noqa: E402
+                              interleaved_ticks, local_microbatches, step_source, train_step)
 from moe_layers import ModelConfig  # noqa: E402
 from optim import build_optimizer  # noqa: E402
+
+
+@dataclass
+class PipelineTimer:
+    """Seconds one rank spent in its pipeline schedule and, of those, waiting in p2p; and the CPU
+    seconds of each forward and backward step."""
+
+    total: float = 0.0  # wall time of every forward, backward and exchange of the schedule
+    wait: float = 0.0  # of which in p2p exchanges
+    steps: list[tuple[str, int, int, float]] = field(default_factory=list)  # (kind, chunk, micro, CPU s)
+
+
+class TimedMicroBatches(MicroBatches):
+    """The trainer's MicroBatches, each forward, backward and exchange timed into `timer` (the
+    trainer itself runs the plain class and pays nothing)."""
+
+    def __init__(self, timer: PipelineTimer, *args: Any):
+        super().__init__(*args)
+        self.timer = timer
+
+    def timed(self, kind: str, run: Any, i: int, x: torch.Tensor | None, chunk: int) -> Any:
+        start, wall = time.thread_time(), time.perf_counter()  # CPU time: not inflated by waiting for a core
+        result = run(i, x, chunk)
+        self.timer.steps.append((kind, chunk, i, time.thread_time() - start))
+        self.timer.total += time.perf_counter() - wall
+        return result
+
+    def forward(self, i: int, inp: torch.Tensor | None, chunk: int = 0) -> torch.Tensor:
+        return self.timed("F", super().forward, i, inp, chunk)
+
+    def backward(self, i: int, grad_out: torch.Tensor | None, chunk: int = 0) -> torch.Tensor | None:
+        return self.timed("B", super().backward, i, grad_out, chunk)
+
+    def exchange(self, **kw: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        start = time.perf_counter()
+        received = super().exchange(**kw)
+        self.timer.wait += time.perf_counter() - start
+        self.timer.total += time.perf_counter() - start
+        return received
 
 
 def idle_fractions(rank: int, args: argparse.Namespace, layers_per_chunk: int) -> tuple[float, float, dict]:
@@ -50,7 +93,7 @@ def idle_fractions(rank: int, args: argparse.Namespace, layers_per_chunk: int) -
     tc = TrainConfig(pipeline_parallel_size=args.pp, num_layers_per_virtual_stage=layers_per_chunk,
                      num_microbatches=args.num_microbatches, micro_batch_size=args.micro_batch_size,
                      max_steps=args.warmup + args.steps, device="cpu", dtype="float32")
-    pg = build_process_groups(1, args.pp, 1, rank, args.pp)
+    pg = build_process_groups(resolve_layout(mc, tc, args.pp, rank))
     device = torch.device("cpu")
     model = build_model(mc, tc, pg, device, None)
     reducers = build_grad_reducers(model, pg)
@@ -60,9 +103,9 @@ def idle_fractions(rank: int, args: argparse.Namespace, layers_per_chunk: int) -
     for step in range(args.warmup + args.steps):
         tokens = torch.randint(0, mc.vocab_size, (args.micro_batch_size * args.num_microbatches, args.seq_length + 1),
                                generator=gen)
-        micro = local_microbatches(tokens[:, :-1], tokens[:, 1:], pg, tc, device)
-        train_step(model, optimizer, reducers, micro, pg, mc, tc, device, None, step,
-                   timer=timer if step >= args.warmup else None)
+        micro = local_microbatches(tokens[:, :-1], tokens[:, 1:], pg, device)
+        runner = (lambda *a: TimedMicroBatches(timer, *a)) if step >= args.warmup else MicroBatches
+        train_step(model, optimizer, reducers, micro, pg, mc, tc, device, None, step, runner=runner)
     cpu: dict[PipeStep, float] = {}
     for kind, chunk, micro_index, seconds in timer.steps:
         key = PipeStep(kind, chunk, micro_index)
@@ -140,7 +183,7 @@ def print_table(args: argparse.Namespace, every: list[dict]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pp", type=int, default=4, help="pipeline ranks (processes)")
     p.add_argument("--num-microbatches", type=int, default=8, help="M, a multiple of --pp")

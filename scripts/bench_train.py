@@ -41,8 +41,9 @@ import torch
 
 # `python scripts/bench_train.py` puts scripts/ on the path, not the repository root.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minimal_pretrain import (MODEL_HELP, TrainConfig, build_grad_reducers, build_model, field_kind,  # noqa: E402
-                              build_process_groups, peak_bf16_flops, resolve_autocast, resolve_device, train_step)
+from launch import TrainConfig, field_kind, resolve_autocast, resolve_device, resolve_layout  # noqa: E402
+from minimal_pretrain import (build_grad_reducers, build_model, build_process_groups, peak_bf16_flops,  # noqa: E402
+                              train_step)
 from moe_layers import ModelConfig, can_use_grouped_mm  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 
@@ -58,15 +59,15 @@ PRESETS = {
 
 def main() -> None:
     # ---------------------------------------------------------------- config
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", choices=list(PRESETS))
     for f in dataclasses.fields(ModelConfig):  # every model flag, default: the preset's value
         flag = "--" + f.name.replace("_", "-")
         if field_kind(f) is bool:
-            p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=MODEL_HELP.get(f.name))
+            p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
-            p.add_argument(flag, default=None, type=field_kind(f), help=MODEL_HELP.get(f.name))
+            p.add_argument(flag, default=None, type=field_kind(f), help=f.metadata["help"])
     p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median step is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
@@ -104,7 +105,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     # ----------------------------------------------------------------- model
-    pg = build_process_groups(1, 1, 1, 0, 1)  # one process: no groups, no collectives
+    pg = build_process_groups(resolve_layout(cfg, tc, 1))  # one process: no groups, no collectives
     model = build_model(cfg, tc, pg, device, autocast_dtype)
     grouped = can_use_grouped_mm(device, cfg, autocast_dtype or torch.float32)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer)

@@ -38,9 +38,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import minimal_pretrain as mp  # noqa: E402
+import launch  # noqa: E402
 from compare_routing import ONE_THREAD, code_version, cpu_name, out_check  # noqa: E402  (scripts/ is on the path)
-from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
+from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 # The trainer's default model (D 128, 4 layers, 8 experts top-2, F 256) on shorter sequences,
 # as scripts/compare_routing.py trains it.
@@ -90,10 +90,10 @@ def train(run: Run, common: list[str], metrics: str) -> Run:
 
 
 def write_markdown(path: str, runs: list[Run], common: list[str], steps: int, total: float, jobs: int) -> None:
-    mc, tc, _ = mp.parse_config(common)
+    mc, tc, _ = launch.parse_config(common)
     seeds = sorted({r.seed for r in runs})
     tokens = steps * tc.micro_batch_size * tc.num_microbatches * mc.seq_length
-    wsd = mp.TrainConfig(**{**vars(tc), "lr_schedule": "wsd"}).schedule()
+    wsd = launch.TrainConfig(**{**vars(tc), "lr_schedule": "wsd"}).schedule()
     lines = [
         "# Optimizers and schedules compared",
         "",
@@ -212,7 +212,7 @@ def main() -> None:
     log_interval = min(setup["log_interval"], steps)
     common = setup["flags"] + ["--max-steps", str(steps), "--log-interval", str(log_interval),
                                "--eval-interval", str(steps), "--no-progress"]
-    base_seed = mp.parse_config(common)[1].seed
+    base_seed = launch.parse_config(common)[1].seed
     runs = [Run(o, s, base_seed + i) for i in range(args.seeds) for o, s in COMBINATIONS]
     os.makedirs(args.out, exist_ok=True)
     start = time.time()

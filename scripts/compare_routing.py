@@ -49,9 +49,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import minimal_pretrain as mp  # noqa: E402
+import launch  # noqa: E402
 from metrics import DEAD_LOAD, is_dead  # noqa: E402  (the trainer's one definition of a dead expert)
-from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
+from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 # The trainer's default model (D 128, 4 layers, 8 experts top-2, F 256) on shorter sequences.
 FULL = dict(steps=300, log_interval=10, window=5, experts=8, top_k=2,
@@ -148,7 +148,7 @@ def run_method(name: str, flags: list[str], common: list[str], metrics: str, win
 
 
 def active_params(common: list[str], flags: list[str]) -> int:
-    mc, _, _ = mp.parse_config(common + flags)
+    mc, _, _ = launch.parse_config(common + flags)
     return mc.active_params_per_token()
 
 
@@ -194,7 +194,7 @@ def out_check(out: str, outputs: tuple[str, ...], overwrite: bool) -> tuple[bool
 def write_markdown(path: str, results: list[Result], seeds: list[Result], common: list[str], setup: dict,
                    total: float, jobs: int) -> None:
     steps, window, log_interval = setup["steps"], setup["window"], setup["log_interval"]
-    mc, tc, _ = mp.parse_config(common)
+    mc, tc, _ = launch.parse_config(common)
     noise = ""
     if seeds and all(r.rc == 0 for r in seeds) and results[0].rc == 0:
         vals = [results[0].val_loss] + [r.val_loss for r in seeds]
@@ -332,7 +332,7 @@ def main() -> None:
                                "--no-progress"]
     todo = methods(setup["top_k"])
     n_methods = len(todo)
-    base_seed = mp.parse_config(common)[1].seed
+    base_seed = launch.parse_config(common)[1].seed
     n_seeds = args.noise_seeds if args.noise_seeds >= 0 else (0 if args.quick else 2)
     todo += [(f"baseline, --seed {base_seed + s}", ["--seed", str(base_seed + s)]) for s in range(1, n_seeds + 1)]
     actives = {name: active_params(common, flags) for name, flags in todo}

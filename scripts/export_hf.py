@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
 import data  # noqa: E402
 from moe_layers import ModelConfig  # noqa: E402
-from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
+from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Model options neither transformers class has a counterpart for, with the value that means "off"; a

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
 import data  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
-from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
+from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 def load_model(path: str, device: str = "cpu") -> MoETransformer:
     """The whole model of a checkpoint of any layout, in eval mode."""

@@ -42,9 +42,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
-from minimal_pretrain import TrainConfig  # noqa: E402
+from launch import TrainConfig  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
-from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
+from parallel_layers import placement  # noqa: E402
+from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 
 class UnsupportedModel(ValueError):
@@ -254,7 +255,7 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[
         model = MoETransformer(cfg)
     shapes = {}
     for name, p in model.named_parameters():
-        if getattr(p, "shard_kind", None) == "ep":  # stacked (E, in, out) -> per expert (out, in)
+        if placement(p).expert:  # stacked (E, in, out) -> per expert (out, in)
             for e in range(p.shape[0]):
                 shapes[ckpt_io.expert_key(name, e)] = tuple(p.shape[1:][::-1])
         else:

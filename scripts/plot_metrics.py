@@ -232,7 +232,11 @@ def plot_all(metrics: str, out: str) -> list[str]:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors end like every other bad input: one `error:` line, exit 2."""
+    """argparse whose usage errors end like every other bad input: one `error:` line, exit 2; no
+    abbreviated flags. (Its own copy of launch.ArgumentParser: this script imports nothing of the trainer.)"""
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)

@@ -53,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
+from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 OUTPUTS = ("train.bin", "val.bin", "meta.json", "tokenizer.json")
 EOS_TOKEN = data.EOS_NAMES[0]  # <|endoftext|>: the eos the BPE trainer adds

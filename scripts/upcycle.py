@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
 from moe_layers import ModelConfig  # noqa: E402
-from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
+from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
