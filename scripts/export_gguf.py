@@ -198,10 +198,14 @@ def add_byte_vocab(writer) -> None:
     writer.add_token_types([gguf.TokenType.NORMAL] * 256)
 
 
-def add_bpe_vocab(writer, tokenizer: data.TextTokenizer, where: str) -> None:
-    """tokenizer.json's vocabulary and merges under llama.cpp's "gpt2" model with the "gpt-2" pre-tokenizer;
-    refuses a tokenizer.json whose text splitting llama.cpp would not reproduce."""
-    import gguf
+def check_tokenizer(tokenizer: data.ByteTokenizer | data.TextTokenizer, vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer llama.cpp would not reproduce: another count than the model's rows, a tokenizer.json
+    that is not a byte-level BPE with GPT-2's split, or one without an eos (llama.cpp would take its own)."""
+    if tokenizer.vocab_size != vocab_size:
+        raise Unrepresentable(f"{where}: the model has {vocab_size} vocabulary rows and the run's tokenizer has "
+                              f"{tokenizer.vocab_size} tokens; llama.cpp needs one token per row (give --tokenizer)")
+    if isinstance(tokenizer, data.ByteTokenizer):
+        return
     spec = json.loads(tokenizer.tokenizer.to_str())
     model, pre = spec["model"], spec.get("pre_tokenizer") or {}
     same_split = (model.get("type") == "BPE" and spec.get("normalizer") is None
@@ -215,13 +219,19 @@ def add_bpe_vocab(writer, tokenizer: data.TextTokenizer, where: str) -> None:
     if tokenizer.eos_id is None:
         raise Unrepresentable(f"{where}: {tokenizer.name} has no end-of-document token; llama.cpp would stop at "
                               f"token 11, its default eos for a GPT-2 vocabulary")
+
+
+def add_bpe_vocab(writer, tokenizer: data.TextTokenizer) -> None:
+    """tokenizer.json's vocabulary and merges under llama.cpp's "gpt2" model with the "gpt-2" pre-tokenizer."""
+    import gguf
+    spec = json.loads(tokenizer.tokenizer.to_str())
     tokens = [""] * tokenizer.vocab_size
     types = [gguf.TokenType.NORMAL] * tokenizer.vocab_size
     for text, i in tokenizer.tokenizer.get_vocab(with_added_tokens=True).items():
         tokens[i] = text
     for added in spec.get("added_tokens", []):  # special ones are matched in the text first, as `tokenizers` does
         types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]  # "a b" or ["a", "b"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]  # "a b" or ["a", "b"]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
@@ -229,12 +239,12 @@ def add_bpe_vocab(writer, tokenizer: data.TextTokenizer, where: str) -> None:
     writer.add_token_merges(merges)
 
 
-def add_tokenizer(writer, tokenizer: data.ByteTokenizer | data.TextTokenizer, where: str) -> None:
+def add_tokenizer(writer, tokenizer: data.ByteTokenizer | data.TextTokenizer) -> None:
     """The vocabulary and the special ids; bos / add_* written even when off, or llama.cpp takes its defaults."""
     if isinstance(tokenizer, data.ByteTokenizer):
         add_byte_vocab(writer)
     else:
-        add_bpe_vocab(writer, tokenizer, where)
+        add_bpe_vocab(writer, tokenizer)
     if tokenizer.eos_id is not None:
         writer.add_eos_token_id(tokenizer.eos_id)
     if tokenizer.bos_id is not None:
@@ -294,11 +304,12 @@ def export(checkpoint: str, out: str, dtype: str = "f32", overwrite: bool = Fals
     if export_hf.inside(out, checkpoint) or export_hf.inside(out, ckpt.path):
         raise ValueError(f"OUT {out} lies inside the checkpoint folder; write it outside")
     check_representable(cfg, ckpt.path)
+    # the run's tokenizer or --tokenizer; never bytes in place of a BPE whose --data folder is gone
     tokenizer = generate.run_tokenizer(checkpoint, tokenizer_path, cfg.vocab_size, needed=True)
-    if tokenizer is None or tokenizer.vocab_size != cfg.vocab_size:
-        found = f"has {tokenizer.vocab_size} tokens" if tokenizer is not None else "is not known or does not fit"
-        raise Unrepresentable(f"{ckpt.path}: the model has {cfg.vocab_size} vocabulary rows and the run's tokenizer "
-                              f"{found}; llama.cpp needs one token per row (give --tokenizer)")
+    if tokenizer is None:
+        raise Unrepresentable(f"{ckpt.path}: the run's tokenizer has more tokens than the model's {cfg.vocab_size} "
+                              f"vocabulary rows; llama.cpp needs one token per row (give --tokenizer)")
+    check_tokenizer(tokenizer, cfg.vocab_size, ckpt.path)
     arch = gguf_arch(cfg, state)
     if cfg.mtp_num_layers:
         print(f"note: the {cfg.mtp_num_layers} multi-token prediction module(s) (mtp.*) of {ckpt.path} are not "
@@ -310,7 +321,7 @@ def export(checkpoint: str, out: str, dtype: str = "f32", overwrite: bool = Fals
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])
         add_model_keys(writer, cfg, arch)
-        add_tokenizer(writer, tokenizer, ckpt.path)
+        add_tokenizer(writer, tokenizer)
         add_weights(writer, gguf_tensors(cfg, state, arch), dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -325,7 +336,8 @@ def export(checkpoint: str, out: str, dtype: str = "f32", overwrite: bool = Fals
 
 
 def main() -> None:
-    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("checkpoint", help="a --save folder (follows `latest`) or one step folder")
     p.add_argument("out", help="the .gguf file to write (new, unless --overwrite)")
     p.add_argument("--dtype", default="f32", choices=DTYPES, help="type of the weight matrices (f32 is exact)")
