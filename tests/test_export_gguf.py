@@ -181,8 +181,9 @@ def rwkv_tokenize(tokens: list[str], text: bytes) -> list[int]:
     def unescape(s: str) -> bytes:
         out, i = bytearray(), 0
         while i < len(s):
-            if s[i] == "\\" and s[i + 1] == "x":
-                out.append(int(s[i + 2:i + 4], 16))
+            if s[i] == "\\" and s[i + 1] == "x":  # two hex digits read as llama.cpp does: lower case only
+                out.append(sum((ord(c) - (ord("a") - 10 if c >= "a" else ord("0"))) << 4 * (1 - k)
+                               for k, c in enumerate(s[i + 2:i + 4])) & 0xFF)
                 i += 4
             elif s[i] == "\\":
                 out += {"n": b"\n", "t": b"\t", "r": b"\r"}.get(s[i + 1], s[i + 1].encode())
