@@ -139,7 +139,8 @@ def layer_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str, i
     if arch == "glm4moe" and not cfg.num_shared_experts:
         # glm4moe's graph always adds a shared expert; with a zero down projection it adds exactly 0
         f, d = cfg.moe_ffn_hidden_size, cfg.hidden_size
-        out.update({theirs + "ffn_gate_shexp.weight": torch.zeros(f, d), theirs + "ffn_up_shexp.weight": torch.zeros(f, d),
+        out.update({theirs + "ffn_gate_shexp.weight": torch.zeros(f, d),
+                    theirs + "ffn_up_shexp.weight": torch.zeros(f, d),
                     theirs + "ffn_down_shexp.weight": torch.zeros(d, f)})
     return out
 
