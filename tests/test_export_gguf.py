@@ -258,7 +258,10 @@ def test_bpe_vocabulary_splits_and_merges_as_ours(bpe_data, tmp_path):
     export_gguf.export(save(model, tmp_path / "ck", str(bpe_data)), str(tmp_path / "m.gguf"))
     got = fields(tmp_path / "m.gguf")
     assert (got["tokenizer.ggml.model"], got["tokenizer.ggml.pre"]) == ("gpt2", "gpt-2")
-    assert len(got["tokenizer.ggml.merges"]) > 0  # the trainer learned merges: this tests them
+    spec = json.loads(ours.tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
+    assert got["tokenizer.ggml.merges"] == merges and merges  # in rank order: the first merge applies first
+    assert [got["tokenizer.ggml.tokens"][i] for i in spec["vocab"].values()] == list(spec["vocab"])  # each at its id
     for text in (SAMPLE, "the model routes tokens héllo Ωμέγα 日本語 🚀", "  leading and trailing  \n\n"):
         assert gpt2_bpe(got["tokenizer.ggml.tokens"], got["tokenizer.ggml.merges"], text) == ours.encode(text)
     assert got["tokenizer.ggml.eos_token_id"] == ours.eos_id
