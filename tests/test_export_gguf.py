@@ -1,5 +1,5 @@
 """scripts/export_gguf.py: every tensor and key of the file, its tokenizers, the refusals, and (where
-llama-cpp-python is installed) llama.cpp decoding the file as scripts/generate.py decodes the checkpoint."""
+llama-cpp-py-sync, a prebuilt llama.cpp, is installed) llama.cpp decoding the file as scripts/generate.py does."""
 
 from __future__ import annotations
 
@@ -365,26 +365,40 @@ def test_a_bad_checkpoint_ends_the_process_with_status_2_and_one_error_line(tmp_
 
 
 # ------------------------------------------------------------------------ llama.cpp itself
-def llama_or_skip():
+def llama_cpp_or_skip():
+    """llama.cpp's own library, prebuilt (PyPI's llama-cpp-py-sync: libllama from upstream, bound by CFFI)."""
+    lcp = pytest.importorskip("llama_cpp_py_sync", reason="llama.cpp is not installed (pip install llama-cpp-py-sync)")
     try:
-        import llama_cpp
-    except ImportError:
-        pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp)")
-    return llama_cpp
+        lcp._cffi_bindings.get_lib()
+    except RuntimeError as e:  # its wheel's libllama wants glibc 2.38 (Debian 13, Ubuntu 24.04)
+        pytest.skip(f"llama.cpp's library does not load here: {e}")
+    return lcp
 
 
-def llama_greedy(path: Path, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
-    """The prompt's logits (T, V) and `steps` greedy tokens from llama.cpp: f32 KV cache, no flash attention."""
-    llama_cpp = llama_or_skip()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=1, seed=0,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
-                          verbose=False)
-    llm.eval(prompt)
-    logits = np.array(llm.scores[:len(prompt)])
-    new = []
-    for _ in range(steps):
-        new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([new[-1]])
+def llama_cpp_decode(path: Path, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
+    """The prompt's logits (T, V) and `steps` greedy tokens from llama.cpp: f32 KV cache, no flash attention.
+    Through llama.h itself (llama_decode, llama_get_logits_ith): the Llama class keeps only the last logits."""
+    lcp = llama_cpp_or_skip()
+    llm = lcp.Llama(str(path), n_ctx=64, n_batch=64, n_threads=1, seed=0, flash_attn_type=0, type_k="f32",
+                    type_v="f32")
+    lib, ffi, ctx, vocab = llm._lib, llm._ffi, llm._ctx, llm.n_vocab
+
+    def decode(tokens: list[int], start: int) -> np.ndarray:  # (len(tokens), V), one row per position
+        batch = lib.llama_batch_init(len(tokens), 0, 1)
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, start + i, 1, 1
+            batch.seq_id[i][0] = 0
+        assert lib.llama_decode(ctx, batch) == 0
+        lib.llama_batch_free(batch)
+        return np.stack([np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, i), 4 * vocab), dtype=np.float32)
+                         for i in range(len(tokens))])
+
+    logits = decode(prompt, 0)
+    new = [int(logits[-1].argmax())]
+    while len(new) < steps:  # each new token alone at its position, the cache holding the rest (as generate.py)
+        new.append(int(decode([new[-1]], len(prompt) + len(new) - 1)[0].argmax()))
+    llm.close()
     return logits, new
 
 
@@ -395,22 +409,23 @@ E2E = {"bytes_qwen3moe": ("qwen3_moe", False), "bpe_qwen3moe": ("qwen3_moe", Tru
 
 @pytest.mark.parametrize("case", sorted(E2E))
 def test_llama_cpp_decodes_the_file_as_generate_does(case, bpe_data, tmp_path):
-    llama_cpp = llama_or_skip()
+    lcp = llama_cpp_or_skip()
     kind, bpe = E2E[case]
     ours = data.load_tokenizer(str(bpe_data)) if bpe else data.ByteTokenizer()
     model = make_model(kind, seed=3, vocab_size=ours.vocab_size)
     export_gguf.export(save(model, tmp_path / "ck", str(bpe_data) if bpe else ""), str(tmp_path / "m.gguf"))
     prompt_text = "def héllo(x): return"
     prompt = ours.encode(prompt_text)
-    vocab = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
-    assert vocab.tokenize(prompt_text.encode(), add_bos=False, special=False) == prompt
-    assert vocab.tokenize(SAMPLE.encode(), add_bos=False, special=False) == ours.encode(SAMPLE)
-    logits, new = llama_greedy(tmp_path / "m.gguf", prompt, 32)
+    llm = lcp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1)
+    assert llm.tokenize(prompt_text, add_special=True) == prompt  # add_bos false: nothing added
+    assert llm.tokenize(SAMPLE, add_special=False) == ours.encode(SAMPLE)
+    llm.close()
+    logits, new = llama_cpp_decode(tmp_path / "m.gguf", prompt, 32)
     want, _ = generate.generate(model, prompt, 32, temperature=0)
     with torch.no_grad():
         ours_logits = model(torch.tensor([prompt])).output[0].numpy()
     diff = float(np.abs(logits - ours_logits).max())
-    print(f"{case}: llama.cpp {llama_cpp.__version__}, max |dlogit| {diff:.2e} over {len(prompt)} prompt tokens, "
-          f"greedy 32 equal: {new == want}")
+    print(f"{case}: llama.cpp {lcp.__llama_cpp_tag__}, max |dlogit| {diff:.2e} over {len(prompt)} prompt tokens, "
+          f"32 greedy tokens equal: {new == want}")
     assert diff < 1e-3
     assert new == want
