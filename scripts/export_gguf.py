@@ -2,7 +2,7 @@
 
     python scripts/export_gguf.py out/ckpt out/model.gguf                 # follows `latest`, f32 (exact)
     python scripts/export_gguf.py out/ckpt/step_00000400 out/model.gguf --dtype bf16 --overwrite
-    llama-cli -m out/model.gguf -p "def main(" -n 64 --temp 0
+    llama-completion -m out/model.gguf -p "def main(" -n 64 --temp 0 -no-cnv   # llama.cpp, greedy
 
 Architecture (llama.cpp's name, its tensor names and keys; each checked against its loader and graph):
   qwen3     num_experts 0: Qwen3's attention (grouped-query, q/k RMSNorm, rotary) and SwiGLU MLPs.
