@@ -194,7 +194,8 @@ class ArgumentParser(argparse.ArgumentParser):
     script build their parsers from this class)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         self.print_usage(sys.stderr)

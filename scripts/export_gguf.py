@@ -56,7 +56,7 @@ import data  # noqa: E402
 import export_hf  # noqa: E402  (inside: whether a path lies in the checkpoint)
 import generate  # noqa: E402  (run_tokenizer: the run's tokenizer, as generate.py finds it)
 from moe_layers import ModelConfig  # noqa: E402
-from minimal_pretrain import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
+from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 DTYPES = ("f32", "f16", "bf16")
 # Our per-layer names -> llama.cpp's (gguf-py MODEL_TENSORS); post_attention_layernorm is arch-specific.
@@ -340,8 +340,7 @@ def export(checkpoint: str, out: str, dtype: str = "f32", overwrite: bool = Fals
 
 
 def main() -> None:
-    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a --save folder (follows `latest`) or one step folder")
     p.add_argument("out", help="the .gguf file to write (new, unless --overwrite)")
     p.add_argument("--dtype", default="f32", choices=DTYPES, help="type of the weight matrices (f32 is exact)")

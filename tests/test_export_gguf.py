@@ -20,6 +20,7 @@ import export_gguf
 import export_hf
 import generate
 from moe_layers import ModelConfig, MoETransformer
+from parallel_layers import Layout
 
 gguf = pytest.importorskip("gguf")
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ def make_model(kind: str, seed: int = 0, **kw) -> MoETransformer:
 
 def save(model: MoETransformer, root: Path, data_path: str = "") -> str:
     """A one-rank checkpoint of `model` as the trainer writes it, trained on `data_path` (the built-in corpus)."""
-    payload = ckpt_io.rank_payload(model, torch.optim.AdamW(model.parameters()), 0, 0, 0, 1)
+    payload = ckpt_io.rank_payload(model, torch.optim.AdamW(model.parameters()), Layout())
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": 0, "skipped_steps": 0,
             "model": dataclasses.asdict(model.cfg), "train": {"data": data_path},
             "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}}

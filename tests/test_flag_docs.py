@@ -46,6 +46,8 @@ def test_readme_flag_tables_name_every_flag_and_no_other():
     tables = readme[readme.index("## Every flag"):readme.index("## Output")]
     named = {f for row in re.findall(r"^\| (`--[^|]*)\|", tables, re.M) for f in re.findall(r"`(--[a-z0-9-]+)`", row)}
     want = {flag(f.name) for f in FIELDS}
+    want |= {"--no-" + flag(f.name)[2:] for f in FIELDS if f.type in ("bool", bool)}  # --no-progress, ...
+    named |= {f for f in want if f.startswith("--no-") and "--" + f[5:] in named}  # a table may name one form
     assert want - named == set(), "flags the guide's tables miss"
     assert named - want == set(), "flags in the guide's tables that the trainer does not have"
 
