@@ -188,7 +188,7 @@ def file_pieces(path: str) -> Iterator[bytes]:
     """A file's bytes in pieces of about PIECE_BYTES, each cut after a newline (or, in a line longer
     than that, before a UTF-8 lead byte), so every piece decodes on its own; a file that fits in one
     piece is one piece, tokenized exactly as the whole text."""
-    blocks = read_blocks(path)
+    blocks = read_blocks(path, PIECE_BYTES)
     block = next(blocks, b"")
     while block:
         following = next(blocks, b"")

@@ -313,6 +313,7 @@ def test_gz_zst_and_parquet_give_the_token_files_of_the_same_text_given_plainly(
     write(packed / "a.txt.gz", gzip.compress(a.encode())), write(packed / "b.jsonl.zst", zst(jsonl(b)))
     parquet_file(packed / "c.parquet", "text", c), write(packed / "d.txt.zst", zst(d.encode()))
     monkeypatch.setattr(prepare_data, "ROW_BATCH", 4)  # several row batches per file
+    monkeypatch.setattr(prepare_data, "PIECE_BYTES", 1000)  # several pieces per text file, cut after newlines
 
     def whole_file_read(*args, **kwargs):
         raise AssertionError("read the whole parquet file")
