@@ -4,9 +4,10 @@ Kept beside minimal_pretrain.py (not in it) because the data rules are a concern
 shared with the scripts that write (prepare_data.py) and read (generate.py) the same files.
 
     --data omitted       the Python standard library sources of this interpreter, bytes (vocab 256)
-    --data FILE          one text file, bytes; the last 10% is the validation split
+    --data FILE          one text file, bytes; its last 10% is the validation split
     --data FOLDER        every regular text file below it once (links followed, each real file
-                         once), bytes; every 10th file (sorted) is held out
+                         once), bytes; 10% of the bytes held out by split_text, the rule
+                         scripts/prepare_data.py applies, so both hold out the same text
     --data FOLDER        with train.bin / val.bin: token ids, uint16 or uint32 as meta.json's
                          "dtype" says (uint16 without meta.json, nanoGPT's convention)
 
@@ -54,7 +55,7 @@ def builtin_corpus_files() -> list[str]:
 
 
 def split_files(files: list[str]) -> tuple[list[str], list[str]]:
-    """Every 10th file (in sorted order) is held out for validation."""
+    """The built-in corpus's split: every 10th file (in sorted order) is held out for validation."""
     return [f for i, f in enumerate(files) if i % 10 != 9], [f for i, f in enumerate(files) if i % 10 == 9]
 
 
@@ -116,6 +117,71 @@ def byte_corpus(train: np.ndarray, val: np.ndarray, description: str) -> Corpus:
     return Corpus(train, val, 256, description, val_bytes=len(val))
 
 
+# ------------------------------------------------------------------- the validation split of text
+VAL_FRACTION = 0.1  # share of a text corpus's bytes held out (prepare_data.py's --val-fraction default)
+SPLIT_TOLERANCE = 0.1  # the held-out share lies within +-10% of the fraction
+
+
+def char_boundary(text: bytes, at: int) -> int:
+    """The first index >= `at` (clamped to the text) that starts a UTF-8 character."""
+    at = max(0, min(at, len(text)))
+    while at < len(text) and 0x80 <= text[at] < 0xC0:  # continuation bytes never start a character
+        at += 1
+    return at
+
+
+class HoldOut:
+    """Which tail of each document is held out for validation, documents taken in order.
+
+    Each document goes whole to the split that leaves the held-out bytes closer to fraction x the
+    bytes seen so far (error diffusion, as in Floyd-Steinberg dithering), so the val share follows
+    the fraction whatever the sizes and val documents are spread over the whole corpus. When
+    neither whole choice keeps the held-out bytes within SPLIT_TOLERANCE of the target (a few huge
+    documents, or one), the document's tail is held out instead, so the held-out bytes hit the
+    target. The trainer's text corpus (split_text) and scripts/prepare_data.py both use this."""
+
+    def __init__(self, total_bytes: int, fraction: float):
+        self.fraction = fraction
+        self.tolerance = SPLIT_TOLERANCE * fraction * total_bytes  # bytes the held-out count may be off by
+        self.seen = self.held = 0
+
+    def train_bytes(self, size: int) -> int:
+        """How many leading bytes of the next document (of `size` bytes) go to train; the rest go to val."""
+        self.seen += size
+        target = self.fraction * self.seen
+        to_train, to_val = self.held - target, self.held + size - target  # the error of each whole choice
+        if min(abs(to_train), abs(to_val)) <= self.tolerance:
+            return size if abs(to_train) <= abs(to_val) else 0
+        return size - min(size, max(0, round(target - self.held)))  # cut: hold out what hits the target
+
+    def count(self, held: int) -> None:
+        self.held += held  # what was held out, after the cut moved to a character boundary
+
+
+def split_text(documents: list[bytes], fraction: float = VAL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) bytes of documents in order, split by HoldOut; a cut falls on a character boundary.
+
+    prepare_data.py --tokenizer bytes on the same documents writes these bytes, each part followed
+    by its eos."""
+    holdout = HoldOut(sum(len(d) for d in documents), fraction)
+    train, val = [], []
+    for doc in documents:
+        if not doc:
+            continue  # an empty document has no bytes to place (prepare_data.py skips it too)
+        cut = char_boundary(doc, holdout.train_bytes(len(doc)))
+        holdout.count(len(doc) - cut)
+        train.append(doc[:cut])
+        val.append(doc[cut:])
+    return np.frombuffer(b"".join(train), dtype=np.uint8), np.frombuffer(b"".join(val), dtype=np.uint8)
+
+
+def text_corpus(files: list[str], description: str) -> Corpus:
+    """Text files read as bytes, one document each, split by split_text."""
+    train, val = split_text([read_bytes([f]).tobytes() for f in files])
+    share = len(val) / max(1, len(train) + len(val))
+    return byte_corpus(train, val, f"{description} ({share:.1%} of the bytes held out), bytes")
+
+
 def load_corpus(path: str, vocab_size_flag: int | None) -> Corpus:
     """--data rules of DESIGN.md: built-in corpus, text file / folder, or train.bin + val.bin."""
     if not path:
@@ -131,19 +197,9 @@ def load_corpus(path: str, vocab_size_flag: int | None) -> Corpus:
         note = f", {skipped} non-regular entries skipped" if skipped else ""
         if not files:
             raise DataError(f"--data {path}: folder holds no regular text files (nor train.bin){note}")
-        if len(files) < 2:
-            data = read_bytes(files)
-            cut = int(len(data) * 0.9)
-            return byte_corpus(data[:cut], data[cut:], f"{files[0]}: last 10% held out, bytes{note}")
-        train, val = split_files(files)
-        if not val:
-            train, val = files[:-1], files[-1:]
-        return byte_corpus(read_bytes(train), read_bytes(val),
-                           f"{path}: {len(files)} text files ({len(val)} held out), bytes{note}")
+        return text_corpus(files, f"{path}: {len(files)} text files{note}")
     regular_file_or_error(path, "--data")
-    data = read_bytes([path])
-    cut = int(len(data) * 0.9)
-    return byte_corpus(data[:cut], data[cut:], f"{path}: last 10% held out, bytes")
+    return text_corpus([path], path)
 
 
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}

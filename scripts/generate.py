@@ -14,6 +14,8 @@ end-of-document id (eos_id in meta.json; kept in the ids, not printed in the tex
 Sampling: logits / temperature (0 = greedy argmax), keep the top-k, then the smallest set of
 most likely tokens whose probability reaches top-p (nucleus sampling, Holtzman et al. 2020),
 and draw from a torch.Generator seeded by --seed: a seed gives the same text every time.
+Any temperature > 0 and top-p in (0, 1] sample: a temperature as small as 1e-40 is greedy in
+effect (ties shared), and top-p keeps at least the most likely token.
 KV cache (default): the prompt runs once at positions 0..T-1 and fills one cache per layer with
 its keys and values; each new token then runs alone at its own position and attends to the
 cache, so it costs one position instead of the whole sequence. --no-cache recomputes the
@@ -60,8 +62,14 @@ def load_model(path: str, device: str = "cpu") -> MoETransformer:
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """(V,) logits -> (V,) probabilities to draw from, after temperature, top-k and top-p (temperature > 0)."""
-    logits = logits.float() / temperature
+    """(V,) logits -> (V,) probabilities to draw from, after temperature, top-k and top-p (temperature > 0).
+
+    Any temperature > 0 and top-p > 0 give a distribution: the logits are shifted so the largest is 0
+    before dividing (a tiny temperature sends the others to -inf, not inf - inf = nan: greedy in
+    effect, ties shared), and top-p keeps the most likely token whatever the mass (a top-p below
+    float32's smallest number rounds to 0 in the comparison)."""
+    logits = logits.float()
+    logits = (logits - logits.max()) / temperature  # <= 0 everywhere, the top token(s) exactly 0
     if 0 < top_k < logits.numel():
         kth = logits.topk(top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -69,8 +77,9 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)  # (V,), (V,)
         before = sorted_probs.cumsum(0) - sorted_probs  # probability of the more likely tokens
-        drop = order[before >= top_p]  # already reached top-p without them (the first is always kept)
-        probs = probs.index_fill(0, drop, 0.0)
+        drop = before >= top_p  # already reached top-p without them
+        drop[0] = False  # the most likely token is always kept
+        probs = probs.index_fill(0, order[drop], 0.0)
         probs = probs / probs.sum()
     return probs
 
@@ -170,7 +179,8 @@ def parse_prompt(args: argparse.Namespace, tokenizer: data.ByteTokenizer | data.
 
 
 def main() -> None:
-    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="a --save folder (follows `latest`) or one step folder")
     p.add_argument("--prompt", default=None, help="text prompt, encoded with the run's tokenizer")
     p.add_argument("--tokenizer", default=None,
