@@ -885,7 +885,7 @@ def test_text_folder_and_token_files_train(tmp_path):
         (folder / f"f{i:02d}.txt").write_text(("hello moe world %d " % i) * 50)
     r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--data", str(folder)])
     assert r.returncode == 0, r.stderr
-    assert "12 text files (1 held out)" in r.stdout
+    assert "12 text files (10.0% of the bytes held out)" in r.stdout
     bins = tmp_path / "bins"
     bins.mkdir()
     np.arange(5000, dtype=np.uint16).__mod__(100).astype(np.uint16).tofile(bins / "train.bin")

@@ -55,6 +55,7 @@ import checkpoint as ckpt_io  # noqa: E402
 import data  # noqa: E402
 import export_hf  # noqa: E402  (inside: whether a path lies in the checkpoint)
 import generate  # noqa: E402  (run_tokenizer: the run's tokenizer, as generate.py finds it)
+from prepare_data import MAX_PIECE_BYTES  # noqa: E402
 from moe_layers import ModelConfig  # noqa: E402
 from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
@@ -202,6 +203,12 @@ def add_byte_vocab(writer) -> None:
     writer.add_token_types([gguf.TokenType.NORMAL] * 256)
 
 
+def is_piece_cut(pre: dict) -> bool:
+    """Whether a pre-tokenizer is prepare_data.py's cut of each word into pieces of at most MAX_PIECE_BYTES."""
+    pattern = (pre.get("pattern") or {}).get("Regex")
+    return pre.get("type") == "Split" and pattern == f"[\\s\\S]{{1,{MAX_PIECE_BYTES}}}" and pre.get("behavior") == "Isolated"
+
+
 def check_tokenizer(tokenizer: data.ByteTokenizer | data.TextTokenizer, vocab_size: int, where: str) -> None:
     """Refuse a tokenizer llama.cpp would not reproduce: another count than the model's rows, a tokenizer.json
     that is not a byte-level BPE with GPT-2's split, or one without an eos (llama.cpp would take its own)."""
@@ -212,6 +219,13 @@ def check_tokenizer(tokenizer: data.ByteTokenizer | data.TextTokenizer, vocab_si
         return
     spec = json.loads(tokenizer.tokenizer.to_str())
     model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "Sequence" and len(pre["pretokenizers"]) == 2 and is_piece_cut(pre["pretokenizers"][1]):
+        # prepare_data.py's BPE: GPT-2's split, then each word cut into pieces of at most MAX_PIECE_BYTES
+        # (linear training and encoding). llama.cpp has no such cut: the same ids for every word up to that
+        # length, which is all text but unbroken runs (base64, minified code) longer than it.
+        pre = pre["pretokenizers"][0]
+        print(f"note: {tokenizer.name} cuts words longer than {MAX_PIECE_BYTES} bytes into pieces; llama.cpp's gpt-2 "
+              f"split does not, so it may encode such runs with other ids (decoding and every logit are the same)")
     same_split = (model.get("type") == "BPE" and spec.get("normalizer") is None
                   and all(pre.get(k) == v for k, v in GPT2_PRE_TOKENIZER.items())
                   and not model.get("byte_fallback") and not model.get("ignore_merges")

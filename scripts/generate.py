@@ -179,8 +179,7 @@ def parse_prompt(args: argparse.Namespace, tokenizer: data.ByteTokenizer | data.
 
 
 def main() -> None:
-    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a --save folder (follows `latest`) or one step folder")
     p.add_argument("--prompt", default=None, help="text prompt, encoded with the run's tokenizer")
     p.add_argument("--tokenizer", default=None,

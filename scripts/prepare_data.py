@@ -549,8 +549,7 @@ def remove_work(work: str | None, made: str | None, out: str) -> None:
 
 
 def main() -> None:
-    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", help="text, JSON Lines (.jsonl) and parquet files (.gz, .zst too) "
                                              "and/or folders of them")
     p.add_argument("--out", required=True, help="folder to write train.bin, val.bin, meta.json (and tokenizer.json)")
