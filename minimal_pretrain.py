@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -27,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 import checkpoint as ckpt_io
-from data import Corpus, DataError, get_batch, load_corpus, unigram_entropy
+import outputs
+from data import Corpus, DataError, get_batch, load_corpus, load_tokenizer, unigram_entropy
 from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, layers_text,
                     optimizer_bytes_per_rank, params_per_stage)
 from metrics import HEALTH_FIELDS, RunLog, load_health, print_run_summary
@@ -113,7 +115,10 @@ class TrainConfig:
                                                  "checkpoint's (a different data stream and gradient noise)")
     save: str = arg("", "checkpoint folder")
     save_interval: int = arg(0, "save every this many steps (and at the end); 0: only at the end")
-    keep_last: int = arg(0, "keep only the newest this many checkpoints; 0 keeps all")
+    keep_last: int = arg(0, "keep only the newest this many checkpoints of this run; 0 keeps all")
+    overwrite: bool = arg(False, "hand over existing outputs that are not this run's own: a --save folder holding "
+                                 "another run's checkpoints (kept, never pruned), a --metrics-file or "
+                                 "--tensorboard folder of other content (replaced)")
     load: str = arg("", "resume from this checkpoint folder (a --save root or one step folder); "
                         "empty: resume from --save when it holds a checkpoint")
     max_skipped_steps: int = arg(5, "stop after this many consecutive steps with a non-finite loss or "
@@ -227,7 +232,12 @@ MODEL_HELP = {
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with its complaint on one `error:` line (it prints `prog: error:`), exit status 2."""
+    """argparse, with its complaint on one `error:` line (it prints `prog: error:`), exit status 2, and
+    no abbreviated flags: `--hidden 32` is an error, not a silent `--hidden-size 32` (or, on --load,
+    a flag nobody sees as given)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kw)
 
     def error(self, message: str) -> None:
         self.print_usage(sys.stderr)
@@ -256,14 +266,16 @@ FLAG_GROUPS = (
                       "lr_decay_fraction", "lr_decay_style", "weight_decay", "grad_clip", "max_skipped_steps",
                       "use_distributed_optimizer")),
     ("device and precision", ("device", "dtype", "recompute", "compile")),
-    ("checkpoints", ("save", "save_interval", "keep_last", "load", "allow_global_batch_change")),
+    ("checkpoints", ("save", "save_interval", "keep_last", "load", "overwrite", "allow_global_batch_change")),
     ("evaluation and logging", ("eval_interval", "eval_iters", "eval_only", "log_interval", "metrics_file",
                                 "tensorboard", "progress")),
 )
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    """One flag per config field, named after it (`num_experts` -> `--num-experts`), in FLAG_GROUPS."""
+def build_arg_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """One flag per config field, named after it (`num_experts` -> `--num-experts`), in FLAG_GROUPS.
+
+    defaults=False: a flag not given is absent from the parsed namespace (what parse_config asks)."""
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        usage="[torchrun --nproc_per_node=N] minimal_pretrain.py [flags]")
     fields = {f.name: (f, MODEL_HELP[f.name]) for f in dataclasses.fields(ModelConfig)}
@@ -273,11 +285,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         for name in names:
             f, help_text = fields[name]
             flag, help_text = "--" + name.replace("_", "-"), help_text.replace("%", "%%")
+            default = f.default if defaults else argparse.SUPPRESS
             if field_kind(f) is bool:
-                group.add_argument(flag, default=f.default, help=help_text, action=argparse.BooleanOptionalAction)
+                group.add_argument(flag, default=default, help=help_text, action=argparse.BooleanOptionalAction)
             else:
                 choices = f.metadata.get("choices") if f.metadata else MODEL_CHOICES.get(name)
-                group.add_argument(flag, default=f.default, type=field_kind(f), help=help_text, choices=choices)
+                group.add_argument(flag, default=default, type=field_kind(f), help=help_text, choices=choices)
     return p
 
 
@@ -285,8 +298,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelConfig, TrainConfi
     """Flags -> (model config, train config, names of the flags given explicitly)."""
     parser = build_arg_parser()
     args = parser.parse_args(argv)
-    given = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-             if a.startswith("--")}
+    # Which flags were given, as the parser read them (`--x=1`, a --no- form): parsed again with no
+    # defaults, only the given ones appear. Never from scanning argv's words.
+    given = set(vars(build_arg_parser(defaults=False).parse_args(argv)))
     model = ModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)})
     train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     return model, train, given
@@ -419,6 +433,13 @@ def continue_saved_run(tc: TrainConfig, resume: ckpt_io.Checkpoint, given: set[s
     return notes
 
 
+# Bounds far past any real model (Qwen3-235B: hidden 4096, 94 layers, vocab 151,936) that keep every
+# tensor size inside int64 and let --dry-run build each layer on the meta device in seconds.
+SIZE_FLAGS = ("vocab_size", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
+              "moe_ffn_hidden_size", "num_experts", "num_shared_experts", "shared_expert_ffn_hidden_size", "seq_length")
+MAX_SIZE, MAX_LAYERS = 2**22, 1024
+
+
 def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
     """The model's own checks, then the layout's: flags that fit each other and the world size
     (TrainConfig.validate has checked each train flag on its own first). Needs no communication."""
@@ -426,6 +447,10 @@ def validate(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
         mc.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    too_big = [n for n in SIZE_FLAGS if getattr(mc, n) > MAX_SIZE] + (["num_layers"] if mc.num_layers > MAX_LAYERS else [])
+    if too_big:
+        raise ConfigError(f"--{too_big[0].replace('_', '-')} {getattr(mc, too_big[0])} is beyond any model this trainer "
+                          f"builds (widths and lengths up to {MAX_SIZE:,}, up to {MAX_LAYERS:,} layers)")
     tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
     ep = tc.expert_parallel_size or tp
     if world_size % (tp * pp):
@@ -513,6 +538,25 @@ class ParallelGroups:
     @property
     def last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables (or a launch by hand); ConfigError if they
+    are not numbers, out of range, or a multi-rank launch lacks MASTER_ADDR / a valid MASTER_PORT."""
+    env = {k: os.environ.get(k, d) for k, d in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))}
+    launch = " ".join(f"{k}={os.environ.get(k)}" for k in env)
+    if not all(v.strip().isdigit() for v in env.values()):
+        raise ConfigError(f"{launch} are not a valid launch (whole numbers); use torchrun")
+    rank, world_size, local_rank = (int(v) for v in env.values())
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"{launch}: RANK must be in [0, WORLD_SIZE); use torchrun")
+    if world_size > 1:
+        port = os.environ.get("MASTER_PORT", "")
+        if not os.environ.get("MASTER_ADDR") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT (1-65535) of rank 0, got "
+                              f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}; "
+                              f"use torchrun, which sets them")
+    return rank, world_size, local_rank
 
 
 def init_process_group(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
@@ -1349,22 +1393,42 @@ def fail(message: str, is_main: bool) -> None:
     sys.exit(2)
 
 
-def fail_together(error: str | None, rank: int, world_size: int) -> None:
+def fail_together(error: str | None, rank: int, world_size: int, fingerprint: str = "") -> None:
     """Every rank reports whether its own checks passed; if any failed, all exit 2 together.
 
     Ranks on other nodes see other files (data, checkpoints, memory), so one rank alone can
     fail. Without this, that rank would exit and the others would wait in their first
-    collective for --dist-timeout; here rank 0 prints the first failing rank's message."""
+    collective for --dist-timeout; here rank 0 prints the first failing rank's message.
+    `fingerprint` (see run_fingerprint) must be the same on every rank: ranks that resolved
+    another checkpoint or config would train different models in lockstep, or hang."""
     if world_size > 1:
-        errors: list[str | None] = [None] * world_size
-        dist.all_gather_object(errors, error)  # every rank's error message, or None (over the CPU backend)
-        failing = [(r, e) for r, e in enumerate(errors) if e]
+        reports: list[tuple[str | None, str]] = [(None, "")] * world_size
+        dist.all_gather_object(reports, (error, fingerprint))  # every rank's error or None, and what it resolved
+        failing = [(r, e) for r, (e, _) in enumerate(reports) if e]
         if failing:
             r, error = failing[0]
             if any(e != error for _, e in failing) or r != 0:
                 error = f"rank {r}: {error}"
+        elif any(f != fingerprint for _, f in reports):
+            r = next(r for r, (_, f) in enumerate(reports) if f != reports[0][1])
+            error = (f"ranks disagree: rank 0 resolved {reports[0][1]}, rank {r} {reports[r][1]}; launch every "
+                     f"rank with the same flags, --data and checkpoint files")
     if error:
         fail(error, rank == 0)
+
+
+def run_fingerprint(inputs: RunInputs | None) -> str:
+    """What a rank resolved at start, in words and hashes: the checkpoint (step, hash of its meta.json)
+    and the configs (hash of both, resolved), which every rank must share."""
+    if inputs is None:  # this rank failed its checks: fail_together reports that instead
+        return ""
+    configs = json.dumps([dataclasses.asdict(inputs.mc), dataclasses.asdict(inputs.tc)], sort_keys=True)
+    text = f"config {hashlib.sha256(configs.encode()).hexdigest()[:12]}"
+    if inputs.resume is not None:
+        meta = json.dumps(inputs.resume.meta, sort_keys=True).encode()
+        text = (f"checkpoint step {inputs.resume.meta['step']} (meta.json "
+                f"{hashlib.sha256(meta).hexdigest()[:12]}), " + text)
+    return text
 
 
 def check_writable(root: str, flag: str = "--save") -> None:
@@ -1378,27 +1442,52 @@ def check_writable(root: str, flag: str = "--save") -> None:
         raise LocalInputError(f"{flag} {root}: not writable ({e.strerror}); choose another folder") from None
 
 
-def check_metrics_file(path: str) -> None:
-    """The metrics file must be a writable regular file, or creatable; checked without touching it."""
-    if os.path.isdir(path):
-        raise LocalInputError(f"--metrics-file {path}: is a folder; give a file name")
-    if os.path.lexists(path):
-        if not os.path.isfile(path) or not os.access(path, os.W_OK):
-            raise LocalInputError(f"--metrics-file {path}: not a writable regular file")
-        return
-    parent = os.path.dirname(os.path.abspath(path))
+def check_metrics_file(path: str, overwrite: bool, inputs: tuple[str, ...]) -> None:
+    """New, or a metrics file of ours (outputs.claim); its folder is created now so a bad one fails at start."""
+    outputs.claim(path, "--metrics-file", outputs.METRICS_FILE, overwrite, inputs)
     try:
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as e:
         raise LocalInputError(f"--metrics-file {path}: cannot create its folder ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise LocalInputError(f"--metrics-file {path}: folder {parent} is not writable")
 
 
-def check_tensorboard(log_dir: str) -> None:
+def check_tensorboard(log_dir: str, overwrite: bool, inputs: tuple[str, ...]) -> None:
     if importlib.util.find_spec("tensorboard") is None:  # torch's SummaryWriter needs it
         raise LocalInputError("--tensorboard needs the tensorboard package: pip install -r requirements-extras.txt")
+    outputs.claim(log_dir, "--tensorboard", outputs.TENSORBOARD_DIR, overwrite, inputs)
     check_writable(log_dir, "--tensorboard")
+
+
+def run_tokenizer(data: str) -> dict | None:
+    """The record of the run's tokenizer that every checkpoint carries (checkpoint.SaveTarget); None
+    for token files whose meta.json names none."""
+    try:
+        tok = load_tokenizer(data)
+    except DataError:
+        return None
+    record = {"name": "bytes" if tok.name == "bytes" else "tokenizer.json", "eos_id": tok.eos_id, "bos_id": tok.bos_id}
+    if tok.name != "bytes":
+        with open(tok.name, "rb") as f:
+            record.update(path=os.path.abspath(tok.name), sha256=hashlib.sha256(f.read()).hexdigest())
+    return record
+
+
+def claim_outputs(tc: TrainConfig, resume: ckpt_io.Checkpoint | None, rank: int) -> ckpt_io.SaveTarget | None:
+    """Every output of the run checked against the ownership rules (outputs.py) before anything is
+    written; return where and as whom checkpoints are saved. Inputs are never outputs: --data is
+    read as training text, the checkpoint --load names is read back."""
+    inputs = (tc.data,) if tc.data else ()
+    loaded = (resume.path,) if resume is not None else ()
+    if tc.metrics_file and rank == 0:
+        check_metrics_file(tc.metrics_file, tc.overwrite, inputs + loaded)
+    if tc.tensorboard and rank == 0:
+        check_tensorboard(tc.tensorboard, tc.overwrite, inputs + loaded)
+    if not tc.save:
+        return None
+    run_id = resume.meta.get("run_id") if resume is not None else None  # a resumed run keeps its id
+    run_id = run_id or ckpt_io.new_run_id()
+    owned = ckpt_io.claim_save_folder(tc.save, run_id, resume, tc.overwrite, inputs)
+    return ckpt_io.SaveTarget(tc.save, run_id, owned, tc.keep_last, run_tokenizer(tc.data))
 
 
 def dry_run(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
@@ -1428,6 +1517,7 @@ class RunInputs:
     resume: ckpt_io.Checkpoint | None
     save_lock: Any  # the open lock file of --save (rank 0), held until the run ends
     notes: list[str]  # what rank 0 says at start about a resumed run (schedule, batch, fresh optimizer)
+    target: ckpt_io.SaveTarget | None  # where and as whom checkpoints are saved (None: no --save)
 
 
 def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int, world_size: int,
@@ -1465,17 +1555,14 @@ def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
     device_type = "cuda" if uses_cuda(tc) else "cpu"
     check_memory(mc, tc, world_size, local_rank, device_type,
                  resolve_param_dtype(tc, torch.device(device_type)) == torch.bfloat16)
-    if tc.metrics_file and rank == 0:
-        check_metrics_file(tc.metrics_file)
-    if tc.tensorboard and rank == 0:
-        check_tensorboard(tc.tensorboard)
+    target = claim_outputs(tc, resume, rank)
     save_lock = None
     if tc.save:
         check_writable(tc.save)
         if rank == 0:
             save_lock = ckpt_io.acquire_save_lock(tc.save)
     tc.expert_parallel_size = tc.expert_parallel_size or tc.tensor_parallel_size
-    return RunInputs(mc, tc, corpus, resume, save_lock, notes)
+    return RunInputs(mc, tc, corpus, resume, save_lock, notes, target)
 
 
 # ======================================================================== the run
@@ -1495,22 +1582,24 @@ def report_eval_only(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, 
                 f.write(json.dumps({"step": step, "val_loss": val_loss, **({"val_bpb": bpb} if bpb else {})}) + "\n")
 
 
-def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.Module,
+def save(target: ckpt_io.SaveTarget, mc: ModelConfig, tc: TrainConfig, pg: ParallelGroups, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer, step: int, skipped: int) -> str:
     """Write a checkpoint of the state after `step` updates (all ranks call this)."""
     gathered = gather_for_save(optimizer, pg) if isinstance(optimizer, DistributedAdamW) else None
     payload = ckpt_io.rank_payload(model, optimizer, pg.tp_rank, pg.dp_rank,
                                    pg.rank % (pg.dp * pg.tp), pg.ep, gathered)
-    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": step,
+    tokenizer = dict(target.tokenizer or {})
+    extra = {"tokenizer.json": tokenizer.pop("path")} if "path" in tokenizer else {}  # carried, not pointed to
+    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": step, "run_id": target.run_id,
             "skipped_steps": skipped, "model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc),
             "layout": {"world_size": pg.world_size, "tp": pg.tp, "pp": pg.pp, "dp": pg.dp, "ep": pg.ep},
+            "tokenizer": tokenizer or None,
             "software": software()}  # for the reader: a resume on other threads or torch is allowed
     try:
-        return ckpt_io.save_checkpoint(tc.save, step, payload, meta, pg.rank, pg.world_size, tc.keep_last)
-    except OSError as e:  # a full disk, a vanished folder: the save is atomic, so nothing older is harmed
-        print(f"error: rank {pg.rank}: saving step {step} to {tc.save} failed ({e.strerror or e}); the previous "
-              f"checkpoint and `latest` are intact", file=sys.stderr, flush=True)
-        sys.exit(2)  # torchrun then stops the other ranks
+        return ckpt_io.save_checkpoint(target.root, step, payload, meta, pg.rank, pg.world_size, target.keep_last,
+                                       target.owned, extra)
+    except ckpt_io.SaveFailed as e:  # every rank alike; the save is atomic, so nothing older is harmed
+        fail(e.strerror, pg.is_main)
 
 
 class StopRequest:
@@ -1654,8 +1743,9 @@ class Interval:
 
 def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
                corpus: Corpus, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, device: torch.device,
-               autocast_dtype: torch.dtype | None, start_step: int, skipped_total: int) -> None:
-    """Steps start_step .. --max-steps: batches, train_step, logging, evaluation, checkpoints, summary."""
+               autocast_dtype: torch.dtype | None, start_step: int, skipped_total: int,
+               target: ckpt_io.SaveTarget | None) -> None:
+    """Steps start_step .. --max-steps: batches, train_step, logging, evaluation, checkpoints (into `target`), summary."""
     is_main = pg.is_main
     global_batch = tc.micro_batch_size * tc.num_microbatches * pg.dp
     peak_flops = peak_bf16_flops(device)
@@ -1687,7 +1777,7 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
                     f"({bad_in_a_row} in a row, {skipped_total} in all)")
                 if bad_in_a_row >= tc.max_skipped_steps:
                     if tc.save:
-                        save(tc, mc, pg, model, optimizer, step, skipped_total)
+                        save(target, mc, tc, pg, model, optimizer, step, skipped_total)
                     fail(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last: step {done}); "
                          f"lower --lr or raise --router-z-loss-coef, then resume"
                          + (f" from {tc.save}" if tc.save else ""), is_main)
@@ -1714,7 +1804,7 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
             stopping = stop.agreed(pg)
             if tc.save and ((tc.save_interval > 0 and done % tc.save_interval == 0) or done == tc.max_steps
                             or stopping):
-                say(f"Step {done} | saved {save(tc, mc, pg, model, optimizer, done, skipped_total)}")
+                say(f"Step {done} | saved {save(target, mc, tc, pg, model, optimizer, done, skipped_total)}")
             if bar:
                 bar.update(1)
             if stopping:
@@ -1749,21 +1839,17 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
 def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- config
     mc, tc, given = parse_config(argv)
-    if tc.dry_run:  # the plan of a launch, printed by one process: nothing runs
-        dry_run(mc, tc, tc.world_size or int(os.environ.get("WORLD_SIZE", 1)))
-        return
     try:  # set by torchrun (or by hand for a multi-node launch without it)
-        rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
-                                        (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-        if not 0 <= rank < world_size or local_rank < 0:
-            raise ValueError
-    except ValueError:
-        fail(f"RANK={os.environ.get('RANK')} WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
-             f"LOCAL_RANK={os.environ.get('LOCAL_RANK')} are not a valid launch; use torchrun", True)
+        rank, world_size, local_rank = launch_env()
+    except ConfigError as e:
+        fail(str(e), True)
+    if tc.dry_run:  # the plan of a launch, printed by one process: nothing runs
+        dry_run(mc, tc, tc.world_size or world_size)
+        return
     inputs, error = None, None
     try:
         inputs = prepare_inputs(mc, tc, given, rank, world_size, local_rank)
-    except (LocalInputError, DataError, ckpt_io.CheckpointError, NotEnoughMemory) as e:
+    except (LocalInputError, DataError, ckpt_io.CheckpointError, NotEnoughMemory, outputs.OutputError) as e:
         error = str(e)  # this rank's files or machine: settled with the others below
     except ConfigError as e:
         fail(str(e), rank == 0)  # flags and layout fail alike on every rank: no peer needed
@@ -1774,7 +1860,7 @@ def main(argv: list[str] | None = None) -> None:
         backend = "cpu:gloo,cuda:nccl" if uses_cuda(tc) and torch.cuda.is_available() else "gloo"
         timeout = tc.dist_timeout if error is None else 300.0  # the flag itself may be what is wrong
         init_process_group(backend, rank, world_size, timedelta(seconds=timeout))
-    fail_together(error, rank, world_size)  # all ranks passed their checks, or all exit 2 now
+    fail_together(error, rank, world_size, run_fingerprint(inputs))  # all ranks passed and agree, or all exit 2
     try:
         run(inputs, rank, world_size, local_rank)
     finally:
@@ -1876,7 +1962,8 @@ def run(inputs: RunInputs, rank: int, world_size: int, local_rank: int) -> None:
                 print(f"nothing to do: the checkpoint is at step {start_step} and --max-steps is {tc.max_steps}; "
                       f"raise --max-steps to train on")
         else:
-            train_loop(model, optimizer, reducers, corpus, pg, mc, tc, device, autocast_dtype, start_step, skipped)
+            train_loop(model, optimizer, reducers, corpus, pg, mc, tc, device, autocast_dtype, start_step, skipped,
+                       inputs.target)
     except DataError as e:  # a token file with ids past the vocabulary, found by a batch: every rank alike
         fail(str(e), pg.is_main)
 
