@@ -354,7 +354,7 @@ CHECKPOINT_ROOT = outputs.Kind("a checkpoint folder", True, is_checkpoint_root)
 
 
 def claim_save_folder(root: str, run_id: str, resumed: Checkpoint | None, overwrite: bool,
-                      inputs: tuple[str, ...]) -> frozenset:
+                      inputs: dict[str, str]) -> frozenset:
     """Whether this run may write into (and prune) `root`; return the run ids it may prune there.
 
     Allowed: a new or empty folder, one whose checkpoints are this run's (its id, or the folder the

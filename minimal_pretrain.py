@@ -1442,7 +1442,7 @@ def check_writable(root: str, flag: str = "--save") -> None:
         raise LocalInputError(f"{flag} {root}: not writable ({e.strerror}); choose another folder") from None
 
 
-def check_metrics_file(path: str, overwrite: bool, inputs: tuple[str, ...]) -> None:
+def check_metrics_file(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
     """New, or a metrics file of ours (outputs.claim); its folder is created now so a bad one fails at start."""
     outputs.claim(path, "--metrics-file", outputs.METRICS_FILE, overwrite, inputs)
     try:
@@ -1451,7 +1451,7 @@ def check_metrics_file(path: str, overwrite: bool, inputs: tuple[str, ...]) -> N
         raise LocalInputError(f"--metrics-file {path}: cannot create its folder ({e.strerror})") from None
 
 
-def check_tensorboard(log_dir: str, overwrite: bool, inputs: tuple[str, ...]) -> None:
+def check_tensorboard(log_dir: str, overwrite: bool, inputs: dict[str, str]) -> None:
     if importlib.util.find_spec("tensorboard") is None:  # torch's SummaryWriter needs it
         raise LocalInputError("--tensorboard needs the tensorboard package: pip install -r requirements-extras.txt")
     outputs.claim(log_dir, "--tensorboard", outputs.TENSORBOARD_DIR, overwrite, inputs)
@@ -1476,12 +1476,12 @@ def claim_outputs(tc: TrainConfig, resume: ckpt_io.Checkpoint | None, rank: int)
     """Every output of the run checked against the ownership rules (outputs.py) before anything is
     written; return where and as whom checkpoints are saved. Inputs are never outputs: --data is
     read as training text, the checkpoint --load names is read back."""
-    inputs = (tc.data,) if tc.data else ()
-    loaded = (resume.path,) if resume is not None else ()
+    inputs = {"--data": tc.data}
+    read = dict(inputs, **{"the checkpoint it loads": resume.path}) if resume is not None else inputs
     if tc.metrics_file and rank == 0:
-        check_metrics_file(tc.metrics_file, tc.overwrite, inputs + loaded)
+        check_metrics_file(tc.metrics_file, tc.overwrite, read)
     if tc.tensorboard and rank == 0:
-        check_tensorboard(tc.tensorboard, tc.overwrite, inputs + loaded)
+        check_tensorboard(tc.tensorboard, tc.overwrite, read)
     if not tc.save:
         return None
     run_id = resume.meta.get("run_id") if resume is not None else None  # a resumed run keeps its id

@@ -70,7 +70,7 @@ METRICS_FILE = Kind("a metrics file of this trainer (JSON lines)", False, is_met
 TENSORBOARD_DIR = Kind("a TensorBoard folder (events.out.tfevents.* only)", True,
                        holds_only(prefixes=("events.out.tfevents.",)))
 PLOT_DIR = Kind("a folder of plots (PNG files only)", True, holds_only(suffixes=(".png",)))
-NEW_DIR = Kind("a new or empty folder", True, never)
+NEW_DIR = Kind("an empty folder", True, never)
 
 
 def inside(path: str, folder: str) -> bool:
@@ -100,15 +100,18 @@ def check_fits(path: str, flag: str, folder: bool) -> str:
     return base
 
 
-def claim(path: str, flag: str, kind: Kind, overwrite: bool = False, inputs: tuple[str, ...] = ()) -> None:
+def claim(path: str, flag: str, kind: Kind, overwrite: bool = False, inputs: dict[str, str] | None = None) -> None:
     """Refuse `path` as an output of `kind` unless it is new, empty, ours, or handed over (`overwrite`).
 
-    `inputs` are the paths the same command reads (--data, --load...): an output inside one of them,
+    `inputs` names the paths the same command reads ({"--data": ...}): an output inside one of them,
     or one containing it, would be read back as input. Raises OutputError; writes nothing."""
     base = check_fits(path, flag, kind.folder)
-    for source in inputs:
-        if source and os.path.lexists(source) and (inside(path, source) or inside(source, path)):
-            raise OutputError(f"{flag} {path} overlaps the input {source}: outputs are never read as inputs; "
+    for name, source in (inputs or {}).items():
+        if source and os.path.lexists(source) and inside(path, source):
+            raise OutputError(f"{flag} {path} lies inside {name} {source}: outputs are never read as inputs; "
+                              f"choose a path outside it")
+        if source and os.path.lexists(source) and inside(source, path):
+            raise OutputError(f"{flag} {path} contains {name} {source}: outputs are never read as inputs; "
                               f"choose a path outside it")
     if not os.access(base, os.W_OK):
         raise OutputError(f"{flag} {path}: {base} is not writable; choose another path")
@@ -123,9 +126,13 @@ def claim(path: str, flag: str, kind: Kind, overwrite: bool = False, inputs: tup
         raise OutputError(f"{flag} {path}: not a regular file (a FIFO, a device or a dangling link)")
     if not os.access(path, os.W_OK):
         raise OutputError(f"{flag} {path}: not writable; choose another path")
-    empty = not os.listdir(path) if kind.folder else os.path.getsize(path) == 0
+    entries = os.listdir(path) if kind.folder else []
+    empty = not entries if kind.folder else os.path.getsize(path) == 0
     if empty or overwrite or kind.is_ours(path):
         return
-    hand_over = "pass --overwrite to hand it over, or " if kind is not NEW_DIR else ""
+    if kind is NEW_DIR:  # a checkpoint's `latest` must never move under a run that trains from it
+        held = "a checkpoint" if {"latest", "meta.json"} & set(entries) else "other files"
+        raise OutputError(f"{flag} {path} already holds {held} and is not an empty folder; choose a new or empty "
+                          f"folder (nothing is overwritten)")
     raise OutputError(f"{flag} {path}: exists and is not {kind.name}, so it is not this tool's to write; "
-                      f"{hand_over}choose a new path")
+                      f"pass --overwrite to hand it over, or choose a new path")
