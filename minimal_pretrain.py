@@ -571,7 +571,7 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout: timede
 
 
 def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int,
-                         embedding_groups: bool = False) -> ParallelGroups:
+                         embedding_groups: bool = False, timeout: timedelta | None = None) -> ParallelGroups:
     """Create every process group once (all ranks call new_group for every group, in order).
 
     Worked example, 8 ranks, TP2 x DP2 x PP2, EP2 (rank = (pp*2 + dp)*2 + tp):
@@ -584,7 +584,8 @@ def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int,
     holds different experts (expert-DP groups of one rank).
     With `embedding_groups` (MTP under PP) also: embedding [0,4] [1,5] [2,6] [3,7], the first and last
     stage's ranks of each (dp, tp), which sum the gradients of their two embedding copies (Megatron's
-    embedding group); with PP 2 they are the PP groups."""
+    embedding group); with PP 2 they are the PP groups.
+    `timeout` is --dist-timeout: new_group does not inherit init_process_group's, it would wait 30 minutes."""
     dp = world_size // (tp * pp)
     stage_size = dp * tp
     pp_rank, in_stage = divmod(rank, stage_size)
@@ -602,28 +603,28 @@ def build_process_groups(tp: int, pp: int, ep: int, rank: int, world_size: int,
         base = p * stage_size
         for d in range(dp):
             ranks = [base + d * tp + t for t in range(tp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 g.tp_group = group
         for t in range(tp):
             ranks = [base + d * tp + t for d in range(dp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 g.dp_group = group
         for start in range(0, stage_size, ep):
             ranks = [base + start + i for i in range(ep)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 g.ep_group = group
         for e in range(ep):
             ranks = [base + e + j * ep for j in range(stage_size // ep)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 g.expert_dp_group = group
     if embedding_groups and pp > 1:
         for in_stage in range(stage_size):
             ranks = [in_stage, (pp - 1) * stage_size + in_stage]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 g.embedding_group = group
     return g
@@ -1417,6 +1418,23 @@ def fail_together(error: str | None, rank: int, world_size: int, fingerprint: st
         fail(error, rank == 0)
 
 
+def is_peer_failure(e: Exception) -> bool:
+    """A collective that timed out or whose peer vanished (gloo's and NCCL's words), not a bug of ours."""
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(w in text for w in ("timed out", "timeout", "connection closed",
+                                                                      "connection reset", "broken pipe"))
+
+
+def lost_peer(what: str, e: Exception, rank: int) -> None:
+    """Another rank is stuck or gone: this rank says so on one line and ends at once, without the
+    process group's teardown (which would wait on that rank again). Nothing half-written is left
+    as a checkpoint: a save is renamed into place only after every rank has written."""
+    print(f"error: rank {rank}: {what}: another rank is stuck or missing ({str(e).splitlines()[0][:200]}); "
+          f"see the other ranks' output", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
+
+
 def run_fingerprint(inputs: RunInputs | None) -> str:
     """What a rank resolved at start, in words and hashes: the checkpoint (step, hash of its meta.json)
     and the configs (hash of both, resolved), which every rank must share."""
@@ -1607,11 +1625,14 @@ class StopRequest:
     the current step, saving a checkpoint; a second SIGINT stops at once.
 
     The handler only sets a flag; ranks agree on it after every step (one all-reduce), so all
-    stop after the same step even when the signal reaches them at different moments."""
+    stop after the same step even when the signal reaches them at different moments. It also
+    arms an alarm of `grace` seconds (--dist-timeout): a rank stuck outside a collective (which
+    would time out by itself), e.g. in a hung kernel, ends then instead of holding the launcher."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float) -> None:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
+        self.grace = grace
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1619,10 +1640,12 @@ class StopRequest:
 
     def handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
+        signal.alarm(math.ceil(self.grace))  # SIGALRM's default action ends the process; restore() disarms it
         if signum == signal.SIGINT:  # Ctrl-C twice: the default behaviour, at once
             signal.signal(signum, self.previous[signum])
 
     def restore(self) -> None:
+        signal.alarm(0)
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -1758,7 +1781,7 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     if is_main:  # model FLOPs of the whole step over the peak of all GPUs
         log = RunLog(tc.metrics_file, tc.tensorboard, start_step, say, lambda tokens_per_sec: (
             tokens_per_sec * mc.flops_per_token() / (peak_flops * pg.world_size) if peak_flops else None))
-    stop = StopRequest()
+    stop = StopRequest(tc.dist_timeout)
     stop.install()
     start_time = time.time()
     val_loss, last, bad_in_a_row, done, interval = None, {}, 0, start_step, Interval()
@@ -1859,12 +1882,21 @@ def main(argv: list[str] | None = None) -> None:
         # gloo for CPU tensors (the start-up agreement, stop flags), NCCL for CUDA tensors.
         backend = "cpu:gloo,cuda:nccl" if uses_cuda(tc) and torch.cuda.is_available() else "gloo"
         timeout = tc.dist_timeout if error is None else 300.0  # the flag itself may be what is wrong
-        init_process_group(backend, rank, world_size, timedelta(seconds=timeout))
-    fail_together(error, rank, world_size, run_fingerprint(inputs))  # all ranks passed and agree, or all exit 2
+        try:
+            init_process_group(backend, rank, world_size, timedelta(seconds=timeout))
+        except (dist.DistError, RuntimeError, ValueError) as e:  # the store's timeout, a refused connection
+            lost_peer(f"not every rank joined the rendezvous at {os.environ.get('MASTER_ADDR')}:"
+                      f"{os.environ.get('MASTER_PORT')} within {timeout:g} s", e, rank)
     try:
+        fail_together(error, rank, world_size, run_fingerprint(inputs))  # all ranks passed and agree, or all exit 2
         run(inputs, rank, world_size, local_rank)
+    except (dist.DistError, RuntimeError) as e:
+        if world_size == 1 or not is_peer_failure(e):
+            raise
+        lost_peer(f"a collective or pipeline exchange waited more than --dist-timeout {tc.dist_timeout:g} s or "
+                  f"lost its peer", e, rank)
     finally:
-        if inputs.save_lock:
+        if inputs is not None and inputs.save_lock:
             inputs.save_lock.close()
     if world_size > 1:
         dist.destroy_process_group()
@@ -1935,7 +1967,8 @@ def run(inputs: RunInputs, rank: int, world_size: int, local_rank: int) -> None:
     mc, tc, corpus, resume = inputs.mc, inputs.tc, inputs.corpus, inputs.resume
     device = resolve_device(tc, local_rank)
     pg = build_process_groups(tc.tensor_parallel_size, tc.pipeline_parallel_size, tc.expert_parallel_size,
-                              rank, world_size, embedding_groups=mc.mtp_num_layers > 0)
+                              rank, world_size, embedding_groups=mc.mtp_num_layers > 0,
+                              timeout=timedelta(seconds=tc.dist_timeout))
     autocast_dtype = resolve_autocast(tc, device)
     if pg.is_main:
         print_banner(inputs, pg, device, autocast_dtype)
