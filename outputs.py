@@ -87,7 +87,8 @@ def check_fits(path: str, flag: str, folder: bool) -> str:
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) and existing != full:
-        raise OutputError(f"{flag} {path}: {existing} is a file, not a folder; choose a path outside it")
+        raise OutputError(f"{flag} {path}: not writable ({existing} is a file, not a folder); choose a path "
+                          f"outside it")
     base = existing if os.path.isdir(existing) else os.path.dirname(existing)
     name_max, path_max = os.pathconf(base, "PC_NAME_MAX"), os.pathconf(base, "PC_PATH_MAX")
     too_long = [n for n in full.split(os.sep) if len(os.fsencode(n)) + (0 if folder else len(".part")) > name_max]
