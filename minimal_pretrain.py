@@ -542,7 +542,7 @@ class ParallelGroups:
 
 def launch_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's variables (or a launch by hand); ConfigError if they
-    are not numbers, out of range, or a multi-rank launch lacks MASTER_ADDR / a valid MASTER_PORT."""
+    are not whole numbers or RANK is out of range."""
     env = {k: os.environ.get(k, d) for k, d in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))}
     launch = " ".join(f"{k}={os.environ.get(k)}" for k in env)
     if not all(v.strip().isdigit() for v in env.values()):
@@ -550,13 +550,17 @@ def launch_env() -> tuple[int, int, int]:
     rank, world_size, local_rank = (int(v) for v in env.values())
     if not 0 <= rank < world_size:
         raise ConfigError(f"{launch}: RANK must be in [0, WORLD_SIZE); use torchrun")
-    if world_size > 1:
-        port = os.environ.get("MASTER_PORT", "")
-        if not os.environ.get("MASTER_ADDR") or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT (1-65535) of rank 0, got "
-                              f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}; "
-                              f"use torchrun, which sets them")
     return rank, world_size, local_rank
+
+
+def check_master_env(world_size: int) -> None:
+    """A multi-rank launch needs rank 0's address: checked just before the rendezvous (after the flags,
+    so a bad layout is still reported by a rank started alone), not found missing as a traceback."""
+    port = os.environ.get("MASTER_PORT", "")
+    if not os.environ.get("MASTER_ADDR") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT (1-65535) of rank 0, got "
+                          f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}; "
+                          f"use torchrun, which sets them")
 
 
 def init_process_group(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
@@ -1882,6 +1886,10 @@ def main(argv: list[str] | None = None) -> None:
         # gloo for CPU tensors (the start-up agreement, stop flags), NCCL for CUDA tensors.
         backend = "cpu:gloo,cuda:nccl" if uses_cuda(tc) and torch.cuda.is_available() else "gloo"
         timeout = tc.dist_timeout if error is None else 300.0  # the flag itself may be what is wrong
+        try:
+            check_master_env(world_size)
+        except ConfigError as e:
+            fail(str(e), True)
         try:
             init_process_group(backend, rank, world_size, timedelta(seconds=timeout))
         except (dist.DistError, RuntimeError, ValueError) as e:  # the store's timeout, a refused connection

@@ -331,7 +331,8 @@ def test_launch_variables_are_checked(env, words, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(mp.ConfigError, match=words):
-        mp.launch_env()
+        if mp.launch_env()[1] > 1:
+            mp.check_master_env(2)
 
 
 def run_process(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
