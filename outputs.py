@@ -120,7 +120,8 @@ def claim(path: str, flag: str, kind: Kind, overwrite: bool = False, inputs: dic
         return
     mode = os.stat(path).st_mode if os.path.exists(path) else 0  # a dangling link has no mode
     if kind.folder and not stat.S_ISDIR(mode):
-        raise OutputError(f"{flag} {path}: exists and is not a folder; give a folder")
+        wanted = "an empty folder" if kind is NEW_DIR else "a folder"
+        raise OutputError(f"{flag} {path}: exists and is not a folder, so not {wanted}; give a new folder")
     if not kind.folder and stat.S_ISDIR(mode):
         raise OutputError(f"{flag} {path}: is a folder; give a file name")
     if not kind.folder and not stat.S_ISREG(mode):
