@@ -41,7 +41,7 @@ def is_metrics_file(path: str) -> bool:
     """Every complete line is one of our JSON records (an object with an integer "step", written
     first); a last line without its newline may be such a record cut by a crash (dropped on resume)."""
     try:
-        with open(path, errors="strict") as f:
+        with open(path) as f:
             for line in f:
                 if not line.endswith("\n"):
                     return line.startswith('{"step": ')
@@ -56,8 +56,7 @@ def is_metrics_file(path: str) -> bool:
 def holds_only(prefixes: tuple[str, ...] = (), suffixes: tuple[str, ...] = ()) -> Callable[[str], bool]:
     """A folder whose every entry is a file named with one of `prefixes` or `suffixes`."""
     def check(folder: str) -> bool:
-        return all((e.startswith(prefixes) if prefixes else False) or (e.endswith(suffixes) if suffixes else False)
-                   for e in os.listdir(folder))
+        return all(e.startswith(prefixes) or e.endswith(suffixes) for e in os.listdir(folder))  # () matches nothing
     return check
 
 
