@@ -28,6 +28,13 @@ Saving a step whose folder exists (a rewound run) first renames the old folder t
 the two renames, `latest` is followed to that `.old-` folder. `DIR/.lock` is held (flock) by
 the run that saves into DIR, so a second run on the same folder is refused, not interleaved.
 
+Ownership: every meta.json carries its run's `run_id` (a resumed run keeps it). A run writes into,
+and prunes, only a folder that holds no checkpoints, or holds its own run's (the run it resumes),
+or is handed over with --overwrite; it prunes only checkpoints of its own run (claim_save_folder).
+Checkpoints from before run ids (none in meta.json) resume into their own folder as before.
+The run's tokenizer.json (when its data has one) is copied into every step folder and named in
+meta.json with its sha256, so an export never depends on the --data folder still being there.
+
 Loading scales with the ranks: read_checkpoint memory-maps every file and reads only its
 entries' headers (names, shapes, places), checking structure, sizes and that the slices fit;
 load_into then copies out of the overlapping slices only what this rank holds, so the
@@ -37,17 +44,21 @@ each reads about 1/N). assemble / full_state_dict read whole tensors, for the sc
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import stat
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+import outputs
 from optim import DistributedAdamW
 from parallel_layers import Layout, placement
 
@@ -57,6 +68,22 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+class SaveFailed(OSError):
+    """A save that could not be completed (a full disk, a vanished folder) on some rank; its temporary
+    files are removed and `latest` and every earlier checkpoint are as they were."""
+
+
+@dataclass
+class SaveTarget:
+    """Where and as whom a run saves: decided once at start (claim_save_folder), used by every save."""
+
+    root: str  # the --save folder
+    run_id: str  # written into each meta.json
+    owned: frozenset  # run ids whose checkpoints in `root` this run may prune (None: ones from before run ids)
+    keep_last: int  # --keep-last
+    tokenizer: dict | None  # {"name", "eos_id", "bos_id", and "path" + "sha256" for a tokenizer.json}; None: unknown
 
 
 def step_dir_name(step: int) -> str:
@@ -162,42 +189,86 @@ def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layou
     return {"params": params, "optim": optim, "rng": rng}
 
 
+def agree_on_errors(error: str | None, rank: int, world_size: int) -> str | None:
+    """Every rank's error of one phase of a save, or None: the first failing rank's, with its rank.
+
+    Also the save's barrier: nobody starts the next phase before every rank has ended this one."""
+    if world_size == 1:
+        return error
+    errors: list[str | None] = [None] * world_size
+    dist.all_gather_object(errors, error)  # each rank's error message or None (over the CPU backend)
+    failing = [(r, e) for r, e in enumerate(errors) if e]
+    return f"rank {failing[0][0]}: {failing[0][1]}" if failing else None
+
+
+def write_step_folder(root: str, tmp: str, final: str, step: int, meta: dict, world_size: int,
+                      extra_files: dict[str, str]) -> None:
+    """Rank 0's part of a save, after every rank file is on disk: copied files, meta.json, the
+    renames, `latest`. A crash at any point leaves `latest` naming a whole checkpoint."""
+    for name, src in extra_files.items():  # the tokenizer: the checkpoint carries what export needs
+        _fsync_write(os.path.join(tmp, name), lambda f, src=src: f.write(open(src, "rb").read()))
+    files = [f"rank_{r:05d}.pt" for r in range(world_size)]
+    # The sizes let a reader refuse a replaced or cut file without reading its tensors.
+    meta = dict(meta, files=files, sizes=[os.path.getsize(os.path.join(tmp, f)) for f in files])
+    _fsync_write(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    _fsync_dir(tmp)
+    old = os.path.join(root, ".old-" + step_dir_name(step))
+    if os.path.lexists(final):  # re-saving a step: move the old copy aside, never delete it first
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_write(os.path.join(root, "latest"), lambda f: f.write(step_dir_name(step).encode()))
+    _fsync_dir(root)
+
+
+def remove_partial(root: str, tmp: str) -> None:
+    """After a failed save: its temporary folder and a half-written `latest.part` go; `latest` stays."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.lexists(os.path.join(root, "latest.part")):
+        os.remove(os.path.join(root, "latest.part"))
+
+
 def save_checkpoint(root: str, step: int, payload: dict, meta: dict, rank: int, world_size: int,
-                    keep_last: int = 0) -> str:
+                    keep_last: int = 0, owned: frozenset | None = None,
+                    extra_files: dict[str, str] | None = None) -> str:
     """Write every rank's payload into `root/step_N` atomically; return that folder.
 
-    All ranks call it; rank 0 alone creates, renames, points `latest` and prunes."""
+    All ranks call it; rank 0 alone creates, renames, points `latest` and prunes (only checkpoints
+    whose run id is in `owned`, by default this meta's run). An OSError on any rank (a full disk)
+    raises SaveFailed on every rank, after the temporary files are removed."""
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, ".tmp-" + step_dir_name(step))
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
-        os.makedirs(tmp)
-    if world_size > 1:
-        dist.barrier()  # the temporary folder exists before anyone writes into it
-    _fsync_write(os.path.join(tmp, f"rank_{rank:05d}.pt"), lambda f: torch.save(payload, f))
-    if world_size > 1:
-        dist.barrier()  # every rank's file is on disk
-    if rank == 0:
-        files = [f"rank_{r:05d}.pt" for r in range(world_size)]
-        # The sizes let a reader refuse a replaced or cut file without reading its tensors.
-        meta = dict(meta, files=files, sizes=[os.path.getsize(os.path.join(tmp, f)) for f in files])
-        _fsync_write(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        _fsync_dir(tmp)
-        old = os.path.join(root, ".old-" + step_dir_name(step))
-        if os.path.lexists(final):  # re-saving a step: move the old copy aside, never delete it first
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_write(os.path.join(root, "latest"), lambda f: f.write(step_dir_name(step).encode()))
-        _fsync_dir(root)
-        for d in os.listdir(root):  # old copies whose replacement is now in place
-            if d.startswith(".old-step_"):
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-        if keep_last > 0:
-            prune(root, keep_last, step)
-    if world_size > 1:
-        dist.barrier()  # nobody moves on (or exits) before `latest` points at the new folder
+    error = None
+    try:
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+            os.makedirs(tmp)
+    except OSError as e:
+        error = f"{tmp}: {e.strerror or e}"
+    error = agree_on_errors(error, rank, world_size)  # the temporary folder exists before anyone writes
+    if error is None:
+        try:
+            _fsync_write(os.path.join(tmp, f"rank_{rank:05d}.pt"), lambda f: torch.save(payload, f))
+        except OSError as e:
+            error = f"{e.filename or tmp}: {e.strerror or e}"
+        error = agree_on_errors(error, rank, world_size)  # every rank's file is on disk
+    if error is None and rank == 0:
+        try:
+            write_step_folder(root, tmp, final, step, meta, world_size, extra_files or {})
+            for d in os.listdir(root):  # old copies whose replacement is now in place
+                if d.startswith(".old-step_"):
+                    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            if keep_last > 0:
+                prune(root, keep_last, step, owned if owned is not None else frozenset({meta.get("run_id")}))
+        except OSError as e:
+            error = f"{e.filename or root}: {e.strerror or e}"
+    error = agree_on_errors(error, rank, world_size)  # nobody moves on before `latest` names the new folder
+    if error is not None:
+        if rank == 0:
+            remove_partial(root, tmp)
+        raise SaveFailed(errno.EIO, f"saving step {step} to {root} failed ({error}); its temporary files are "
+                                    f"removed, `latest` and the earlier checkpoints are intact")
     return final
 
 
@@ -208,8 +279,14 @@ def save_full_state(root: str, tensors: dict[str, torch.Tensor], model: dict, tr
     payload = {"params": {name: {"tensor": t, "dim": None, "rank": 0, "size": 1} for name, t in tensors.items()},
                "optim": {}, "rng": {"torch": torch.Generator().manual_seed(train.get("seed", 0)).get_state()}}
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": 0, "skipped_steps": 0, "model": model,
-            "train": train, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}, **(extra_meta or {})}
+            "train": train, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1},
+            "run_id": new_run_id(), **(extra_meta or {})}
     return save_checkpoint(root, 0, payload, meta, rank=0, world_size=1)
+
+
+def new_run_id() -> str:
+    """A fresh run's id: random, so two runs started anywhere never share one."""
+    return uuid.uuid4().hex[:16]
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -225,15 +302,22 @@ def acquire_save_lock(root: str) -> Any:
 
     Two runs saving into one folder would interleave their checkpoints and `latest`; the
     second is refused. flock is released by the kernel when the process dies, so a killed
-    run (or torchrun's restart of it) never leaves a stale lock behind."""
+    run (or torchrun's restart of it) never leaves a stale lock behind. A `.lock` that is a
+    folder or a FIFO is refused here, at start (opened without blocking, then checked)."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, ".lock")
-    f = open(path, "a+")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be opened as a lock file ({e.strerror}); remove it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file (a FIFO or device); remove it")
+    f = os.fdopen(fd, "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
+        holder = f.read(256).strip() or "another process"
         f.close()
         raise CheckpointError(f"--save {root} is in use by another run ({holder}); wait for it to end "
                               f"or choose another folder") from None
@@ -244,11 +328,61 @@ def acquire_save_lock(root: str) -> Any:
     return f
 
 
-def prune(root: str, keep_last: int, current: int) -> None:
+def is_checkpoint_root(root: str) -> bool:
+    """A folder that holds checkpoints (a `latest` or step folders) or only what a start leaves
+    (the lock, a write probe, a temporary folder): which run owns it is claim_save_folder's question."""
+    entries = os.listdir(root)
+    return ("latest" in entries or any(is_step_dir_name(e) for e in entries)
+            or all(e in (".lock", "latest.part") or e.startswith((".write-test-", ".tmp-step_", ".old-step_"))
+                   for e in entries))
+
+
+CHECKPOINT_ROOT = outputs.Kind("a checkpoint folder", True, is_checkpoint_root)
+
+
+def claim_save_folder(root: str, run_id: str, resumed: Checkpoint | None, overwrite: bool,
+                      inputs: dict[str, str]) -> frozenset:
+    """Whether this run may write into (and prune) `root`; return the run ids it may prune there.
+
+    Allowed: a new or empty folder, one whose checkpoints are this run's (its id, or the folder the
+    run resumes from, which covers checkpoints from before run ids), or one handed over with
+    --overwrite (whose other checkpoints are then kept, never pruned). Raises OutputError."""
+    outputs.claim(root, "--save", CHECKPOINT_ROOT, overwrite, inputs)
+    owned = {run_id}
+    if resumed is not None and outputs.inside(resumed.path, root) and "run_id" not in resumed.meta:
+        owned.add(None)  # resuming a checkpoint from before run ids in its own folder: that run is this one
+    if not os.path.isdir(root) or overwrite:
+        return frozenset(owned)
+    others = sorted({str(run_id_of(os.path.join(root, d))) for d in list_checkpoints(root)} - {str(i) for i in owned})
+    if others and not (resumed is not None and outputs.inside(resumed.path, root)):
+        raise outputs.OutputError(
+            f"--save {root} holds checkpoints of another run (run id {', '.join(others[:3])}), not of the run this "
+            f"one continues; resume that run with --load {root}, choose an empty folder, or pass --overwrite to "
+            f"write into it (its checkpoints are kept, never pruned)")
+    return frozenset(owned)
+
+
+def run_id_of(step_dir: str) -> str | None:
+    """The run id in a step folder's meta.json; None for checkpoints from before run ids, and
+    UNREADABLE for a meta.json that cannot be read (never anyone's, so never pruned)."""
+    try:
+        with open_regular(os.path.join(step_dir, "meta.json")) as f:
+            meta = json.load(f)
+        return meta.get("run_id") if isinstance(meta, dict) else UNREADABLE
+    except (OSError, ValueError):
+        return UNREADABLE
+
+
+UNREADABLE = "(unreadable meta.json)"
+
+
+def prune(root: str, keep_last: int, current: int, owned: frozenset) -> None:
     """Keep the checkpoint of step `current` (the one `latest` names) and the `keep_last - 1`
-    newest before it; delete older ones. Folders of later steps (left by a run that was
-    rewound with --load DIR/step_N) are another timeline: they are kept, never pruned."""
-    older = [d for d in list_checkpoints(root) if d < step_dir_name(current)]
+    newest before it; delete older ones. Only this run's checkpoints (run id in `owned`) count:
+    another run's, in a folder handed over with --overwrite, are never deleted. Folders of later
+    steps (left by a run that was rewound with --load DIR/step_N) are another timeline: kept."""
+    older = [d for d in list_checkpoints(root)
+             if d < step_dir_name(current) and run_id_of(os.path.join(root, d)) in owned]
     for d in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 

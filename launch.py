@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -32,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 import checkpoint as ckpt_io
-from data import Corpus, DataError, load_corpus
+import outputs
+from data import Corpus, DataError, load_corpus, load_tokenizer
 from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, layers_text,
                     optimizer_bytes_per_rank, params_per_stage)
 from moe_layers import ModelConfig, arg, can_use_grouped_mm
@@ -118,7 +120,10 @@ class TrainConfig:
                                                  "checkpoint's (a different data stream and gradient noise)")
     save: str = arg("", "checkpoint folder")
     save_interval: int = arg(0, "save every this many steps (and at the end); 0: only at the end")
-    keep_last: int = arg(0, "keep only the newest this many checkpoints; 0 keeps all")
+    keep_last: int = arg(0, "keep only the newest this many checkpoints of this run; 0 keeps all")
+    overwrite: bool = arg(False, "hand over existing outputs that are not this run's own: a --save folder holding "
+                                 "another run's checkpoints (kept, never pruned), a --metrics-file or "
+                                 "--tensorboard folder of other content (replaced)")
     load: str = arg("", "resume from this checkpoint folder (a --save root or one step folder); "
                         "empty: resume from --save when it holds a checkpoint")
     max_skipped_steps: int = arg(5, "stop after this many consecutive steps with a non-finite loss or "
@@ -224,7 +229,7 @@ FLAG_GROUPS = (
                       "lr_decay_fraction", "lr_decay_style", "weight_decay", "grad_clip", "max_skipped_steps",
                       "use_distributed_optimizer")),
     ("device and precision", ("device", "dtype", "recompute", "compile")),
-    ("checkpoints", ("save", "save_interval", "keep_last", "load", "allow_global_batch_change")),
+    ("checkpoints", ("save", "save_interval", "keep_last", "load", "overwrite", "allow_global_batch_change")),
     ("evaluation and logging", ("eval_interval", "eval_iters", "eval_only", "log_interval", "metrics_file",
                                 "tensorboard", "progress")),
 )
@@ -414,6 +419,13 @@ def resumed_global_batch(tc: TrainConfig, saved: dict, given: set[str], where: s
 
 
 # ================================================================= the layout
+# Bounds far past any real model (Qwen3-235B: hidden 4096, 94 layers, vocab 151,936) that keep every
+# tensor size inside int64 and let --dry-run build each layer on the meta device in seconds.
+SIZE_FLAGS = ("vocab_size", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
+              "moe_ffn_hidden_size", "num_experts", "num_shared_experts", "shared_expert_ffn_hidden_size", "seq_length")
+MAX_SIZE, MAX_LAYERS = 2**22, 1024
+
+
 def resolve_layout(mc: ModelConfig, tc: TrainConfig, world_size: int, rank: int = 0) -> Layout:
     """The model's own checks, then the layout's: flags that fit each other and the world size
     (TrainConfig.validate has checked each train flag on its own first); returns the one Layout
@@ -422,6 +434,10 @@ def resolve_layout(mc: ModelConfig, tc: TrainConfig, world_size: int, rank: int 
         mc.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    too_big = [n for n in SIZE_FLAGS if getattr(mc, n) > MAX_SIZE] + (["num_layers"] if mc.num_layers > MAX_LAYERS else [])
+    if too_big:
+        raise ConfigError(f"--{too_big[0].replace('_', '-')} {getattr(mc, too_big[0])} is beyond any model this trainer "
+                          f"builds (widths and lengths up to {MAX_SIZE:,}, up to {MAX_LAYERS:,} layers)")
     tp, pp = tc.tensor_parallel_size, tc.pipeline_parallel_size
     ep = tc.expert_parallel_size or tp
     if world_size % (tp * pp):
@@ -506,22 +522,42 @@ def fail(message: str, is_main: bool) -> None:
     sys.exit(2)
 
 
-def fail_together(error: str | None, rank: int, world_size: int) -> None:
+def fail_together(error: str | None, rank: int, world_size: int, fingerprint: str = "") -> None:
     """Every rank reports whether its own checks passed; if any failed, all exit 2 together.
 
     Ranks on other nodes see other files (data, checkpoints, memory), so one rank alone can
     fail. Without this, that rank would exit and the others would wait in their first
-    collective for --dist-timeout; here rank 0 prints the first failing rank's message."""
+    collective for --dist-timeout; here rank 0 prints the first failing rank's message.
+    `fingerprint` (see run_fingerprint) must be the same on every rank: ranks that resolved
+    another checkpoint or config would train different models in lockstep, or hang."""
     if world_size > 1:
-        errors: list[str | None] = [None] * world_size
-        dist.all_gather_object(errors, error)  # every rank's error message, or None (over the CPU backend)
-        failing = [(r, e) for r, e in enumerate(errors) if e]
+        reports: list[tuple[str | None, str]] = [(None, "")] * world_size
+        dist.all_gather_object(reports, (error, fingerprint))  # every rank's error or None, and what it resolved
+        failing = [(r, e) for r, (e, _) in enumerate(reports) if e]
         if failing:
             r, error = failing[0]
             if any(e != error for _, e in failing) or r != 0:
                 error = f"rank {r}: {error}"
+        elif any(f != fingerprint for _, f in reports):
+            r = next(r for r, (_, f) in enumerate(reports) if f != reports[0][1])
+            error = (f"ranks disagree: rank 0 resolved {reports[0][1]}, rank {r} {reports[r][1]}; launch every "
+                     f"rank with the same flags, --data and checkpoint files")
     if error:
         fail(error, rank == 0)
+
+
+def run_fingerprint(inputs: RunInputs | None) -> str:
+    """What a rank resolved at start, in words and hashes: the checkpoint (step, hash of its meta.json)
+    and the configs (hash of both, resolved), which every rank must share."""
+    if inputs is None:  # this rank failed its checks: fail_together reports that instead
+        return ""
+    configs = json.dumps([dataclasses.asdict(inputs.mc), dataclasses.asdict(inputs.tc)], sort_keys=True)
+    text = f"config {hashlib.sha256(configs.encode()).hexdigest()[:12]}"
+    if inputs.resume is not None:
+        meta = json.dumps(inputs.resume.meta, sort_keys=True).encode()
+        text = (f"checkpoint step {inputs.resume.meta['step']} (meta.json "
+                f"{hashlib.sha256(meta).hexdigest()[:12]}), " + text)
+    return text
 
 
 def check_writable(root: str, flag: str = "--save") -> None:
@@ -535,40 +571,75 @@ def check_writable(root: str, flag: str = "--save") -> None:
         raise local_error(f"{flag} {root}: not writable ({e.strerror}); choose another folder") from None
 
 
-def check_metrics_file(path: str) -> None:
-    """The metrics file must be a writable regular file, or creatable; checked without touching it."""
-    if os.path.isdir(path):
-        raise local_error(f"--metrics-file {path}: is a folder; give a file name")
-    if os.path.lexists(path):
-        if not os.path.isfile(path) or not os.access(path, os.W_OK):
-            raise local_error(f"--metrics-file {path}: not a writable regular file")
-        return
-    parent = os.path.dirname(os.path.abspath(path))
+def check_metrics_file(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
+    """New, or a metrics file of ours (outputs.claim); its folder is created now so a bad one fails at start."""
+    outputs.claim(path, "--metrics-file", outputs.METRICS_FILE, overwrite, inputs)
     try:
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as e:
         raise local_error(f"--metrics-file {path}: cannot create its folder ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise local_error(f"--metrics-file {path}: folder {parent} is not writable")
 
 
-def check_tensorboard(log_dir: str) -> None:
+def check_tensorboard(log_dir: str, overwrite: bool, inputs: dict[str, str]) -> None:
     if importlib.util.find_spec("tensorboard") is None:  # torch's SummaryWriter needs it
         raise local_error("--tensorboard needs the tensorboard package: pip install -r requirements-extras.txt")
+    outputs.claim(log_dir, "--tensorboard", outputs.TENSORBOARD_DIR, overwrite, inputs)
     check_writable(log_dir, "--tensorboard")
 
 
-def launch_ranks() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as torchrun sets them (or by hand for a multi-node launch without it)."""
+def run_tokenizer(data: str) -> dict | None:
+    """The record of the run's tokenizer that every checkpoint carries (checkpoint.SaveTarget); None
+    for token files whose meta.json names none."""
     try:
-        rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
-                                        (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-        if not 0 <= rank < world_size or local_rank < 0:
-            raise ValueError
-    except ValueError:
-        fail(f"RANK={os.environ.get('RANK')} WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
-             f"LOCAL_RANK={os.environ.get('LOCAL_RANK')} are not a valid launch; use torchrun", True)
+        tok = load_tokenizer(data)
+    except DataError:
+        return None
+    record = {"name": "bytes" if tok.name == "bytes" else "tokenizer.json", "eos_id": tok.eos_id, "bos_id": tok.bos_id}
+    if tok.name != "bytes":
+        with open(tok.name, "rb") as f:
+            record.update(path=os.path.abspath(tok.name), sha256=hashlib.sha256(f.read()).hexdigest())
+    return record
+
+
+def claim_outputs(tc: TrainConfig, resume: ckpt_io.Checkpoint | None, rank: int) -> ckpt_io.SaveTarget | None:
+    """Every output of the run checked against the ownership rules (outputs.py) before anything is
+    written; return where and as whom checkpoints are saved. Inputs are never outputs: --data is
+    read as training text, the checkpoint --load names is read back."""
+    inputs = {"--data": tc.data}
+    read = dict(inputs, **{"the checkpoint it loads": resume.path}) if resume is not None else inputs
+    if tc.metrics_file and rank == 0:
+        check_metrics_file(tc.metrics_file, tc.overwrite, read)
+    if tc.tensorboard and rank == 0:
+        check_tensorboard(tc.tensorboard, tc.overwrite, read)
+    if not tc.save:
+        return None
+    run_id = resume.meta.get("run_id") if resume is not None else None  # a resumed run keeps its id
+    run_id = run_id or ckpt_io.new_run_id()
+    owned = ckpt_io.claim_save_folder(tc.save, run_id, resume, tc.overwrite, inputs)
+    return ckpt_io.SaveTarget(tc.save, run_id, owned, tc.keep_last, run_tokenizer(tc.data))
+
+
+def launch_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables (or a launch by hand); ConfigError if they
+    are not whole numbers or RANK is out of range."""
+    env = {k: os.environ.get(k, d) for k, d in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))}
+    launch = " ".join(f"{k}={os.environ.get(k)}" for k in env)
+    if not all(v.strip().isdigit() for v in env.values()):
+        raise ConfigError(f"{launch} are not a valid launch (whole numbers); use torchrun")
+    rank, world_size, local_rank = (int(v) for v in env.values())
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"{launch}: RANK must be in [0, WORLD_SIZE); use torchrun")
     return rank, world_size, local_rank
+
+
+def check_master_env(world_size: int) -> None:
+    """A multi-rank launch needs rank 0's address: checked just before the rendezvous (after the flags,
+    so a bad layout is still reported by a rank started alone), not found missing as a traceback."""
+    port = os.environ.get("MASTER_PORT", "")
+    if not os.environ.get("MASTER_ADDR") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT (1-65535) of rank 0, got "
+                          f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}; "
+                          f"use torchrun, which sets them")
 
 
 # ================================================================== --dry-run
@@ -602,6 +673,7 @@ class RunInputs:
     resume: ckpt_io.Checkpoint | None
     save_lock: Any  # the open lock file of --save (rank 0), held until the run ends
     notes: list[str]  # what rank 0 says at start about a resumed run (schedule, batch, fresh optimizer)
+    target: ckpt_io.SaveTarget | None  # where and as whom checkpoints are saved (None: no --save)
 
 
 def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int, world_size: int,
@@ -611,7 +683,7 @@ def prepare_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
     Raises ConfigError; reads the whole checkpoint, so a bad one fails here."""
     try:
         return checked_inputs(mc, tc, given, rank, world_size, local_rank)
-    except (DataError, ckpt_io.CheckpointError, NotEnoughMemory) as e:  # this rank's files or machine
+    except (DataError, ckpt_io.CheckpointError, NotEnoughMemory, outputs.OutputError) as e:  # this rank's files or machine
         raise local_error(str(e)) from None
 
 
@@ -649,16 +721,13 @@ def checked_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
     device_type = "cuda" if uses_cuda(tc) else "cpu"
     check_memory(mc, layout, local_rank, device_type, resolve_param_dtype(tc, torch.device(device_type)) == torch.bfloat16,
                  distributed=tc.use_distributed_optimizer, recompute=tc.recompute)
-    if tc.metrics_file and rank == 0:
-        check_metrics_file(tc.metrics_file)
-    if tc.tensorboard and rank == 0:
-        check_tensorboard(tc.tensorboard)
+    target = claim_outputs(tc, resume, rank)
     save_lock = None
     if tc.save:
         check_writable(tc.save)
         if rank == 0:
             save_lock = ckpt_io.acquire_save_lock(tc.save)
-    return RunInputs(mc, tc, layout, corpus, resume, save_lock, notes)
+    return RunInputs(mc, tc, layout, corpus, resume, save_lock, notes, target)
 
 
 # ============================================================== stop handling
@@ -667,11 +736,14 @@ class StopRequest:
     the current step, saving a checkpoint; a second SIGINT stops at once.
 
     The handler only sets a flag; ranks agree on it after every step (one all-reduce), so all
-    stop after the same step even when the signal reaches them at different moments."""
+    stop after the same step even when the signal reaches them at different moments. It also
+    arms an alarm of `grace` seconds (--dist-timeout): a rank stuck outside a collective (which
+    would time out by itself), e.g. in a hung kernel, ends then instead of holding the launcher."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float) -> None:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
+        self.grace = grace
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -679,10 +751,12 @@ class StopRequest:
 
     def handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
+        signal.alarm(math.ceil(self.grace))  # SIGALRM's default action ends the process; restore() disarms it
         if signum == signal.SIGINT:  # Ctrl-C twice: the default behaviour, at once
             signal.signal(signum, self.previous[signum])
 
     def restore(self) -> None:
+        signal.alarm(0)
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 

@@ -109,13 +109,21 @@ class RunLog:
 
     def __init__(self, metrics_file: str, tensorboard: str, start_step: int, say: Callable[[str], None],
                  mfu_of: Callable[[float], float | None]):
-        # A resumed run appends to the metrics of the run it continues, after the records it keeps.
-        if metrics_file and start_step:
-            drop_metrics_after(metrics_file, start_step)
-        self.file = open(metrics_file, "a" if start_step else "w") if metrics_file else None
-        self.board = open_tensorboard(tensorboard, start_step) if tensorboard else None
         self.say, self.mfu_of = say, mfu_of
         self.dead = DeadExperts()
+        self.file = None
+        try:  # a resumed run appends to the metrics of the run it continues, after the records it keeps
+            if metrics_file and start_step:
+                drop_metrics_after(metrics_file, start_step)
+            self.file = open(metrics_file, "a" if start_step else "w") if metrics_file else None
+        except OSError as e:
+            self.lost("--metrics-file", metrics_file, e)
+        self.board = open_tensorboard(tensorboard, start_step) if tensorboard else None
+
+    def lost(self, flag: str, path: str, e: OSError) -> None:
+        """A metrics output that cannot be written (a full disk): said once, then training goes on
+        without it; losing a log is no reason to lose the run."""
+        self.say(f"warning: {flag} {path}: writing failed ({e.strerror or e}); the run goes on without it")
 
     def train(self, step: int, means: dict, lr: float, grad_norm: float, samples_per_sec: float,
               tokens_per_sec: float, skipped: int) -> None:
@@ -179,10 +187,22 @@ class RunLog:
 
     def write(self, record: dict) -> None:
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:
+                self.lost("--metrics-file", self.file.name, e)
+                self.file, lost = None, self.file
+                try:  # closes the descriptor even when the flush of what is buffered fails again
+                    lost.close()
+                except OSError:
+                    pass
         if self.board:
-            self.board.flush()
+            try:
+                self.board.flush()
+            except OSError as e:
+                self.lost("--tensorboard", self.board.log_dir, e)
+                self.board = None
 
     def close(self) -> None:
         if self.file:

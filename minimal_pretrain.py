@@ -27,9 +27,9 @@ import torch.distributed as dist
 
 import checkpoint as ckpt_io
 from data import Corpus, DataError, get_batch, unigram_entropy
-from launch import (ConfigError, RunInputs, StopRequest, TrainConfig, dry_run, fail, fail_together, launch_ranks,
-                    parse_config, prepare_inputs, print_banner, resolve_autocast, resolve_device, resolve_param_dtype, software,
-                    uses_cuda)
+from launch import (ConfigError, RunInputs, StopRequest, TrainConfig, check_master_env, dry_run, fail, fail_together,
+                    launch_ranks, parse_config, prepare_inputs, print_banner, resolve_autocast, resolve_device,
+                    resolve_param_dtype, run_fingerprint, software, uses_cuda)
 from metrics import HEALTH_FIELDS, RunLog, load_health, print_run_summary
 from moe_layers import ModelConfig, MoETransformer, can_use_grouped_mm
 from optim import DistributedAdamW, FlatBucket, build_optimizer
@@ -67,7 +67,8 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout: timede
                             world_size=world_size, timeout=timeout)
 
 
-def build_process_groups(layout: Layout, embedding_groups: bool = False) -> ParallelGroups:
+def build_process_groups(layout: Layout, embedding_groups: bool = False,
+                         timeout: timedelta | None = None) -> ParallelGroups:
     """Create every process group once (all ranks call new_group for every group, in order).
 
     Worked example, 8 ranks, TP2 x DP2 x PP2, EP2 (rank = (pp*2 + dp)*2 + tp):
@@ -80,7 +81,8 @@ def build_process_groups(layout: Layout, embedding_groups: bool = False) -> Para
     holds different experts (expert-DP groups of one rank).
     With `embedding_groups` (MTP under PP) also: embedding [0,4] [1,5] [2,6] [3,7], the first and last
     stage's ranks of each (dp, tp), which sum the gradients of their two embedding copies (Megatron's
-    embedding group); with PP 2 they are the PP groups."""
+    embedding group); with PP 2 they are the PP groups.
+    `timeout` is --dist-timeout: new_group does not inherit init_process_group's, it would wait 30 minutes."""
     tp, dp, pp, ep, rank, stage_size = layout.tp, layout.dp, layout.pp, layout.ep, layout.rank, layout.stage_size
     mine: dict[str, Any] = {}  # this rank's group of each kind
     if layout.world_size == 1:
@@ -89,28 +91,28 @@ def build_process_groups(layout: Layout, embedding_groups: bool = False) -> Para
         base = p * stage_size
         for d in range(dp):
             ranks = [base + d * tp + t for t in range(tp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine["tp_group"] = group
         for t in range(tp):
             ranks = [base + d * tp + t for d in range(dp)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine["dp_group"] = group
         for start in range(0, stage_size, ep):
             ranks = [base + start + i for i in range(ep)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine["ep_group"] = group
         for e in range(ep):
             ranks = [base + e + j * ep for j in range(stage_size // ep)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine["expert_dp_group"] = group
     if embedding_groups and pp > 1:
         for in_stage in range(stage_size):
             ranks = [in_stage, (pp - 1) * stage_size + in_stage]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine["embedding_group"] = group
     return ParallelGroups(**dataclasses.asdict(layout), **mine)
@@ -869,29 +871,32 @@ def report_eval_only(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, 
                 f.write(json.dumps({"step": step, "val_loss": val_loss, **({"val_bpb": bpb} if bpb else {})}) + "\n")
 
 
-def save(tc: TrainConfig, mc: ModelConfig, pg: ParallelGroups, model: torch.nn.Module,
+def save(target: ckpt_io.SaveTarget, mc: ModelConfig, tc: TrainConfig, pg: ParallelGroups, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer, step: int, skipped: int) -> str:
-    """Write a checkpoint of the state after `step` updates (all ranks call this)."""
+    """Write a checkpoint of the state after `step` updates into `target` (all ranks call this)."""
     gathered = gather_for_save(optimizer, pg) if isinstance(optimizer, DistributedAdamW) else None
     payload = ckpt_io.rank_payload(model, optimizer, pg, gathered)
-    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": step,
+    tokenizer = dict(target.tokenizer or {})
+    extra = {"tokenizer.json": tokenizer.pop("path")} if "path" in tokenizer else {}  # carried, not pointed to
+    meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": step, "run_id": target.run_id,
             "skipped_steps": skipped, "model": dataclasses.asdict(mc), "train": dataclasses.asdict(tc),
             "layout": {"world_size": pg.world_size, "tp": pg.tp, "pp": pg.pp, "dp": pg.dp, "ep": pg.ep},
+            "tokenizer": tokenizer or None,
             "software": software()}  # for the reader: a resume on other threads or torch is allowed
     try:
-        return ckpt_io.save_checkpoint(tc.save, step, payload, meta, pg.rank, pg.world_size, tc.keep_last)
-    except OSError as e:  # a full disk, a vanished folder: the save is atomic, so nothing older is harmed
-        print(f"error: rank {pg.rank}: saving step {step} to {tc.save} failed ({e.strerror or e}); the previous "
-              f"checkpoint and `latest` are intact", file=sys.stderr, flush=True)
-        sys.exit(2)  # torchrun then stops the other ranks
+        return ckpt_io.save_checkpoint(target.root, step, payload, meta, pg.rank, pg.world_size, target.keep_last,
+                                       target.owned, extra)
+    except ckpt_io.SaveFailed as e:  # every rank alike; the save is atomic, so nothing older is harmed
+        fail(e.strerror, pg.is_main)
 
 
 def stop_diverged(model: MoETransformer, optimizer: torch.optim.Optimizer, pg: ParallelGroups, mc: ModelConfig,
-                  tc: TrainConfig, step: int, skipped_total: int, bad_in_a_row: int) -> None:
+                  tc: TrainConfig, target: ckpt_io.SaveTarget | None, step: int, skipped_total: int,
+                  bad_in_a_row: int) -> None:
     """Too many non-finite steps in a row: save the last good state (the skipped updates left it
     untouched) and end with exit 2."""
-    if tc.save:
-        save(tc, mc, pg, model, optimizer, step, skipped_total)
+    if target:
+        save(target, mc, tc, pg, model, optimizer, step, skipped_total)
     fail(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last: step {step + 1}); "
          f"lower --lr or raise --router-z-loss-coef, then resume" + (f" from {tc.save}" if tc.save else ""), pg.is_main)
 
@@ -976,8 +981,10 @@ class Interval:
 
 def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers: list[OverlappedGradReduce],
                corpus: Corpus, pg: ParallelGroups, mc: ModelConfig, tc: TrainConfig, device: torch.device,
-               autocast_dtype: torch.dtype | None, start_step: int, skipped_total: int) -> None:
-    """Steps start_step .. --max-steps: batches, train_step, logging, evaluation, checkpoints, summary."""
+               autocast_dtype: torch.dtype | None, start_step: int, skipped_total: int,
+               target: ckpt_io.SaveTarget | None) -> None:
+    """Steps start_step .. --max-steps: batches, train_step, logging, evaluation, checkpoints (into `target`),
+    summary."""
     is_main = pg.is_main
     global_batch = pg.global_batch
     peak_flops = peak_bf16_flops(device)
@@ -990,7 +997,7 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     if is_main:  # model FLOPs of the whole step over the peak of all GPUs
         log = RunLog(tc.metrics_file, tc.tensorboard, start_step, say, lambda tokens_per_sec: (
             tokens_per_sec * mc.flops_per_token() / (peak_flops * pg.world_size) if peak_flops else None))
-    stop = StopRequest()
+    stop = StopRequest(tc.dist_timeout)
     stop.install()
     start_time = time.time()
     val_loss, last, bad_in_a_row, done, interval = None, {}, 0, start_step, Interval()
@@ -1008,7 +1015,7 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
                 say(f"Step {done} | non-finite gradient norm: update skipped "
                     f"({bad_in_a_row} in a row, {skipped_total} in all)")
                 if bad_in_a_row >= tc.max_skipped_steps:
-                    stop_diverged(model, optimizer, pg, mc, tc, step, skipped_total, bad_in_a_row)
+                    stop_diverged(model, optimizer, pg, mc, tc, target, step, skipped_total, bad_in_a_row)
             logging = done % tc.log_interval == 0 or done == tc.max_steps
             if logging and device.type == "cuda":
                 torch.cuda.synchronize()  # the step's kernels finish inside its timing
@@ -1028,9 +1035,9 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
                 if log:
                     log.eval(done, val_loss, bits_per_byte(corpus, val_loss))
             stopping = stop.agreed(pg.world_size)
-            if tc.save and ((tc.save_interval > 0 and done % tc.save_interval == 0) or done == tc.max_steps
-                            or stopping):
-                say(f"Step {done} | saved {save(tc, mc, pg, model, optimizer, done, skipped_total)}")
+            if target and ((tc.save_interval > 0 and done % tc.save_interval == 0) or done == tc.max_steps
+                           or stopping):
+                say(f"Step {done} | saved {save(target, mc, tc, pg, model, optimizer, done, skipped_total)}")
             if bar:
                 bar.update(1)
             if stopping:
@@ -1071,10 +1078,13 @@ def main(argv: list[str] | None = None) -> None:
     """One run: start-up (launch.py) -> distributed setup -> model and optimizer -> training -> teardown."""
     # ------------------------------------------- start-up: nothing collective yet
     mc, tc, given = parse_config(argv)
+    try:  # set by torchrun (or by hand for a multi-node launch without it)
+        rank, world_size, local_rank = launch_ranks()
+    except ConfigError as e:
+        fail(str(e), True)
     if tc.dry_run:  # the plan of a launch, printed by one process: nothing runs
-        dry_run(mc, tc, tc.world_size or int(os.environ.get("WORLD_SIZE", 1)))
+        dry_run(mc, tc, tc.world_size or world_size)
         return
-    rank, world_size, local_rank = launch_ranks()
     inputs, error = None, None
     try:
         inputs = prepare_inputs(mc, tc, given, rank, world_size, local_rank)
@@ -1085,21 +1095,57 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------- distributed setup
     if world_size > 1:
-        # gloo for CPU tensors (the start-up agreement, stop flags), NCCL for CUDA tensors.
-        backend = "cpu:gloo,cuda:nccl" if uses_cuda(tc) and torch.cuda.is_available() else "gloo"
-        timeout = tc.dist_timeout if error is None else 300.0  # the flag itself may be what is wrong
-        init_process_group(backend, rank, world_size, timedelta(seconds=timeout))
-    fail_together(error, rank, world_size)  # all ranks passed their checks, or all exit 2 now
-    pg = build_process_groups(inputs.layout, embedding_groups=inputs.mc.mtp_num_layers > 0)
-
-    # ---------------------------------------------- model, optimizer, training
+        init_distributed(tc, rank, world_size, error)
     try:
+        fail_together(error, rank, world_size, run_fingerprint(inputs))  # all ranks passed and agree, or all exit 2
+        pg = build_process_groups(inputs.layout, embedding_groups=inputs.mc.mtp_num_layers > 0,
+                                  timeout=timedelta(seconds=tc.dist_timeout))
+
+        # ------------------------------------------ model, optimizer, training
         run(inputs, pg, local_rank)
+    except (dist.DistError, RuntimeError) as e:
+        if world_size == 1 or not is_peer_failure(e):
+            raise
+        lost_peer(f"a collective or pipeline exchange waited more than --dist-timeout {tc.dist_timeout:g} s or "
+                  f"lost its peer", e, rank)
     finally:
-        if inputs.save_lock:
+        if inputs is not None and inputs.save_lock:
             inputs.save_lock.close()
     if world_size > 1:
         dist.destroy_process_group()
+
+
+def init_distributed(tc: TrainConfig, rank: int, world_size: int, error: str | None) -> None:
+    """The default process group: gloo for CPU tensors (the start-up agreement, stop flags), NCCL for
+    CUDA tensors; a rendezvous that fails or times out ends this rank with one line naming it."""
+    backend = "cpu:gloo,cuda:nccl" if uses_cuda(tc) and torch.cuda.is_available() else "gloo"
+    timeout = tc.dist_timeout if error is None else 300.0  # the flag itself may be what is wrong
+    try:
+        check_master_env(world_size)
+    except ConfigError as e:
+        fail(str(e), True)
+    try:
+        init_process_group(backend, rank, world_size, timedelta(seconds=timeout))
+    except (dist.DistError, RuntimeError, ValueError) as e:  # the store's timeout, a refused connection
+        lost_peer(f"not every rank joined the rendezvous at {os.environ.get('MASTER_ADDR')}:"
+                  f"{os.environ.get('MASTER_PORT')} within {timeout:g} s", e, rank)
+
+
+def is_peer_failure(e: Exception) -> bool:
+    """A collective that timed out or whose peer vanished (gloo's and NCCL's words), not a bug of ours."""
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(w in text for w in ("timed out", "timeout", "connection closed",
+                                                                      "connection reset", "broken pipe"))
+
+
+def lost_peer(what: str, e: Exception, rank: int) -> None:
+    """Another rank is stuck or gone: this rank says so on one line and ends at once, without the
+    process group's teardown (which would wait on that rank again). Nothing half-written is left
+    as a checkpoint: a save is renamed into place only after every rank has written."""
+    print(f"error: rank {rank}: {what}: another rank is stuck or missing ({str(e).splitlines()[0][:200]}); "
+          f"see the other ranks' output", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
 
 
 def run(inputs: RunInputs, pg: ParallelGroups, local_rank: int) -> None:
@@ -1128,7 +1174,8 @@ def run(inputs: RunInputs, pg: ParallelGroups, local_rank: int) -> None:
                 print(f"nothing to do: the checkpoint is at step {start_step} and --max-steps is {tc.max_steps}; "
                       f"raise --max-steps to train on")
         else:
-            train_loop(model, optimizer, reducers, corpus, pg, mc, tc, device, autocast_dtype, start_step, skipped)
+            train_loop(model, optimizer, reducers, corpus, pg, mc, tc, device, autocast_dtype, start_step, skipped,
+                       inputs.target)
     except DataError as e:  # a token file with ids past the vocabulary, found by a batch: every rank alike
         fail(str(e), pg.is_main)
 

@@ -81,7 +81,7 @@ def estimate(mc: ModelConfig, tp: int, sp: bool, batch: int) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="TP sizes to measure")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=4)

@@ -101,7 +101,7 @@ def read(root: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("root", help="the checkpoint folder to write, or to read: loading measured on 8 ranks, on 1, "
                                 "and with every file read whole")
     p.add_argument("--write", action="store_true", help="write the checkpoint (under torchrun, 8 ranks)")

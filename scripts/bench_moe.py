@@ -162,7 +162,7 @@ def bench_shape(name: str, n: int, d: int, f: int, e: int, k: int, device: torch
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shape", default="all", choices=["all", *SHAPES], help="preset sizes")
     p.add_argument("--tokens", type=int, help="N; overrides the preset's")

@@ -183,7 +183,7 @@ def print_table(args: argparse.Namespace, every: list[dict]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pp", type=int, default=4, help="pipeline ranks (processes)")
     p.add_argument("--num-microbatches", type=int, default=8, help="M, a multiple of --pp")

@@ -59,7 +59,7 @@ PRESETS = {
 
 def main() -> None:
     # ---------------------------------------------------------------- config
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", choices=list(PRESETS))
     for f in dataclasses.fields(ModelConfig):  # every model flag, default: the preset's value

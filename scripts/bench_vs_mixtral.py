@@ -28,7 +28,7 @@ from moe_layers import ModelConfig, MoETransformer  # noqa: E402
 
 def main() -> None:
     d = ModelConfig()
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--hidden-size", type=int, default=d.hidden_size)
     p.add_argument("--num-layers", type=int, default=d.num_layers)
     p.add_argument("--num-attention-heads", type=int, default=d.num_attention_heads)

@@ -50,6 +50,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import launch  # noqa: E402
+import outputs  # noqa: E402
 from metrics import DEAD_LOAD, is_dead  # noqa: E402  (the trainer's one definition of a dead expert)
 from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
@@ -183,10 +184,16 @@ def code_version() -> str:
     return head.stdout.strip() + (" with local changes" if status.stdout.strip() else "")
 
 
-def out_check(out: str, outputs: tuple[str, ...], overwrite: bool) -> tuple[bool, str]:
-    """(ok, error) for --out: a folder that already holds a comparison's outputs (the committed ones in
-    docs/) is replaced only with --overwrite. Shared with compare_optimizers.py."""
-    taken = [name for name in outputs if os.path.exists(os.path.join(out, name))]
+def out_check(out: str, names: tuple[str, ...], overwrite: bool) -> tuple[bool, str]:
+    """(ok, error) for --out: new, or a folder of this comparison's outputs (outputs.claim), and one that
+    already holds them (the committed ones in docs/) is replaced only with --overwrite. Shared with
+    compare_optimizers.py."""
+    kind = outputs.Kind("a folder of this comparison's outputs", True, lambda d: set(os.listdir(d)) <= set(names))
+    try:
+        outputs.claim(out, "--out", kind, overwrite)
+    except outputs.OutputError as e:
+        return False, str(e)
+    taken = [name for name in names if os.path.exists(os.path.join(out, name))]
     return (overwrite or not taken, f"--out {out} already holds {', '.join(taken)}; pass --overwrite to replace "
                                     f"{'them' if len(taken) > 1 else 'it'}, or give another folder")
 

@@ -37,6 +37,7 @@ another width than the routed ones; capacity or other router types) or a bad che
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -48,6 +49,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
 import data  # noqa: E402
+import outputs  # noqa: E402
 from moe_layers import ModelConfig  # noqa: E402
 from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
@@ -246,14 +248,43 @@ def byte_tokenizer(eos_id: int | None):
     return tokenizer
 
 
-def tokenizer_files(train: dict, vocab: int, seq_length: int) -> dict[str, str] | None:
-    """tokenizer.json, tokenizer_config.json and generation_config.json of the run's tokenizer
-    (file name -> text), or None when the run has none that fits the model's vocabulary."""
+def run_tokenizer(ckpt: ckpt_io.Checkpoint) -> data.ByteTokenizer | data.TextTokenizer | None:
+    """The tokenizer the run trained with: the copy its checkpoint carries (checked against the sha256
+    in meta.json), else, for checkpoints from before that copy, the one of the --data folder it names.
+
+    None when the run had none (token files without one). A tokenizer that cannot be found or does
+    not match is an error: a byte tokenizer in its place would export a model that decodes garbage."""
+    record = ckpt.meta.get("tokenizer", "absent")
+    if record is None:
+        return None
+    if isinstance(record, dict) and record.get("name") == "bytes":
+        return data.ByteTokenizer(record.get("eos_id"), record.get("bos_id"))
+    if isinstance(record, dict):
+        path = os.path.join(ckpt.path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ckpt_io.CheckpointError(f"{path}: missing; meta.json says the run's tokenizer is carried there, "
+                                          f"copy the whole step folder")
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != record.get("sha256"):
+                raise ckpt_io.CheckpointError(f"{path}: its sha256 is not the one meta.json recorded; it was "
+                                              f"replaced, copy the step folder again")
+        return data.TextTokenizer(path, record.get("eos_id"), record.get("bos_id"))
+    folder = ckpt.meta.get("train", {}).get("data", "")
+    if folder and not os.path.exists(folder) and ckpt.meta["model"].get("vocab_size") != 256:
+        raise ckpt_io.CheckpointError(f"{ckpt.path}: trained on --data {folder}, which is gone, and the checkpoint "
+                                      f"(saved before checkpoints carried their tokenizer) holds no tokenizer; put the "
+                                      f"data folder back at that path to export")
     try:
-        ours = data.load_tokenizer(train.get("data", ""))
+        return data.load_tokenizer(folder)
     except data.DataError:  # token files whose meta.json names no tokenizer
         return None
-    if ours.vocab_size > vocab:
+
+
+def tokenizer_files(ours: data.ByteTokenizer | data.TextTokenizer | None, vocab: int,
+                    seq_length: int) -> dict[str, str] | None:
+    """tokenizer.json, tokenizer_config.json and generation_config.json of the run's tokenizer
+    (file name -> text), or None when the run has none that fits the model's vocabulary."""
+    if ours is None or ours.vocab_size > vocab:
         return None
     if isinstance(ours, data.ByteTokenizer):
         tokenizer = byte_tokenizer(ours.eos_id)
@@ -268,12 +299,6 @@ def tokenizer_files(train: dict, vocab: int, seq_length: int) -> dict[str, str] 
             "generation_config.json": json.dumps(generation, indent=2)}
 
 
-def inside(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or lies under it, links resolved."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder + os.sep)
-
-
 def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
     """Write config.json, model.safetensors, the tokenizer's three files (when the run has one) and a copied
     data meta.json into `out`, a new or empty folder; return their paths. Everything is checked before anything is written, and the files are
@@ -281,12 +306,9 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
     from safetensors.torch import save_file
     if not os.path.isdir(checkpoint):  # (checkpoint.resolve words this for the trainer's --load)
         raise ckpt_io.CheckpointError(f"--checkpoint {checkpoint}: no such folder")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new one (nothing is overwritten)")
+    outputs.claim(out, "--out", outputs.NEW_DIR, inputs={"the checkpoint": checkpoint})
     ckpt = ckpt_io.read_checkpoint(checkpoint)
     meta = ckpt.meta
-    if inside(out, checkpoint) or inside(out, ckpt.path):
-        raise ValueError(f"--out {out} lies inside the checkpoint folder; choose a folder outside it")
     try:
         cfg = ModelConfig(**meta["model"])  # fields the checkpoint predates take their default, which means "off"
         cfg.validate()  # a checkpoint of another kind fails here, not in transformers
@@ -329,7 +351,7 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
         if tuple(weights[name].shape) != shape:
             raise UnsupportedModel(f"{ckpt.path}: {name} has shape {tuple(weights[name].shape)}, the exported "
                                    f"config.json gives {shape}")
-    tokenizer = tokenizer_files(meta.get("train", {}), config["vocab_size"], config["max_position_embeddings"])
+    tokenizer = tokenizer_files(run_tokenizer(ckpt), config["vocab_size"], config["max_position_embeddings"])
     tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".tmp-export-{os.getpid()}")
     os.makedirs(tmp)
     try:

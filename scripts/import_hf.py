@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
+import outputs  # noqa: E402
 from launch import TrainConfig  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
 from parallel_layers import placement  # noqa: E402
@@ -267,10 +268,7 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[
 def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
     """Convert the folder into `out`, a new or empty folder; return the step folder written.
     Everything is read and checked before anything is written."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file; give a new or empty folder")
-    if os.path.isdir(out) and os.listdir(out):  # e.g. a run's folder: its `latest` must never move
-        raise ValueError(f"--out {out} already holds a checkpoint or other files; choose a new or empty folder")
+    outputs.claim(out, "--out", outputs.NEW_DIR, inputs={"--hf": hf_dir})  # e.g. a run's folder: refused
     if not os.path.isdir(hf_dir):
         raise UnsupportedModel(f"--hf {hf_dir}: no such folder")
     config_path = os.path.join(hf_dir, "config.json")

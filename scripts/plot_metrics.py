@@ -29,7 +29,10 @@ import math
 import os
 import stat
 import sys
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import outputs  # noqa: E402  (the project's one rule for who owns an output path)
 
 # Inches and dots per inch: 1200 x 750 pixels, so matplotlib's 10-point text is 21 pixels high and
 # reads on a laptop screen; the overview is 1920 x 1200 with 17-pixel text.
@@ -203,8 +206,7 @@ def plot_all(metrics: str, out: str) -> list[str]:
     for layer in layers:
         if len({len(r["expert_load"][layer]) for r in train if layer in r.get("expert_load", {})}) > 1:
             raise ValueError(f"{metrics}: the expert_load of layer {layer} changes its number of experts")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file; give a folder")
+    outputs.claim(out, "--out", outputs.PLOT_DIR, inputs={"the metrics file": metrics})
     os.makedirs(out, exist_ok=True)
     todo = charts(train, evals)
     written = []
@@ -235,8 +237,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors end like every other bad input: one `error:` line, exit 2; no
     abbreviated flags. (Its own copy of launch.ArgumentParser: this script imports nothing of the trainer.)"""
 
-    def __init__(self, *args: object, **kwargs: object):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kw)  # `--o x` is an error, not `--out x`
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)

@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
+import outputs  # noqa: E402
 from moe_layers import ModelConfig  # noqa: E402
 from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
@@ -88,15 +89,8 @@ def upcycle(checkpoint: str, out: str, num_experts: int, top_k: int, interval: i
     """Read the dense checkpoint, write the upcycled one; return the step folder written."""
     if not os.path.isdir(checkpoint):
         raise ValueError(f"--checkpoint {checkpoint}: no such folder")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file; give a new or empty folder")
-    if os.path.isdir(out) and os.listdir(out):  # e.g. a run's folder: its `latest` must never move
-        raise ValueError(f"--out {out} already holds a checkpoint or other files; choose a new or empty folder")
+    outputs.claim(out, "--out", outputs.NEW_DIR, inputs={"the dense checkpoint": checkpoint})
     ckpt = ckpt_io.read_checkpoint(checkpoint)
-    real_out = os.path.realpath(out)
-    for folder in (checkpoint, ckpt.path):
-        if real_out == os.path.realpath(folder) or real_out.startswith(os.path.realpath(folder) + os.sep):
-            raise ValueError(f"--out {out} lies inside the dense checkpoint's folder; choose a folder outside it")
     cfg = upcycled_config(ModelConfig(**ckpt.meta["model"]), num_experts, top_k, interval)
     tensors = upcycle_state(ckpt_io.full_state_dict(ckpt), cfg, router_std, seed, noise)
     return ckpt_io.save_full_state(out, tensors, dataclasses.asdict(cfg), ckpt.meta.get("train", {}),
