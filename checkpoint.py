@@ -58,6 +58,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import data
 import outputs
 from optim import DistributedAdamW
 from parallel_layers import Layout, placement
@@ -680,3 +681,36 @@ def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.O
                 optimizer.load_state(p, state)
             else:
                 optimizer.state[weight] = state
+
+
+def carried_tokenizer(path: str, meta: dict) -> data.ByteTokenizer | data.TextTokenizer | None:
+    """The tokenizer the run trained with: the copy its checkpoint (step folder `path`, its `meta`) carries,
+    checked against the sha256 in meta.json; else, for checkpoints from before that copy, the one of the
+    --data folder it names. What export_hf.py, export_gguf.py and generate.py take.
+
+    None when the run had none (token files without one). A tokenizer that cannot be found or does
+    not match is an error: a byte tokenizer in its place would export a model that decodes garbage."""
+    record = meta.get("tokenizer", "absent")
+    if record is None:
+        return None
+    if isinstance(record, dict) and record.get("name") == "bytes":
+        return data.ByteTokenizer(record.get("eos_id"), record.get("bos_id"))
+    if isinstance(record, dict):
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing; meta.json says the run's tokenizer is carried there, "
+                                          f"copy the whole step folder")
+        with open(file, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != record.get("sha256"):
+                raise CheckpointError(f"{file}: its sha256 is not the one meta.json recorded; it was "
+                                              f"replaced, copy the step folder again")
+        return data.TextTokenizer(file, record.get("eos_id"), record.get("bos_id"))
+    folder = meta.get("train", {}).get("data", "")
+    if folder and not os.path.exists(folder) and meta["model"].get("vocab_size") != 256:
+        raise CheckpointError(f"{path}: trained on --data {folder}, which is gone, and the checkpoint "
+                                      f"(saved before checkpoints carried their tokenizer) holds no tokenizer; put the "
+                                      f"data folder back at that path to export")
+    try:
+        return data.load_tokenizer(folder)
+    except data.DataError:  # token files whose meta.json names no tokenizer
+        return None

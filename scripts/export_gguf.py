@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import checkpoint as ckpt_io  # noqa: E402
 import data  # noqa: E402
-import export_hf  # noqa: E402  (inside: whether a path lies in the checkpoint)
+import outputs  # noqa: E402  (inside: whether a path lies in the checkpoint)
 import generate  # noqa: E402  (run_tokenizer: the run's tokenizer, as generate.py finds it)
 from prepare_data import MAX_PIECE_BYTES  # noqa: E402
 from moe_layers import ModelConfig  # noqa: E402
@@ -319,7 +319,7 @@ def export(checkpoint: str, out: str, dtype: str = "f32", overwrite: bool = Fals
     import gguf
     check_out(out, overwrite)
     ckpt, cfg, state = read_model(checkpoint)
-    if export_hf.inside(out, checkpoint) or export_hf.inside(out, ckpt.path):
+    if outputs.inside(out, checkpoint) or outputs.inside(out, ckpt.path):
         raise ValueError(f"OUT {out} lies inside the checkpoint folder; write it outside")
     check_representable(cfg, ckpt.path)
     # the run's tokenizer or --tokenizer; never bytes in place of a BPE whose --data folder is gone
@@ -359,7 +359,7 @@ def main() -> None:
     p.add_argument("out", help="the .gguf file to write (new, unless --overwrite)")
     p.add_argument("--dtype", default="f32", choices=DTYPES, help="type of the weight matrices (f32 is exact)")
     p.add_argument("--tokenizer", default=None,
-                   help="bytes, a prepared data folder or a tokenizer.json (default: the run's --data)")
+                   help="bytes, a prepared data folder or a tokenizer.json (default: the one the checkpoint carries)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     args = p.parse_args()
     try:

@@ -37,7 +37,6 @@ another width than the routed ones; capacity or other router types) or a bad che
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -248,38 +247,6 @@ def byte_tokenizer(eos_id: int | None):
     return tokenizer
 
 
-def run_tokenizer(ckpt: ckpt_io.Checkpoint) -> data.ByteTokenizer | data.TextTokenizer | None:
-    """The tokenizer the run trained with: the copy its checkpoint carries (checked against the sha256
-    in meta.json), else, for checkpoints from before that copy, the one of the --data folder it names.
-
-    None when the run had none (token files without one). A tokenizer that cannot be found or does
-    not match is an error: a byte tokenizer in its place would export a model that decodes garbage."""
-    record = ckpt.meta.get("tokenizer", "absent")
-    if record is None:
-        return None
-    if isinstance(record, dict) and record.get("name") == "bytes":
-        return data.ByteTokenizer(record.get("eos_id"), record.get("bos_id"))
-    if isinstance(record, dict):
-        path = os.path.join(ckpt.path, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise ckpt_io.CheckpointError(f"{path}: missing; meta.json says the run's tokenizer is carried there, "
-                                          f"copy the whole step folder")
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != record.get("sha256"):
-                raise ckpt_io.CheckpointError(f"{path}: its sha256 is not the one meta.json recorded; it was "
-                                              f"replaced, copy the step folder again")
-        return data.TextTokenizer(path, record.get("eos_id"), record.get("bos_id"))
-    folder = ckpt.meta.get("train", {}).get("data", "")
-    if folder and not os.path.exists(folder) and ckpt.meta["model"].get("vocab_size") != 256:
-        raise ckpt_io.CheckpointError(f"{ckpt.path}: trained on --data {folder}, which is gone, and the checkpoint "
-                                      f"(saved before checkpoints carried their tokenizer) holds no tokenizer; put the "
-                                      f"data folder back at that path to export")
-    try:
-        return data.load_tokenizer(folder)
-    except data.DataError:  # token files whose meta.json names no tokenizer
-        return None
-
-
 def tokenizer_files(ours: data.ByteTokenizer | data.TextTokenizer | None, vocab: int,
                     seq_length: int) -> dict[str, str] | None:
     """tokenizer.json, tokenizer_config.json and generation_config.json of the run's tokenizer
@@ -351,7 +318,7 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
         if tuple(weights[name].shape) != shape:
             raise UnsupportedModel(f"{ckpt.path}: {name} has shape {tuple(weights[name].shape)}, the exported "
                                    f"config.json gives {shape}")
-    tokenizer = tokenizer_files(run_tokenizer(ckpt), config["vocab_size"], config["max_position_embeddings"])
+    tokenizer = tokenizer_files(ckpt_io.carried_tokenizer(ckpt.path, ckpt.meta), config["vocab_size"], config["max_position_embeddings"])
     tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".tmp-export-{os.getpid()}")
     os.makedirs(tmp)
     try:

@@ -126,7 +126,7 @@ def generate(model: MoETransformer, prompt: list[int], max_new_tokens: int, temp
 
 def run_tokenizer(checkpoint: str, override: str | None, vocab: int,
                   needed: bool) -> data.ByteTokenizer | data.TextTokenizer | None:
-    """--tokenizer, else the tokenizer of the run's --data (from the checkpoint's train config);
+    """--tokenizer, else the run's tokenizer (checkpoint.carried_tokenizer);
     None when there is none that fits the model's vocabulary and the prompt is ids (not `needed`)."""
     if override == "bytes":
         tokenizer = data.ByteTokenizer()
@@ -138,17 +138,16 @@ def run_tokenizer(checkpoint: str, override: str | None, vocab: int,
             raise ValueError(f"--tokenizer {override}: give bytes, a tokenizer.json or a folder prepared by "
                              f"scripts/prepare_data.py")
         tokenizer = data.load_tokenizer(override)
-    else:
-        path = ckpt_io.read_meta(checkpoint)[1].get("train", {}).get("data", "")
-        if path and not os.path.exists(path):
-            if needed:
-                raise ValueError(f"the run's --data {path} (from the checkpoint) is gone; give --tokenizer")
-            return None
+    else:  # the copy the checkpoint carries (or, saved before that, its --data folder's)
         try:
-            tokenizer = data.load_tokenizer(path)
-        except data.DataError:
+            tokenizer = ckpt_io.carried_tokenizer(*ckpt_io.read_meta(checkpoint))
+        except ckpt_io.CheckpointError:
             if needed:
                 raise
+            return None
+        if tokenizer is None:
+            if needed:
+                raise ValueError("the checkpoint names no tokenizer (token files without one); give --tokenizer")
             return None  # ids in, ids out: no tokenizer, no stop at eos
     if override is not None and tokenizer.vocab_size > vocab:
         raise ValueError(f"--tokenizer {override}: {tokenizer.vocab_size} tokens, more than the model's {vocab}")

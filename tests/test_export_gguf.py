@@ -285,7 +285,8 @@ def refusal(tmp: Path, case: str) -> tuple[str, str, dict]:
     configs = {"expert_choice": dict(router_type="expert-choice"), "round_robin": dict(router_type="round-robin"),
                "capacity": dict(moe_capacity_factor=1.25), "moe_layers_not_leading_dense": dict(moe_layer_list="0"),
                "shared_width_not_a_multiple": dict(num_shared_experts=1, shared_expert_ffn_hidden_size=16),
-               "vocab_rows_without_tokens": dict(vocab_size=300)}
+               "vocab_rows_without_tokens": dict(vocab_size=300),
+               "data_gone": dict(vocab_size=300)}  # (a byte model's tokenizer is bytes, data folder or not)
     ck = save(make_model("qwen3_moe", **configs.get(case, {})), tmp / "ck",
               str(tmp / "gone") if case == "data_gone" else "")
     (tmp / "file").write_text("x")
