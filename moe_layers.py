@@ -620,14 +620,19 @@ class MoEExpert(nn.Module):
                                      self.w_down.to(dtype), num_out)
 
 
+def grouped_mm_strides_ok(cfg: ModelConfig, dtype: torch.dtype) -> bool:
+    """Whether every row stride torch._grouped_mm would see is a multiple of 16 bytes."""
+    elt = torch.finfo(dtype).bits // 8
+    return (cfg.hidden_size * elt) % 16 == 0 and (cfg.moe_ffn_hidden_size * elt) % 16 == 0
+
+
 def can_use_grouped_mm(device: torch.device, cfg: ModelConfig, dtype: torch.dtype) -> bool:
     """torch._grouped_mm on CUDA (Hopper or newer) when every row stride is a multiple of 16 bytes."""
     if device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
         return False
     if torch.cuda.get_device_capability(device)[0] < 9:
         return False
-    elt = torch.finfo(dtype).bits // 8
-    return (cfg.hidden_size * elt) % 16 == 0 and (cfg.moe_ffn_hidden_size * elt) % 16 == 0
+    return grouped_mm_strides_ok(cfg, dtype)
 
 
 # ------------------------------------------------------------------ expert dispatcher
