@@ -271,7 +271,14 @@ def layout_free_init_(model: nn.Module, seed: int) -> None:
 
 # ------------------------------------------------------------------------- norm, rope
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in fp32 (as transformers' Qwen3RMSNorm)."""
+    """x / rms(x) * weight, normalised in fp32 (as transformers' Qwen3RMSNorm).
+
+    Precision is decided here: with weights of the input's dtype (fp32, or bf16 weights with fp32
+    masters) the output has that dtype (bf16 activations stay bf16, as in Megatron-Core and
+    torchtitan), whatever autocast says. CUDA autocast lists rms_norm among its
+    fp32 ops, so under it the input would be upcast and every norm output would be fp32 (and be
+    cast back to bf16 by each projection that reads it); autocast is off inside the norm instead,
+    and F.rms_norm still sums the squares in fp32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -279,11 +286,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype:  # one fused kernel, weight included, on CUDA
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # lower-precision input: normalise in fp32, round to x's dtype, then scale by the fp32
-        # weight (so the result is fp32), exactly as Qwen3RMSNorm does
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if x.dtype == self.weight.dtype:  # one fused kernel, weight included, on CUDA
+                return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            # fp32 weight, lower-precision input (q/k norms under --dtype bfloat16-autocast, the
+            # fp32-weight scheme): normalise in fp32, round to x's dtype, then scale by the fp32
+            # weight (so the result is fp32), exactly as Qwen3RMSNorm does
+            return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
