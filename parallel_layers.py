@@ -361,6 +361,9 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                                  par: ModelParallel) -> torch.Tensor:
     """Mean token cross-entropy; logits (N, V_local), targets (N,) global ids."""
     if par.tp_size == 1:
-        return F.cross_entropy(logits.float(), targets)
+        # In the logits' dtype (bf16 with bf16 weights): log_softmax sums its exponentials in fp32
+        # inside the kernel and writes bf16 log-probabilities, so no fp32 (N, V) copy of the logits
+        # (nor of their gradient) is made; the N per-token losses are averaged in fp32.
+        return F.cross_entropy(logits, targets, reduction="none").float().mean()
     v_start = par.tp_rank * logits.shape[-1]
     return _VocabParallelCrossEntropy.apply(logits, targets, v_start, par.tp_group).mean()
