@@ -295,26 +295,27 @@ class RMSNorm(nn.Module):
             return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
-    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021)."""
+    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021).
+
+    x -> x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1] (transformers' convention),
+    written as roll(x, Dh/2) = [x2, x1] times a sin table whose first half is negated: three
+    element-wise kernels per tensor (roll, mul, addcmul) instead of five (neg, cat, mul, mul, add)."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
+        sign = torch.cat((-torch.ones(head_dim // 2), torch.ones(head_dim // 2)))  # (Dh,) the minus of [-x2, x1]
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin", emb.sin() * sign, persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         cos = self.cos[positions].to(q.dtype)  # (T, Dh)
-        sin = self.sin[positions].to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        sin = self.sin[positions].to(q.dtype)  # (T, Dh), first half negated
+        half = q.shape[-1] // 2
+        return torch.addcmul(q * cos, q.roll(half, -1), sin), torch.addcmul(k * cos, k.roll(half, -1), sin)
 
 
 # ------------------------------------------------------------------------- attention
