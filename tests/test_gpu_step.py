@@ -118,10 +118,10 @@ def record_dtypes(model: torch.nn.Module) -> dict[str, set[torch.dtype]]:
             module.register_forward_hook(lambda m, inp, out: note("norm output", out))
         elif isinstance(module, Attention):
             module.register_forward_hook(lambda m, inp, out: note("attention input", inp[0]))
-            module.q_proj.register_forward_hook(lambda m, inp, out: note("q/k/v output", out))
+            module.q_norm.register_forward_pre_hook(lambda m, inp: note("q/k/v output", inp[0]))  # q, projected
         elif isinstance(module, TopKRouter):
-            module.register_forward_hook(lambda m, inp, out: (note("router logits", out.logits),
-                                                              note("router probs", out.probs)))
+            module.register_forward_hook(lambda m, inp, out: note("router logits", out.logits))
+            module.register_forward_hook(lambda m, inp, out: note("router probs", out.probs))
         elif isinstance(module, MoEExpert):
             module.register_forward_pre_hook(lambda m, inp: note("expert input", inp[0]))
     for name in ("0", "1"):
