@@ -441,7 +441,8 @@ class TopKRouter(nn.Module):
             weights = scores.gather(1, indices)  # (n, K)
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-            weights = weights * self.scaling_factor
+            if self.scaling_factor != 1.0:  # one kernel (and its backward) fewer at the default
+                weights = weights * self.scaling_factor
         return RouterOutput(weights, indices, probs, logits, scores)
 
     def keep_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
@@ -705,12 +706,23 @@ class Assignments:
     token: torch.Tensor  # (A,) local token index of each row
     weight: torch.Tensor  # (A,) fp32 combine weight
     counts: torch.Tensor  # (E,) rows per expert
+    # (A,) when every token has K rows (dropless top-K, round-robin): unsort[t * K + k] is the sorted
+    # row of token t's k-th choice, so the rows go back to their tokens by index; None otherwise
+    unsort: torch.Tensor | None = None
 
 
-def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int) -> Assignments:
-    """Group rows by expert (stable: rows of one expert stay in token order)."""
+def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int,
+                   counts: torch.Tensor | None = None, k_per_token: bool = False) -> Assignments:
+    """Group rows by expert (stable: rows of one expert stay in token order); `counts` (E,) are the
+    rows per expert when the caller has counted them already. k_per_token: the rows are K per
+    token in token-major order (row t * K + k), and the inverse permutation is kept for the combine."""
     order = torch.argsort(expert, stable=True)  # (A,)
-    return Assignments(token[order], weight[order], count_per_expert(expert, num_experts))
+    if counts is None:
+        counts = count_per_expert(expert, num_experts)
+    unsort = None
+    if k_per_token:
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))  # (A,)
+    return Assignments(token[order], weight[order], counts, unsort)
 
 
 def priority(scores: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -796,17 +808,21 @@ class SparseMoELayer(nn.Module):
         self.shared_experts = DenseMLP(cfg, par, cfg.shared_ffn_hidden_size) if cfg.num_shared_experts else None
         self.global_counts: torch.Tensor | None = None  # (E,) set by the trainer for global-batch balancing
 
-    def assign(self, r: RouterOutput, ids: torch.Tensor, num_tokens: int) -> tuple[Assignments, torch.Tensor]:
+    def assign(self, r: RouterOutput, ids: torch.Tensor, num_tokens: int,
+               routed: torch.Tensor) -> tuple[Assignments, torch.Tensor]:
         """Rows to compute for this rank's n tokens, and drops. ids (n,): each token's global index
-        in the micro-batch (b * T + position), which ranks ties and numbers tokens whatever the layout."""
+        in the micro-batch (b * T + position), which ranks ties and numbers tokens whatever the layout;
+        routed (E,): the router's top-K choices per expert, the rows per expert when none is dropped."""
         k, e, device, n = self.top_k, self.num_experts, r.logits.device, ids.shape[0]
+        by_index = self.par.ep_size > 1 or self.experts.use_grouped_mm  # the dispatch path combines by index
         local = torch.arange(n, device=device)
         first = n * self.par.tp_rank  # this rank's first row in gather_tp_rows' order (rank after rank)
         dropped = torch.zeros((), dtype=torch.long, device=device)
         if self.router_type == "round-robin":  # token g takes experts gK .. gK+K-1 (mod E), weight 1/K
             experts = (ids[:, None] * k + torch.arange(k, device=device)) % e  # (n, K)
             weight = torch.full((n * k,), 1.0 / k, device=device)
-            return sort_by_expert(local.repeat_interleave(k), experts.reshape(-1), weight, e), dropped
+            return sort_by_expert(local.repeat_interleave(k), experts.reshape(-1), weight, e,
+                                  k_per_token=by_index), dropped
         if self.router_type == "expert-choice":  # each expert takes its C best tokens (Zhou et al. 2022)
             capacity = min(num_tokens, math.ceil((self.capacity_factor or 1.0) * num_tokens * k / e))
             scores = gather_tp_rows(r.scores.detach(), self.par)  # (N, E) the whole micro-batch
@@ -825,7 +841,8 @@ class SparseMoELayer(nn.Module):
                                       capacity, e)[first:first + n].reshape(-1)  # (A,)
             dropped = (~keep).sum()
             token, expert, weight = token[keep], expert[keep], weight[keep]
-        return sort_by_expert(token, expert, weight, e), dropped
+            return sort_by_expert(token, expert, weight, e), dropped
+        return sort_by_expert(token, expert, weight, e, routed, k_per_token=by_index), dropped
 
     def balancing_loss(self, r: RouterOutput, routed: torch.Tensor, ids: torch.Tensor, num_tokens: int,
                        seq_len: int) -> torch.Tensor:
@@ -841,12 +858,26 @@ class SparseMoELayer(nn.Module):
                 dist.all_reduce(counts_seq, group=self.par.tp_group)  # f per sequence over all its tokens
             return sequence_balancing_loss(r.probs, r.indices, self.num_experts, seq_of_token,
                                            counts_seq.view(num_seqs, self.num_experts), seq_len)
-        counts = routed.clone()
+        counts = routed
         if self.par.tp_size > 1:
+            counts = routed.clone()
             dist.all_reduce(counts, group=self.par.tp_group)  # f_i over the whole micro-batch
         if self.aux_loss_type == "global-batch" and self.global_counts is not None:
             counts = self.global_counts  # f_i over the whole global batch (all micro-batches, all DP ranks)
         return load_balancing_loss(r.probs, r.indices, self.num_experts, counts, num_tokens)
+
+    def combine(self, y_sorted: torch.Tensor, rows: Assignments, n: int) -> torch.Tensor:
+        """out[t] = sum over the rows r of token t of weight_r * y_sorted[r]; y_sorted (A, D) -> (n, D).
+
+        The plain way adds the weighted rows into their tokens (index_add, atomics on a GPU). With K
+        rows per token, the rows are put back in token order by index instead and each token's K are
+        summed by one batched (1 x K) @ (K x D) product: no atomics, deterministic, fewer bytes."""
+        if rows.unsort is None:
+            weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]  # (A, D)
+            return y_sorted.new_zeros(n, y_sorted.shape[1]).index_add_(0, rows.token, weighted)  # (n, D)
+        y_tok = y_sorted.index_select(0, rows.unsort).view(n, self.top_k, -1)  # (n, K, D) token-major
+        w_tok = rows.weight.index_select(0, rows.unsort).view(n, 1, self.top_k).to(y_tok.dtype)  # (n, 1, K)
+        return torch.bmm(w_tok, y_tok).view(n, -1)  # (n, D)
 
     def forward(self, x: torch.Tensor, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats]:
         """x (B, T, D), or this rank's slice (B, T/TP, D) under sequence parallelism -> y of x's shape."""
@@ -873,8 +904,8 @@ class SparseMoELayer(nn.Module):
                                                                          generator=gen)
             router_in = tokens * noise[ids].to(tokens.dtype)
         r = self.router(router_in)
-        rows, dropped = self.assign(r, ids, num_tokens)
         routed = count_per_expert(r.indices, self.num_experts)  # (E,)
+        rows, dropped = self.assign(r, ids, num_tokens, routed)
         stats = MoEStats(aux_loss=self.balancing_loss(r, routed, ids, num_tokens, seq_len),
                          z_loss=router_z_loss(r.logits, num_tokens), counts=rows.counts.detach(),
                          routed=routed, dropped=dropped)
@@ -896,8 +927,7 @@ class SparseMoELayer(nn.Module):
 
             # 4. combine
             y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local  # (A, D)
-            weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]
-            out = torch.zeros_like(tokens, dtype=y_sorted.dtype).index_add_(0, rows.token, weighted)  # (n, D)
+            out = self.combine(y_sorted, rows, n)  # (n, D)
         if self.par.tp_size > 1 and not self.par.sequence_parallel:
             out = gather_tokens(out, self.par)  # (N, D)
         out = out.view(b, t, d)
