@@ -609,7 +609,7 @@ class MoEExpert(nn.Module):
             # autocast does not cover torch._grouped_mm: cast to the autocast dtype by hand
             dtype = compute_dtype(x)
             x = x.to(dtype)
-            offs = counts.cumsum(0).to(torch.int32)  # (E_local,) end row of each expert, stays on device
+            offs = counts.cumsum(0, dtype=torch.int32)  # (E_local,) end row of each expert, stays on device
             # gate and up as one grouped GEMM over each expert's [gate | up] columns: one kernel (and
             # one per-expert overhead) instead of two, and in backward one dL/dx instead of two summed
             w_gate_up = torch.cat([self.w_gate, self.w_up], dim=2).to(dtype)  # (E_local, D, 2F)
@@ -706,23 +706,16 @@ class Assignments:
     token: torch.Tensor  # (A,) local token index of each row
     weight: torch.Tensor  # (A,) fp32 combine weight
     counts: torch.Tensor  # (E,) rows per expert
-    # (A,) when every token has K rows (dropless top-K, round-robin): unsort[t * K + k] is the sorted
-    # row of token t's k-th choice, so the rows go back to their tokens by index; None otherwise
-    unsort: torch.Tensor | None = None
 
 
 def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int,
-                   counts: torch.Tensor | None = None, k_per_token: bool = False) -> Assignments:
+                   counts: torch.Tensor | None = None) -> Assignments:
     """Group rows by expert (stable: rows of one expert stay in token order); `counts` (E,) are the
-    rows per expert when the caller has counted them already. k_per_token: the rows are K per
-    token in token-major order (row t * K + k), and the inverse permutation is kept for the combine."""
+    rows per expert when the caller has counted them already."""
     order = torch.argsort(expert, stable=True)  # (A,)
     if counts is None:
         counts = count_per_expert(expert, num_experts)
-    unsort = None
-    if k_per_token:
-        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))  # (A,)
-    return Assignments(token[order], weight[order], counts, unsort)
+    return Assignments(token[order], weight[order], counts)
 
 
 def priority(scores: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -814,15 +807,13 @@ class SparseMoELayer(nn.Module):
         in the micro-batch (b * T + position), which ranks ties and numbers tokens whatever the layout;
         routed (E,): the router's top-K choices per expert, the rows per expert when none is dropped."""
         k, e, device, n = self.top_k, self.num_experts, r.logits.device, ids.shape[0]
-        by_index = self.par.ep_size > 1 or self.experts.use_grouped_mm  # the dispatch path combines by index
         local = torch.arange(n, device=device)
         first = n * self.par.tp_rank  # this rank's first row in gather_tp_rows' order (rank after rank)
         dropped = torch.zeros((), dtype=torch.long, device=device)
         if self.router_type == "round-robin":  # token g takes experts gK .. gK+K-1 (mod E), weight 1/K
             experts = (ids[:, None] * k + torch.arange(k, device=device)) % e  # (n, K)
             weight = torch.full((n * k,), 1.0 / k, device=device)
-            return sort_by_expert(local.repeat_interleave(k), experts.reshape(-1), weight, e,
-                                  k_per_token=by_index), dropped
+            return sort_by_expert(local.repeat_interleave(k), experts.reshape(-1), weight, e), dropped
         if self.router_type == "expert-choice":  # each expert takes its C best tokens (Zhou et al. 2022)
             capacity = min(num_tokens, math.ceil((self.capacity_factor or 1.0) * num_tokens * k / e))
             scores = gather_tp_rows(r.scores.detach(), self.par)  # (N, E) the whole micro-batch
@@ -842,7 +833,7 @@ class SparseMoELayer(nn.Module):
             dropped = (~keep).sum()
             token, expert, weight = token[keep], expert[keep], weight[keep]
             return sort_by_expert(token, expert, weight, e), dropped
-        return sort_by_expert(token, expert, weight, e, routed, k_per_token=by_index), dropped
+        return sort_by_expert(token, expert, weight, e, routed), dropped
 
     def balancing_loss(self, r: RouterOutput, routed: torch.Tensor, ids: torch.Tensor, num_tokens: int,
                        seq_len: int) -> torch.Tensor:
@@ -869,15 +860,11 @@ class SparseMoELayer(nn.Module):
     def combine(self, y_sorted: torch.Tensor, rows: Assignments, n: int) -> torch.Tensor:
         """out[t] = sum over the rows r of token t of weight_r * y_sorted[r]; y_sorted (A, D) -> (n, D).
 
-        The plain way adds the weighted rows into their tokens (index_add, atomics on a GPU). With K
-        rows per token, the rows are put back in token order by index instead and each token's K are
-        summed by one batched (1 x K) @ (K x D) product: no atomics, deterministic, fewer bytes."""
-        if rows.unsort is None:
-            weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]  # (A, D)
-            return y_sorted.new_zeros(n, y_sorted.shape[1]).index_add_(0, rows.token, weighted)  # (n, D)
-        y_tok = y_sorted.index_select(0, rows.unsort).view(n, self.top_k, -1)  # (n, K, D) token-major
-        w_tok = rows.weight.index_select(0, rows.unsort).view(n, 1, self.top_k).to(y_tok.dtype)  # (n, 1, K)
-        return torch.bmm(w_tok, y_tok).view(n, -1)  # (n, D)
+        index_add of the weighted rows into their tokens. Putting the rows back in token order by
+        index and summing each token's K by a batched (1 x K) @ (K x D) product was priced better
+        eager for 64 experts top-8 but worse compiled for both presets (see README_MOE.md), so not kept."""
+        weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]  # (A, D)
+        return y_sorted.new_zeros(n, y_sorted.shape[1]).index_add_(0, rows.token, weighted)  # (n, D)
 
     def forward(self, x: torch.Tensor, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats]:
         """x (B, T, D), or this rank's slice (B, T/TP, D) under sequence parallelism -> y of x's shape."""
