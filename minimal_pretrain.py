@@ -604,8 +604,8 @@ class OverlappedGradReduce:
                 for g in grads:
                     g.copy_(flat[offset:offset + g.numel()].view_as(g))
                     offset += g.numel()
-            for g in grads:
-                g.mul_(self.scale)
+            if self.scale != 1.0:  # 1 / DP: nothing to scale in one process
+                torch._foreach_mul_(grads, self.scale)
         self.armed = False
 
 

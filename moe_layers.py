@@ -291,7 +291,14 @@ def layout_free_init_(model: nn.Module, seed: int) -> None:
 
 # ------------------------------------------------------------------------- norm, rope
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in fp32 (as transformers' Qwen3RMSNorm)."""
+    """x / rms(x) * weight, normalised in fp32 (as transformers' Qwen3RMSNorm).
+
+    Precision is decided here: with weights of the input's dtype (fp32, or bf16 weights with fp32
+    masters) the output has that dtype (bf16 activations stay bf16, as in Megatron-Core and
+    torchtitan), whatever autocast says. CUDA autocast lists rms_norm among its
+    fp32 ops, so under it the input would be upcast and every norm output would be fp32 (and be
+    cast back to bf16 by each projection that reads it); autocast is off inside the norm instead,
+    and F.rms_norm still sums the squares in fp32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -299,33 +306,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype:  # one fused kernel, weight included, on CUDA
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # lower-precision input: normalise in fp32, round to x's dtype, then scale by the fp32
-        # weight (so the result is fp32), exactly as Qwen3RMSNorm does
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        with torch.autocast(x.device.type, enabled=False):
+            if x.dtype == self.weight.dtype:  # one fused kernel, weight included, on CUDA
+                return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            # fp32 weight, lower-precision input (q/k norms under --dtype bfloat16-autocast, the
+            # fp32-weight scheme): normalise in fp32, round to x's dtype, then scale by the fp32
+            # weight (so the result is fp32), exactly as Qwen3RMSNorm does
+            return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
-    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021)."""
+    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021).
+
+    x -> x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1] (transformers' convention),
+    written as roll(x, Dh/2) = [x2, x1] times a sin table whose first half is negated: three
+    element-wise kernels per tensor (roll, mul, addcmul) instead of five (neg, cat, mul, mul, add)."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
+        sign = torch.cat((-torch.ones(head_dim // 2), torch.ones(head_dim // 2)))  # (Dh,) the minus of [-x2, x1]
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin", emb.sin() * sign, persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         cos = self.cos[positions].to(q.dtype)  # (T, Dh)
-        sin = self.sin[positions].to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        sin = self.sin[positions].to(q.dtype)  # (T, Dh), first half negated
+        half = q.shape[-1] // 2
+        return torch.addcmul(q * cos, q.roll(half, -1), sin), torch.addcmul(k * cos, k.roll(half, -1), sin)
 
 
 # ------------------------------------------------------------------------- attention
@@ -450,7 +460,8 @@ class TopKRouter(nn.Module):
             weights = scores.gather(1, indices)  # (n, K)
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-            weights = weights * self.scaling_factor
+            if self.scaling_factor != 1.0:  # one kernel (and its backward) fewer at the default
+                weights = weights * self.scaling_factor
         return RouterOutput(weights, indices, probs, logits, scores)
 
     def keep_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
@@ -617,9 +628,11 @@ class MoEExpert(nn.Module):
             # autocast does not cover torch._grouped_mm: cast to the autocast dtype by hand
             dtype = compute_dtype(x)
             x = x.to(dtype)
-            offs = counts.cumsum(0).to(torch.int32)  # (E_local,) end row of each expert, stays on device
-            gate = torch._grouped_mm(x, self.w_gate.to(dtype), offs=offs)  # (M, F)
-            up = torch._grouped_mm(x, self.w_up.to(dtype), offs=offs)  # (M, F)
+            offs = counts.cumsum(0, dtype=torch.int32)  # (E_local,) end row of each expert, stays on device
+            # gate and up as one grouped GEMM over each expert's [gate | up] columns: one kernel (and
+            # one per-expert overhead) instead of two, and in backward one dL/dx instead of two summed
+            w_gate_up = torch.cat([self.w_gate, self.w_up], dim=2).to(dtype)  # (E_local, D, 2F)
+            gate, up = torch._grouped_mm(x, w_gate_up, offs=offs).chunk(2, dim=-1)  # (M, F) each
             h = _ContiguousGrad.apply(F.silu(gate) * up)
             return _ContiguousGrad.apply(torch._grouped_mm(h, self.w_down.to(dtype), offs=offs))  # (M, D)
         return self.loop(x, None, None, counts, x.shape[0])
@@ -639,14 +652,19 @@ class MoEExpert(nn.Module):
                                      self.w_down.to(dtype), num_out)
 
 
+def grouped_mm_strides_ok(cfg: ModelConfig, dtype: torch.dtype) -> bool:
+    """Whether every row stride torch._grouped_mm would see is a multiple of 16 bytes."""
+    elt = torch.finfo(dtype).bits // 8
+    return (cfg.hidden_size * elt) % 16 == 0 and (cfg.moe_ffn_hidden_size * elt) % 16 == 0
+
+
 def can_use_grouped_mm(device: torch.device, cfg: ModelConfig, dtype: torch.dtype) -> bool:
     """torch._grouped_mm on CUDA (Hopper or newer) when every row stride is a multiple of 16 bytes."""
     if device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
         return False
     if torch.cuda.get_device_capability(device)[0] < 9:
         return False
-    elt = torch.finfo(dtype).bits // 8
-    return (cfg.hidden_size * elt) % 16 == 0 and (cfg.moe_ffn_hidden_size * elt) % 16 == 0
+    return grouped_mm_strides_ok(cfg, dtype)
 
 
 # ------------------------------------------------------------------ expert dispatcher
@@ -709,10 +727,14 @@ class Assignments:
     counts: torch.Tensor  # (E,) rows per expert
 
 
-def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int) -> Assignments:
-    """Group rows by expert (stable: rows of one expert stay in token order)."""
+def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int,
+                   counts: torch.Tensor | None = None) -> Assignments:
+    """Group rows by expert (stable: rows of one expert stay in token order); `counts` (E,) are the
+    rows per expert when the caller has counted them already."""
     order = torch.argsort(expert, stable=True)  # (A,)
-    return Assignments(token[order], weight[order], count_per_expert(expert, num_experts))
+    if counts is None:
+        counts = count_per_expert(expert, num_experts)
+    return Assignments(token[order], weight[order], counts)
 
 
 def priority(scores: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -798,9 +820,11 @@ class SparseMoELayer(nn.Module):
         self.shared_experts = DenseMLP(cfg, par, cfg.shared_ffn_hidden_size) if cfg.num_shared_experts else None
         self.global_counts: torch.Tensor | None = None  # (E,) set by the trainer for global-batch balancing
 
-    def assign(self, r: RouterOutput, ids: torch.Tensor, num_tokens: int) -> tuple[Assignments, torch.Tensor]:
+    def assign(self, r: RouterOutput, ids: torch.Tensor, num_tokens: int,
+               routed: torch.Tensor) -> tuple[Assignments, torch.Tensor]:
         """Rows to compute for this rank's n tokens, and drops. ids (n,): each token's global index
-        in the micro-batch (b * T + position), which ranks ties and numbers tokens whatever the layout."""
+        in the micro-batch (b * T + position), which ranks ties and numbers tokens whatever the layout;
+        routed (E,): the router's top-K choices per expert, the rows per expert when none is dropped."""
         k, e, device, n = self.top_k, self.num_experts, r.logits.device, ids.shape[0]
         local = torch.arange(n, device=device)
         first = n * self.par.tp_rank  # this rank's first row in gather_tp_rows' order (rank after rank)
@@ -827,7 +851,8 @@ class SparseMoELayer(nn.Module):
                                       capacity, e)[first:first + n].reshape(-1)  # (A,)
             dropped = (~keep).sum()
             token, expert, weight = token[keep], expert[keep], weight[keep]
-        return sort_by_expert(token, expert, weight, e), dropped
+            return sort_by_expert(token, expert, weight, e), dropped
+        return sort_by_expert(token, expert, weight, e, routed), dropped
 
     def balancing_loss(self, r: RouterOutput, routed: torch.Tensor, ids: torch.Tensor, num_tokens: int,
                        seq_len: int) -> torch.Tensor:
@@ -843,12 +868,22 @@ class SparseMoELayer(nn.Module):
                 dist.all_reduce(counts_seq, group=self.par.tp_group)  # f per sequence over all its tokens
             return sequence_balancing_loss(r.probs, r.indices, self.num_experts, seq_of_token,
                                            counts_seq.view(num_seqs, self.num_experts), seq_len)
-        counts = routed.clone()
+        counts = routed
         if self.par.tp_size > 1:
+            counts = routed.clone()
             dist.all_reduce(counts, group=self.par.tp_group)  # f_i over the whole micro-batch
         if self.aux_loss_type == "global-batch" and self.global_counts is not None:
             counts = self.global_counts  # f_i over the whole global batch (all micro-batches, all DP ranks)
         return load_balancing_loss(r.probs, r.indices, self.num_experts, counts, num_tokens)
+
+    def combine(self, y_sorted: torch.Tensor, rows: Assignments, n: int) -> torch.Tensor:
+        """out[t] = sum over the rows r of token t of weight_r * y_sorted[r]; y_sorted (A, D) -> (n, D).
+
+        index_add of the weighted rows into their tokens. Putting the rows back in token order by
+        index and summing each token's K by a batched (1 x K) @ (K x D) product was priced better
+        eager for 64 experts top-8 but worse compiled for both presets (see README_MOE.md), so not kept."""
+        weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]  # (A, D)
+        return y_sorted.new_zeros(n, y_sorted.shape[1]).index_add_(0, rows.token, weighted)  # (n, D)
 
     def forward(self, x: torch.Tensor, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats]:
         """x (B, T, D), or this rank's slice (B, T/TP, D) under sequence parallelism -> y of x's shape."""
@@ -875,8 +910,8 @@ class SparseMoELayer(nn.Module):
                                                                          generator=gen)
             router_in = tokens * noise[ids].to(tokens.dtype)
         r = self.router(router_in)
-        rows, dropped = self.assign(r, ids, num_tokens)
         routed = count_per_expert(r.indices, self.num_experts)  # (E,)
+        rows, dropped = self.assign(r, ids, num_tokens, routed)
         stats = MoEStats(aux_loss=self.balancing_loss(r, routed, ids, num_tokens, seq_len),
                          z_loss=router_z_loss(r.logits, num_tokens), counts=rows.counts.detach(),
                          routed=routed, dropped=dropped)
@@ -898,8 +933,7 @@ class SparseMoELayer(nn.Module):
 
             # 4. combine
             y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local  # (A, D)
-            weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]
-            out = torch.zeros_like(tokens, dtype=y_sorted.dtype).index_add_(0, rows.token, weighted)  # (n, D)
+            out = self.combine(y_sorted, rows, n)  # (n, D)
         if self.par.tp_size > 1 and not self.par.sequence_parallel:
             out = gather_tokens(out, self.par)  # (N, D)
         out = out.view(b, t, d)

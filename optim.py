@@ -62,13 +62,20 @@ class MasterWeightAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        for p, m in self.master.items():
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+        # Multi-tensor copies, not one cast kernel per weight: the bf16 gradients into fp32 gradients
+        # of the masters (views of one flat buffer, freed after the step), and after AdamW the masters
+        # rounded into the model's weights.
+        lower = [(p, m) for p, m in self.master.items() if m is not p and p.grad is not None]
+        if lower:
+            flat = torch.empty(sum(p.numel() for p, _ in lower), dtype=torch.float32, device=lower[0][1].device)
+            for (p, m), g in zip(lower, flat.split([p.numel() for p, _ in lower])):
+                m.grad = g.view_as(m)
+            torch._foreach_copy_([m.grad for _, m in lower], [p.grad for p, _ in lower])  # upcast
         self.update()
+        if lower:
+            torch._foreach_copy_([p for p, _ in lower], [m for _, m in lower])  # round to bf16
         for p, m in self.master.items():
             if m is not p:
-                p.copy_(m)  # round to bf16
                 m.grad = None
 
     def update(self) -> None:

@@ -364,11 +364,21 @@ def reduce_from_tp(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
 def column_parallel(x: torch.Tensor, par: ModelParallel, *layers: ColumnParallelLinear) -> tuple[torch.Tensor, ...]:
     """Each column-parallel layer applied to the whole input, whatever the layout: x (B, T, D)
     (backward: all-reduce of the partial dL/dx), or under SP this rank's slice (B, T/TP, D),
-    all-gathered (backward: reduce-scatter). Returns one (B, T, out / TP) tensor per layer."""
+    all-gathered (backward: reduce-scatter). Returns one (B, T, out / TP) tensor per layer.
+
+    Several layers (q/k/v, gate/up) run as one GEMM over their weights stacked by rows, each
+    rank's rows of each weight (so under TP the product holds this rank's columns of every part),
+    and the product is split back: one larger kernel forward and two backward instead of one and
+    two per layer plus the sum of their dL/dx. The weights stay separate parameters (checkpoint and
+    export names unchanged); their gradients are views of the stacked weight's gradient."""
     if par.sequence_parallel:
         return _GatherThenProject.apply(x, par.tp_group, *(layer.weight for layer in layers))
     x = copy_to_tp(x, par)  # (B, T, D)
-    return tuple(layer(x) for layer in layers)
+    if len(layers) == 1:
+        return (layers[0](x),)
+    weight = torch.cat([layer.weight for layer in layers])  # (sum of out / TP, D)
+    y = F.linear(x, weight)  # (B, T, sum of out / TP)
+    return y.split([layer.weight.shape[0] for layer in layers], dim=-1)  # (B, T, out / TP) each
 
 
 def split_tokens(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
@@ -484,6 +494,9 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                                  par: ModelParallel) -> torch.Tensor:
     """Mean token cross-entropy; logits (N, V_local), targets (N,) global ids."""
     if par.tp_size == 1:
-        return F.cross_entropy(logits.float(), targets)
+        # In the logits' dtype (bf16 with bf16 weights): log_softmax sums its exponentials in fp32
+        # inside the kernel and writes bf16 log-probabilities, so no fp32 (N, V) copy of the logits
+        # (nor of their gradient) is made; the N per-token losses are averaged in fp32.
+        return F.cross_entropy(logits, targets, reduction="none").float().mean()
     v_start = par.tp_rank * logits.shape[-1]
     return _VocabParallelCrossEntropy.apply(logits, targets, v_start, par.tp_group).mean()

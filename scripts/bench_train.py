@@ -9,9 +9,10 @@ A step is the trainer's own step, `minimal_pretrain.train_step` (no second copy 
 one micro-batch of random tokens, forward (bf16 weights and activations with fp32 master
 weights on CUDA, fp32 on CPU, unless --dtype says otherwise), loss = cross-entropy +
 (aux_coef * aux + z_coef * z) / MoE layers with the trainer's default coefficients, backward,
-gradient norm, clip, AdamW step. The model is built
-by `minimal_pretrain.build_model`, so the expert kernel (torch._grouped_mm where
-moe_layers.can_use_grouped_mm says so) and --compile (each block) are the trainer's too.
+gradient norm, clip, AdamW step. `make_step` builds model, optimizer and gradient sync with
+the trainer's functions (`minimal_pretrain.build_model`, so the expert kernel: torch._grouped_mm
+where moe_layers.can_use_grouped_mm says so, and --compile: each block, are the trainer's too);
+the timing loop below and ../shared/tools/gpu_cost_model.py both run the step it returns.
 
 Presets (any model flag overrides a preset's value):
   small      the trainer's default model (ModelConfig defaults, byte vocabulary)
@@ -36,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -44,7 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from launch import TrainConfig, field_kind, resolve_autocast, resolve_device, resolve_layout  # noqa: E402
 from minimal_pretrain import (build_grad_reducers, build_model, build_process_groups, peak_bf16_flops,  # noqa: E402
                               train_step)
-from moe_layers import ModelConfig, can_use_grouped_mm  # noqa: E402
+from moe_layers import ModelConfig, grouped_mm_strides_ok  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 
 _HALF_B = dict(vocab_size=32000, hidden_size=1024, num_layers=12, num_attention_heads=16, num_kv_heads=8,
@@ -55,6 +57,44 @@ PRESETS = {
     "moe-0.5b": ({**_HALF_B, "num_experts": 8, "num_experts_per_token": 2, "moe_ffn_hidden_size": 1408}, 8),
     "fine-0.5b": ({**_HALF_B, "num_experts": 64, "num_experts_per_token": 8, "moe_ffn_hidden_size": 176}, 8),
 }
+
+
+def make_step(cfg: ModelConfig, micro_batch_size: int, *, device: torch.device, dtype: str = "auto",
+              compile: bool = False, cuda_choices: bool | None = None, seed: int = 0
+              ) -> tuple[Callable[[int], float], torch.nn.Module]:
+    """Model, optimizer and gradient sync for one process, built as the trainer builds them, and
+    step(i): training step i (`minimal_pretrain.train_step`) on random (micro_batch_size, T + 1)
+    tokens, returning its LM loss. This is what the timing loop below times, and the seam that
+    ../shared/tools/gpu_cost_model.py traces (see its README).
+
+    The device decides the device-dependent choices unless `cuda_choices` says otherwise: True
+    makes CUDA's whatever `device` is (dtype auto -> bf16 weights with fp32 masters and bf16
+    autocast, grouped-GEMM experts where the row strides allow, fused AdamW); False the CPU's
+    (auto -> fp32, the expert loop, the reference AdamW)."""
+    cuda = device.type == "cuda" if cuda_choices is None else cuda_choices
+    # --dtype auto means what the trainer makes of it on CUDA (bfloat16) or on the CPU (float32).
+    tc = TrainConfig(device=device.type, dtype=dtype if dtype != "auto" else "bfloat16" if cuda else "float32",
+                     micro_batch_size=micro_batch_size, compile=compile, seed=seed, max_steps=1000, warmup_steps=1)
+    autocast_dtype = resolve_autocast(tc, device)
+    torch.manual_seed(seed)
+    pg = build_process_groups(resolve_layout(cfg, tc, 1))  # one process: no groups, no collectives
+    model = build_model(cfg, tc, pg, device, autocast_dtype)
+    if device.type != "cuda":  # build_model chose by the device; CUDA's choice where the strides allow
+        grouped = cuda and hasattr(torch, "_grouped_mm") and grouped_mm_strides_ok(cfg, autocast_dtype or torch.float32)
+        for module in model.modules():
+            if hasattr(module, "use_grouped_mm"):
+                module.use_grouped_mm = grouped
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, fused=cuda, kind=tc.optimizer)
+    reducers = build_grad_reducers(model, pg)
+
+    def step(i: int) -> float:
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)  # the tokens of step i, always
+        tokens = torch.randint(0, cfg.vocab_size, (micro_batch_size, cfg.seq_length + 1), device=device, generator=gen)
+        micro = [(tokens[:, :-1], tokens[:, 1:])]  # one micro-batch: (B, T) inputs, next-token targets
+        stats, _, _ = train_step(model, optimizer, reducers, micro, pg, cfg, tc, device, autocast_dtype, i)
+        return float(stats.lm_loss)  # summed on the device over the step's micro-batches: one read
+
+    return step, model
 
 
 def main() -> None:
@@ -97,26 +137,19 @@ def main() -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    # The trainer's defaults (losses, clip, AdamW), with this benchmark's device, dtype and compile.
-    tc = TrainConfig(device=args.device, dtype=args.dtype, micro_batch_size=batch, compile=args.compile,
-                     seed=args.seed, max_steps=args.warmup + args.steps + 1, warmup_steps=1)
-    device = resolve_device(tc, 0)
-    autocast_dtype = resolve_autocast(tc, device)
-    torch.manual_seed(args.seed)
-
-    # ----------------------------------------------------------------- model
-    pg = build_process_groups(resolve_layout(cfg, tc, 1))  # one process: no groups, no collectives
-    model = build_model(cfg, tc, pg, device, autocast_dtype)
-    grouped = can_use_grouped_mm(device, cfg, autocast_dtype or torch.float32)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, kind=tc.optimizer)
-    reducers = build_grad_reducers(model, pg)
+    # The trainer's model, optimizer, gradient sync and step (losses, clip, AdamW), with this
+    # benchmark's device, dtype and compile.
+    device = resolve_device(TrainConfig(device=args.device), 0)
+    one_step, model = make_step(cfg, batch, device=device, dtype=args.dtype, compile=args.compile, seed=args.seed)
+    grouped = any(getattr(m, "use_grouped_mm", False) for m in model.modules())
+    weight_dtype = str(model.embed_tokens.weight.dtype).replace("torch.", "")
     total = sum(q.numel() for q in model.parameters())
     active = cfg.active_params_per_token()  # without the input embedding (tested against a count)
     embed = model.embed_tokens.weight.numel()
     flops_per_token = cfg.flops_per_token()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"model: {json.dumps(dataclasses.asdict(cfg))}")
-    print(f"preset {args.preset} | device {device} ({device_name}) | dtype {tc.dtype} | autocast {autocast_dtype} | "
+    print(f"preset {args.preset} | device {device} ({device_name}) | dtype {args.dtype} (weights {weight_dtype}) | "
           f"grouped GEMM {grouped} | compile {args.compile} | micro-batch {batch} x {cfg.seq_length} tokens")
     print(f"parameters: total {total / 1e6:.1f}M | active per token {(active + embed) / 1e6:.1f}M "
           f"({active / 1e6:.1f}M without the input embedding) | {flops_per_token / 1e9:.2f} GFLOP per token")
@@ -128,12 +161,6 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    def one_step(step: int) -> float:
-        tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_length + 1), device=device)
-        micro = [(tokens[:, :-1], tokens[:, 1:])]  # one micro-batch: (B, T) inputs, next-token targets
-        stats, _, _ = train_step(model, optimizer, reducers, micro, pg, cfg, tc, device, autocast_dtype, step)
-        return stats.lm_loss
 
     step_ms = []
     try:
@@ -170,7 +197,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({
             "preset": args.preset, "device": str(device), "device_name": device_name,
-            "dtype": tc.dtype, "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
+            "dtype": args.dtype, "weight_dtype": weight_dtype,
             "compile": args.compile, "grouped_mm": grouped, "micro_batch_size": batch,
             "seq_length": cfg.seq_length, "total_params": total, "active_params": active + embed,
             "active_non_embedding_params": active, "flops_per_token": flops_per_token, "step_ms": ms,
