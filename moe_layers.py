@@ -416,8 +416,10 @@ class RouterOutput:
     scores: torch.Tensor  # (n, E) fp32 per-expert scores: softmax probs or sigmoid gates
 
 
-class TopKRouter(nn.Module):
-    """Linear scores hidden -> E in fp32, top-k (Shazeer et al. 2017; Switch, Fedus et al. 2021).
+class Router(nn.Module):
+    """The router: linear scores hidden -> E in fp32, softmax or sigmoid, optional group-limited
+    choice, top-k (Shazeer et al. 2017; Switch, Fedus et al. 2021). Expert choice and round-robin
+    use its scores too: SparseMoELayer.assign turns them into rows.
 
     Contract: for x (n, D) returns, per token, the K experts with the largest scores and their
     weights. Scores are softmax probabilities (Mixtral, Qwen3-MoE; the K weights renormalised
@@ -526,87 +528,12 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-class _ExpertLoop(torch.autograd.Function):
-    """SwiGLU experts run one after another on rows grouped by expert, with a hand-written backward.
-
-    forward(x (S, D), rows (M,) or None, weight (M,) or None, splits (E_local ints, sum M),
-            w_gate, w_up (E_local, D, F), w_down (E_local, F, D), num_out) -> (num_out, D)
-    Expert e owns rows s_e .. s_e + c_e - 1 (c_e = splits[e]) of the grouped order.
-    rows and weight given (dispatch and combine fused in): expert e reads x[rows[s_e : s_e + c_e]]
-    and adds its outputs, scaled by weight, into those rows of a zero (num_out, D) output.
-    rows and weight None: it reads x[s_e : s_e + c_e] and writes the same output rows.
-    Why by hand: autograd of the plain loop saves an (M, D) gathered copy of the tokens,
-    concatenates the experts' outputs and stacks E_local weight gradients. Here each expert
-    gathers its rows into a small, cache-hot block, writes its outputs and its three weight
-    gradients straight into preallocated tensors, and the backward gathers the rows again.
-    The arithmetic is autograd's, operation for operation (outputs scaled by the weights, then
-    index_add_ in expert order), so a one-process run rounds as the expert-parallel path does.
-    All tensors share one dtype."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor | None,
-                splits: list[int], w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                num_out: int) -> torch.Tensor:
-        m, f = sum(splits), w_gate.shape[2]
-        gate, up = x.new_empty(m, f), x.new_empty(m, f)  # (M, F) pre-activations, kept for backward
-        y = x.new_empty(m, x.shape[1])  # (M, D) expert outputs, unweighted (the weights' gradient needs them)
-        out = y if rows is None else x.new_zeros(num_out, x.shape[1])  # (num_out, D)
-        s = 0
-        for e, c in enumerate(splits):
-            if c == 0:
-                continue
-            xe = x[s:s + c] if rows is None else x.index_select(0, rows[s:s + c])  # (c, D)
-            g = torch.mm(xe, w_gate[e], out=gate[s:s + c])  # (c, F)
-            h = F.silu(g) * torch.mm(xe, w_up[e], out=up[s:s + c])  # (c, F)
-            ye = torch.mm(h, w_down[e], out=y[s:s + c])  # (c, D)
-            if rows is not None:
-                out.index_add_(0, rows[s:s + c], ye * weight[s:s + c, None])  # a token's K rows add up
-            s += c
-        ctx.splits = splits
-        ctx.save_for_backward(x, rows, weight, w_gate, w_up, w_down, gate, up, None if rows is None else y)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, rows, weight, w_gate, w_up, w_down, gate, up, y = ctx.saved_tensors
-        grad = grad.contiguous()  # (num_out, D)
-        grad_x = torch.empty_like(x) if rows is None else torch.zeros_like(x)  # (S, D)
-        grad_gate, grad_up, grad_down = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
-        grad_weight = None if weight is None else torch.empty_like(weight)  # (M,)
-        s = 0
-        for e, c in enumerate(ctx.splits):
-            if c == 0:  # an expert without rows gets a zero gradient, as autograd would give it
-                grad_gate[e].zero_(), grad_up[e].zero_(), grad_down[e].zero_()
-                continue
-            if rows is None:
-                xe, grad_y = x[s:s + c], grad[s:s + c]  # (c, D)
-            else:
-                xe, grad_out = x.index_select(0, rows[s:s + c]), grad.index_select(0, rows[s:s + c])  # (c, D)
-                grad_weight[s:s + c] = (grad_out * y[s:s + c]).sum(1)  # d/dw of w * y
-                grad_y = grad_out * weight[s:s + c, None]  # (c, D)
-            g, u = gate[s:s + c], up[s:s + c]  # (c, F)
-            act = F.silu(g)  # recomputed: cheaper than keeping another (M, F) tensor
-            torch.mm((act * u).T, grad_y, out=grad_down[e])  # (F, D)
-            grad_h = grad_y @ w_down[e].T  # (c, F)
-            grad_u = grad_h * act
-            grad_g = torch.ops.aten.silu_backward(grad_h.mul_(u), g)  # (c, F) silu'(g) * grad_h * u
-            torch.mm(xe.T, grad_g, out=grad_gate[e])  # (D, F)
-            torch.mm(xe.T, grad_u, out=grad_up[e])  # (D, F)
-            grad_xe = grad_g @ w_gate[e].T + grad_u @ w_up[e].T  # (c, D)
-            if rows is None:
-                grad_x[s:s + c] = grad_xe
-            else:
-                grad_x.index_add_(0, rows[s:s + c], grad_xe)  # (S, D) a token's K rows add up
-            s += c
-        return grad_x, None, grad_weight, None, grad_gate, grad_up, grad_down, None
-
-
-class MoEExpert(nn.Module):
+class Experts(nn.Module):
     """The E_local SwiGLU experts of one MoE layer on this rank, as stacked weights.
 
     w_gate, w_up (E_local, D, F) and w_down (E_local, F, D) hold expert e at index e, so that
     x @ w multiplies without transposes. Experts run on rows grouped by expert: one grouped
-    GEMM per projection (torch._grouped_mm, CUDA) or a loop over experts (`_ExpertLoop`; the
+    GEMM per projection (torch._grouped_mm, CUDA) or a loop over experts (`ExpertLoop`; the
     faster of the two on the CPU)."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
@@ -644,10 +571,10 @@ class MoEExpert(nn.Module):
 
     def loop(self, x: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor | None,
              counts: torch.Tensor, num_out: int) -> torch.Tensor:
-        """`_ExpertLoop` in the autocast dtype (autocast does not reach inside a custom autograd Function)."""
+        """`ExpertLoop` in the autocast dtype (autocast does not reach inside a custom autograd Function)."""
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            return _ExpertLoop.apply(x.to(dtype), rows, None if weight is None else weight.to(dtype),
+            return ExpertLoop.apply(x.to(dtype), rows, None if weight is None else weight.to(dtype),
                                      counts.tolist(), self.w_gate.to(dtype), self.w_up.to(dtype),
                                      self.w_down.to(dtype), num_out)
 
@@ -796,7 +723,7 @@ class SparseMoELayer(nn.Module):
                    as in MegaBlocks, Gale et al. 2022).
       4. combine:  rows come back, are scaled by their weight and summed per token; shared
                    experts (DeepSeekMoE, Dai et al. 2024), if any, add a dense SwiGLU of all tokens.
-    Without EP and grouped GEMMs (the CPU), steps 2-4 run in one pass of `_ExpertLoop`: each
+    Without EP and grouped GEMMs (the CPU), steps 2-4 run in one pass of `ExpertLoop`: each
     expert gathers its own rows and adds its weighted outputs into their tokens' rows.
     Under TP the ranks hold the same N tokens; each routes only its N/TP slice and the outputs
     are all-gathered, so no token is computed or counted twice. Under sequence parallelism each
@@ -815,8 +742,8 @@ class SparseMoELayer(nn.Module):
         self.aux_loss_type = cfg.router_aux_loss_type
         self.capacity_factor = cfg.moe_capacity_factor
         self.jitter = cfg.router_jitter_noise
-        self.router = TopKRouter(cfg)
-        self.experts = MoEExpert(cfg, par)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg, par)
         self.shared_experts = DenseMLP(cfg, par, cfg.shared_ffn_hidden_size) if cfg.num_shared_experts else None
         self.global_counts: torch.Tensor | None = None  # (E,) set by the trainer for global-batch balancing
 
@@ -916,11 +843,7 @@ class SparseMoELayer(nn.Module):
                          z_loss=router_z_loss(r.logits, num_tokens), counts=rows.counts.detach(),
                          routed=routed, dropped=dropped)
 
-        if self.par.ep_size == 1 and not self.experts.use_grouped_mm:
-            # 2.-4. in one pass on the CPU: each expert gathers its own rows and adds its weighted
-            # outputs into their tokens' rows, with no (A, D) copies in between
-            out = self.experts.gather_and_combine(tokens, rows)  # (n, D)
-        else:
+        if self.par.ep_size > 1 or self.experts.use_grouped_mm:
             # 2. dispatch
             x_sorted = tokens.index_select(0, rows.token)  # (A, D); index_select: faster backward than []
             if self.par.ep_size > 1:
@@ -934,12 +857,96 @@ class SparseMoELayer(nn.Module):
             # 4. combine
             y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local  # (A, D)
             out = self.combine(y_sorted, rows, n)  # (n, D)
+        else:
+            # 2.-4. in one pass on the CPU (ExpertLoop, below: equal to the steps above): each expert
+            # gathers its own rows and adds its weighted outputs into their tokens' rows, no (A, D) copies
+            out = self.experts.gather_and_combine(tokens, rows)  # (n, D)
         if self.par.tp_size > 1 and not self.par.sequence_parallel:
             out = gather_tokens(out, self.par)  # (N, D)
         out = out.view(b, t, d)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)  # (B, T, D), every token; SP: (B, T/TP, D), gathered inside
         return out, stats
+
+
+# ---------------------------------------------------- the CPU fast path of the experts
+class ExpertLoop(torch.autograd.Function):
+    """SwiGLU experts run one after another on rows grouped by expert, with a hand-written backward:
+    SparseMoELayer's steps 2-4 (dispatch, experts, combine) in one pass, the CPU's fast path. Equal to
+    the plain path above, which test_moe_layer_one_pass_path_matches_dispatch_and_combine_path,
+    test_grouped_and_loop_experts_match_reference_in_outputs_and_gradients (against a per-token loop)
+    and test_expert_loop_backward_passes_gradcheck_in_float64 prove.
+
+    forward(x (S, D), rows (M,) or None, weight (M,) or None, splits (E_local ints, sum M),
+            w_gate, w_up (E_local, D, F), w_down (E_local, F, D), num_out) -> (num_out, D)
+    Expert e owns rows s_e .. s_e + c_e - 1 (c_e = splits[e]) of the grouped order.
+    rows and weight given (dispatch and combine fused in): expert e reads x[rows[s_e : s_e + c_e]]
+    and adds its outputs, scaled by weight, into those rows of a zero (num_out, D) output.
+    rows and weight None: it reads x[s_e : s_e + c_e] and writes the same output rows.
+    Why by hand: autograd of the plain loop saves an (M, D) gathered copy of the tokens,
+    concatenates the experts' outputs and stacks E_local weight gradients. Here each expert
+    gathers its rows into a small, cache-hot block, writes its outputs and its three weight
+    gradients straight into preallocated tensors, and the backward gathers the rows again.
+    The arithmetic is autograd's, operation for operation (outputs scaled by the weights, then
+    index_add_ in expert order), so a one-process run rounds as the expert-parallel path does.
+    All tensors share one dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor | None,
+                splits: list[int], w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                num_out: int) -> torch.Tensor:
+        m, f = sum(splits), w_gate.shape[2]
+        gate, up = x.new_empty(m, f), x.new_empty(m, f)  # (M, F) pre-activations, kept for backward
+        y = x.new_empty(m, x.shape[1])  # (M, D) expert outputs, unweighted (the weights' gradient needs them)
+        out = y if rows is None else x.new_zeros(num_out, x.shape[1])  # (num_out, D)
+        s = 0
+        for e, c in enumerate(splits):
+            if c == 0:
+                continue
+            xe = x[s:s + c] if rows is None else x.index_select(0, rows[s:s + c])  # (c, D)
+            g = torch.mm(xe, w_gate[e], out=gate[s:s + c])  # (c, F)
+            h = F.silu(g) * torch.mm(xe, w_up[e], out=up[s:s + c])  # (c, F)
+            ye = torch.mm(h, w_down[e], out=y[s:s + c])  # (c, D)
+            if rows is not None:
+                out.index_add_(0, rows[s:s + c], ye * weight[s:s + c, None])  # a token's K rows add up
+            s += c
+        ctx.splits = splits
+        ctx.save_for_backward(x, rows, weight, w_gate, w_up, w_down, gate, up, None if rows is None else y)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, rows, weight, w_gate, w_up, w_down, gate, up, y = ctx.saved_tensors
+        grad = grad.contiguous()  # (num_out, D)
+        grad_x = torch.empty_like(x) if rows is None else torch.zeros_like(x)  # (S, D)
+        grad_gate, grad_up, grad_down = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
+        grad_weight = None if weight is None else torch.empty_like(weight)  # (M,)
+        s = 0
+        for e, c in enumerate(ctx.splits):
+            if c == 0:  # an expert without rows gets a zero gradient, as autograd would give it
+                grad_gate[e].zero_(), grad_up[e].zero_(), grad_down[e].zero_()
+                continue
+            if rows is None:
+                xe, grad_y = x[s:s + c], grad[s:s + c]  # (c, D)
+            else:
+                xe, grad_out = x.index_select(0, rows[s:s + c]), grad.index_select(0, rows[s:s + c])  # (c, D)
+                grad_weight[s:s + c] = (grad_out * y[s:s + c]).sum(1)  # d/dw of w * y
+                grad_y = grad_out * weight[s:s + c, None]  # (c, D)
+            g, u = gate[s:s + c], up[s:s + c]  # (c, F)
+            act = F.silu(g)  # recomputed: cheaper than keeping another (M, F) tensor
+            torch.mm((act * u).T, grad_y, out=grad_down[e])  # (F, D)
+            grad_h = grad_y @ w_down[e].T  # (c, F)
+            grad_u = grad_h * act
+            grad_g = torch.ops.aten.silu_backward(grad_h.mul_(u), g)  # (c, F) silu'(g) * grad_h * u
+            torch.mm(xe.T, grad_g, out=grad_gate[e])  # (D, F)
+            torch.mm(xe.T, grad_u, out=grad_up[e])  # (D, F)
+            grad_xe = grad_g @ w_gate[e].T + grad_u @ w_up[e].T  # (c, D)
+            if rows is None:
+                grad_x[s:s + c] = grad_xe
+            else:
+                grad_x.index_add_(0, rows[s:s + c], grad_xe)  # (S, D) a token's K rows add up
+            s += c
+        return grad_x, None, grad_weight, None, grad_gate, grad_up, grad_down, None
 
 
 # ----------------------------------------------------------------------------- block

@@ -36,8 +36,8 @@ import metrics as metrics_mod
 import minimal_pretrain as mp
 import optim
 import parallel_layers
-from moe_layers import (Assignments, Attention, ModelConfig, MoEExpert, MoETransformer, MoETransformerBlock, RMSNorm,
-                        RotaryEmbedding, SparseMoELayer, TopKRouter, _ExpertLoop, layout_free_init_,
+from moe_layers import (Assignments, Attention, ModelConfig, Experts, MoETransformer, MoETransformerBlock, RMSNorm,
+                        RotaryEmbedding, SparseMoELayer, Router, ExpertLoop, layout_free_init_,
                         load_balancing_loss, router_z_loss)
 from parallel_layers import Layout, ModelParallel, placement, stage_layers
 
@@ -96,7 +96,7 @@ def reference_moe(layer: SparseMoELayer, x: torch.Tensor) -> torch.Tensor:
 @smoke
 def test_router_topk_equals_k_largest_logits():
     cfg = tiny_config(num_experts=8, num_experts_per_token=3)
-    router = TopKRouter(cfg)
+    router = Router(cfg)
     layout_free_init_(router, 1)
     x = torch.randn(50, cfg.hidden_size)
     r = router(x)
@@ -110,7 +110,7 @@ def test_router_topk_equals_k_largest_logits():
 def test_router_weights_sum_to_one_when_renormalised():
     x = torch.randn(40, 32)
     for normalize in (True, False):
-        router = TopKRouter(tiny_config(num_experts=8, num_experts_per_token=2, norm_topk_prob=normalize))
+        router = Router(tiny_config(num_experts=8, num_experts_per_token=2, norm_topk_prob=normalize))
         layout_free_init_(router, 2)
         r = router(x)
         sums = r.weights.sum(-1)
@@ -123,7 +123,7 @@ def test_router_weights_sum_to_one_when_renormalised():
 
 @smoke
 def test_router_math_is_fp32_under_bf16_autocast():
-    router = TopKRouter(tiny_config())
+    router = Router(tiny_config())
     layout_free_init_(router, 3)
     x = torch.randn(10, 32).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -137,7 +137,7 @@ def test_router_math_is_fp32_under_bf16_autocast():
 @smoke
 def test_expert_equals_handwritten_swiglu():
     cfg = tiny_config()
-    experts = MoEExpert(cfg, ModelParallel())
+    experts = Experts(cfg, ModelParallel())
     layout_free_init_(experts, 4)
     counts = torch.tensor([3, 0, 5, 2])
     x = torch.randn(10, cfg.hidden_size)
@@ -157,7 +157,7 @@ def test_grouped_and_loop_experts_match_reference_in_outputs_and_gradients(group
     """torch._grouped_mm also runs fp32 on the CPU, so both paths are checked here (zero-token
     experts, all rows on one expert, a non-contiguous incoming gradient)."""
     cfg = tiny_config(moe_ffn_hidden_size=24)
-    experts = MoEExpert(cfg, ModelParallel())
+    experts = Experts(cfg, ModelParallel())
     layout_free_init_(experts, 4)
     experts.use_grouped_mm = grouped
     counts = torch.tensor(counts)
@@ -227,7 +227,7 @@ def test_shared_expert_output_is_a_dense_swiglu_added_to_the_routed_output():
 
 @smoke
 def test_sigmoid_router_weights_are_normalised_sigmoid_scores_of_the_top_k():
-    router = TopKRouter(tiny_config(num_experts=6, num_experts_per_token=2, router_score_function="sigmoid",
+    router = Router(tiny_config(num_experts=6, num_experts_per_token=2, router_score_function="sigmoid",
                                     norm_topk_prob=False))
     layout_free_init_(router, 12)
     x = torch.randn(20, 32)
@@ -242,7 +242,7 @@ def test_sigmoid_router_weights_are_normalised_sigmoid_scores_of_the_top_k():
 
 @smoke
 def test_expert_bias_changes_the_choice_but_not_the_weights():
-    router = TopKRouter(tiny_config(num_experts=4, num_experts_per_token=1, norm_topk_prob=False))
+    router = Router(tiny_config(num_experts=4, num_experts_per_token=1, norm_topk_prob=False))
     layout_free_init_(router, 13)
     x = torch.randn(30, 32)
     with torch.no_grad():
@@ -610,7 +610,7 @@ def test_builtin_corpus_holds_out_a_fixed_tenth_of_files():
 
 # --------------------------------------------- fast paths against slow references (CPU expert loop, norm, GQA)
 def per_row_reference(tokens: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, splits: list[int],
-                      experts: MoEExpert) -> torch.Tensor:
+                      experts: Experts) -> torch.Tensor:
     """out[t] = sum over rows r with rows[r] = t of weight[r] * expert_of(r)(tokens[t]), one row at a time."""
     out = [torch.zeros_like(tokens[0]) for _ in range(tokens.shape[0])]
     expert_of_row = torch.repeat_interleave(torch.arange(len(splits)), torch.tensor(splits))
@@ -629,7 +629,7 @@ def assert_grads_match(out, ref, inputs, atol=1e-5):
 def test_gather_and_combine_matches_per_row_reference_in_outputs_and_gradients():
     """Tokens on several experts, one expert without rows, unequal combine weights."""
     cfg = tiny_config()
-    experts = MoEExpert(cfg, ModelParallel())
+    experts = Experts(cfg, ModelParallel())
     layout_free_init_(experts, 1)
     torch.manual_seed(0)
     tokens = torch.randn(6, cfg.hidden_size, requires_grad=True)
@@ -655,11 +655,11 @@ def test_expert_loop_backward_passes_gradcheck_in_float64(gathered):
         x = torch.randn(n, d, dtype=torch.double, requires_grad=True)
         rows = torch.tensor([1, 4, 0, 1, 3, 4])
         weight = torch.rand(6, dtype=torch.double, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, wt, a, b, c: _ExpertLoop.apply(x, rows, wt, splits, a, b, c, n),
+        assert torch.autograd.gradcheck(lambda x, wt, a, b, c: ExpertLoop.apply(x, rows, wt, splits, a, b, c, n),
                                         (x, weight, *w))
     else:
         x = torch.randn(6, d, dtype=torch.double, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, a, b, c: _ExpertLoop.apply(x, None, None, splits, a, b, c, 6),
+        assert torch.autograd.gradcheck(lambda x, a, b, c: ExpertLoop.apply(x, None, None, splits, a, b, c, 6),
                                         (x, *w))
 
 
@@ -4729,7 +4729,7 @@ GROUP_ROUTING_CASES = {
 def test_group_limited_topk_and_scaling_match_a_per_token_loop(case):
     cfg = tiny_config(num_experts=8, **GROUP_ROUTING_CASES[case])
     cfg.validate()
-    router = TopKRouter(cfg)
+    router = Router(cfg)
     layout_free_init_(router, 5)
     gen = torch.Generator().manual_seed(6)
     router.weight.data.mul_(20)  # spread the scores so that groups matter
@@ -4748,11 +4748,11 @@ def test_group_limited_topk_and_scaling_match_a_per_token_loop(case):
     assert changed > 0 or cfg.router_num_groups == 1  # the groups decided some tokens' experts
 
 
-def hand_router(**kw) -> TopKRouter:
+def hand_router(**kw) -> Router:
     """Sigmoid router on 4 experts whose logits are the first 4 features of x (weight = identity)."""
     cfg = tiny_config(num_experts=4, num_experts_per_token=2, router_score_function="sigmoid", **kw)
     cfg.validate()
-    router = TopKRouter(cfg)
+    router = Router(cfg)
     with torch.no_grad():
         router.weight.zero_()
         router.weight[:, :4] = torch.eye(4)

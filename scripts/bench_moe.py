@@ -8,7 +8,7 @@
 Three implementations of the same feed-forward work run on the same N tokens, in turn, in
 every timed round:
   moe          moe_layers.SparseMoELayer (route, sort by expert, experts, index_add combine;
-               on the CPU all three in one pass of `_ExpertLoop`, one expert at a time).
+               on the CPU all three in one pass of `ExpertLoop`, one expert at a time).
   dense floor  one dense SwiGLU MLP of hidden width K*F: the same matmul FLOPs with no routing,
                so no sparse MoE layer can beat it on the same hardware.
   loop         the naive reference many implementations use: the same router, then for each
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 # `python scripts/bench_moe.py` puts scripts/ on the path, not the repository root.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from moe_layers import ModelConfig, SparseMoELayer, TopKRouter, can_use_grouped_mm, layout_free_init_  # noqa: E402
+from moe_layers import ModelConfig, SparseMoELayer, Router, can_use_grouped_mm, layout_free_init_  # noqa: E402
 from parallel_layers import ModelParallel  # noqa: E402
 
 # name -> (tokens N, hidden D, expert hidden F, experts E, top-k K)
@@ -73,7 +73,7 @@ class ExpertLoopMoE(nn.Module):
 
     def __init__(self, moe: SparseMoELayer):
         super().__init__()
-        self.router: TopKRouter = moe.router  # shared, so both route the same tokens the same way
+        self.router: Router = moe.router  # shared, so both route the same tokens the same way
         self.num_experts = moe.num_experts
         ex = moe.experts
         self.w_gate = nn.ParameterList([nn.Parameter(w.detach().clone()) for w in ex.w_gate.unbind(0)])

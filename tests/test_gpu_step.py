@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from bench_train import make_step
-from moe_layers import Attention, ModelConfig, MoEExpert, RMSNorm, TopKRouter
+from moe_layers import Attention, ModelConfig, Experts, RMSNorm, Router
 
 LOWER = {"linear", "matmul", "mm", "bmm", "addmm", "scaled_dot_product_attention"}
 FP32 = {"rms_norm", "layer_norm", "exp", "log", "pow", "rsqrt", "logsumexp", "nll_loss"}
@@ -91,7 +91,7 @@ def test_make_step_trains_a_tiny_model_on_the_cpu(cuda_choices):
     step, model = make_step(cfg, 2, device=torch.device("cpu"), cuda_choices=cuda_choices, seed=0)
     losses = [step(0), step(1)]
     assert all(math.isfinite(loss) and abs(loss - math.log(cfg.vocab_size)) < 1.0 for loss in losses)
-    experts = [m for m in model.modules() if isinstance(m, MoEExpert)]
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
     weight_dtype = model.embed_tokens.weight.dtype
     if cuda_choices:
         assert weight_dtype == torch.bfloat16 and all(m.use_grouped_mm for m in experts)
@@ -119,10 +119,10 @@ def record_dtypes(model: torch.nn.Module) -> dict[str, set[torch.dtype]]:
         elif isinstance(module, Attention):
             module.register_forward_hook(lambda m, inp, out: note("attention input", inp[0]))
             module.q_norm.register_forward_pre_hook(lambda m, inp: note("q/k/v output", inp[0]))  # q, projected
-        elif isinstance(module, TopKRouter):
+        elif isinstance(module, Router):
             module.register_forward_hook(lambda m, inp, out: note("router logits", out.logits))
             module.register_forward_hook(lambda m, inp, out: note("router probs", out.probs))
-        elif isinstance(module, MoEExpert):
+        elif isinstance(module, Experts):
             module.register_forward_pre_hook(lambda m, inp: note("expert input", inp[0]))
     for name in ("0", "1"):
         block = model.layers[name]
