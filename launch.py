@@ -141,6 +141,8 @@ class TrainConfig:
     dry_run: bool = arg(False, "check the flags and layout of a launch of --world-size ranks and print each stage's "
                                "parameters and memory per rank, then exit: one process, no GPU, nothing allocated")
     world_size: int = arg(0, "with --dry-run: the ranks of the planned launch; 0: this launch's (1 without torchrun)")
+    config: str = arg("", "a TOML file of flags (keys are flag names, `hidden-size = 64` or `hidden_size = 64`); "
+                          "flags on the command line override it; the resolved config is what checkpoints keep")
 
     def validate(self) -> None:
         """Ranges and finiteness of every field; raise ConfigError naming the flag to change."""
@@ -232,6 +234,7 @@ FLAG_GROUPS = (
     ("checkpoints", ("save", "save_interval", "keep_last", "load", "overwrite", "allow_global_batch_change")),
     ("evaluation and logging", ("eval_interval", "eval_iters", "eval_only", "log_interval", "metrics_file",
                                 "tensorboard", "progress")),
+    ("config file", ("config",)),
 )
 
 
@@ -255,17 +258,52 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[ModelConfig, TrainConfig, set[str]]:
-    """Flags -> (model config, train config, names of the flags given explicitly)."""
-    args = build_arg_parser().parse_args(argv)
+    """Flags (and a --config TOML file under them) -> (model config, train config, names of the flags
+    given explicitly, on the command line or in the file)."""
+    parser = build_arg_parser()
+    from_file = config_file_values(parser, argv)
+    parser.set_defaults(**from_file)  # the file's values, which the command line overrides
+    args = parser.parse_args(argv)
     # Which flags were given, from the parser itself (never by reading argv): parse again with every
     # default replaced by a marker; the names whose value is not the marker came from the command line.
     unset = object()
     probe = build_arg_parser()
     probe.set_defaults(**{name: unset for name in vars(args)})
-    given = {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset}
+    given = {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset} | set(from_file)
     model = ModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)})
     train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     return model, train, given
+
+
+def config_file_values(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, Any]:
+    """The flags of --config FILE.toml, by field name, each checked against its field's type and
+    choices (a wrong one is the parser's one `error:` line); {} without --config."""
+    import tomllib  # Python >= 3.11: no dependency
+    pre = ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="")
+    path = pre.parse_known_args(argv)[0].config
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        parser.error(f"--config {path}: {getattr(e, 'strerror', None) or e}")
+    fields = {f.name: f for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in fields or name == "config" or isinstance(value, (dict, list)):
+            parser.error(f"--config {path}: {key} is not a flag of this trainer (keys are flag names, "
+                         f"e.g. hidden-size = 64)")
+        kind, choices = field_kind(fields[name]), fields[name].metadata.get("choices")
+        fits = isinstance(value, bool) if kind is bool else (
+            isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool))
+        if not fits or (choices and value not in choices):
+            parser.error(f"--config {path}: {key} = {value!r} is not {'an' if kind is int else 'a'} {kind.__name__}"
+                         + (f" among {choices}" if choices else ""))
+        values[name] = float(value) if kind is float else value
+    return values
 
 
 # =============================================================== resume rules

@@ -58,3 +58,27 @@ def test_abbreviated_flags_are_refused_not_guessed(capsys):
     with pytest.raises(SystemExit) as e:
         launch.parse_config(["--hidden", "32"])
     assert e.value.code == 2 and "unrecognized arguments: --hidden" in capsys.readouterr().err
+
+
+def test_config_file_sets_flags_the_command_line_overrides_and_counts_them_as_given(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('hidden-size = 64\nnum_layers = 2\nlr = 3e-3\nrouter-score-function = "sigmoid"\n'
+                    'sequence-parallel = true\n')
+    mc, tc, given = launch.parse_config(["--config", str(path), "--lr", "1e-3"])
+    assert (mc.hidden_size, mc.num_layers, mc.router_score_function, tc.sequence_parallel) == (64, 2, "sigmoid", True)
+    assert tc.lr == 1e-3  # the command line wins
+    assert {"hidden_size", "num_layers", "lr", "router_score_function", "sequence_parallel"} <= given
+    assert "seed" not in given and tc.seed == launch.TrainConfig().seed
+
+
+def test_config_file_with_an_unknown_key_or_a_wrong_type_is_one_error_line(tmp_path, capsys):
+    import pytest
+    for text, words in (("hiden-size = 64\n", "hiden-size is not a flag"), ('lr = "fast"\n', "lr = 'fast' is not a float"),
+                        ('router-type = "best"\n', "among"), ("num-layers = 2.5\n", "is not an int"),
+                        ("[model]\nhidden-size = 64\n", "model is not a flag"), ("x = \n", "--config")):
+        path = tmp_path / "bad.toml"
+        path.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            launch.parse_config(["--config", str(path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and err.count("error:") == 1, (text, err)
