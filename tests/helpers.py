@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt_io
+import minimal_pretrain as mp
 from moe_layers import ModelConfig, MoETransformer, SparseMoELayer, layout_free_init_
 from parallel_layers import ModelParallel
 
@@ -193,6 +194,26 @@ def assert_clean_refusal(r: subprocess.CompletedProcess, words: str) -> None:
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and words in errors[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def refusal_in_process(argv: list[str], capsys, monkeypatch, world: int | None = None) -> str:
+    """minimal_pretrain.main(argv) in this process, as the CLI calls it (rank 0 of a would-be world of
+    `world` ranks, no peer): exit status 2 with exactly one `error:` line and no traceback, as
+    assert_clean_refusal checks of a process; returns that line. No MASTER_ADDR is set, so a run that
+    reached the process group would raise instead of exiting 2 (and fail the test)."""
+    if world is not None:
+        for key, value in (("WORLD_SIZE", str(world)), ("RANK", "0"), ("LOCAL_RANK", "0")):
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        mp.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-2000:]
+    assert "Traceback" not in err
+    return errors[0]
 
 
 def tree_bytes(root) -> dict:

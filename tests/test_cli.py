@@ -14,7 +14,7 @@ import torch
 
 import minimal_pretrain as mp
 from moe_layers import ModelConfig, MoETransformer
-from helpers import assert_clean_refusal, read_metrics, run_cli, smoke, TINY_FLAGS
+from helpers import assert_clean_refusal, read_metrics, refusal_in_process, run_cli, smoke, TINY_FLAGS
 
 
 @smoke
@@ -55,12 +55,15 @@ def test_default_run_beats_the_unigram_baseline(tmp_path):
     (["--data", "/no/such/file"], "/no/such/file"),
     (["--max-steps", "0"], "--max-steps"),
 ])
-def test_invalid_flags_exit_2_with_one_error_line(flags, message):
-    r = run_cli(TINY_FLAGS + ["--max-steps", "2"] + flags, timeout=60)
-    assert r.returncode == 2
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], r.stderr
-    assert "Traceback" not in r.stderr
+def test_invalid_flags_exit_2_with_one_error_line(flags, message, capsys, monkeypatch):
+    """In-process through main() as the CLI calls it; the first case also as a real process."""
+    assert message in refusal_in_process(TINY_FLAGS + ["--max-steps", "2"] + flags, capsys, monkeypatch)
+    if flags == ["--num-experts-per-token", "5"]:
+        r = run_cli(TINY_FLAGS + ["--max-steps", "2"] + flags, timeout=60)
+        assert r.returncode == 2
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], r.stderr
+        assert "Traceback" not in r.stderr
 
 
 @smoke
@@ -146,16 +149,13 @@ def odd_vocab_bins(tmp_path_factory):
 
 @smoke
 @pytest.mark.parametrize("name", list(BAD_LAYOUTS))
-def test_invalid_layout_exits_2_before_any_collective(name, odd_vocab_bins):
-    """Every rank validates alone, so rank 0 of a would-be world fails at once (no peer needed)."""
+def test_invalid_layout_exits_2_before_any_collective(name, odd_vocab_bins, capsys, monkeypatch):
+    """Every rank validates alone, so rank 0 of a would-be world fails at once (no peer needed).
+    In-process (no process group can start: see refusal_in_process); the next test, under torchrun."""
     world, flags, words = BAD_LAYOUTS[name]
     flags = [odd_vocab_bins if f == "BINS" else f for f in flags]
     start = time.time()
-    r = run_cli(TINY_FLAGS + ["--max-steps", "2"] + flags, timeout=60,
-                env={"WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"})
-    assert r.returncode == 2, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and words in errors[0], r.stderr
+    assert words in refusal_in_process(TINY_FLAGS + ["--max-steps", "2"] + flags, capsys, monkeypatch, world)
     assert time.time() - start < 30
 
 
