@@ -123,6 +123,20 @@ def parity_run(tmp_path, name: str, nproc: int, layout: list[str], micro: int, e
     return train_records(str(out) + ".jsonl"), ckpt_io.full_state_dict(ckpt_io.read_checkpoint(str(out)))
 
 
+_SHARED_RUNS: dict = {}
+
+
+def shared_parity_run(tmp_path_factory, nproc: int, layout: list[str], micro: int, extra: list[str] = ()):
+    """parity_run of these flags once per session, for every test that compares against the same run
+    (a run is deterministic: the same flags give the same records and weights, whoever asks).
+    Returns (its save folder, (train records, full weights))."""
+    key = (nproc, tuple(layout), micro, tuple(extra))
+    if key not in _SHARED_RUNS:
+        tmp = tmp_path_factory.mktemp("shared_run")
+        _SHARED_RUNS[key] = (tmp / "run", parity_run(tmp, "run", nproc, layout, micro, extra))
+    return _SHARED_RUNS[key]
+
+
 def assert_same_training(reference, candidate, rel: float = 1e-4, weight_atol: float = 1e-4) -> float:
     """Every step's loss and lm_loss within `rel`; the trained weights equal to float rounding.
 

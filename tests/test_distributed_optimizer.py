@@ -13,7 +13,7 @@ import torch
 import minimal_pretrain as mp
 import optim
 from helpers import (_assert_continues_like, assert_same_training, free_port, interrupted_at_3, parity_run, run_cli,
-                     run_for_resume, tiny_config, TINY_FLAGS, tokens, train_records, without_timing)
+                     run_for_resume, shared_parity_run, tiny_config, TINY_FLAGS, tokens, train_records, without_timing)
 
 
 # ---- distributed optimizer (issue 11) ----
@@ -23,6 +23,7 @@ ZERO1 = ["--use-distributed-optimizer"]
 def _optimizer_state_worker(rank: int, world: int, port: int, result_dir: str, dtype: str) -> None:
     """One rank of DP4 x EP2 with the distributed optimizer: one step, then count the state it holds."""
     import torch.distributed as dist
+    torch.set_num_threads(1)  # one thread a rank: the ranks share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     mc, tc = tiny_config(), mp.TrainConfig(dtype=dtype, expert_parallel_size=2, use_distributed_optimizer=True)
     pg = mp.build_process_groups(1, 1, 2, rank, world)
@@ -80,7 +81,7 @@ def test_distributed_optimizer_state_per_rank_is_the_total_over_its_sharers(dtyp
 @pytest.fixture(scope="module")
 def zero1_reference(tmp_path_factory):
     """One process, global batch 8 = 2 per micro-batch x 4 micro-batches."""
-    return parity_run(tmp_path_factory.mktemp("zero1_reference"), "one", 1, [], 4)
+    return shared_parity_run(tmp_path_factory, 1, [], 4)[1]
 
 
 # name: (ranks, layout flags, micro-batches per DP rank)
@@ -94,14 +95,15 @@ ZERO1_LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(ZERO1_LAYOUTS))
-def test_distributed_optimizer_matches_one_process_and_the_layout_without_it(name, zero1_reference, tmp_path):
+def test_distributed_optimizer_matches_one_process_and_the_layout_without_it(name, zero1_reference, tmp_path,
+                                                                            tmp_path_factory):
     """Losses within 1e-6 of the same layout without the flag. Weights within 1e-5 (0.1% of an AdamW
     step): over 4 ranks gloo's reduce-scatter sums in another order than its all-reduce, and Adam
     scales such rounding up for weights whose gradient is nearly zero (see assert_same_training)."""
     nproc, layout, micro = ZERO1_LAYOUTS[name]
     sharded = parity_run(tmp_path, name + "_zero1", nproc, layout, micro, ZERO1)
     worst = assert_same_training(zero1_reference, sharded)
-    same = assert_same_training(parity_run(tmp_path, name, nproc, layout, micro), sharded, rel=1e-6,
+    same = assert_same_training(shared_parity_run(tmp_path_factory, nproc, layout, micro)[1], sharded, rel=1e-6,
                                 weight_atol=1e-5)
     print(f"{name} --use-distributed-optimizer: vs one process {worst:.2e}, vs the same layout without it {same:.2e}")
 

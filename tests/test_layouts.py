@@ -15,15 +15,15 @@ import checkpoint as ckpt_io
 import minimal_pretrain as mp
 from moe_layers import MoETransformer
 from parallel_layers import ModelParallel
-from helpers import (assert_same_training, free_port, HERE, parity_run, PARITY_STEPS, smoke, tiny_config, TINY_FLAGS,
-                     train_records)
+from helpers import (assert_same_training, free_port, HERE, parity_run, PARITY_STEPS, shared_parity_run, smoke,
+                     tiny_config, TINY_FLAGS, train_records)
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """Single-process references: global batch 8 sequences = 2 per micro-batch x 4 micro-batches."""
     tmp = tmp_path_factory.mktemp("one_process")
-    return {"interval1": parity_run(tmp, "interval1", 1, [], 4),
+    return {"interval1": shared_parity_run(tmp_path_factory, 1, [], 4)[1],  # also the reference of other files
             "interval2": parity_run(tmp, "interval2", 1, [], 4, ["--moe-layer-interval", "2"])}
 
 
@@ -40,9 +40,11 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_one_process(name, one_process, tmp_path):
+def test_layout_matches_one_process(name, one_process, tmp_path_factory):
+    """Each layout's run is shared (shared_parity_run) with the distributed optimizer's tests, which
+    compare against the same layout without the flag."""
     nproc, layout, micro, ref, extra = LAYOUTS[name]
-    worst = assert_same_training(one_process[ref], parity_run(tmp_path, name, nproc, layout, micro, extra))
+    worst = assert_same_training(one_process[ref], shared_parity_run(tmp_path_factory, nproc, layout, micro, extra)[1])
     print(f"{name}: max relative loss difference {worst:.2e}")
 
 
@@ -69,6 +71,7 @@ def _dispatch_worker(rank: int, world: int, port: int, result_dir: str) -> None:
     """One rank of the dispatcher test: tokens go to their expert's rank and come back in order."""
     import torch.distributed as dist
     from moe_layers import combine_from_experts, dispatch_to_experts
+    torch.set_num_threads(1)  # one thread a rank: the ranks share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     e_local, num_experts = 2, 2 * world
     # Uneven, rank-dependent counts; expert 1 never receives a token from anyone.

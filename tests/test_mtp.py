@@ -118,6 +118,7 @@ def test_mtp_under_interleaved_1f1b_matches_one_process(tmp_path):
 def _mtp_pp2_worker(rank: int, port: int, result_dir: str) -> None:
     """One rank of a PP2 run of the trainer's own train_step; each rank keeps its embedding copy."""
     import torch.distributed as dist
+    torch.set_num_threads(1)  # one thread a rank: the ranks share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     mc, tc, _ = mp.parse_config(TINY_FLAGS + MTP + ["--pipeline-parallel-size", "2", "--num-microbatches", "2"])
     mc.vocab_size = 256

@@ -13,8 +13,8 @@ import torch
 
 from moe_layers import ModelConfig
 from parallel_layers import ModelParallel
-from helpers import (assert_clean_refusal, assert_same_training, free_port, parity_run, refusal_in_process, run_cli, SP,
-                     TINY_FLAGS)
+from helpers import (assert_clean_refusal, assert_same_training, free_port, parity_run, refusal_in_process, run_cli,
+                     shared_parity_run, SP, TINY_FLAGS)
 
 
 # Routing decisions that read a token's global index in the micro-batch: capacity ties, the
@@ -27,7 +27,7 @@ SP_GLOBAL_INDEX_FLAGS = ["--moe-capacity-factor", "1.0", "--router-aux-loss-type
 def sp_references(tmp_path_factory):
     """One-process runs (8 sequences per step) and the folder of their checkpoints."""
     tmp = tmp_path_factory.mktemp("sp_references")
-    return tmp, {"plain": parity_run(tmp, "plain", 1, [], 4),
+    return tmp, {"plain": shared_parity_run(tmp_path_factory, 1, [], 4)[1],  # shared with other files
                  "global_index": parity_run(tmp, "global_index", 1, [], 4, SP_GLOBAL_INDEX_FLAGS),
                  "layers4": parity_run(tmp, "layers4", 1, [], 4, ["--num-layers", "4"]),
                  "expert_choice": parity_run(tmp, "expert_choice", 1, [], 4, ["--router-type", "expert-choice"])}
@@ -76,13 +76,13 @@ def eval_only_loss(checkpoint: Path, nproc: int, layout: list[str]) -> float:
     return float(line.split("val loss ")[1].split()[0])
 
 
-def test_checkpoints_load_with_and_without_sequence_parallelism(sp_references, tp2_sp_run):
+def test_checkpoints_load_with_and_without_sequence_parallelism(sp_references, tp2_sp_run, tmp_path_factory):
     """SP changes no parameter: a TP2 + SP checkpoint evaluates on one process, and the one-process
     checkpoint under TP2 + SP, both to the one-process checkpoint's own validation loss."""
-    reference_dir, sp_dir = sp_references[0], tp2_sp_run[0]
-    want = eval_only_loss(reference_dir / "plain", 1, [])
+    reference_dir, sp_dir = shared_parity_run(tmp_path_factory, 1, [], 4)[0], tp2_sp_run[0]  # sp_references' plain
+    want = eval_only_loss(reference_dir, 1, [])
     assert math.isclose(eval_only_loss(sp_dir / "tp2_sp", 1, []), want, rel_tol=1e-4)
-    assert math.isclose(eval_only_loss(reference_dir / "plain", 2, SP), want, rel_tol=1e-4)
+    assert math.isclose(eval_only_loss(reference_dir, 2, SP), want, rel_tol=1e-4)
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -116,6 +116,7 @@ def _gather_then_project_worker(rank: int, port: int, result_dir: str) -> None:
     """Rank `rank` of TP2 + SP: q/k/v-like projections of its sequence slice through column_parallel."""
     import torch.distributed as dist
     from parallel_layers import ColumnParallelLinear, column_parallel
+    torch.set_num_threads(1)  # one thread a rank: the ranks share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     par = ModelParallel(tp_group=dist.group.WORLD, tp_rank=rank, tp_size=2, sequence_parallel=True)
     torch.manual_seed(0)
