@@ -22,21 +22,28 @@ from helpers import (_assert_continues_like, assert_clean_refusal, free_port, HE
 
 
 @pytest.fixture(scope="module")
-def full_runs(tmp_path_factory):
-    """Uninterrupted 6-step runs on one process and on 8 ranks (TP2 x PP2 x DP2), checkpoints at 3 and 6."""
-    tmp = tmp_path_factory.mktemp("full_runs")
-    return tmp, {"one": run_for_resume(tmp, "one", 1, [], 4),
-                 "tp2_pp2_dp2": run_for_resume(tmp, "tp2_pp2_dp2", 8, ["--tensor-parallel-size", "2",
-                                                                         "--pipeline-parallel-size", "2"], 2)}
+def full_run_one(tmp_path_factory):
+    """An uninterrupted 6-step run on one process, checkpoints at 3 and 6: (its folder, its records)."""
+    tmp = tmp_path_factory.mktemp("full_run_one")
+    return tmp / "one", run_for_resume(tmp, "one", 1, [], 4)
+
+
+@pytest.fixture(scope="module")
+def full_run_8(tmp_path_factory):
+    """The same run on 8 ranks (TP2 x PP2 x DP2), in a fixture of its own so that the smoke set (which
+    resumes the one-process run only) never starts 8 ranks."""
+    tmp = tmp_path_factory.mktemp("full_run_8")
+    return tmp / "tp2_pp2_dp2", run_for_resume(tmp, "tp2_pp2_dp2", 8, ["--tensor-parallel-size", "2",
+                                                                       "--pipeline-parallel-size", "2"], 2)
 
 
 @smoke
-def test_resume_is_exact_in_one_process(full_runs, tmp_path):
-    tmp, runs = full_runs
-    shutil.copytree(tmp / "one", tmp_path / "ck")
+def test_resume_is_exact_in_one_process(full_run_one, tmp_path):
+    folder, records = full_run_one
+    shutil.copytree(folder, tmp_path / "ck")
     resumed = run_for_resume(tmp_path, "resumed", 1, [], 4, load=interrupted_at_3(tmp_path / "ck"))
     assert [r["step"] for r in resumed] == [4, 5, 6]
-    assert without_timing(resumed) == without_timing(runs["one"][3:])  # bitwise: every float of every record
+    assert without_timing(resumed) == without_timing(records[3:])  # bitwise: every float of every record
 
 
 def test_resume_is_exact_on_4_ranks(tmp_path):
@@ -47,23 +54,23 @@ def test_resume_is_exact_on_4_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["one_process", "pp2_dp2_ep2"])
-def test_checkpoint_of_8_ranks_reshards_onto_other_layouts(full_runs, tmp_path, target):
-    tmp, runs = full_runs
-    shutil.copytree(tmp / "tp2_pp2_dp2", tmp_path / "ck")
+def test_checkpoint_of_8_ranks_reshards_onto_other_layouts(full_run_8, tmp_path, target):
+    folder, records = full_run_8
+    shutil.copytree(folder, tmp_path / "ck")
     nproc, layout, micro = {"one_process": (1, [], 4),
                             "pp2_dp2_ep2": (4, ["--pipeline-parallel-size", "2", "--expert-parallel-size", "2"], 2),
                             }[target]
     resumed = run_for_resume(tmp_path, "resumed", nproc, layout, micro, load=interrupted_at_3(tmp_path / "ck"))
-    worst = _assert_continues_like(runs["tp2_pp2_dp2"], resumed)
+    worst = _assert_continues_like(records, resumed)
     print(f"8 ranks -> {target}: max relative loss difference {worst:.2e}")
 
 
-def test_checkpoint_of_one_process_reshards_onto_8_ranks(full_runs, tmp_path):
-    tmp, runs = full_runs
-    shutil.copytree(tmp / "one", tmp_path / "ck")
+def test_checkpoint_of_one_process_reshards_onto_8_ranks(full_run_one, tmp_path):
+    folder, records = full_run_one
+    shutil.copytree(folder, tmp_path / "ck")
     resumed = run_for_resume(tmp_path, "resumed", 8, ["--tensor-parallel-size", "2", "--pipeline-parallel-size",
                                                       "2"], 2, load=interrupted_at_3(tmp_path / "ck"))
-    worst = _assert_continues_like(runs["one"], resumed)
+    worst = _assert_continues_like(records, resumed)
     print(f"1 rank -> 8 ranks: max relative loss difference {worst:.2e}")
 
 
