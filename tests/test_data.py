@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -261,15 +263,26 @@ PREP_REFUSALS = [
 
 
 @pytest.mark.parametrize("case", PREP_REFUSALS, ids=[c[0] for c in PREP_REFUSALS])
-def test_prepare_refuses_bad_input_with_one_error_line_and_writes_nothing(case, tmp_path):
+def test_prepare_refuses_bad_input_with_one_error_line_and_writes_nothing(case, tmp_path, capsys, monkeypatch):
+    """In-process through prepare_data.main() as the script calls it (any exception but SystemExit
+    fails the test, as a traceback would); the first case also as a real process."""
     pytest.importorskip("tokenizers")
-    _, setup, words = case
-    args = [str(a) for a in setup(tmp_path)]
+    name, setup, words = case
+    args = [str(a) for a in setup(tmp_path)] + ["--out", str(tmp_path / "out")]
     before = snapshot(tmp_path)
-    r = run_script("prepare_data.py", args + ["--out", tmp_path / "out"], timeout=60)
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode == 2 and len(errors) == 1 and words in errors[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and snapshot(tmp_path) == before  # not even the --out folder
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py"] + args)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module("prepare_data").main()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert stop.value.code == 2 and len(errors) == 1 and words in errors[0], err[-2000:]
+    assert snapshot(tmp_path) == before  # not even the --out folder
+    if name == PREP_REFUSALS[0][0]:
+        r = run_script("prepare_data.py", args, timeout=60)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and words in errors[0], r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and snapshot(tmp_path) == before
 
 
 def token_folder(root: Path, meta: dict) -> Path:
