@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -96,12 +97,23 @@ def test_upcycled_checkpoint_trains_on_with_load(dense_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "not_dense", "out_taken"])
-def test_upcycle_bad_input_exits_2_with_one_error_line(dense_ckpt, tmp_path, case):
+def test_upcycle_bad_input_exits_2_with_one_error_line(dense_ckpt, tmp_path, case, capsys, monkeypatch):
+    """In-process through upcycle.main() as the script calls it (any exception but SystemExit fails
+    the test, as a traceback would); the first case also as a real process."""
     src, out, words = {"missing_folder": (tmp_path / "nothing", tmp_path / "o", "no such folder"),
                        "not_dense": (dense_ckpt / "moe", tmp_path / "o", "already an MoE model"),
                        "out_taken": (dense_ckpt / "dense", dense_ckpt / "moe", "already holds a checkpoint")}[case]
-    r = run_script("upcycle.py", ["--checkpoint", src, "--out", out, "--num-experts", 4, "--num-experts-per-token", 2])
-    assert r.returncode == 2
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and words in errors[0], r.stderr
-    assert "Traceback" not in r.stderr
+    args = ["--checkpoint", src, "--out", out, "--num-experts", 4, "--num-experts-per-token", 2]
+    monkeypatch.setattr(sys, "argv", ["upcycle.py"] + [str(a) for a in args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        upcycle.main()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert stop.value.code == 2 and len(errors) == 1 and words in errors[0], err
+    if case == "missing_folder":
+        r = run_script("upcycle.py", args)
+        assert r.returncode == 2
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and words in errors[0], r.stderr
+        assert "Traceback" not in r.stderr
