@@ -167,7 +167,6 @@ def test_interleaved_layout_and_dry_run_show_each_ranks_chunks():
         want = sum(n for name, n in whole.items() if name.startswith(tuple(f"layers.{i}." for i in layers))
                    or name.startswith("embed_tokens." if stage == 0 else ("norm.", "lm_head.")))
         assert dense + experts == want == memory.params_per_stage(mc, 1, 2, 1, layers_per_chunk=2)[stage]
-    pg = mp.ParallelGroups(rank=0, world_size=4, tp=1, dp=2, pp=2, ep=1, tp_rank=0, dp_rank=0, pp_rank=0, ep_rank=0)
-    lines = launch.describe_layout(pg, mc, tc).split("\n")
+    lines = launch.describe_layout(launch.resolve_layout(mc, tc, 4), mc).split("\n")
     assert lines[1] == "  rank 0: stage 0 chunks 0-1, 4-5 | dp 0 | tp 0/1 | experts 0-3"
     assert lines[4] == "  rank 3: stage 1 chunks 2-3, 6-7 | dp 1 | tp 0/1 | experts 0-3"
