@@ -315,27 +315,31 @@ class RMSNorm(nn.Module):
             return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
 class RotaryEmbedding(nn.Module):
     """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021).
 
-    x -> x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1] (transformers' convention),
-    written as roll(x, Dh/2) = [x2, x1] times a sin table whose first half is negated: three
-    element-wise kernels per tensor (roll, mul, addcmul) instead of five (neg, cat, mul, mul, add)."""
+    Written as x cos + rotate_half(x) sin in five element-wise kernels. A three-kernel form
+    (roll, addcmul with a half-negated sin table) was tried: the fused multiply-add rounds
+    differently with the tensor's size, so TP layouts stopped reproducing one process's weights
+    to the parity tests' tolerance."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
-        sign = torch.cat((-torch.ones(head_dim // 2), torch.ones(head_dim // 2)))  # (Dh,) the minus of [-x2, x1]
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin() * sign, persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         cos = self.cos[positions].to(q.dtype)  # (T, Dh)
-        sin = self.sin[positions].to(q.dtype)  # (T, Dh), first half negated
-        half = q.shape[-1] // 2
-        return torch.addcmul(q * cos, q.roll(half, -1), sin), torch.addcmul(k * cos, k.roll(half, -1), sin)
+        sin = self.sin[positions].to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 # ------------------------------------------------------------------------- attention
@@ -556,10 +560,10 @@ class Experts(nn.Module):
             dtype = compute_dtype(x)
             x = x.to(dtype)
             offs = counts.cumsum(0, dtype=torch.int32)  # (E_local,) end row of each expert, stays on device
-            # gate and up as one grouped GEMM over each expert's [gate | up] columns: one kernel (and
-            # one per-expert overhead) instead of two, and in backward one dL/dx instead of two summed
-            w_gate_up = torch.cat([self.w_gate, self.w_up], dim=2).to(dtype)  # (E_local, D, 2F)
-            gate, up = torch._grouped_mm(x, w_gate_up, offs=offs).chunk(2, dim=-1)  # (M, F) each
+            # gate and up as two grouped GEMMs: a stacked (E_local, D, 2F) copy of the weights would be
+            # kept for backward by every micro-batch in flight (E_local x D x 2F per layer and micro-batch)
+            gate = torch._grouped_mm(x, self.w_gate.to(dtype), offs=offs)  # (M, F)
+            up = torch._grouped_mm(x, self.w_up.to(dtype), offs=offs)  # (M, F)
             h = _ContiguousGrad.apply(F.silu(gate) * up)
             return _ContiguousGrad.apply(torch._grouped_mm(h, self.w_down.to(dtype), offs=offs))  # (M, D)
         return self.loop(x, None, None, counts, x.shape[0])
