@@ -26,7 +26,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as torch_mp  # noqa: E402
 
 import memory  # noqa: E402
-from launch import TrainConfig  # noqa: E402
+from launch import TrainConfig, resolve_layout  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
 from parallel_layers import ModelParallel, vocab_parallel_cross_entropy  # noqa: E402
 
@@ -77,7 +77,7 @@ def measure(tp: int, sp: bool, model_kw: dict, batch: int) -> list[int]:
 def estimate(mc: ModelConfig, tp: int, sp: bool, batch: int) -> int:
     """memory.py's activations of one micro-batch on a rank (fp32, expert loop): --dry-run's figure."""
     tc = TrainConfig(tensor_parallel_size=tp, sequence_parallel=sp, micro_batch_size=batch)
-    return memory.activation_bytes(mc, tc, stage=0, dp=1, el=4, grouped=False).per_microbatch
+    return memory.activation_bytes(mc, resolve_layout(mc, tc, tp), stage=0, el=4, grouped=False).per_microbatch
 
 
 def main() -> None:

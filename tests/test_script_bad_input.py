@@ -214,7 +214,7 @@ CASES = [
          "safetensors"),
     # ----------------------------------------------------------------------- upcycle.py
     Case("upcycle_out_is_a_run", "upcycle.py", upc(out=lambda tmp, w: w.moe), "already holds a checkpoint"),
-    Case("upcycle_out_is_the_dense_run", "upcycle.py", upc(out=lambda tmp, w: w.dense), "already holds"),
+    Case("upcycle_out_is_the_dense_run", "upcycle.py", upc(out=lambda tmp, w: w.dense), "lies inside the dense checkpoint"),
     Case("upcycle_out_inside_the_dense_run", "upcycle.py", upc(out=lambda tmp, w: w.dense / "sub"),
          "inside the dense checkpoint"),
     # ----------------------------------------------------------------- compare_routing.py
