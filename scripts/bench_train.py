@@ -105,9 +105,10 @@ def main() -> None:
     for f in dataclasses.fields(ModelConfig):  # every model flag, default: the preset's value
         flag = "--" + f.name.replace("_", "-")
         if field_kind(f) is bool:
-            p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction,
+                           help=f.metadata["help"].replace("%", "%%"))
         else:
-            p.add_argument(flag, default=None, type=field_kind(f), help=f.metadata["help"])
+            p.add_argument(flag, default=None, type=field_kind(f), help=f.metadata["help"].replace("%", "%%"))
     p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median step is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
