@@ -124,6 +124,13 @@ class ModelConfig:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
     @property
+    def leading_dense_layers(self) -> int | None:
+        """k when the layers are "the first k dense, then every layer MoE" (the one pattern transformers'
+        Glm4Moe and llama.cpp's glm4moe express); None for any other placement of the MoE layers."""
+        k = self.num_layers - len(self.moe_layers)
+        return k if self.moe_layers == list(range(k, self.num_layers)) else None
+
+    @property
     def mtp_layers(self) -> list[int]:
         """Layer indices of the MTP modules' blocks: module k (1..D) holds layer num_layers + k - 1."""
         return list(range(self.num_layers, self.num_layers + self.mtp_num_layers))

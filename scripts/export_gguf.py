@@ -116,8 +116,7 @@ def check_representable(cfg: ModelConfig, where: str) -> None:
                               f"else is in the batch; llama.cpp is dropless (train with 0)")
     if not cfg.moe_layers:
         return
-    dense_first = cfg.num_layers - len(cfg.moe_layers)
-    if cfg.moe_layers != list(range(dense_first, cfg.num_layers)):
+    if cfg.leading_dense_layers is None:
         flag = "--moe-layer-list" if cfg.moe_layer_list else "--moe-layer-interval"
         raise Unrepresentable(f"{where}: MoE layers {cfg.moe_layers} ({flag}) are not 'the first k layers dense, "
                               f"then every layer MoE', the one pattern llama.cpp's MoE architectures load "
@@ -179,7 +178,7 @@ def add_model_keys(writer, cfg: ModelConfig, arch: str) -> None:
     writer.add_expert_feed_forward_length(cfg.moe_ffn_hidden_size)
     if arch == "qwen3moe":
         return
-    writer.add_leading_dense_block_count(cfg.num_layers - len(cfg.moe_layers))
+    writer.add_leading_dense_block_count(cfg.leading_dense_layers)
     writer.add_expert_shared_count(max(1, cfg.shared_ffn_hidden_size // cfg.moe_ffn_hidden_size))
     sigmoid = cfg.router_score_function == "sigmoid"
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)

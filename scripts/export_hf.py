@@ -87,8 +87,7 @@ def check_expressible(cfg: ModelConfig, where: str) -> None:
                                        f"no counterpart in transformers' Qwen3-MoE (it needs {off!r}), the class of "
                                        f"softmax routing; Glm4Moe has it but routes by --router-score-function sigmoid")
         return
-    dense_first = cfg.num_layers - len(cfg.moe_layers)
-    if cfg.moe_layers != list(range(dense_first, cfg.num_layers)):
+    if cfg.leading_dense_layers is None:
         flag = "--moe-layer-list" if cfg.moe_layer_list else "--moe-layer-interval"
         raise UnsupportedModel(f"{where}: MoE layers {cfg.moe_layers} ({flag}) are not 'the first k layers dense, "
                                f"then every layer MoE', the one pattern Glm4Moe's first_k_dense_replace expresses; "
@@ -144,7 +143,7 @@ def hf_config(cfg: ModelConfig, train: dict, dtype: str) -> dict:
             "n_routed_experts": cfg.num_experts,
             "num_experts_per_tok": cfg.num_experts_per_token,
             "n_shared_experts": cfg.num_shared_experts,
-            "first_k_dense_replace": cfg.num_layers - len(cfg.moe_layers),
+            "first_k_dense_replace": cfg.leading_dense_layers,
             "norm_topk_prob": True,  # our sigmoid routing always renormalises the K weights
             "routed_scaling_factor": cfg.router_topk_scaling_factor,
             "n_group": cfg.router_num_groups,
