@@ -434,8 +434,9 @@ def resumed_global_batch(tc: TrainConfig, saved: dict, given: set[str], where: s
     step = meta["step"]
     old_batch = (saved_value(saved, "micro_batch_size", where) * saved_value(saved, "num_microbatches", where)
                  * meta["layout"]["dp"])
-    # the DP this launch will have (resolve_layout checks the sizes after this)
-    dp = max(1, world_size // max(1, tc.tensor_parallel_size * tc.pipeline_parallel_size))
+    # the DP this launch will have, by Layout's rule (resolve_layout checks the sizes after this)
+    dp = max(1, Layout(world_size=world_size, tp=max(1, tc.tensor_parallel_size),
+                       pp=max(1, tc.pipeline_parallel_size)).dp)
     per_micro = tc.micro_batch_size * dp
     notes = []
     if "num_microbatches" not in given and old_batch % per_micro == 0 and old_batch // per_micro != tc.num_microbatches:
