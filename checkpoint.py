@@ -15,7 +15,9 @@ nothing but torch.load, and each file says in its own entries where its slices b
                      (dim None: the whole tensor). Each slice is written by exactly one rank.
                      Experts are stored one key per expert in transformers' naming and
                      orientation (`layers.0.mlp.experts.5.gate_proj.weight`, shape (F, D)), so
-                     any EP size can read them and export is a renaming. With
+                     any EP size can read them and export is a renaming. The model's fused
+                     gate-up weight (E, D, 2F) is saved as its gate_proj and up_proj
+                     (stacked_parts), as before it was fused, so old checkpoints load. With
                      --use-distributed-optimizer the same entries, whole per slice: the trainer
                      all-gathers each bucket's shards at save time and the rank owning a
                      weight's first element writes it (see rank_payload), so the files of
@@ -100,11 +102,19 @@ def expert_key(stacked_name: str, expert: int) -> str:
     return f"{prefix}.{expert}.{EXPERT_PROJ[leaf]}.weight"
 
 
+def stacked_parts(name: str, t: torch.Tensor, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """The stacked weights a tensor shaped like expert weight `p` (named `name`) holds, by their own
+    names: w_gate_up (E, D, 2F) -> {...w_gate: (E, D, F), ...w_up: (E, D, F)}. The one place where
+    the fused gate-up weight of the model meets the separate gate and up of the checkpoint format."""
+    prefix = name.rsplit(".", 1)[0]
+    return {f"{prefix}.{part}" if part else name: view for part, view in placement(p).split_parts(t).items()}
+
+
 def per_expert(name: str, t: torch.Tensor, p: torch.nn.Parameter) -> dict[str, dict]:
     """Split a stacked (E_local, in, out) expert tensor into per-expert (out, in) entries."""
     first = placement(p).rank * t.shape[0]
-    return {expert_key(name, first + i): {"tensor": t[i].detach().T.cpu().clone(), "dim": None, "rank": 0, "size": 1}
-            for i in range(t.shape[0])}
+    return {expert_key(stacked, first + i): {"tensor": w[i].detach().T.cpu().clone(), "dim": None, "rank": 0, "size": 1}
+            for stacked, w in stacked_parts(name, t, p).items() for i in range(t.shape[0])}
 
 
 def _entry(t: torch.Tensor, p: torch.nn.Parameter) -> dict:
@@ -633,10 +643,12 @@ def local_tensor(ckpt: Checkpoint, table: dict[str, list[dict]], name: str, p: t
     """This rank's part of parameter `name` (or of its optimizer moment `key`) from any layout's files,
     reading only the saved slices that overlap it."""
     where = placement(p)
-    if where.expert:  # re-stack this rank's experts from per-expert keys
+    if where.expert:  # re-stack this rank's experts from per-expert keys (and join gate and up)
         first = where.rank * p.shape[0]
-        return torch.stack([assemble(_slices(ckpt, table, expert_key(name, first + i), p.shape[1:][::-1], key),
-                                     key).T for i in range(p.shape[0])])
+        return torch.cat([torch.stack([assemble(_slices(ckpt, table, expert_key(stacked, first + i),
+                                                        view.shape[1:][::-1], key), key).T
+                                       for i in range(p.shape[0])])
+                          for stacked, view in stacked_parts(name, p.detach(), p).items()], dim=-1)
     entries = _slices(ckpt, table, name, where.full_shape, key)
     if where.shard:
         return read_part(entries, where.dim, where.rank, where.size, key)
@@ -662,7 +674,8 @@ def load_into(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.O
                 master[p].copy_(full)
         if sharded:
             optimizer.load_weight(p, full)
-        first_key = expert_key(name, placement(p).rank * p.shape[0]) if placement(p).expert else name
+        first_key = expert_key(next(iter(stacked_parts(name, p, p))), placement(p).rank * p.shape[0]) \
+            if placement(p).expert else name
         if optimizer is None or first_key not in ckpt.optim:
             continue
         weight, saved = master.get(p, p), ckpt.optim[first_key][0]

@@ -261,11 +261,14 @@ class MicroBatches:
             return torch.zeros((), device=self.device)
         self.stats.aux_loss += out.aux_loss.detach()
         self.stats.z_loss += out.z_loss.detach()
-        for layer, s in out.stats.items():
-            row = self.moe_row[layer]
-            self.stats.counts[row] += s.counts.float()
-            self.stats.routed[row] += s.routed.float()
-            self.stats.dropped[row] += s.dropped.float()
+        if out.stats:  # a chunk's MoE layers are consecutive rows: one stack and one add per statistic
+            layers = list(out.stats)
+            rows = slice(self.moe_row[layers[0]], self.moe_row[layers[0]] + len(layers))
+            assert [self.moe_row[layer] for layer in layers] == list(range(rows.start, rows.stop))
+            per_layer = out.stats.values()
+            self.stats.counts[rows] += torch.stack([s.counts for s in per_layer])  # (L, E) counts, into fp32
+            self.stats.routed[rows] += torch.stack([s.routed for s in per_layer])
+            self.stats.dropped[rows] += torch.stack([s.dropped for s in per_layer])
         return (self.tc.router_aux_loss_coef * out.aux_loss + self.tc.router_z_loss_coef * out.z_loss) / n_moe
 
     def backward(self, i: int, grad_out: torch.Tensor | None, chunk: int = 0) -> torch.Tensor | None:

@@ -276,19 +276,26 @@ class ModelConfig:
                              f"{c.router_group_topk} x {per_group}")
 
 
+def draw_normal(seed: int, name: str, shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """The full tensor of weight `name`: normal(0, std) from a generator seeded by (seed, name)."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)  # any seed >= 0
+    return torch.randn(shape, generator=gen) * std
+
+
 def layout_free_init_(model: nn.Module, seed: int) -> None:
     """Initialise every parameter so that the full model depends on `seed` only.
 
     Each parameter draws its *full* tensor from a generator seeded by (seed, its name) and
-    keeps its own slice, so one process and any TP / EP / PP layout hold the same model."""
+    keeps its own slice, so one process and any TP / EP / PP layout hold the same model. Weights
+    stored side by side (an expert's gate and up) draw each part by the part's own name."""
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             with torch.no_grad():
                 p.fill_(1.0)
             continue
         where = placement(p)
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)  # any seed >= 0
-        full = torch.randn(where.full_shape, generator=gen) * where.init_std
+        full = torch.cat([draw_normal(seed, name.rsplit(".", 1)[0] + "." + part if part else name,
+                                      where.part_shape, where.init_std) for part in where.parts or ("",)], dim=-1)
         if where.shard:
             full = full.chunk(where.size, dim=where.dim)[where.rank]
         with torch.no_grad():
@@ -539,25 +546,51 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of one (M, 2F) tensor holding [gate | up] side by side -> (M, F).
+
+    By hand so that the backward writes the gradient of both halves into one (M, 2F) tensor,
+    the layout the fused gate-up GEMM's backward wants: autograd of two slices would build two
+    zero-padded (M, 2F) gradients and add them. silu(gate) is recomputed in backward rather
+    than kept (one (M, F) tensor less per layer and micro-batch in flight)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)  # (M, F) views
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad = torch.empty_like(gate_up)  # (M, 2F): [d/d gate | d/d up]
+        grad_gate, grad_up = grad.chunk(2, dim=-1)
+        torch.mul(grad_h, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_h * up, gate, grad_input=grad_gate)  # silu'(gate) grad_h up
+        return grad
+
+
 class Experts(nn.Module):
     """The E_local SwiGLU experts of one MoE layer on this rank, as stacked weights.
 
-    w_gate, w_up (E_local, D, F) and w_down (E_local, F, D) hold expert e at index e, so that
-    x @ w multiplies without transposes. Experts run on rows grouped by expert: one grouped
-    GEMM per projection (torch._grouped_mm, CUDA) or a loop over experts (`ExpertLoop`; the
-    faster of the two on the CPU)."""
+    w_gate_up (E_local, D, 2F) holds expert e's gate and up projections side by side at index e,
+    [w_gate | w_up], so that one GEMM computes both; w_down (E_local, F, D). x @ w multiplies
+    without transposes. Checkpoints keep w_gate and w_up apart (Placement.parts: checkpoint.py
+    splits and joins them), as they have always been saved. Experts run on rows grouped by
+    expert: one grouped GEMM per projection (torch._grouped_mm, CUDA) or a loop over experts
+    (`ExpertLoop`; the faster of the two on the CPU)."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
         e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
         self.num_local = e // par.ep_size
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        self.w_gate = nn.Parameter(torch.empty(self.num_local, d, f))
-        self.w_up = nn.Parameter(torch.empty(self.num_local, d, f))
+        self.w_gate_up = nn.Parameter(torch.empty(self.num_local, d, 2 * f))
         self.w_down = nn.Parameter(torch.empty(self.num_local, f, d))
-        for w, std in ((self.w_gate, cfg.init_std), (self.w_up, cfg.init_std), (self.w_down, out_std)):
-            place(w, full_shape=(e,) + tuple(w.shape[1:]), shard="ep", dim=0, rank=par.ep_rank, size=par.ep_size,
-                  init_std=std)
+        ep = dict(shard="ep", dim=0, rank=par.ep_rank, size=par.ep_size)
+        place(self.w_gate_up, full_shape=(e, d, 2 * f), init_std=cfg.init_std, parts=("w_gate", "w_up"), **ep)
+        place(self.w_down, full_shape=(e, f, d), init_std=out_std, **ep)
         self.use_grouped_mm = False  # set by the trainer (see `can_use_grouped_mm`)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -567,11 +600,8 @@ class Experts(nn.Module):
             dtype = compute_dtype(x)
             x = x.to(dtype)
             offs = counts.cumsum(0, dtype=torch.int32)  # (E_local,) end row of each expert, stays on device
-            # gate and up as two grouped GEMMs: a stacked (E_local, D, 2F) copy of the weights would be
-            # kept for backward by every micro-batch in flight (E_local x D x 2F per layer and micro-batch)
-            gate = torch._grouped_mm(x, self.w_gate.to(dtype), offs=offs)  # (M, F)
-            up = torch._grouped_mm(x, self.w_up.to(dtype), offs=offs)  # (M, F)
-            h = _ContiguousGrad.apply(F.silu(gate) * up)
+            gate_up = torch._grouped_mm(x, self.w_gate_up.to(dtype), offs=offs)  # (M, 2F)
+            h = _ContiguousGrad.apply(SwiGLU.apply(gate_up))  # (M, F)
             return _ContiguousGrad.apply(torch._grouped_mm(h, self.w_down.to(dtype), offs=offs))  # (M, D)
         return self.loop(x, None, None, counts, x.shape[0])
 
@@ -586,8 +616,7 @@ class Experts(nn.Module):
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             return ExpertLoop.apply(x.to(dtype), rows, None if weight is None else weight.to(dtype),
-                                     counts.tolist(), self.w_gate.to(dtype), self.w_up.to(dtype),
-                                     self.w_down.to(dtype), num_out)
+                                     counts.tolist(), self.w_gate_up.to(dtype), self.w_down.to(dtype), num_out)
 
 
 def grouped_mm_strides_ok(cfg: ModelConfig, dtype: torch.dtype) -> bool:
@@ -889,14 +918,14 @@ class ExpertLoop(torch.autograd.Function):
     and test_expert_loop_backward_passes_gradcheck_in_float64 prove.
 
     forward(x (S, D), rows (M,) or None, weight (M,) or None, splits (E_local ints, sum M),
-            w_gate, w_up (E_local, D, F), w_down (E_local, F, D), num_out) -> (num_out, D)
+            w_gate_up (E_local, D, 2F), w_down (E_local, F, D), num_out) -> (num_out, D)
     Expert e owns rows s_e .. s_e + c_e - 1 (c_e = splits[e]) of the grouped order.
     rows and weight given (dispatch and combine fused in): expert e reads x[rows[s_e : s_e + c_e]]
     and adds its outputs, scaled by weight, into those rows of a zero (num_out, D) output.
     rows and weight None: it reads x[s_e : s_e + c_e] and writes the same output rows.
     Why by hand: autograd of the plain loop saves an (M, D) gathered copy of the tokens,
     concatenates the experts' outputs and stacks E_local weight gradients. Here each expert
-    gathers its rows into a small, cache-hot block, writes its outputs and its three weight
+    gathers its rows into a small, cache-hot block, writes its outputs and its two weight
     gradients straight into preallocated tensors, and the backward gathers the rows again.
     The arithmetic is autograd's, operation for operation (outputs scaled by the weights, then
     index_add_ in expert order), so a one-process run rounds as the expert-parallel path does.
@@ -904,10 +933,9 @@ class ExpertLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor | None,
-                splits: list[int], w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                num_out: int) -> torch.Tensor:
-        m, f = sum(splits), w_gate.shape[2]
-        gate, up = x.new_empty(m, f), x.new_empty(m, f)  # (M, F) pre-activations, kept for backward
+                splits: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor, num_out: int) -> torch.Tensor:
+        m, f = sum(splits), w_down.shape[1]
+        gate_up = x.new_empty(m, 2 * f)  # (M, 2F) pre-activations [gate | up], kept for backward
         y = x.new_empty(m, x.shape[1])  # (M, D) expert outputs, unweighted (the weights' gradient needs them)
         out = y if rows is None else x.new_zeros(num_out, x.shape[1])  # (num_out, D)
         s = 0
@@ -915,27 +943,26 @@ class ExpertLoop(torch.autograd.Function):
             if c == 0:
                 continue
             xe = x[s:s + c] if rows is None else x.index_select(0, rows[s:s + c])  # (c, D)
-            g = torch.mm(xe, w_gate[e], out=gate[s:s + c])  # (c, F)
-            h = F.silu(g) * torch.mm(xe, w_up[e], out=up[s:s + c])  # (c, F)
-            ye = torch.mm(h, w_down[e], out=y[s:s + c])  # (c, D)
+            g, u = torch.mm(xe, w_gate_up[e], out=gate_up[s:s + c]).chunk(2, dim=1)  # (c, F) each
+            ye = torch.mm(F.silu(g) * u, w_down[e], out=y[s:s + c])  # (c, D)
             if rows is not None:
                 out.index_add_(0, rows[s:s + c], ye * weight[s:s + c, None])  # a token's K rows add up
             s += c
         ctx.splits = splits
-        ctx.save_for_backward(x, rows, weight, w_gate, w_up, w_down, gate, up, None if rows is None else y)
+        ctx.save_for_backward(x, rows, weight, w_gate_up, w_down, gate_up, None if rows is None else y)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, rows, weight, w_gate, w_up, w_down, gate, up, y = ctx.saved_tensors
+        x, rows, weight, w_gate_up, w_down, gate_up, y = ctx.saved_tensors
         grad = grad.contiguous()  # (num_out, D)
         grad_x = torch.empty_like(x) if rows is None else torch.zeros_like(x)  # (S, D)
-        grad_gate, grad_up, grad_down = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
+        grad_gate_up, grad_down = torch.empty_like(w_gate_up), torch.empty_like(w_down)
         grad_weight = None if weight is None else torch.empty_like(weight)  # (M,)
         s = 0
         for e, c in enumerate(ctx.splits):
             if c == 0:  # an expert without rows gets a zero gradient, as autograd would give it
-                grad_gate[e].zero_(), grad_up[e].zero_(), grad_down[e].zero_()
+                grad_gate_up[e].zero_(), grad_down[e].zero_()
                 continue
             if rows is None:
                 xe, grad_y = x[s:s + c], grad[s:s + c]  # (c, D)
@@ -943,21 +970,22 @@ class ExpertLoop(torch.autograd.Function):
                 xe, grad_out = x.index_select(0, rows[s:s + c]), grad.index_select(0, rows[s:s + c])  # (c, D)
                 grad_weight[s:s + c] = (grad_out * y[s:s + c]).sum(1)  # d/dw of w * y
                 grad_y = grad_out * weight[s:s + c, None]  # (c, D)
-            g, u = gate[s:s + c], up[s:s + c]  # (c, F)
+            g, u = gate_up[s:s + c].chunk(2, dim=1)  # (c, F) each
             act = F.silu(g)  # recomputed: cheaper than keeping another (M, F) tensor
             torch.mm((act * u).T, grad_y, out=grad_down[e])  # (F, D)
             grad_h = grad_y @ w_down[e].T  # (c, F)
-            grad_u = grad_h * act
-            grad_g = torch.ops.aten.silu_backward(grad_h.mul_(u), g)  # (c, F) silu'(g) * grad_h * u
-            torch.mm(xe.T, grad_g, out=grad_gate[e])  # (D, F)
-            torch.mm(xe.T, grad_u, out=grad_up[e])  # (D, F)
-            grad_xe = grad_g @ w_gate[e].T + grad_u @ w_up[e].T  # (c, D)
+            grad_gu = torch.empty_like(gate_up[s:s + c])  # (c, 2F): [d/d gate | d/d up]
+            grad_g, grad_u = grad_gu.chunk(2, dim=1)
+            torch.mul(grad_h, act, out=grad_u)
+            torch.ops.aten.silu_backward.grad_input(grad_h.mul_(u), g, grad_input=grad_g)  # silu'(g) grad_h u
+            torch.mm(xe.T, grad_gu, out=grad_gate_up[e])  # (D, 2F)
+            grad_xe = grad_gu @ w_gate_up[e].T  # (c, D)
             if rows is None:
                 grad_x[s:s + c] = grad_xe
             else:
                 grad_x.index_add_(0, rows[s:s + c], grad_xe)  # (S, D) a token's K rows add up
             s += c
-        return grad_x, None, grad_weight, None, grad_gate, grad_up, grad_down, None
+        return grad_x, None, grad_weight, None, grad_gate_up, grad_down, None
 
 
 # ----------------------------------------------------------------------------- block

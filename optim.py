@@ -125,7 +125,8 @@ class Muon(MasterWeightAdamW):
     update orthogonalised by Newton-Schulz, scaled by match_rms_adamw and applied with AdamW's
     decoupled weight decay (Jordan et al. 2024; Moonlight, Liu et al. 2025): the arithmetic of
     torch.optim.Muon(adjust_lr_fn="match_rms_adamw"). A stack of experts (E_local, A, B) is
-    E_local matrices, each orthogonalised on its own; EP keeps every expert whole on one rank,
+    E_local matrices, each orthogonalised on its own (an expert's gate and up, stored side by side,
+    as two: Placement.parts); EP keeps every expert whole on one rank,
     so experts need no communication. A tensor-parallel shard is orthogonalised as part of the
     whole matrix: its TP group all-gathers the update, every TP rank runs Newton-Schulz on the
     same full matrix and keeps its slice, so any layout applies the one-process update.
@@ -153,13 +154,14 @@ class Muon(MasterWeightAdamW):
             buf.lerp_(m.grad, 1 - mu)  # EMA of the gradient
             nesterov = m.grad.lerp(buf, mu)  # the gradient seen one momentum step ahead
             m.mul_(1 - lr * wd)  # decoupled weight decay with the unscaled lr, as AdamW's
-            m.add_(self.orthogonalise(nesterov, p), alpha=-lr * match_rms_adamw(placement(p).full_shape))
+            m.add_(self.orthogonalise(nesterov, p), alpha=-lr * match_rms_adamw(placement(p).part_shape))
 
     def orthogonalise(self, update: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
         """Newton-Schulz of the whole matrix (or matrices) that this rank's `update` belongs to."""
         where = placement(p)
-        if where.expert:  # (E_local, A, B): every expert whole on this rank
-            return torch.stack([newton_schulz(u, dtype=self.ns_dtype) for u in update])
+        if where.expert:  # (E_local, A, B): every expert whole on this rank; gate and up each on its own
+            return torch.cat([torch.stack([newton_schulz(u, dtype=self.ns_dtype) for u in part])
+                              for part in where.split_parts(update).values()], dim=-1)
         if where.shard == "tp" and where.size > 1:
             parts = [torch.empty_like(update) for _ in range(where.size)]
             dist.all_gather(parts, update.contiguous(), group=self.tp_group)  # every TP rank's rows (or columns)

@@ -163,10 +163,25 @@ class Placement:
     init_std: float = 0.02  # std of its layout-free normal initialisation
     tp_partial_grad: bool = False  # each TP rank's gradient is a part of it (router, q/k norms, SP norms): summed over TP
     pipeline_copy: str | None = None  # MTP under PP: the embedding's copy on the "first" or "last" stage
+    # Weights stored side by side along the last dim as one tensor, so that one GEMM computes them
+    # all (an expert's gate and up: ("w_gate", "w_up")). Each part is its own weight everywhere
+    # else: initialised from its own name, saved under its own checkpoint key, orthogonalised alone.
+    parts: tuple[str, ...] = ()
 
     @property
     def expert(self) -> bool:  # reduced over the ranks holding the same experts, not over DP
         return self.shard == "ep"
+
+    @property
+    def part_shape(self) -> tuple[int, ...]:
+        """The full shape of each weight stored side by side (full_shape itself without parts)."""
+        return self.full_shape[:-1] + (self.full_shape[-1] // max(len(self.parts), 1),)
+
+    def split_parts(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A tensor shaped like this weight (or its local slice) -> {part name: its view}; {"": t} without parts."""
+        if not self.parts:
+            return {"": t}
+        return dict(zip(self.parts, t.chunk(len(self.parts), dim=-1)))
 
     def replicas(self, layout: Layout) -> int:
         """Ranks of the whole launch that hold each element of this weight: DP for a TP slice, the

@@ -76,8 +76,9 @@ class ExpertLoopMoE(nn.Module):
         self.router: Router = moe.router  # shared, so both route the same tokens the same way
         self.num_experts = moe.num_experts
         ex = moe.experts
-        self.w_gate = nn.ParameterList([nn.Parameter(w.detach().clone()) for w in ex.w_gate.unbind(0)])
-        self.w_up = nn.ParameterList([nn.Parameter(w.detach().clone()) for w in ex.w_up.unbind(0)])
+        gate, up = ex.w_gate_up.detach().chunk(2, dim=-1)  # (E, D, F) each: the halves of the fused weight
+        self.w_gate = nn.ParameterList([nn.Parameter(w.clone()) for w in gate.unbind(0)])
+        self.w_up = nn.ParameterList([nn.Parameter(w.clone()) for w in up.unbind(0)])
         self.w_down = nn.ParameterList([nn.Parameter(w.detach().clone()) for w in ex.w_down.unbind(0)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -256,9 +256,10 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[
         model = MoETransformer(cfg)
     shapes = {}
     for name, p in model.named_parameters():
-        if placement(p).expert:  # stacked (E, in, out) -> per expert (out, in)
-            for e in range(p.shape[0]):
-                shapes[ckpt_io.expert_key(name, e)] = tuple(p.shape[1:][::-1])
+        if placement(p).expert:  # stacked (E, in, out) -> per expert (out, in); gate and up apart
+            for stacked, view in ckpt_io.stacked_parts(name, p, p).items():
+                for e in range(p.shape[0]):
+                    shapes[ckpt_io.expert_key(stacked, e)] = tuple(view.shape[1:][::-1])
         else:
             shapes[name] = tuple(p.shape)
     buffers = {name: tuple(b.shape) for name, b in ckpt_io.persistent_buffers(model).items()}

@@ -53,6 +53,12 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
     return ((gate / (1 + torch.exp(-gate))) * (x @ w_up)) @ w_down
 
 
+def expert_weights(experts, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert e's w_gate (D, F), w_up (D, F) and w_down (F, D): gate and up are the halves of w_gate_up."""
+    gate, up = experts.w_gate_up[e].chunk(2, dim=-1)
+    return gate, up, experts.w_down[e]
+
+
 def reference_moe(layer: SparseMoELayer, x: torch.Tensor) -> torch.Tensor:
     """Per token: the router-weighted sum of its K experts applied to that token alone."""
     e = layer.experts
@@ -67,7 +73,7 @@ def reference_moe(layer: SparseMoELayer, x: torch.Tensor) -> torch.Tensor:
             weights = weights / weights.sum()
         acc = torch.zeros_like(token)
         for w, i in zip(weights, order):
-            acc = acc + w * swiglu(token, e.w_gate[i], e.w_up[i], e.w_down[i])
+            acc = acc + w * swiglu(token, *expert_weights(e, i))
         out.append(acc)
     return torch.stack(out).view_as(x)
 

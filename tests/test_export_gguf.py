@@ -88,8 +88,9 @@ def expected_tensors(model: MoETransformer, arch: str) -> dict[str, torch.Tensor
                 want[f"{b}ffn_{proj}.weight"] = sd[f"{p}mlp.{proj}_proj.weight"]
             continue
         want[b + "ffn_gate_inp.weight"] = sd[p + "mlp.router.weight"]
-        for proj in ("gate", "up", "down"):  # (E, D, F) x @ w -> (E, F, D) out x in; down (E, F, D) -> (E, D, F)
-            want[f"{b}ffn_{proj}_exps.weight"] = sd[f"{p}mlp.experts.w_{proj}"].transpose(1, 2)
+        gate, up = sd[f"{p}mlp.experts.w_gate_up"].chunk(2, dim=-1)  # (E, D, F) each: the fused weight's halves
+        for proj, w in (("gate", gate), ("up", up), ("down", sd[f"{p}mlp.experts.w_down"])):
+            want[f"{b}ffn_{proj}_exps.weight"] = w.transpose(1, 2)  # x @ w (E, D, F) -> (E, F, D) out x in
         if arch != "glm4moe":
             continue
         want[b + "exp_probs_b.bias"] = sd[p + "mlp.router.expert_bias"]

@@ -277,4 +277,5 @@ def test_active_parameters_of_the_flops_formula_follow_the_layer_pattern(pattern
             continue
         counted += p.numel() * (cfg.num_experts_per_token / cfg.num_experts if ".experts." in name else 1)
     assert cfg.active_params_per_token() == counted
-    assert sum(".experts." in n for n, _ in model.named_parameters()) == 3 * len(cfg.moe_layers) == 6
+    # two stacked weights per MoE layer: the fused gate-up (E, D, 2F) and the down projection
+    assert sum(".experts." in n for n, _ in model.named_parameters()) == 2 * len(cfg.moe_layers) == 4

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_layers import (Assignments, Attention, Experts, MoETransformer, MoETransformerBlock, RMSNorm,
-                        RotaryEmbedding, SparseMoELayer, ExpertLoop, layout_free_init_)
+                        RotaryEmbedding, SparseMoELayer, SwiGLU, ExpertLoop, layout_free_init_)
 from parallel_layers import ModelParallel
-from helpers import cuda, moe_layer, reference_moe, smoke, swiglu, tiny_config
+from helpers import cuda, moe_layer, expert_weights, reference_moe, smoke, swiglu, tiny_config
 
 
 # ---------------------------------------------------------------------- experts
@@ -27,7 +27,7 @@ def test_expert_equals_handwritten_swiglu():
     start = 0
     for e, c in enumerate(counts.tolist()):
         rows = x[start:start + c]
-        expected = swiglu(rows, experts.w_gate[e], experts.w_up[e], experts.w_down[e])
+        expected = swiglu(rows, *expert_weights(experts, e))
         assert torch.allclose(y[start:start + c], expected, atol=1e-6)
         start += c
 
@@ -46,10 +46,10 @@ def test_grouped_and_loop_experts_match_reference_in_outputs_and_gradients(group
     x = torch.randn(10, cfg.hidden_size, requires_grad=True)
     y = experts(x, counts)
     g = torch.randn(cfg.hidden_size, 10).T  # non-contiguous, as after a transpose in the caller
-    grads = torch.autograd.grad(y, [x, experts.w_gate, experts.w_up, experts.w_down], g)
-    ref = torch.cat([swiglu(rows, experts.w_gate[e], experts.w_up[e], experts.w_down[e])
+    grads = torch.autograd.grad(y, [x, experts.w_gate_up, experts.w_down], g)
+    ref = torch.cat([swiglu(rows, *expert_weights(experts, e))
                      for e, rows in enumerate(x.split(counts.tolist()))])
-    ref_grads = torch.autograd.grad(ref, [x, experts.w_gate, experts.w_up, experts.w_down], g)
+    ref_grads = torch.autograd.grad(ref, [x, experts.w_gate_up, experts.w_down], g)
     assert torch.allclose(y, ref, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-5)
@@ -163,7 +163,7 @@ def per_row_reference(tokens: torch.Tensor, rows: torch.Tensor, weight: torch.Te
     out = [torch.zeros_like(tokens[0]) for _ in range(tokens.shape[0])]
     expert_of_row = torch.repeat_interleave(torch.arange(len(splits)), torch.tensor(splits))
     for r, (t, e) in enumerate(zip(rows.tolist(), expert_of_row.tolist())):
-        out[t] = out[t] + weight[r] * swiglu(tokens[t], experts.w_gate[e], experts.w_up[e], experts.w_down[e])
+        out[t] = out[t] + weight[r] * swiglu(tokens[t], *expert_weights(experts, e))
     return torch.stack(out)
 
 
@@ -187,7 +187,7 @@ def test_gather_and_combine_matches_per_row_reference_in_outputs_and_gradients()
     out = experts.gather_and_combine(tokens, Assignments(rows, weight, torch.tensor(splits)))
     ref = per_row_reference(tokens, rows, weight, splits, experts)
     assert torch.allclose(out, ref, atol=1e-6)
-    assert_grads_match(out, ref, [tokens, weight, experts.w_gate, experts.w_up, experts.w_down])
+    assert_grads_match(out, ref, [tokens, weight, experts.w_gate_up, experts.w_down])
 
 
 @pytest.mark.parametrize("gathered", [True, False])
@@ -195,20 +195,29 @@ def test_expert_loop_backward_passes_gradcheck_in_float64(gathered):
     """The hand-written backward against finite differences, both modes (gathered rows, grouped rows)."""
     torch.manual_seed(0)
     e, d, f, n = 3, 8, 6, 5
-    w = [torch.randn(e, d, f, dtype=torch.double, requires_grad=True),
-         torch.randn(e, d, f, dtype=torch.double, requires_grad=True),
+    w = [torch.randn(e, d, 2 * f, dtype=torch.double, requires_grad=True),  # [gate | up]
          torch.randn(e, f, d, dtype=torch.double, requires_grad=True)]
     splits = [2, 0, 4]
     if gathered:
         x = torch.randn(n, d, dtype=torch.double, requires_grad=True)
         rows = torch.tensor([1, 4, 0, 1, 3, 4])
         weight = torch.rand(6, dtype=torch.double, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, wt, a, b, c: ExpertLoop.apply(x, rows, wt, splits, a, b, c, n),
+        assert torch.autograd.gradcheck(lambda x, wt, a, b: ExpertLoop.apply(x, rows, wt, splits, a, b, n),
                                         (x, weight, *w))
     else:
         x = torch.randn(6, d, dtype=torch.double, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, a, b, c: ExpertLoop.apply(x, None, None, splits, a, b, c, 6),
+        assert torch.autograd.gradcheck(lambda x, a, b: ExpertLoop.apply(x, None, None, splits, a, b, 6),
                                         (x, *w))
+
+
+def test_swiglu_of_fused_gate_up_passes_gradcheck_and_equals_silu_times_up():
+    """The grouped-GEMM path's SwiGLU on [gate | up] (M, 2F): its hand-written backward against finite
+    differences, its forward against silu(gate) * up written out."""
+    torch.manual_seed(0)
+    gate_up = torch.randn(7, 2 * 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (gate_up,))
+    gate, up = gate_up[:, :5], gate_up[:, 5:]
+    assert torch.allclose(SwiGLU.apply(gate_up), gate / (1 + torch.exp(-gate)) * up, rtol=0, atol=1e-12)
 
 
 def test_moe_layer_one_pass_path_matches_dispatch_and_combine_path():
@@ -241,7 +250,7 @@ def test_moe_layer_under_bf16_autocast_stays_within_bf16_rounding_of_fp32():
     assert y.dtype == torch.bfloat16
     assert (y.float() - ref).abs().max() <= 3 * 2 ** -8 * ref.abs().max()
     y.float().sum().backward()
-    assert layer.experts.w_gate.grad.dtype == torch.float32 and torch.isfinite(layer.experts.w_down.grad).all()
+    assert layer.experts.w_gate_up.grad.dtype == torch.float32 and torch.isfinite(layer.experts.w_down.grad).all()
 
 
 # ------------------------------------------------------------------------- norm

@@ -164,7 +164,7 @@ def test_muon_takes_hidden_matrices_and_experts_adamw_the_rest():
     muon = {name for name, p in model.named_parameters() if p in opt.muon_params}
     assert muon == {f"layers.{i}.{m}" for i in range(2) for m in
                     ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                     "self_attn.o_proj.weight", "mlp.experts.w_gate", "mlp.experts.w_up", "mlp.experts.w_down")}
+                     "self_attn.o_proj.weight", "mlp.experts.w_gate_up", "mlp.experts.w_down")}
     adamw = {id(p) for group in opt.inner.param_groups for p in group["params"]}
     assert {name for name, p in model.named_parameters() if id(p) in adamw} == \
         {name for name, _ in model.named_parameters()} - muon  # embedding, LM head, norms, routers
@@ -173,12 +173,14 @@ def test_muon_takes_hidden_matrices_and_experts_adamw_the_rest():
 def test_muon_orthogonalises_each_expert_of_a_stack_on_its_own():
     model = MoETransformer(tiny_config(), seed=0)
     opt = optim.build_optimizer(model, 1e-2, 0.1, kind="muon")
-    w = model.layers["0"].mlp.experts.w_gate  # (E, D, F)
+    w = model.layers["0"].mlp.experts.w_gate_up  # (E, D, 2F): each expert's gate and up, two matrices
     update = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
     out = opt.orthogonalise(update, w)
+    f = w.shape[2] // 2
     for e in range(w.shape[0]):
-        _, by_hand = polar_reference(update[e], optim.NS_STEPS)
-        assert (out[e].double() - by_hand).abs().max() < 1e-5, e
+        for half in (slice(0, f), slice(f, 2 * f)):
+            _, by_hand = polar_reference(update[e][:, half], optim.NS_STEPS)
+            assert (out[e][:, half].double() - by_hand).abs().max() < 1e-5, (e, half)
 
 
 @smoke

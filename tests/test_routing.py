@@ -17,7 +17,7 @@ import metrics as metrics_mod
 import minimal_pretrain as mp
 from moe_layers import (ModelConfig, MoETransformer, SparseMoELayer, Router, layout_free_init_,
                         load_balancing_loss, router_z_loss)
-from helpers import (assert_same_training, interrupted_at_3, moe_layer, parity_run, reference_moe, run_cli,
+from helpers import (assert_same_training, expert_weights, interrupted_at_3, moe_layer, parity_run, reference_moe, run_cli,
                      run_for_resume, run_script, smoke, swiglu, tiny_config, TINY_FLAGS, train_records,
                      without_timing)
 
@@ -160,7 +160,7 @@ def test_capacity_layer_output_equals_reference_without_the_dropped_assignments(
         for j in range(2):
             if keep[t, j]:
                 i = r.indices[t, j]
-                expected[t] += r.weights[t, j] * swiglu(x[0, t], e.w_gate[i], e.w_up[i], e.w_down[i])
+                expected[t] += r.weights[t, j] * swiglu(x[0, t], *expert_weights(e, i))
     assert torch.allclose(y[0], expected, atol=1e-5)
     assert stats.dropped.item() == (~keep).sum().item() > 0
     assert (stats.counts <= capacity).all() and stats.counts.sum() == keep.sum()
@@ -180,7 +180,7 @@ def test_expert_choice_gives_each_expert_exactly_its_capacity_of_best_tokens():
     expected = torch.zeros(20, cfg.hidden_size)
     for i in range(4):
         for t in sorted(range(20), key=lambda t: -probs[t, i].item())[:capacity]:
-            expected[t] += probs[t, i] * swiglu(x[0, t], e.w_gate[i], e.w_up[i], e.w_down[i])
+            expected[t] += probs[t, i] * swiglu(x[0, t], *expert_weights(e, i))
     assert torch.allclose(y[0], expected, atol=1e-5)
 
 
@@ -192,7 +192,7 @@ def test_round_robin_routing_is_perfectly_balanced():
     y, stats = layer(x)
     assert stats.counts.tolist() == [6, 6, 6, 6]
     e = layer.experts
-    expected = torch.stack([sum(0.5 * swiglu(tok, e.w_gate[i], e.w_up[i], e.w_down[i]) for i in ((2 * t) % 4,
+    expected = torch.stack([sum(0.5 * swiglu(tok, *expert_weights(e, i)) for i in ((2 * t) % 4,
                                                                                             (2 * t + 1) % 4))
                             for t, tok in enumerate(x.view(12, -1))])
     assert torch.allclose(y.view(12, -1), expected, atol=1e-5)
