@@ -32,7 +32,7 @@ from launch import (ConfigError, RunInputs, StopRequest, TrainConfig, check_mast
                     resolve_param_dtype, run_fingerprint, software, uses_cuda)
 from metrics import HEALTH_FIELDS, RunLog, load_health, print_run_summary
 from moe_layers import ModelConfig, MoETransformer, can_use_grouped_mm
-from optim import DistributedAdamW, FlatBucket, build_optimizer
+from optim import DistributedAdamW, FlatBucket, build_optimizer, clipped_step
 from parallel_layers import Layout, ModelParallel, placement, vocab_parallel_cross_entropy
 
 
@@ -843,10 +843,8 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     # The norm is summed over all ranks, so every rank takes the same decision.
     applied = bool(torch.isfinite(grad_norm))  # one host sync per step
     if applied:
-        if tc.grad_clip > 0:
-            scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float()
-            torch._foreach_mul_([g for _, g in grads], scale)
-        optimizer.step()
+        scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float() if tc.grad_clip > 0 else None
+        clipped_step(optimizer, [g for _, g in grads], scale)
         if sharded:
             gather_updated_weights(optimizer)
         if tc.router_bias_update_rate > 0 and mc.all_moe_layers:

@@ -329,3 +329,32 @@ def test_muon_on_a_bf16_model_steps_fp32_masters_with_fp32_momentum():
     assert q.dtype == torch.bfloat16 and opt.state[opt.master[q]]["momentum_buffer"].dtype == torch.float32
     for name, p in model.named_parameters():
         assert torch.equal(p, opt.master[p].to(p.dtype)), name  # the model is its masters, rounded
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_clip_inside_fused_adamw_equals_clipping_the_gradients_then_the_reference_adamw(bf16):
+    """clipped_step hands the clip factor to the fused kernel as its grad_scale; the reference is
+    torch's for-loop AdamW on fp32 copies of the weights with the gradients multiplied by hand."""
+    model = MoETransformer(tiny_config(), seed=0)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    opt = optim.build_optimizer(model, 1e-2, 0.1, fused=True)
+    assert isinstance(opt, optim.MasterWeightAdamW if bf16 else torch.optim.AdamW)
+    stepped = [opt.master[p] if bf16 else p for p in model.parameters()]  # what the optimizer updates
+    ref_weights = [w.detach().float().clone().requires_grad_() for w in stepped]
+    groups = [dict(g, params=[r for w, r in zip(stepped, ref_weights) if any(w is q for q in g["params"])])
+              for g in opt.param_groups]
+    assert sum(len(g["params"]) for g in groups) == len(ref_weights)  # every weight in its group (decay or not)
+    ref = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in model.parameters()]
+        scale = torch.tensor(0.25 + 0.25 * step)  # clipping active: every gradient multiplied
+        for p, w, g in zip(model.parameters(), ref_weights, grads):
+            p.grad = g.clone()
+            w.grad = g.float() * scale
+        optim.clipped_step(opt, [p.grad for p in model.parameters()], scale)
+        ref.step()
+        assert not hasattr(getattr(opt, "inner", opt), "grad_scale")  # nothing left behind for the next step
+        for w, r in zip(stepped, ref_weights):
+            assert torch.allclose(w, r, rtol=0, atol=1e-6), (step, (w - r).abs().max())
