@@ -925,7 +925,7 @@ class ExpertLoop(torch.autograd.Function):
     rows and weight None: it reads x[s_e : s_e + c_e] and writes the same output rows.
     Why by hand: autograd of the plain loop saves an (M, D) gathered copy of the tokens,
     concatenates the experts' outputs and stacks E_local weight gradients. Here each expert
-    gathers its rows into a small, cache-hot block, writes its outputs and its two weight
+    gathers its rows into a small, cache-hot block, writes its outputs and its weight
     gradients straight into preallocated tensors, and the backward gathers the rows again.
     The arithmetic is autograd's, operation for operation (outputs scaled by the weights, then
     index_add_ in expert order), so a one-process run rounds as the expert-parallel path does.
@@ -935,7 +935,8 @@ class ExpertLoop(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor | None,
                 splits: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor, num_out: int) -> torch.Tensor:
         m, f = sum(splits), w_down.shape[1]
-        gate_up = x.new_empty(m, 2 * f)  # (M, 2F) pre-activations [gate | up], kept for backward
+        w_gate, w_up = w_gate_up.chunk(2, dim=-1)  # (E_local, D, F) views of the fused weight
+        gate, up = x.new_empty(m, f), x.new_empty(m, f)  # (M, F) pre-activations, kept for backward
         y = x.new_empty(m, x.shape[1])  # (M, D) expert outputs, unweighted (the weights' gradient needs them)
         out = y if rows is None else x.new_zeros(num_out, x.shape[1])  # (num_out, D)
         s = 0
@@ -943,21 +944,26 @@ class ExpertLoop(torch.autograd.Function):
             if c == 0:
                 continue
             xe = x[s:s + c] if rows is None else x.index_select(0, rows[s:s + c])  # (c, D)
-            g, u = torch.mm(xe, w_gate_up[e], out=gate_up[s:s + c]).chunk(2, dim=1)  # (c, F) each
-            ye = torch.mm(F.silu(g) * u, w_down[e], out=y[s:s + c])  # (c, D)
+            # gate and up as two products, as before they were one weight: the same rounding (parity
+            # tests compare layouts whose experts see different row counts); the CPU gains nothing from one
+            g = torch.mm(xe, w_gate[e], out=gate[s:s + c])  # (c, F)
+            h = F.silu(g) * torch.mm(xe, w_up[e], out=up[s:s + c])  # (c, F)
+            ye = torch.mm(h, w_down[e], out=y[s:s + c])  # (c, D)
             if rows is not None:
                 out.index_add_(0, rows[s:s + c], ye * weight[s:s + c, None])  # a token's K rows add up
             s += c
         ctx.splits = splits
-        ctx.save_for_backward(x, rows, weight, w_gate_up, w_down, gate_up, None if rows is None else y)
+        ctx.save_for_backward(x, rows, weight, w_gate_up, w_down, gate, up, None if rows is None else y)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, rows, weight, w_gate_up, w_down, gate_up, y = ctx.saved_tensors
+        x, rows, weight, w_gate_up, w_down, gate, up, y = ctx.saved_tensors
+        w_gate, w_up = w_gate_up.chunk(2, dim=-1)  # (E_local, D, F) views
         grad = grad.contiguous()  # (num_out, D)
         grad_x = torch.empty_like(x) if rows is None else torch.zeros_like(x)  # (S, D)
         grad_gate_up, grad_down = torch.empty_like(w_gate_up), torch.empty_like(w_down)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)  # (E_local, D, F) views: written in place
         grad_weight = None if weight is None else torch.empty_like(weight)  # (M,)
         s = 0
         for e, c in enumerate(ctx.splits):
@@ -970,16 +976,15 @@ class ExpertLoop(torch.autograd.Function):
                 xe, grad_out = x.index_select(0, rows[s:s + c]), grad.index_select(0, rows[s:s + c])  # (c, D)
                 grad_weight[s:s + c] = (grad_out * y[s:s + c]).sum(1)  # d/dw of w * y
                 grad_y = grad_out * weight[s:s + c, None]  # (c, D)
-            g, u = gate_up[s:s + c].chunk(2, dim=1)  # (c, F) each
+            g, u = gate[s:s + c], up[s:s + c]  # (c, F)
             act = F.silu(g)  # recomputed: cheaper than keeping another (M, F) tensor
             torch.mm((act * u).T, grad_y, out=grad_down[e])  # (F, D)
             grad_h = grad_y @ w_down[e].T  # (c, F)
-            grad_gu = torch.empty_like(gate_up[s:s + c])  # (c, 2F): [d/d gate | d/d up]
-            grad_g, grad_u = grad_gu.chunk(2, dim=1)
-            torch.mul(grad_h, act, out=grad_u)
-            torch.ops.aten.silu_backward.grad_input(grad_h.mul_(u), g, grad_input=grad_g)  # silu'(g) grad_h u
-            torch.mm(xe.T, grad_gu, out=grad_gate_up[e])  # (D, 2F)
-            grad_xe = grad_gu @ w_gate_up[e].T  # (c, D)
+            grad_u = grad_h * act
+            grad_g = torch.ops.aten.silu_backward(grad_h.mul_(u), g)  # (c, F) silu'(g) * grad_h * u
+            torch.mm(xe.T, grad_g, out=grad_gate[e])  # (D, F)
+            torch.mm(xe.T, grad_u, out=grad_up[e])  # (D, F)
+            grad_xe = grad_g @ w_gate[e].T + grad_u @ w_up[e].T  # (c, D)
             if rows is None:
                 grad_x[s:s + c] = grad_xe
             else:
