@@ -152,8 +152,9 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
 def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout,
-                 gathered: dict | None = None) -> dict:
-    """This rank's slices of the weights and of the optimizer's moments, plus its RNG states.
+                 gathered: dict | None = None, with_optimizer: bool = True) -> dict:
+    """This rank's slices of the weights and of the optimizer's moments (none without `with_optimizer`:
+    what --sample-interval gathers), plus its RNG states.
 
     With bf16 weights the fp32 masters of the optimizer are saved (see MasterWeightAdamW).
     With the distributed optimizer no rank holds a whole state: `gathered` maps each weight this
@@ -172,7 +173,7 @@ def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layou
         else:
             weight = master.get(p, p)
             state = optimizer.state.get(weight, {})
-        moments = [k for k in MOMENTS if k in state]
+        moments = [k for k in MOMENTS if k in state] if with_optimizer else []
         step = {"step": float(state["step"])} if "step" in state else {}  # AdamW counts steps, Muon does not
         if placement(p).expert:
             params.update(per_expert(name, weight, p))

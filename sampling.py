@@ -8,15 +8,26 @@ new token then runs alone at its own position. A token is the argmax of the last
 0, greedy), or drawn after temperature, top-k and top-p from a torch.Generator seeded by `seed`.
 scripts/generate.py's docstring says what each option does and where generation stops.
 
-Shapes: T prompt tokens, V vocabulary.
+Samples during training (TrainingSampler): every --sample-interval steps rank 0 prints the greedy
+continuation of --sample-prompt, in the run's tokenizer, as nanoGPT-style trainers do. Every rank
+hands rank 0 the entries it writes into a checkpoint (checkpoint.rank_payload: each slice of every
+weight once over the world, whole after the distributed optimizer's all-gather); rank 0 loads them
+into a one-process fp32 copy of the model on the CPU, built once, and decodes there. So the line is
+what `generate.py --temperature 0` prints for the checkpoint of that step, whatever the layout. The
+trained model and its optimizer are only read, and the CPU RNG state is put back: sampling changes
+no loss. Shapes: T prompt tokens, V vocabulary.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
+import torch
+import torch.distributed as dist
+
+import checkpoint as ckpt_io
 import data
-from moe_layers import MoETransformer
+from moe_layers import ModelConfig, MoETransformer
 
 Tokenizer = data.ByteTokenizer | data.TextTokenizer
 
@@ -100,3 +111,58 @@ def check_prompt(prompt: list[int], vocab: int, seq_length: int, flag: str) -> l
         raise ValueError(f"{flag}: the prompt has {len(prompt)} tokens, more than the model's seq_length "
                          f"{seq_length}; shorten it")
     return prompt
+
+
+# ===================================================== samples during training
+def run_prompt(data_path: str, text: str, vocab: int, seq_length: int) -> tuple[Tokenizer, list[int]]:
+    """The run's tokenizer (that of --data, which every checkpoint of the run carries) and --sample-prompt in
+    it; raises ValueError naming the flag (the trainer checks this at start, before any collective)."""
+    try:
+        tokenizer = data.load_tokenizer(data_path)
+    except data.DataError as e:  # token files whose meta.json names no tokenizer
+        raise ValueError(f"--sample-interval needs the run's tokenizer to encode --sample-prompt ({e})") from None
+    return tokenizer, check_prompt(tokenizer.encode(text), vocab, seq_length, "--sample-prompt")
+
+
+class TrainingSampler:
+    """--sample-interval: rank 0's one-process fp32 copy of the model on the CPU, refreshed from every
+    rank's checkpoint entries, which prints the greedy continuation of --sample-prompt."""
+
+    def __init__(self, mc: ModelConfig, data_path: str, prompt: str, max_new_tokens: int, rank: int,
+                 world_size: int):
+        self.rank, self.world_size, self.max_new_tokens = rank, world_size, max_new_tokens
+        # As generate.load_model builds it: multi-token prediction modules only add a training loss.
+        self.cfg = dataclasses.replace(mc, mtp_num_layers=0)
+        self.tokenizer, self.prompt = run_prompt(data_path, prompt, mc.vocab_size, mc.seq_length)
+        self.model: MoETransformer | None = None  # built at the first sample, on rank 0 only
+
+    def gather(self, params: dict[str, dict]) -> dict[str, list[dict]] | None:
+        """Every rank's entries {name: entry} -> rank 0's {name: [its slices]}; None on the other ranks.
+
+        One rank at a time, so rank 0 holds at most one other rank's entries in transit (an object
+        gather would allocate world size x the largest rank's pickle)."""
+        if self.rank != 0:
+            dist.send_object_list([params], dst=0, group=None)  # this rank's slices, pickled, over the CPU backend
+            return None
+        table = {name: [entry] for name, entry in params.items()}
+        for src in range(1, self.world_size):
+            received: list = [None]
+            dist.recv_object_list(received, src=src, group=None)  # rank src's slices
+            for name, entry in received[0].items():
+                table.setdefault(name, []).append(entry)
+        return table
+
+    def sample(self, params: dict[str, dict], step: int) -> str | None:
+        """Every rank calls this with its checkpoint entries of the weights after `step` updates; rank 0
+        returns the line to print (`Step N | sample: 'text'`, the text as a Python literal: one line)."""
+        table = self.gather(params)
+        if table is None:
+            return None
+        with torch.random.fork_rng(devices=[]):  # the CPU RNG state is put back, whatever building draws
+            if self.model is None:
+                self.model = MoETransformer(self.cfg).eval()
+            weights = ckpt_io.Checkpoint(f"the weights after step {step}", {}, table, {}, {})
+            ckpt_io.load_into(weights, self.model, None)  # every slice of every layout, as a checkpoint
+            new, _ = generate(self.model, self.prompt, self.max_new_tokens, temperature=0,
+                              eos_id=self.tokenizer.eos_id)
+        return f"Step {step} | sample: {decode_text(self.tokenizer, self.prompt, new)!r}"
