@@ -53,7 +53,7 @@ import shutil
 import stat
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -284,6 +284,21 @@ def save_full_state(root: str, tensors: dict[str, torch.Tensor], model: dict, tr
             "train": train, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1},
             "run_id": new_run_id(), **(extra_meta or {})}
     return save_checkpoint(root, 0, payload, meta, rank=0, world_size=1)
+
+
+def written_whole_by(mark: str) -> Callable[[str], bool]:
+    """Whether a folder is a checkpoint root as save_full_state leaves it (`latest` and step 0, nothing else)
+    whose meta.json holds `mark`: import_hf.py's "imported_from" or upcycle.py's "upcycled_from". What their
+    --overwrite may replace; a run's checkpoints (more steps, a lock) never are."""
+    def check(root: str) -> bool:
+        if set(os.listdir(root)) != {"latest", step_dir_name(0)}:
+            return False
+        try:
+            _, meta = read_meta(root)
+        except (CheckpointError, OSError):
+            return False
+        return meta.get("step") == 0 and mark in meta
+    return check
 
 
 def new_run_id() -> str:
