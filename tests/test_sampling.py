@@ -14,7 +14,7 @@ import torch
 import checkpoint as ckpt_io
 import generate
 import minimal_pretrain as mp
-from helpers import _token_folder, read_metrics, refusal_in_process, run_cli, TINY_FLAGS
+from helpers import _token_folder, read_metrics, refusal_in_process, run_cli, TINY_FLAGS, write
 
 # 4 layers so that PP 2 can interleave two chunks per rank; 2 micro-batches for every layout (the same
 # global batch as PP 2 on one DP rank). A step-1 model still continues "def " with varied bytes: a
@@ -59,6 +59,25 @@ def test_the_sample_at_a_step_is_generate_py_on_that_steps_checkpoint(one_proces
     for step, text in found.items():
         assert text == generate_py(monkeypatch, capsys, ck / ckpt_io.step_dir_name(step), "def ", 10)
     assert len(found[1]) == len("def ") + 10 and found[1].strip() != "def"  # ten bytes, not all blank
+
+
+def test_a_bpe_runs_sample_is_generate_py_in_the_runs_tokenizer(tmp_path, monkeypatch, capsys):
+    """Prepared BPE data: the prompt is encoded and the sample decoded with the run's tokenizer.json, as
+    generate.py does with the copy the checkpoint carries."""
+    import prepare_data
+    words = ["alpha", "beta", "gamma", "return", "import", "value"]
+    text = "\n".join(" ".join(words[(i * 7 + j * 3) % 6] for j in range(12)) for i in range(2000))
+    write(tmp_path / "t.txt", text)
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py", str(tmp_path / "t.txt"), "--out", str(tmp_path / "bpe"),
+                                      "--tokenizer", "bpe", "--vocab-size", "300"])
+    prepare_data.main()
+    capsys.readouterr()
+    mp.main(TINY_FLAGS + ["--data", str(tmp_path / "bpe"), "--seq-length", "32", "--max-steps", "4",
+                          "--sample-interval", "4", "--sample-prompt", "alpha beta", "--sample-tokens", "6",
+                          "--save", str(tmp_path / "ck")])
+    found = samples(capsys.readouterr().out)
+    assert list(found) == [4] and found[4].startswith("alpha beta")
+    assert found[4] == generate_py(monkeypatch, capsys, tmp_path / "ck" / ckpt_io.step_dir_name(4), "alpha beta", 6)
 
 
 @pytest.mark.parametrize("layout", [
