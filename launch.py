@@ -180,7 +180,7 @@ class TrainConfig:
         if self.lr_schedule == "cosine" and any(getattr(self, n) != defaults[n] for n in WSD_FLAGS):
             raise ConfigError("--lr-decay-fraction and --lr-decay-style shape the decay of --lr-schedule wsd; "
                               "add --lr-schedule wsd (the cosine schedule decays from the end of the warm-up)")
-        if not self.sample_interval and any(getattr(self, n) != defaults[n] for n in ("sample_prompt", "sample_tokens")):
+        if not self.sample_interval and any(getattr(self, n) != defaults[n] for n in SAMPLE_FLAGS):
             raise ConfigError("--sample-prompt and --sample-tokens shape the samples of --sample-interval; add "
                               "--sample-interval N (every N steps)")
         if not 0 <= self.seed < 2**63:
@@ -328,6 +328,10 @@ SCHEDULE_FLAGS = ("lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule
 
 # The flags that shape only WSD's decay (the cosine schedule refuses values other than their defaults).
 WSD_FLAGS = ("lr_decay_fraction", "lr_decay_style")
+
+
+# The flags that shape only --sample-interval's samples (refused without it, as the WSD flags are).
+SAMPLE_FLAGS = ("sample_prompt", "sample_tokens")
 
 
 def checked_fields(cls: type, saved: dict, where: str) -> dict:

@@ -780,8 +780,9 @@ def gather_for_save(optimizer: DistributedAdamW, pg: ParallelGroups, with_optimi
             if fb.owner(p) != fb.rank or (replicated and pg.tp_rank != 0):
                 continue
             step = optimizer.step_count(p)
-            state = {} if step is None or not with_optimizer else {"step": step, "exp_avg": full["exp_avg"][i].cpu().clone(),
-                                             "exp_avg_sq": full["exp_avg_sq"][i].cpu().clone()}
+            state = {} if step is None or not with_optimizer else {
+                "step": step, "exp_avg": full["exp_avg"][i].cpu().clone(),
+                "exp_avg_sq": full["exp_avg_sq"][i].cpu().clone()}
             gathered[p] = (full["master"][i].cpu().clone(), state)
     return gathered
 
