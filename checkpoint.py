@@ -55,7 +55,7 @@ import shutil
 import stat
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -162,8 +162,9 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
 def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout,
-                 gathered: dict | None = None) -> dict:
-    """This rank's slices of the weights and of the optimizer's moments, plus its RNG states.
+                 gathered: dict | None = None, with_optimizer: bool = True) -> dict:
+    """This rank's slices of the weights and of the optimizer's moments (none without `with_optimizer`:
+    what --sample-interval gathers), plus its RNG states.
 
     With bf16 weights the fp32 masters of the optimizer are saved (see MasterWeightAdamW).
     With the distributed optimizer no rank holds a whole state: `gathered` maps each weight this
@@ -182,7 +183,7 @@ def rank_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layou
         else:
             weight = master.get(p, p)
             state = optimizer.state.get(weight, {})
-        moments = [k for k in MOMENTS if k in state]
+        moments = [k for k in MOMENTS if k in state] if with_optimizer else []
         step = {"step": float(state["step"])} if "step" in state else {}  # AdamW counts steps, Muon does not
         if placement(p).expert:
             params.update(per_expert(name, weight, p))
@@ -293,6 +294,21 @@ def save_full_state(root: str, tensors: dict[str, torch.Tensor], model: dict, tr
             "train": train, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1},
             "run_id": new_run_id(), **(extra_meta or {})}
     return save_checkpoint(root, 0, payload, meta, rank=0, world_size=1)
+
+
+def written_whole_by(mark: str) -> Callable[[str], bool]:
+    """Whether a folder is a checkpoint root as save_full_state leaves it (`latest` and step 0, nothing else)
+    whose meta.json holds `mark`: import_hf.py's "imported_from" or upcycle.py's "upcycled_from". What their
+    --overwrite may replace; a run's checkpoints (more steps, a lock) never are."""
+    def check(root: str) -> bool:
+        if set(os.listdir(root)) != {"latest", step_dir_name(0)}:
+            return False
+        try:
+            _, meta = read_meta(root)
+        except (CheckpointError, OSError):
+            return False
+        return meta.get("step") == 0 and mark in meta
+    return check
 
 
 def new_run_id() -> str:

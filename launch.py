@@ -40,6 +40,7 @@ from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_
 from moe_layers import ModelConfig, arg, can_use_grouped_mm
 from optim import LRSchedule, lr_schedule
 from parallel_layers import Layout
+from sampling import run_prompt
 
 
 # ================================================================== bad input
@@ -114,6 +115,11 @@ class TrainConfig:
     eval_interval: int = arg(100, "evaluate every this many steps (and at the end); 0 disables")
     eval_iters: int = arg(10, "global batches per evaluation")
     log_interval: int = arg(10, "log every this many steps")
+    sample_interval: int = arg(0, "every this many steps (and at the end) rank 0 prints the greedy continuation of "
+                                  "--sample-prompt, from the weights of every rank; 0 = off")
+    sample_prompt: str = arg("def ", "the text --sample-interval continues, in the run's tokenizer")
+    sample_tokens: int = arg(32, "new tokens of each sample (fewer at the tokenizer's end-of-document token or at "
+                                 "--seq-length)")
     metrics_file: str = arg("", "write JSON lines of train and eval metrics here (rank 0)")
     tensorboard: str = arg("", "also write the metrics as TensorBoard events into this folder (needs tensorboard)")
     allow_global_batch_change: bool = arg(False, "on --load, train on with a global batch other than the "
@@ -150,11 +156,11 @@ class TrainConfig:
             return "--" + name.replace("_", "-")
 
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "num_microbatches", "micro_batch_size",
-                     "max_steps", "log_interval", "eval_iters", "max_skipped_steps"):
+                     "max_steps", "log_interval", "eval_iters", "max_skipped_steps", "sample_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("expert_parallel_size", "num_layers_per_virtual_stage", "lr_decay_steps", "eval_interval",
-                     "save_interval", "keep_last", "world_size"):
+                     "save_interval", "keep_last", "world_size", "sample_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         # `not x >= 0` is also true for NaN, which argparse's float() accepts.
@@ -174,6 +180,9 @@ class TrainConfig:
         if self.lr_schedule == "cosine" and any(getattr(self, n) != defaults[n] for n in WSD_FLAGS):
             raise ConfigError("--lr-decay-fraction and --lr-decay-style shape the decay of --lr-schedule wsd; "
                               "add --lr-schedule wsd (the cosine schedule decays from the end of the warm-up)")
+        if not self.sample_interval and any(getattr(self, n) != defaults[n] for n in SAMPLE_FLAGS):
+            raise ConfigError("--sample-prompt and --sample-tokens shape the samples of --sample-interval; add "
+                              "--sample-interval N (every N steps)")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be between 0 and 2^63 - 1, got {self.seed}")
         if not 1 <= self.dist_timeout <= 7 * 86400:  # also false for NaN
@@ -232,8 +241,8 @@ FLAG_GROUPS = (
                       "use_distributed_optimizer")),
     ("device and precision", ("device", "dtype", "recompute", "compile")),
     ("checkpoints", ("save", "save_interval", "keep_last", "load", "overwrite", "allow_global_batch_change")),
-    ("evaluation and logging", ("eval_interval", "eval_iters", "eval_only", "log_interval", "metrics_file",
-                                "tensorboard", "progress")),
+    ("evaluation and logging", ("eval_interval", "eval_iters", "eval_only", "log_interval", "sample_interval",
+                                "sample_prompt", "sample_tokens", "metrics_file", "tensorboard", "progress")),
     ("config file", ("config",)),
 )
 
@@ -319,6 +328,10 @@ SCHEDULE_FLAGS = ("lr", "min_lr", "warmup_steps", "lr_decay_steps", "lr_schedule
 
 # The flags that shape only WSD's decay (the cosine schedule refuses values other than their defaults).
 WSD_FLAGS = ("lr_decay_fraction", "lr_decay_style")
+
+
+# The flags that shape only --sample-interval's samples (refused without it, as the WSD flags are).
+SAMPLE_FLAGS = ("sample_prompt", "sample_tokens")
 
 
 def checked_fields(cls: type, saved: dict, where: str) -> dict:
@@ -751,6 +764,11 @@ def checked_inputs(mc: ModelConfig, tc: TrainConfig, given: set[str], rank: int,
     mc = dataclasses.replace(mc, vocab_size=corpus.vocab_size)
     layout = resolve_layout(mc, tc, world_size, rank)
     tc = dataclasses.replace(tc, expert_parallel_size=layout.ep)  # saved resolved: 0 would mean "the TP size"
+    if tc.sample_interval:  # the prompt in the run's tokenizer: refused now, not at the first sample
+        try:
+            run_prompt(tc.data, tc.sample_prompt, mc.vocab_size, mc.seq_length)
+        except ValueError as e:
+            raise local_error(str(e)) from None
     if min(len(corpus.train), len(corpus.val)) < mc.seq_length + 2:
         raise local_error(f"data too short: {len(corpus.train)} train / {len(corpus.val)} val tokens, "
                               f"need more than --seq-length {mc.seq_length} + 1 in each split")

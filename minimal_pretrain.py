@@ -34,6 +34,7 @@ from metrics import HEALTH_FIELDS, RunLog, load_health, print_run_summary
 from moe_layers import ModelConfig, MoETransformer, can_use_grouped_mm
 from optim import DistributedAdamW, FlatBucket, build_optimizer, clipped_step
 from parallel_layers import Layout, ModelParallel, placement, vocab_parallel_cross_entropy
+from sampling import TrainingSampler
 
 
 # ============================================================ distributed setup
@@ -758,8 +759,9 @@ def gather_updated_weights(optimizer: DistributedAdamW) -> None:
 
 
 @torch.no_grad()
-def gather_for_save(optimizer: DistributedAdamW, pg: ParallelGroups) -> dict:
-    """{weight: (its fp32 value, its AdamW state)}, whole, for the weights this rank writes in a checkpoint.
+def gather_for_save(optimizer: DistributedAdamW, pg: ParallelGroups, with_optimizer: bool = True) -> dict:
+    """{weight: (its fp32 value, its AdamW state)}, whole, for the weights this rank writes in a checkpoint
+    (without `with_optimizer`, for --sample-interval: the weights alone, and an empty state).
 
     One bucket at a time (the extra memory is a bucket's, not the model's), its group all-gathers
     the shards of the masters and of both moments. A weight is written by the rank of its group
@@ -769,7 +771,7 @@ def gather_for_save(optimizer: DistributedAdamW, pg: ParallelGroups) -> dict:
     gathered = {}
     for fb in optimizer.buckets:
         full = {}
-        for key in ("master", "exp_avg", "exp_avg_sq"):
+        for key in ("master", "exp_avg", "exp_avg_sq") if with_optimizer else ("master",):
             shard = fb.shard_of(fb.masters, torch.float32) if key == "master" else optimizer.state_shard(fb, key)
             flat = shard
             if fb.size > 1:
@@ -781,8 +783,9 @@ def gather_for_save(optimizer: DistributedAdamW, pg: ParallelGroups) -> dict:
             if fb.owner(p) != fb.rank or (replicated and pg.tp_rank != 0):
                 continue
             step = optimizer.step_count(p)
-            state = {} if step is None else {"step": step, "exp_avg": full["exp_avg"][i].cpu().clone(),
-                                             "exp_avg_sq": full["exp_avg_sq"][i].cpu().clone()}
+            state = {} if step is None or not with_optimizer else {
+                "step": step, "exp_avg": full["exp_avg"][i].cpu().clone(),
+                "exp_avg_sq": full["exp_avg_sq"][i].cpu().clone()}
             gathered[p] = (full["master"][i].cpu().clone(), state)
     return gathered
 
@@ -852,9 +855,6 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     return stats, grad_norm, applied
 
 
-# ================================================================ start-up checks
-
-
 # ======================================================================== the run
 def report_eval_only(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, mc: ModelConfig,
                      tc: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None, step: int) -> None:
@@ -875,8 +875,7 @@ def report_eval_only(model: MoETransformer, corpus: Corpus, pg: ParallelGroups, 
 def save(target: ckpt_io.SaveTarget, mc: ModelConfig, tc: TrainConfig, pg: ParallelGroups, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer, step: int, skipped: int) -> str:
     """Write a checkpoint of the state after `step` updates into `target` (all ranks call this)."""
-    gathered = gather_for_save(optimizer, pg) if isinstance(optimizer, DistributedAdamW) else None
-    payload = ckpt_io.rank_payload(model, optimizer, pg, gathered)
+    payload = checkpoint_entries(model, optimizer, pg)
     tokenizer = dict(target.tokenizer or {})
     extra = {"tokenizer.json": tokenizer.pop("path")} if "path" in tokenizer else {}  # carried, not pointed to
     meta = {"format": ckpt_io.FORMAT, "version": ckpt_io.FORMAT_VERSION, "step": step, "run_id": target.run_id,
@@ -889,6 +888,13 @@ def save(target: ckpt_io.SaveTarget, mc: ModelConfig, tc: TrainConfig, pg: Paral
                                        target.owned, extra)
     except ckpt_io.SaveFailed as e:  # every rank alike; the save is atomic, so nothing older is harmed
         fail(e.strerror, pg.is_main)
+
+
+def checkpoint_entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pg: ParallelGroups,
+                       with_optimizer: bool = True) -> dict:
+    """This rank's entries of a checkpoint (rank_payload); all ranks call it: the distributed optimizer all-gathers."""
+    gathered = gather_for_save(optimizer, pg, with_optimizer) if isinstance(optimizer, DistributedAdamW) else None
+    return ckpt_io.rank_payload(model, optimizer, pg, gathered, with_optimizer)
 
 
 def stop_diverged(model: MoETransformer, optimizer: torch.optim.Optimizer, pg: ParallelGroups, mc: ModelConfig,
@@ -998,6 +1004,8 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     if is_main:  # model FLOPs of the whole step over the peak of all GPUs
         log = RunLog(tc.metrics_file, tc.tensorboard, start_step, say, lambda tokens_per_sec: (
             tokens_per_sec * mc.flops_per_token() / (peak_flops * pg.world_size) if peak_flops else None))
+    sampler = TrainingSampler(mc, tc.data, tc.sample_prompt, tc.sample_tokens, pg.rank, pg.world_size) \
+        if tc.sample_interval else None
     stop = StopRequest(tc.dist_timeout)
     stop.install()
     start_time = time.time()
@@ -1035,6 +1043,8 @@ def train_loop(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
                 val_loss = evaluate(model, corpus, pg, mc, tc, device, autocast_dtype)
                 if log:
                     log.eval(done, val_loss, bits_per_byte(corpus, val_loss))
+            if sampler and (done % tc.sample_interval == 0 or done == tc.max_steps):  # every rank: rank 0 decodes
+                say(sampler.sample(checkpoint_entries(model, optimizer, pg, with_optimizer=False)["params"], done))
             stopping = stop.agreed(pg.world_size)
             if target and ((tc.save_interval > 0 and done % tc.save_interval == 0) or done == tc.max_steps
                            or stopping):

@@ -7,6 +7,11 @@ that kind (a metrics file whose lines are our JSON records, a folder of our Tens
 handing over anything else is explicit (--overwrite). Outputs are never read as inputs, so an
 output inside an input (a checkpoint folder inside the --data text folder) is refused too.
 
+Outputs that a script writes whole (an export, an import, an upcycled checkpoint: Kind.replaced_whole)
+are stricter: --overwrite replaces only an earlier output of the same kind, which carries its script's
+mark, and hands over nothing else; the new output is written beside the old one and swapped in
+(swap_in), so a failure midway leaves the old one whole.
+
 Everything here is decided before the first byte is written, from the path and what is already
 there, so a refusal is an `error:` line at start and not a traceback (or a truncated file) later.
 """
@@ -15,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,7 +41,8 @@ class Kind:
 
     name: str  # in messages: "a metrics file"
     folder: bool
-    is_ours: Callable[[str], bool]  # called on an existing path of the right type
+    is_ours: Callable[[str], bool]  # called on an existing, non-empty path of the right type
+    replaced_whole: bool = False  # written whole by a script: --overwrite replaces only an earlier one of this kind
 
 
 def is_metrics_file(path: str) -> bool:
@@ -60,16 +68,10 @@ def holds_only(prefixes: tuple[str, ...] = (), suffixes: tuple[str, ...] = ()) -
     return check
 
 
-def never(path: str) -> bool:
-    """Outputs that must be new or empty (an export, an imported checkpoint)."""
-    return False
-
-
 METRICS_FILE = Kind("a metrics file of this trainer (JSON lines)", False, is_metrics_file)
 TENSORBOARD_DIR = Kind("a TensorBoard folder (events.out.tfevents.* only)", True,
                        holds_only(prefixes=("events.out.tfevents.",)))
 PLOT_DIR = Kind("a folder of plots (PNG files only)", True, holds_only(suffixes=(".png",)))
-NEW_DIR = Kind("an empty folder", True, never)
 
 
 def inside(path: str, folder: str) -> bool:
@@ -119,7 +121,7 @@ def claim(path: str, flag: str, kind: Kind, overwrite: bool = False, inputs: dic
         return
     mode = os.stat(path).st_mode if os.path.exists(path) else 0  # a dangling link has no mode
     if kind.folder and not stat.S_ISDIR(mode):
-        wanted = "an empty folder" if kind is NEW_DIR else "a folder"
+        wanted = "an empty folder" if kind.replaced_whole else "a folder"
         raise OutputError(f"{flag} {path}: exists and is not a folder, so not {wanted}; give a new folder")
     if not kind.folder and stat.S_ISDIR(mode):
         raise OutputError(f"{flag} {path}: is a folder; give a file name")
@@ -129,11 +131,38 @@ def claim(path: str, flag: str, kind: Kind, overwrite: bool = False, inputs: dic
         raise OutputError(f"{flag} {path}: not writable; choose another path")
     entries = os.listdir(path) if kind.folder else []
     empty = not entries if kind.folder else os.path.getsize(path) == 0
-    if empty or overwrite or kind.is_ours(path):
+    if empty:
         return
-    if kind is NEW_DIR:  # a checkpoint's `latest` must never move under a run that trains from it
-        held = "a checkpoint" if {"latest", "meta.json"} & set(entries) else "other files"
-        raise OutputError(f"{flag} {path} already holds {held} and is not an empty folder; choose a new or empty "
-                          f"folder (nothing is overwritten)")
-    raise OutputError(f"{flag} {path}: exists and is not {kind.name}, so it is not this tool's to write; "
-                      f"pass --overwrite to hand it over, or choose a new path")
+    ours = kind.is_ours(path)
+    if not kind.replaced_whole and (ours or overwrite):
+        return
+    if not kind.replaced_whole:
+        raise OutputError(f"{flag} {path}: exists and is not {kind.name}, so it is not this tool's to write; "
+                          f"pass --overwrite to hand it over, or choose a new path")
+    if ours and overwrite:
+        return
+    if ours:
+        raise OutputError(f"{flag} {path} already holds {kind.name}; pass --overwrite to replace it, or choose a "
+                          f"new path")
+    # Not ours: never replaced, --overwrite or not (a checkpoint's `latest` must never move under a run).
+    if not kind.folder:
+        raise OutputError(f"{flag} {path}: exists and is not {kind.name}, so it is not this tool's to replace "
+                          f"(not even with --overwrite); choose a new path")
+    held = "a checkpoint" if {"latest", "meta.json"} & set(entries) else "other files"
+    raise OutputError(f"{flag} {path} already holds {held} and is not an empty folder or {kind.name}; choose a "
+                      f"new or empty folder (nothing else is replaced, not even with --overwrite)")
+
+
+def swap_in(work: str, out: str) -> None:
+    """Put the finished `work` (a temporary sibling of `out`, file or folder) at `out`, replacing an earlier
+    output there that claim allowed (--overwrite). A file, or a folder over nothing or an empty folder, is
+    one rename; an earlier folder is first renamed aside into `.NAME.*.old` and deleted only once the new
+    one is in place, so a crash between the two renames leaves it whole there, never destroyed."""
+    if not os.path.isdir(out) or not os.listdir(out):
+        os.replace(work, out)  # rename(2): atomic over a file, and over an empty folder
+        return
+    parent = os.path.dirname(os.path.abspath(out))
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".old", dir=parent)
+    os.replace(out, os.path.join(old, "out"))
+    os.replace(work, out)
+    shutil.rmtree(old)

@@ -36,7 +36,9 @@ rwkv tokenizer matches the longest token, here always one byte, so text becomes 
 bos is added (add_bos_token false, as generate.py), eos_token_id is the run's eos.
 Weights are f32 by default (exact); --dtype f16 or bf16 halves the file (norms, the router and the
 expert bias stay f32, as convert_hf_to_gguf.py keeps them). Needs the `gguf` package
-(requirements-extras.txt). OUT must be new; --overwrite replaces an earlier file.
+(requirements-extras.txt). OUT must be new, or with --overwrite an earlier export of this script (a
+GGUF file whose metadata holds its mark, MARK_KEY); anything else (a GGUF from elsewhere, any other
+file) is refused even with --overwrite. The file is written beside OUT and renamed over it at the end.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import checkpoint as ckpt_io  # noqa: E402
 import data  # noqa: E402
-import outputs  # noqa: E402  (inside: whether a path lies in the checkpoint)
+import outputs  # noqa: E402  (claim: whether OUT may be written, and replaced)
 import generate  # noqa: E402  (run_tokenizer: the run's tokenizer, as generate.py finds it)
 from prepare_data import MAX_PIECE_BYTES  # noqa: E402
 from moe_layers import ModelConfig  # noqa: E402
@@ -301,14 +303,35 @@ def read_model(checkpoint: str) -> tuple[ckpt_io.Checkpoint, ModelConfig, dict[s
     return ckpt, cfg, state
 
 
-def check_out(out: str, overwrite: bool) -> None:
+# The mark of this script in the metadata (llama.cpp ignores keys it does not know): --overwrite replaces
+# only a file that carries it.
+MARK_KEY, MARK = "moe_minimal.written_by", "scripts/export_gguf.py"
+
+
+def is_earlier_export(path: str) -> bool:
+    """A regular GGUF file whose metadata holds MARK_KEY = MARK (read through the memory-mapped header)."""
+    import gguf
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        field = gguf.GGUFReader(path).fields.get(MARK_KEY)
+        return field is not None and field.contents() == MARK
+    except Exception:  # a damaged or foreign file: not ours
+        return False
+
+
+GGUF_EXPORT = outputs.Kind("an earlier export of scripts/export_gguf.py", False, is_earlier_export,
+                           replaced_whole=True)
+
+
+def check_out(out: str, overwrite: bool, inputs: dict[str, str | None]) -> None:
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise ValueError(f"OUT {out}: {folder} is not a folder; give a path in an existing folder")
     if os.path.isdir(out):
         raise ValueError(f"OUT {out} is a folder; give a file name such as {os.path.join(out, 'model.gguf')}")
-    if os.path.lexists(out) and not overwrite:
-        raise ValueError(f"OUT {out} exists; give a new name, or --overwrite to replace it")
+    outputs.claim(out, "OUT", GGUF_EXPORT, overwrite, inputs)  # new, or an earlier export with --overwrite
 
 
 def export(checkpoint: str, out: str, dtype: str = "f32", overwrite: bool = False,
@@ -316,10 +339,8 @@ def export(checkpoint: str, out: str, dtype: str = "f32", overwrite: bool = Fals
     """Write the GGUF file `out` (through a temporary file renamed at the end, so a refusal or a crash
     leaves nothing); return the llama.cpp architecture written. Everything is checked first."""
     import gguf
-    check_out(out, overwrite)
+    check_out(out, overwrite, {"the checkpoint": checkpoint, "--tokenizer": tokenizer_path})
     ckpt, cfg, state = read_model(checkpoint)
-    if outputs.inside(out, checkpoint) or outputs.inside(out, ckpt.path):
-        raise ValueError(f"OUT {out} lies inside the checkpoint folder; write it outside")
     check_representable(cfg, ckpt.path)
     # the run's tokenizer or --tokenizer; never bytes in place of a BPE whose --data folder is gone
     tokenizer = generate.run_tokenizer(checkpoint, tokenizer_path, cfg.vocab_size, needed=True)
@@ -335,6 +356,7 @@ def export(checkpoint: str, out: str, dtype: str = "f32", overwrite: bool = Fals
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(os.path.basename(os.path.normpath(ckpt.path)))
+        writer.add_string(MARK_KEY, MARK)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])
         add_model_keys(writer, cfg, arch)
@@ -344,7 +366,7 @@ def export(checkpoint: str, out: str, dtype: str = "f32", overwrite: bool = Fals
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
+        outputs.swap_in(tmp, out)  # one rename: an earlier export stays whole until this one replaces it
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -359,7 +381,8 @@ def main() -> None:
     p.add_argument("--dtype", default="f32", choices=DTYPES, help="type of the weight matrices (f32 is exact)")
     p.add_argument("--tokenizer", default=None,
                    help="bytes, a prepared data folder or a tokenizer.json (default: the one the checkpoint carries)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT when it is an earlier export of this script (nothing else is replaced)")
     args = p.parse_args()
     try:
         import gguf  # noqa: F401  (checked here so that a missing extra is one line, not a traceback)

@@ -26,7 +26,11 @@ the run's data meta.json is copied beside the weights. Needs safetensors and tok
 Multi-token prediction modules (`--mtp-num-layers`, `mtp.*` weights) are a training aid that
 these classes have no place for (Glm4Moe's num_nextn_predict_layers is written 0): they are left
 out, and the script says so.
---out must be a new or empty folder outside the checkpoint. Before anything is written, every
+--out must be a new or empty folder outside the checkpoint, or with --overwrite an earlier export of
+this script (only the files it writes, and a model.safetensors whose header carries its mark,
+MARK): the new export is written into a temporary folder beside it and swapped in, the old one
+deleted only then. A folder of anything else (a run, a model from elsewhere, an export from before
+the mark) is refused even with --overwrite. Before anything is written, every
 tensor's name and shape is checked against what transformers builds from the written config.json;
 a mismatch, a model no class expresses (softmax routing with groups, a scaling factor or shared
 experts; sigmoid routing with MoE layers other than "first k dense, then all"; shared experts of
@@ -41,6 +45,7 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import sys
 
 import torch
@@ -59,6 +64,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NOT_IN_TRANSFORMERS = {"router_type": "topk", "moe_capacity_factor": 0.0}
 # ... and those only the DeepSeek-style class (Glm4Moe, sigmoid scores) has: Qwen3-MoE routes by softmax.
 NOT_IN_QWEN3 = {"num_shared_experts": 0, "router_topk_scaling_factor": 1.0, "router_num_groups": 1}
+
+
+# What export() writes into --out, and the mark it puts in model.safetensors' header (transformers reads only
+# "format"): --overwrite replaces a folder only when it holds these files alone and carries the mark.
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "generation_config.json", "meta.json")
+MARK = {"format": "pt", "written_by": "moe-minimal scripts/export_hf.py"}
+
+
+def is_earlier_export(folder: str) -> bool:
+    """Only EXPORT_FILES, and a model.safetensors (a regular file: a FIFO would block) that carries MARK."""
+    weights = os.path.join(folder, "model.safetensors")
+    if not set(os.listdir(folder)) <= set(EXPORT_FILES) or not os.path.lexists(weights):
+        return False
+    if not stat.S_ISREG(os.lstat(weights).st_mode):
+        return False
+    try:
+        from safetensors import safe_open
+        with safe_open(weights, "pt") as f:  # reads the header only
+            return (f.metadata() or {}).get("written_by") == MARK["written_by"]
+    except Exception:  # not a safetensors file (the Rust side raises its own types)
+        return False
+
+
+HF_EXPORT = outputs.Kind("an earlier export of scripts/export_hf.py", True, is_earlier_export, replaced_whole=True)
 
 
 class UnsupportedModel(ValueError):
@@ -265,14 +295,15 @@ def tokenizer_files(ours: data.ByteTokenizer | data.TextTokenizer | None, vocab:
             "generation_config.json": json.dumps(generation, indent=2)}
 
 
-def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
+def export(checkpoint: str, out: str, dtype: str = "float32", overwrite: bool = False) -> list[str]:
     """Write config.json, model.safetensors, the tokenizer's three files (when the run has one) and a copied
-    data meta.json into `out`, a new or empty folder; return their paths. Everything is checked before anything is written, and the files are
-    written into a temporary folder renamed to `out` at the end, so a refusal or a crash writes nothing."""
+    data meta.json into `out`, a new or empty folder or (`overwrite`) an earlier export; return their paths.
+    Everything is checked before anything is written, and the files are written into a temporary folder
+    swapped in for `out` at the end, so a refusal or a crash leaves `out` as it was."""
     from safetensors.torch import save_file
     if not os.path.isdir(checkpoint):  # (checkpoint.resolve words this for the trainer's --load)
         raise ckpt_io.CheckpointError(f"--checkpoint {checkpoint}: no such folder")
-    outputs.claim(out, "--out", outputs.NEW_DIR, inputs={"the checkpoint": checkpoint})
+    outputs.claim(out, "--out", HF_EXPORT, overwrite, inputs={"the checkpoint": checkpoint})
     ckpt = ckpt_io.read_checkpoint(checkpoint)
     meta = ckpt.meta
     try:
@@ -323,7 +354,7 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
     try:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})  # transformers wants it
+        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata=MARK)  # transformers wants "format"
         names = ["config.json", "model.safetensors"]
         for name, text in (tokenizer or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
@@ -332,7 +363,7 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> list[str]:
         data = meta.get("train", {}).get("data", "")
         if data and os.path.isfile(os.path.join(data, "meta.json")):  # a regular file: never a FIFO
             names.append(os.path.basename(shutil.copy(os.path.join(data, "meta.json"), os.path.join(tmp, "meta.json"))))
-        os.replace(tmp, out)  # `out` is new or an empty folder, which rename replaces
+        outputs.swap_in(tmp, out)  # an earlier export (--overwrite) is deleted only once this one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -344,13 +375,15 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="a --save folder (follows `latest`) or one step folder")
     p.add_argument("--out", required=True, help="new or empty folder to write the model and its tokenizer into")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the written weights")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier export of this "
+                                                            "script (nothing else is replaced)")
     args = p.parse_args()
     for extra in ("safetensors", "tokenizers"):
         if importlib.util.find_spec(extra) is None:
             print(f"error: {extra} is not installed; pip install -r requirements-extras.txt", file=sys.stderr)
             sys.exit(2)
     try:
-        written = export(args.checkpoint, args.out, args.dtype)
+        written = export(args.checkpoint, args.out, args.dtype, args.overwrite)
     except (ValueError, OSError) as e:  # CheckpointError and UnsupportedModel are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

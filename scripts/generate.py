@@ -25,6 +25,8 @@ positions. With the cache, generation stops (with a note) once a token would nee
 seq_length; without it the model reads the last seq_length tokens (a sliding window), so it
 goes on. Up to that point both give the same tokens (with dropless token-choice routing; it
 prints a note for routers whose choices depend on the other tokens of a pass).
+The decoding itself (sampling.py) is the trainer's too: --sample-interval prints, at a step, what
+`--temperature 0` prints for that step's checkpoint.
 Bad input (a sampling flag out of range or not finite, a prompt that is empty, too long or
 outside the vocabulary, a checkpoint that is not a whole, finite model of this code) is one
 `error:` line, exit 2, before anything is sampled.
@@ -45,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt_io  # noqa: E402
 import data  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
+from sampling import check_prompt, decode_text, generate  # noqa: E402  (decoding, shared with the trainer)
 from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 def load_model(path: str, device: str = "cpu") -> MoETransformer:
@@ -59,69 +62,6 @@ def load_model(path: str, device: str = "cpu") -> MoETransformer:
     model = MoETransformer(dataclasses.replace(cfg, mtp_num_layers=0))
     ckpt_io.load_into(ckpt, model, None)  # takes the weights the model has (the mtp.* entries stay unread)
     return model.to(device).eval()
-
-
-def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """(V,) logits -> (V,) probabilities to draw from, after temperature, top-k and top-p (temperature > 0).
-
-    Any temperature > 0 and top-p > 0 give a distribution: the logits are shifted so the largest is 0
-    before dividing (a tiny temperature sends the others to -inf, not inf - inf = nan: greedy in
-    effect, ties shared), and top-p keeps the most likely token whatever the mass (a top-p below
-    float32's smallest number rounds to 0 in the comparison)."""
-    logits = logits.float()
-    logits = (logits - logits.max()) / temperature  # <= 0 everywhere, the top token(s) exactly 0
-    if 0 < top_k < logits.numel():
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)  # (V,), (V,)
-        before = sorted_probs.cumsum(0) - sorted_probs  # probability of the more likely tokens
-        drop = before >= top_p  # already reached top-p without them
-        drop[0] = False  # the most likely token is always kept
-        probs = probs.index_fill(0, order[drop], 0.0)
-        probs = probs / probs.sum()
-    return probs
-
-
-def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
-    if temperature == 0:
-        return int(logits.argmax())
-    return int(torch.multinomial(sampling_probs(logits, temperature, top_k, top_p).cpu(), 1, generator=gen))
-
-
-@torch.no_grad()
-def generate(model: MoETransformer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
-             eos_id: int | None = None) -> tuple[list[int], bool]:
-    """Return (new tokens, whether the cache stopped generation at seq_length); the new tokens end
-    with eos_id when the model drew it (generation stops there)."""
-    seq_length = model.cfg.seq_length
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    ids = list(prompt)
-    new: list[int] = []
-    if use_cache:
-        caches = [{} for _ in model.layers]  # per layer: "k", "v" (B, Hkv, T_seen, Dh), filled by Attention
-        x = torch.tensor([ids], device=device)  # (1, T)
-        logits = model(x, positions=torch.arange(len(ids), device=device), kv_caches=caches).output[0, -1]
-        while len(new) < max_new_tokens:
-            new.append(next_token(logits, temperature, top_k, top_p, gen))
-            pos = len(ids) + len(new) - 1  # the position the new token is fed at
-            if len(new) == max_new_tokens or new[-1] == eos_id:
-                break
-            if pos >= seq_length:
-                return new, True
-            x = torch.tensor([[new[-1]]], device=device)  # (1, 1)
-            logits = model(x, positions=torch.tensor([pos], device=device), kv_caches=caches).output[0, -1]
-        return new, False
-    for _ in range(max_new_tokens):
-        window = (ids + new)[-seq_length:]
-        logits = model(torch.tensor([window], device=device)).output[0, -1]  # (V,)
-        new.append(next_token(logits, temperature, top_k, top_p, gen))
-        if new[-1] == eos_id:
-            break
-    return new, False
 
 
 def run_tokenizer(checkpoint: str, override: str | None, vocab: int,
@@ -167,14 +107,7 @@ def parse_prompt(args: argparse.Namespace, tokenizer: data.ByteTokenizer | data.
             prompt = [int(i) for i in args.prompt_ids.split(",")]
         except ValueError:
             raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-    if not prompt:
-        raise ValueError("the prompt is empty; give at least one token")
-    if not all(0 <= i < vocab for i in prompt):
-        raise ValueError(f"--prompt-ids must lie in [0, {vocab}), the model's vocabulary")
-    if len(prompt) > seq_length:
-        raise ValueError(f"the prompt has {len(prompt)} tokens, more than the model's seq_length {seq_length}; "
-                         f"shorten it")
-    return prompt
+    return check_prompt(prompt, vocab, seq_length, "--prompt" if args.prompt is not None else "--prompt-ids")
 
 
 def main() -> None:
@@ -234,7 +167,7 @@ def main() -> None:
                             args.seed, use_cache=not args.no_cache, eos_id=eos_id)
     dt = time.time() - t0
     if args.prompt is not None:
-        print(tokenizer.decode(prompt + (new[:-1] if new and new[-1] == eos_id else new)))
+        print(decode_text(tokenizer, prompt, new))
     else:
         print(",".join(str(i) for i in prompt + new))
     if stopped:

@@ -25,7 +25,9 @@ attention bias, sliding-window attention, rope scaling, partial rotary (Glm4Moe'
 Glm4Moe without q/k norm or without renormalised top-k weights, or an activation other than
 silu. So are a config.json with missing or mistyped fields, unreadable or mismatched weights,
 and an --out that is not a new or empty folder (an existing run's `latest` is never moved);
-nothing is written.
+nothing is written. --overwrite replaces an earlier import of this script (`latest` and step 0
+alone, its meta.json marked "imported_from") and nothing else; the new step folder is written
+beside the old one and renamed over it (checkpoint.save_checkpoint), so a failure leaves the old.
 """
 
 from __future__ import annotations
@@ -266,10 +268,14 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[
     return shapes, buffers
 
 
-def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
-    """Convert the folder into `out`, a new or empty folder; return the step folder written.
-    Everything is read and checked before anything is written."""
-    outputs.claim(out, "--out", outputs.NEW_DIR, inputs={"--hf": hf_dir})  # e.g. a run's folder: refused
+IMPORTED = outputs.Kind("an earlier import of scripts/import_hf.py", True, ckpt_io.written_whole_by("imported_from"),
+                        replaced_whole=True)
+
+
+def import_hf(hf_dir: str, out: str, seq_length: int | None = None, overwrite: bool = False) -> str:
+    """Convert the folder into `out`, a new or empty folder or (`overwrite`) an earlier import; return the
+    step folder written. Everything is read and checked before anything is written."""
+    outputs.claim(out, "--out", IMPORTED, overwrite, inputs={"--hf": hf_dir})  # e.g. a run's folder: refused
     if not os.path.isdir(hf_dir):
         raise UnsupportedModel(f"--hf {hf_dir}: no such folder")
     config_path = os.path.join(hf_dir, "config.json")
@@ -291,13 +297,16 @@ def import_hf(hf_dir: str, out: str, seq_length: int | None = None) -> str:
     for name, shape in want.items():
         if tuple(tensors[name].shape) != shape:
             raise UnsupportedModel(f"{hf_dir}: {name} has shape {tuple(tensors[name].shape)}, the config gives {shape}")
-    return ckpt_io.save_full_state(out, tensors, dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig()))
+    return ckpt_io.save_full_state(out, tensors, dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig()),
+                                   {"imported_from": os.path.abspath(hf_dir)})
 
 
 def main() -> None:
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hf", required=True, help="folder with config.json and model.safetensors (save_pretrained)")
     p.add_argument("--out", required=True, help="new or empty folder: the checkpoint root to write (then --load it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier import of this "
+                                                            "script (nothing else is replaced)")
     p.add_argument("--seq-length", type=int, default=None, help="training sequence length; "
                                                                 "default: max_position_embeddings")
     args = p.parse_args()
@@ -309,7 +318,7 @@ def main() -> None:
     try:
         if args.seq_length is not None and args.seq_length < 1:
             raise ValueError(f"--seq-length must be >= 1, got {args.seq_length}")
-        path = import_hf(args.hf, args.out, args.seq_length)
+        path = import_hf(args.hf, args.out, args.seq_length, args.overwrite)
     except (ValueError, OSError) as e:  # UnsupportedModel, unreadable JSON, unreadable files
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

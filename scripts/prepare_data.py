@@ -69,6 +69,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import outputs  # noqa: E402
 from launch import ArgumentParser  # noqa: E402  (one `error:` line, exit 2)
 
 OUTPUTS = ("train.bin", "val.bin", "meta.json", "tokenizer.json")
@@ -523,18 +524,6 @@ def make_work_folder(out: str) -> tuple[str, str | None]:
     return work, made
 
 
-def move_into_place(work: str, out: str) -> None:
-    """Rename the finished work folder to --out; an earlier output (--overwrite) goes only once it has."""
-    if not os.path.lexists(out) or not os.listdir(out):
-        os.replace(work, out)  # rename(2) replaces an empty folder
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".old",
-                           dir=os.path.dirname(os.path.abspath(out)))
-    os.replace(out, os.path.join(old, "out"))
-    os.replace(work, out)
-    shutil.rmtree(old)
-
-
 def remove_work(work: str | None, made: str | None, out: str) -> None:
     """Undo make_work_folder: the work folder, and the parent folders it made while still empty."""
     if work is not None:
@@ -578,7 +567,7 @@ def main() -> None:
         meta = prepare(args, files, work, given)
         with open(os.path.join(work, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        move_into_place(work, args.out)
+        outputs.swap_in(work, args.out)  # an earlier output (--overwrite) goes only once the new one is in place
     except (ValueError, OSError) as e:  # DataError is a ValueError
         remove_work(work, made, args.out)  # a failed run leaves no trace
         print(f"error: {e}", file=sys.stderr)

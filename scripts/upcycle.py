@@ -21,7 +21,9 @@ so `--load` reads the same data stream (--seed, --data, --micro-batch-size), res
 give --seed on the continued run to draw other batches. The dense checkpoint may come from any
 layout. Bad input (missing folder, not dense, bad numbers, an OUT that is not a new or empty
 folder outside the dense checkpoint, so that an existing run's `latest` never moves) is one
-`error:` line, exit 2, and nothing is written.
+`error:` line, exit 2, and nothing is written. --overwrite replaces an earlier output of this
+script (`latest` and step 0 alone, its meta.json marked "upcycled_from") and nothing else; the new
+step folder is written beside the old one and renamed over it, so a failure leaves the old.
 """
 
 from __future__ import annotations
@@ -84,12 +86,17 @@ def upcycle_state(dense: dict[str, torch.Tensor], cfg: ModelConfig, router_std: 
     return out
 
 
+UPCYCLED = outputs.Kind("an earlier output of scripts/upcycle.py", True, ckpt_io.written_whole_by("upcycled_from"),
+                        replaced_whole=True)
+
+
 def upcycle(checkpoint: str, out: str, num_experts: int, top_k: int, interval: int = 1,
-            router_std: float = 0.02, seed: int = 0, noise: float = 0.0) -> str:
-    """Read the dense checkpoint, write the upcycled one; return the step folder written."""
+            router_std: float = 0.02, seed: int = 0, noise: float = 0.0, overwrite: bool = False) -> str:
+    """Read the dense checkpoint, write the upcycled one (over an earlier one with `overwrite`); return the
+    step folder written."""
     if not os.path.isdir(checkpoint):
         raise ValueError(f"--checkpoint {checkpoint}: no such folder")
-    outputs.claim(out, "--out", outputs.NEW_DIR, inputs={"the dense checkpoint": checkpoint})
+    outputs.claim(out, "--out", UPCYCLED, overwrite, inputs={"the dense checkpoint": checkpoint})
     ckpt = ckpt_io.read_checkpoint(checkpoint)
     cfg = upcycled_config(ModelConfig(**ckpt.meta["model"]), num_experts, top_k, interval)
     tensors = upcycle_state(ckpt_io.full_state_dict(ckpt), cfg, router_std, seed, noise)
@@ -101,6 +108,8 @@ def main() -> None:
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="dense checkpoint (a --save root or one step folder)")
     p.add_argument("--out", required=True, help="new or empty folder: the checkpoint root to write (then --load it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier output of this "
+                                                            "script (nothing else is replaced)")
     p.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer, E")
     p.add_argument("--num-experts-per-token", type=int, required=True, help="top-k, K")
     p.add_argument("--moe-layer-interval", type=int, default=1, help="layer i is MoE iff (i + 1) %% interval == 0")
@@ -116,7 +125,7 @@ def main() -> None:
         if not 0 <= args.seed < 2**63:
             raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
         path = upcycle(args.checkpoint, args.out, args.num_experts, args.num_experts_per_token,
-                       args.moe_layer_interval, args.router_init_std, args.seed, args.noise)
+                       args.moe_layer_interval, args.router_init_std, args.seed, args.noise, args.overwrite)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

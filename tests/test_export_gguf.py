@@ -302,7 +302,7 @@ REFUSALS = {
     "capacity": "llama.cpp is dropless", "moe_layers_not_leading_dense": "first k layers dense",
     "shared_width_not_a_multiple": "not a whole number", "vocab_rows_without_tokens": "one token per row",
     "tokenizer_splits_otherwise": "GPT-2's split", "data_gone": "is gone", "missing_checkpoint": "no such folder",
-    "out_under_a_file": "is not a folder", "out_exists": "exists; give a new name", "out_is_a_folder": "is a folder",
+    "out_under_a_file": "is not a folder", "out_exists": "not this tool's to replace", "out_is_a_folder": "is a folder",
     "out_inside_checkpoint": "inside the checkpoint",
 }
 

@@ -7,6 +7,7 @@ import torch
 
 from moe_layers import MoETransformer
 import generate
+import sampling
 from helpers import run_script, save_in_process, tiny_config, tokens
 
 
@@ -67,12 +68,12 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(sampler):
 def test_sampling_probs_by_hand():
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = p.log()
-    assert torch.allclose(generate.sampling_probs(logits, 1.0), p)
-    assert torch.allclose(generate.sampling_probs(logits, 1.0, top_p=0.7), torch.tensor([0.625, 0.375, 0, 0]))
-    assert torch.allclose(generate.sampling_probs(logits, 1.0, top_p=0.9), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
-    assert torch.allclose(generate.sampling_probs(logits, 1.0, top_k=2), torch.tensor([0.625, 0.375, 0, 0]))
+    assert torch.allclose(sampling.sampling_probs(logits, 1.0), p)
+    assert torch.allclose(sampling.sampling_probs(logits, 1.0, top_p=0.7), torch.tensor([0.625, 0.375, 0, 0]))
+    assert torch.allclose(sampling.sampling_probs(logits, 1.0, top_p=0.9), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
+    assert torch.allclose(sampling.sampling_probs(logits, 1.0, top_k=2), torch.tensor([0.625, 0.375, 0, 0]))
     root = p.sqrt()  # temperature 2: p^(1/2), renormalised
-    assert torch.allclose(generate.sampling_probs(logits, 2.0), root / root.sum())
+    assert torch.allclose(sampling.sampling_probs(logits, 2.0), root / root.sum())
 
 
 def test_generate_cli_prints_the_greedy_text_and_refuses_long_prompts(trained, sampler):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt_io
+import export_hf
 import launch
 import minimal_pretrain as mp
 import outputs
@@ -100,7 +101,7 @@ def _output_case(case: str, tmp) -> tuple[str, outputs.Kind, dict, str | None]:
         "save_name_over_255_bytes": (tmp / long_name, ckpt_io.CHECKPOINT_ROOT, {}, "longer than"),
         "save_path_near_4096_bytes": (deep, ckpt_io.CHECKPOINT_ROOT, {}, "limit of"),
         "save_into_a_folder_of_other_files": (tmp / "plots", ckpt_io.CHECKPOINT_ROOT, {}, "not a checkpoint folder"),
-        "export_into_a_run": (ck, outputs.NEW_DIR, {}, "already holds a checkpoint"),
+        "export_into_a_run": (ck, export_hf.HF_EXPORT, {}, "already holds a checkpoint"),
     }[case]
 
 

@@ -21,6 +21,7 @@ import torch
 import data
 import generate
 import prepare_data
+import sampling
 from moe_layers import ModelConfig, MoETransformer
 
 WORDS = ["héllo", "wörld", "☃", "日本語", "def", "return", "the", "moe", "expert", "\n", "  "]
@@ -356,14 +357,14 @@ def test_sampling_at_a_tiny_temperature_and_top_p_by_hand():
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = p.log()
     one_hot = torch.tensor([1.0, 0, 0, 0])
-    assert torch.equal(generate.sampling_probs(logits, 1e-40), one_hot)
-    assert torch.equal(generate.sampling_probs(torch.tensor([3.0, 3.0, 0.0]), 1e-40), torch.tensor([0.5, 0.5, 0]))
-    assert torch.equal(generate.sampling_probs(logits, 1.0, top_p=1e-300), one_hot)
-    assert torch.equal(generate.sampling_probs(logits, 1e-40, top_p=1e-300), one_hot)
+    assert torch.equal(sampling.sampling_probs(logits, 1e-40), one_hot)
+    assert torch.equal(sampling.sampling_probs(torch.tensor([3.0, 3.0, 0.0]), 1e-40), torch.tensor([0.5, 0.5, 0]))
+    assert torch.equal(sampling.sampling_probs(logits, 1.0, top_p=1e-300), one_hot)
+    assert torch.equal(sampling.sampling_probs(logits, 1e-40, top_p=1e-300), one_hot)
     # temperature 0.5: p^2 / sum = [.25, .09, .0225, .0025] / .365; top-p 0.8 keeps the first two
     # (the mass before the third is .34 / .365 = 0.93 >= 0.8): [.25, .09] / .34
     want = torch.tensor([0.25, 0.09, 0, 0]) / 0.34
-    assert torch.allclose(generate.sampling_probs(logits, 0.5, top_p=0.8), want)
+    assert torch.allclose(sampling.sampling_probs(logits, 0.5, top_p=0.8), want)
 
 
 def test_generate_at_a_tiny_temperature_is_greedy():

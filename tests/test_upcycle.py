@@ -102,7 +102,8 @@ def test_upcycle_bad_input_exits_2_with_one_error_line(dense_ckpt, tmp_path, cas
     the test, as a traceback would); the first case also as a real process."""
     src, out, words = {"missing_folder": (tmp_path / "nothing", tmp_path / "o", "no such folder"),
                        "not_dense": (dense_ckpt / "moe", tmp_path / "o", "already an MoE model"),
-                       "out_taken": (dense_ckpt / "dense", dense_ckpt / "moe", "already holds a checkpoint")}[case]
+                       "out_taken": (dense_ckpt / "dense", dense_ckpt / "moe", "already holds an earlier output of "
+                                                                             "scripts/upcycle.py; pass --overwrite")}[case]
     args = ["--checkpoint", src, "--out", out, "--num-experts", 4, "--num-experts-per-token", 2]
     monkeypatch.setattr(sys, "argv", ["upcycle.py"] + [str(a) for a in args])
     capsys.readouterr()
