@@ -564,6 +564,8 @@ class SwiGLU(torch.autograd.Function):
     def backward(ctx, grad_h: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # Inductor writes both halves in one kernel; out= into views would break the graph
+            return torch.cat([torch.ops.aten.silu_backward(grad_h * up, gate), grad_h * F.silu(gate)], dim=-1)
         grad = torch.empty_like(gate_up)  # (M, 2F): [d/d gate | d/d up]
         grad_gate, grad_up = grad.chunk(2, dim=-1)
         torch.mul(grad_h, F.silu(gate), out=grad_up)

@@ -145,3 +145,31 @@ def test_cuda_step_keeps_activations_bf16_and_the_router_fp32(monkeypatch):
                 "expert input": bf16, "logits": bf16, "router logits": fp32, "router probs": fp32}
     assert seen == expected
     assert set(mode.sdpa_dtypes) == bf16
+
+
+def test_a_moe_block_on_the_grouped_gemm_path_compiles_whole_and_gives_eagers_gradients():
+    """--compile compiles each block: with the CUDA path's grouped GEMM experts (bf16, which
+    torch._grouped_mm also runs on the CPU) dynamo must see one graph, forward and backward (no
+    graph break: a break would split Inductor's fusions), and the compiled gradients equal eager's."""
+    from moe_layers import MoETransformer
+    cfg = tiny_cfg(moe_ffn_hidden_size=16)
+    model = MoETransformer(cfg, seed=0).to(torch.bfloat16)
+    for module in model.modules():
+        if hasattr(module, "use_grouped_mm"):
+            module.use_grouped_mm = True
+    block = model.layers["1"]
+    assert block.is_moe
+    x = torch.randn(2, cfg.seq_length, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        y, stats = block(x, model.rope, torch.arange(cfg.seq_length))
+        return y.float().square().sum() + stats.aux_loss
+
+    explained = torch._dynamo.explain(loss)(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    weights = [x, block.mlp.experts.w_gate_up, block.mlp.experts.w_down, block.self_attn.q_proj.weight]
+    eager = torch.autograd.grad(loss(x), weights)
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager")(x), weights)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
