@@ -252,7 +252,7 @@ def print_run_summary(steps: int, tokens: int, wall: float, last: dict, val_loss
             line += (f" | max/mean {last['max_over_mean_load'][layer]:.2f}, cv {last['load_cv'][layer]:.2f}, "
                      f"{last['dead_experts'][layer]} dead")
         if layer in last.get("ep_rank_rows", {}):
-            line += " | rows per EP rank per step " + ", ".join(f"{r:.0f}" for r in last["ep_rank_rows"][layer])
+            line += "\n    rows per EP rank per step " + ", ".join(f"{r:.0f}" for r in last["ep_rank_rows"][layer])
         print(line)
     if any(last.get("dead_experts", {}).values()):
         print(f"dead experts (under {DEAD_LOAD:.0%} of the mean load): raise --router-aux-loss-coef or use "
