@@ -11,7 +11,7 @@ checks, the banner. A run's start-up reads top to bottom:
     StopRequest         SIGTERM / SIGINT: stop after the current step, saving
 
 Each train flag is a TrainConfig field whose metadata holds its help text (and choices): --help,
-the banner's config line and README_MOE.md's flag tables all come from those fields. The model's
+the banner's config lines and README_MOE.md's flag tables all come from those fields. The model's
 flags are ModelConfig's fields (moe_layers.py), which carry theirs the same way.
 """
 
@@ -24,8 +24,10 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import signal
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,7 @@ import outputs
 from data import Corpus, DataError, load_corpus, load_tokenizer
 from memory import (NotEnoughMemory, check_memory, describe_plan, estimate_rank_bytes, layers_text,
                     optimizer_bytes_per_rank, params_per_stage)
+from metrics import LINE_WIDTH
 from moe_layers import ModelConfig, arg, can_use_grouped_mm
 from optim import LRSchedule, lr_schedule
 from parallel_layers import Layout
@@ -709,8 +712,7 @@ def dry_run(mc: ModelConfig, tc: TrainConfig, world_size: int) -> None:
     bf16 = resolve_param_dtype(tc, torch.device(device_type)) == torch.bfloat16
     print(describe_plan(mc, layout, device_type, bf16, distributed=tc.use_distributed_optimizer,
                         recompute=tc.recompute))
-    print(f"model config: {json.dumps(dataclasses.asdict(mc))}")
-    print(f"train config: {json.dumps(dataclasses.asdict(tc))}")
+    print("\n".join(config_lines(mc, tc)))
 
 
 # ======================================================== the inputs of a run
@@ -869,45 +871,105 @@ def software_text() -> str:
     return f"torch {sw['torch']}, {sw['cpu_threads']} CPU threads per rank ({sw['cpu_kernels']})"
 
 
-def print_banner(inputs: RunInputs, device: torch.device,
-                 autocast_dtype: torch.dtype | None) -> None:
-    """What is about to run, before anything is allocated: device and precision, model size,
-    layout, data, batch and schedule, the memory estimate, notes on a resume, the full config."""
+def wrapped(line: str) -> list[str]:
+    """A banner line wrapped at spaces to LINE_WIDTH, continued with an indent (a long path stays whole)."""
+    return textwrap.wrap(line, LINE_WIDTH, subsequent_indent="    ", break_long_words=False,
+                         break_on_hyphens=False) or [line]
+
+
+def ranges_text(numbers: list[int]) -> str:
+    """[0, 1, 2, 3, 6] -> '0-3, 6': a layer list that stays short for a deep model."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def config_flags(mc: ModelConfig, tc: TrainConfig) -> list[str]:
+    """The resolved config as the flags whose value differs from its default (`--max-steps 30`,
+    `--no-progress`): with the defaults of --help that is the whole config, pasteable, and short."""
+    flags = []
+    for config in (mc, tc):
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if value == f.default:
+                continue
+            name = f.name.replace("_", "-")
+            if field_kind(f) is bool:
+                flags.append(f"--{name}" if value else f"--no-{name}")
+            else:
+                flags.append(f"--{name} {shlex.quote(str(value))}")
+    return flags
+
+
+def config_lines(mc: ModelConfig, tc: TrainConfig, where: str = "") -> list[str]:
+    """The resolved config's non-default flags, wrapped between flags (a flag and its value stay on one line)."""
+    lines = [f"config: the flags not at their --help default{where}:"]
+    for flag in config_flags(mc, tc):
+        if len(lines) > 1 and len(lines[-1]) + 1 + len(flag) <= LINE_WIDTH:
+            lines[-1] += " " + flag
+        else:
+            lines.append("  " + flag)
+    return lines
+
+
+def banner_head(inputs: RunInputs, device: torch.device, autocast_dtype: torch.dtype | None) -> list[str]:
+    """What a training run and --eval-only both say first: device, precision, software, the model, the data."""
     mc, tc, corpus, layout = inputs.mc, inputs.tc, inputs.corpus, inputs.layout
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         "no CUDA device visible" if tc.device == "auto" else "--device cpu")
     weights = resolve_param_dtype(tc, device)
     precision = "fp32" if weights == torch.float32 else "bf16 with fp32 master weights"
-    print("=" * 28 + " run " + "=" * 28)
-    print(f"device: {device.type} ({where}) x {layout.world_size} rank{'s' if layout.world_size > 1 else ''} | weights {precision} | "
-          f"autocast {autocast_dtype or 'off'} | grouped GEMM "
-          f"{can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)} | {software_text()}")
-    experts = (f"{mc.num_experts} experts top-{mc.num_experts_per_token} in layers {mc.moe_layers}"
+    experts = (f"{mc.num_experts} experts top-{mc.num_experts_per_token} in layers {ranges_text(mc.moe_layers)}"
                if mc.num_experts else "dense")
     if mc.mtp_num_layers:
         experts += f" | {mc.mtp_num_layers} MTP modules (layers {mc.mtp_layers}), loss coef {tc.mtp_loss_coef:g}"
-    print(f"model: {params_per_stage(mc, 1, 1, 1)[0]:,} parameters, {mc.active_params_per_token():,} active per "
-          f"token (embedding lookup excluded) | {mc.num_layers} layers, hidden {mc.hidden_size}, {experts}")
+    return [f"device: {device.type} ({where}) x {layout.world_size} rank{'s' if layout.world_size > 1 else ''} | "
+            f"weights {precision} | autocast {autocast_dtype or 'off'} | grouped GEMM "
+            f"{can_use_grouped_mm(device, mc, autocast_dtype or torch.float32)}",
+            f"software: {software_text()}",
+            f"model: {params_per_stage(mc, 1, 1, 1)[0]:,} parameters, {mc.active_params_per_token():,} active per "
+            f"token (embedding lookup excluded)",
+            f"  {mc.num_layers} layers, hidden {mc.hidden_size}, {experts}",
+            f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens"]
+
+
+def print_banner(inputs: RunInputs, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> None:
+    """What is about to run, before anything is allocated: device and precision, model size,
+    layout, data, batch and schedule, the memory estimate, notes on a resume, the flags that differ
+    from the defaults. --eval-only says only what its number depends on: model, data, eval batches."""
+    mc, tc, layout = inputs.mc, inputs.tc, inputs.layout
+    head = banner_head(inputs, device, autocast_dtype)
+    if tc.eval_only:
+        lines = ["=" * 28 + " eval " + "=" * 28] + head + [
+            f"eval: {tc.eval_iters} batches of {layout.global_batch} sequences x {mc.seq_length} tokens of the val "
+            f"split (seed {tc.seed})"]
+        print("\n".join(part for line in lines for part in wrapped(line)))
+        return
     ranks = describe_layout(layout, mc).split("\n")
-    print("\n".join(ranks[:17] + ([f"  ... {len(ranks) - 17} more ranks"] if len(ranks) > 17 else [])))
-    print(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
-    print(f"batch: {layout.global_batch} sequences x {mc.seq_length} tokens per step ({tc.micro_batch_size} per "
-          f"micro-batch x {tc.num_microbatches} micro-batches x DP {layout.dp}), {tc.max_steps} steps | "
-          f"{tc.optimizer} | LR: {tc.schedule().describe()}")
+    ranks = ranks[:17] + ([f"  ... {len(ranks) - 17} more ranks"] if len(ranks) > 17 else [])
+    weights = resolve_param_dtype(tc, device)
     state, acts = estimate_rank_bytes(mc, layout, weights == torch.bfloat16, device.type == "cuda",
                                       distributed=tc.use_distributed_optimizer, recompute=tc.recompute)
-    print(f"memory per rank (estimate): {size_text(state)} weights, gradients and optimizer state + at least "
-          f"{size_text(acts)} activations")
     optim_bytes = optimizer_bytes_per_rank(mc, layout, weights == torch.bfloat16, tc.use_distributed_optimizer)
     if not tc.use_distributed_optimizer:
-        sharding = "each rank holds all of it; --use-distributed-optimizer shards it over DP"
+        sharding = "whole on each rank; --use-distributed-optimizer shards it over DP"
     elif layout.dp == 1:
         sharding = "--use-distributed-optimizer changes nothing at DP 1: no replica to share it with"
     else:
         sharding = (f"--use-distributed-optimizer: dense weights' state / DP {layout.dp}, experts' / their "
                     f"{layout.expert_dp_size} replica{'s' if layout.expert_dp_size > 1 else ''}")
-    print(f"optimizer state per rank (estimate): {size_text(optim_bytes)} ({sharding})")
-    for note in inputs.notes:
-        print(f"note: {note}")
-    print(f"model config: {json.dumps(dataclasses.asdict(mc))}")
-    print(f"train config: {json.dumps(dataclasses.asdict(tc))}")
+    where = " (each checkpoint's meta.json holds the whole config)" if tc.save else ""
+    lines = (["=" * 28 + " run " + "=" * 28] + head[:4] + ranks + head[4:] + [
+        f"batch: {layout.global_batch} sequences x {mc.seq_length} tokens per step ({tc.micro_batch_size} per "
+        f"micro-batch x {tc.num_microbatches} micro-batches x DP {layout.dp}), {tc.max_steps} steps",
+        f"optimizer: {tc.optimizer} | LR: {tc.schedule().describe()}",
+        f"memory per rank (estimate): {size_text(state)} weights, gradients and optimizer state + at least "
+        f"{size_text(acts)} activations",
+        f"optimizer state per rank (estimate): {size_text(optim_bytes)} ({sharding})"]
+        + [f"note: {note}" for note in inputs.notes] + config_lines(mc, tc, where))
+    print("\n".join(part for line in lines for part in wrapped(line)))

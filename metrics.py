@@ -28,6 +28,10 @@ HEALTH_FIELDS = ("max_over_mean_load", "load_cv", "dead_experts", "ep_rank_rows"
 # is reported once (again only if it recovers and dies again).
 DEAD_LOAD, DEAD_LOGS = 0.01, 3
 
+# Console lines of a run (banner, warnings, summary) stay within this many characters; the log line
+# keeps its documented fields on one line (one grep, one record) and may be longer.
+LINE_WIDTH = 120
+
 
 def drop_metrics_after(path: str, step: int) -> None:
     """Keep the records of steps <= `step` (and drop a half-written last line): a run restarted
@@ -90,18 +94,33 @@ class DeadExperts:
     def __init__(self) -> None:
         self.runs: dict[tuple[str, int], int] = {}
 
-    def update(self, expert_load: dict[str, list[float]]) -> list[str]:
-        warnings = []
+    def update(self, expert_load: dict[str, list[float]]) -> dict[str, list[int]]:
+        """The experts, by layer, that have just been dead for DEAD_LOGS intervals in a row."""
+        newly: dict[str, list[int]] = {}
         for layer, load in expert_load.items():
             mean = 1.0 / len(load)  # fractions of the routed tokens sum to 1
             for e, share in enumerate(load):
                 key = (layer, e)
                 self.runs[key] = self.runs.get(key, 0) + 1 if is_dead(share, mean) else 0
                 if self.runs[key] == DEAD_LOGS:
-                    warnings.append(f"warning: layer {layer} expert {e} is dead: under {DEAD_LOAD:.0%} of the mean "
-                                    f"load for {DEAD_LOGS} logged intervals (now {share:.3%} of the tokens, mean "
-                                    f"{mean:.1%}); raise --router-aux-loss-coef or use --router-bias-update-rate")
-        return warnings
+                    newly.setdefault(layer, []).append(e)
+        return newly
+
+
+def dead_warning(newly: dict[str, list[int]]) -> str:
+    """One console line for every expert that died in an interval, layer by layer, cut at LINE_WIDTH
+    (`...`): a collapsed model has dozens. Each expert's load stays in --metrics-file (expert_load)."""
+    n = sum(len(experts) for experts in newly.values())
+    line = f"warning: {n} dead expert{'s' if n > 1 else ''} (under {DEAD_LOAD:.0%} of the mean load, {DEAD_LOGS} intervals in a row):"
+    pieces = []  # the line grows by these; it is cut between two of them
+    for layer, experts in newly.items():
+        pieces.append(f"{';' if pieces else ''} layer {layer}: {experts[0]}")
+        pieces += [f",{e}" for e in experts[1:]]
+    for k, piece in enumerate(pieces):
+        if len(line) + len(piece) + (4 if k < len(pieces) - 1 else 0) > LINE_WIDTH:  # room for " ..."
+            return line + " ..."
+        line += piece
+    return line
 
 
 class RunLog:
@@ -153,8 +172,9 @@ class RunLog:
             record["mfu"] = mfu
             line += f" | MFU: {100 * mfu:.1f}%"
         self.say(line)
-        for warning in self.dead.update(means["expert_load"]):
-            self.say(warning)
+        newly_dead = self.dead.update(means["expert_load"])
+        if newly_dead:
+            self.say(dead_warning(newly_dead))
         self.write(record)
         if self.board:
             for name in ("loss", "lm_loss", "mtp_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec",
@@ -217,8 +237,10 @@ def print_run_summary(steps: int, tokens: int, wall: float, last: dict, val_loss
     print("=" * 24 + " run summary " + "=" * 24)
     print(f"steps {steps} | tokens {tokens:,} | wall time {wall:.1f}s | {tokens / max(wall, 1e-9):,.0f} tokens/s")
     mtp = f", mtp {last['mtp_loss']:.4f}" if "mtp_loss" in last else ""
-    print(f"final train loss {last.get('loss', float('nan')):.4f} (lm {last.get('lm_loss', float('nan')):.4f}{mtp}; "
-          f"mean of the last logged interval)")
+    if "loss" in last:
+        print(f"final train loss {last['loss']:.4f} (lm {last['lm_loss']:.4f}{mtp}; mean of the last logged interval)")
+    else:
+        print("final train loss: none logged (the run stopped before its first log)")
     if val_loss is not None:
         print(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {unigram:.4f} nats/token "
               f"({'beats it' if val_loss < unigram else 'worse'} by {abs(unigram - val_loss):.4f})")
@@ -230,6 +252,9 @@ def print_run_summary(steps: int, tokens: int, wall: float, last: dict, val_loss
             line += (f" | max/mean {last['max_over_mean_load'][layer]:.2f}, cv {last['load_cv'][layer]:.2f}, "
                      f"{last['dead_experts'][layer]} dead")
         if layer in last.get("ep_rank_rows", {}):
-            line += " | rows per EP rank per step " + ", ".join(f"{r:.0f}" for r in last["ep_rank_rows"][layer])
+            line += "\n    rows per EP rank per step " + ", ".join(f"{r:.0f}" for r in last["ep_rank_rows"][layer])
         print(line)
+    if any(last.get("dead_experts", {}).values()):
+        print(f"dead experts (under {DEAD_LOAD:.0%} of the mean load): raise --router-aux-loss-coef or use "
+              f"--router-bias-update-rate")
     print(f"peak memory per rank ({kind}, MiB): " + ", ".join(f"{m:.0f}" for m in peak))

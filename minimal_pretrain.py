@@ -956,7 +956,8 @@ def resume_from(resume: ckpt_io.Checkpoint, model: MoETransformer, optimizer: to
     if saved["world_size"] == pg.world_size and saved["tp"] == pg.tp and saved["pp"] == pg.pp:
         torch.set_rng_state(resume.rng[pg.rank]["torch"])
     if pg.is_main:
-        print(f"resumed from {resume.path} at step {step} (saved on layout {saved})")
+        print(f"{'evaluating' if tc.eval_only else 'resumed from'} {resume.path} at step {step} (saved on world "
+              f"{saved['world_size']} = PP {saved['pp']} x DP {saved['dp']} x TP {saved['tp']}, EP {saved['ep']})")
         later = [d for d in ckpt_io.list_checkpoints(tc.save) if d > ckpt_io.step_dir_name(step)] if tc.save else []
         if later:
             print(f"note: {tc.save} also holds later checkpoints {later[:3]}{'...' if len(later) > 3 else ''} "

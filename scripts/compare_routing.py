@@ -1,6 +1,7 @@
 """Train the same small MoE once per routing method and tabulate quality, balance and speed.
 
-    python scripts/compare_routing.py --out docs --overwrite --jobs 2   # the committed table: 7 min on 2 quiet cores
+    # the committed table, about 6 minutes on 2 cores:
+    python scripts/compare_routing.py --out docs --overwrite --steps 150 --jobs 2 --keep-metrics
     python scripts/compare_routing.py --quick --out /tmp/rc             # tiny model, seconds (the test)
 
 Every method runs `minimal_pretrain.py` in a subprocess with the same model, seed, data

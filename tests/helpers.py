@@ -100,6 +100,12 @@ def run_cli(args: list[str], nproc: int = 1, timeout: float = 240, env: dict | N
     return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=HERE)
 
 
+def unwrapped(out: str) -> str:
+    """Console text with the banner's wrapped lines joined again (launch.wrapped continues a line
+    with four spaces), so that a note can be looked for whole."""
+    return out.replace("\n    ", " ")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

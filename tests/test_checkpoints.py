@@ -19,7 +19,8 @@ from parallel_layers import Layout
 import minimal_pretrain as mp
 from moe_layers import MoETransformer
 from helpers import (_assert_continues_like, assert_clean_refusal, free_port, HERE, interrupted_at_3, run_cli,
-                     run_for_resume, smoke, tiny_config, TINY_FLAGS, train_records, tree_bytes, without_timing)
+                     run_for_resume, smoke, tiny_config, TINY_FLAGS, train_records, tree_bytes, unwrapped,
+                     without_timing)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_resume_with_a_longer_max_steps_keeps_the_saved_schedule_unless_told(tmp
     capsys.readouterr()
     # Longer run, no schedule flag: the cosine of the 6-step run has ended, the LR stays at --min-lr.
     mp.main(flags + ["--max-steps", "9", "--save", str(tmp_path / "a"), "--metrics-file", str(tmp_path / "a.jsonl")])
-    out = capsys.readouterr().out
+    out = unwrapped(capsys.readouterr().out)
     assert "note: the checkpoint's LR schedule goes on: its decay ends at step 6" in out
     lrs = [r["lr"] for r in train_records(str(tmp_path / "a.jsonl"))]
     assert lrs[:6] == pytest.approx([cosine_lr(s, 1e-2, 1e-3, 1, 6) for s in range(6)], rel=1e-12)
@@ -187,7 +188,7 @@ def test_resume_with_a_longer_max_steps_keeps_the_saved_schedule_unless_told(tmp
     # Asked for: the cosine is recomputed over 12 steps from step 6 on, and the start says how the LR jumps.
     mp.main(flags + ["--max-steps", "9", "--lr-decay-steps", "12", "--save", str(tmp_path / "b"),
                      "--metrics-file", str(tmp_path / "b.jsonl")])
-    out = capsys.readouterr().out
+    out = unwrapped(capsys.readouterr().out)
     jump = f"the LR goes from {cosine_lr(6, 1e-2, 1e-3, 1, 6):.2e} to {cosine_lr(6, 1e-2, 1e-3, 1, 12):.2e}"
     assert f"note: the LR schedule changes at step 6 (--lr-decay-steps 6 -> 12): {jump}" in out
     lrs = [r["lr"] for r in train_records(str(tmp_path / "b.jsonl"))]  # steps 7, 8, 9
@@ -210,7 +211,7 @@ def test_a_changed_global_batch_on_resume_is_refused_or_derived(tmp_path):
     # Not given: derived so that one rank sees the same 4 sequences per step, and trains on like the 2 ranks.
     derived = run_cli(flags + ["--save", str(tmp_path / "derived"), "--metrics-file", str(tmp_path / "d.jsonl")])
     assert derived.returncode == 0, derived.stderr[-2000:]
-    assert "note: --num-microbatches 2 keeps the checkpoint's global batch of 4 sequences on DP 1" in derived.stdout
+    assert "note: --num-microbatches 2 keeps the checkpoint's global batch of 4 sequences on DP 1" in unwrapped(derived.stdout)
     reference, resumed = train_records(str(tmp_path / "two.jsonl"))[2:], train_records(str(tmp_path / "d.jsonl"))
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(reference, resumed):
@@ -218,7 +219,7 @@ def test_a_changed_global_batch_on_resume_is_refused_or_derived(tmp_path):
     allowed = run_cli(flags + ["--num-microbatches", "1", "--allow-global-batch-change", "--save",
                                str(tmp_path / "allowed")])
     assert allowed.returncode == 0, allowed.stderr[-2000:]
-    assert "note: the global batch changes from 4 to 2 sequences" in allowed.stdout
+    assert "note: the global batch changes from 4 to 2 sequences" in unwrapped(allowed.stdout)
 
 
 def test_weights_only_checkpoint_says_the_optimizer_and_warmup_start_fresh(tmp_path, capsys):
@@ -228,7 +229,7 @@ def test_weights_only_checkpoint_says_the_optimizer_and_warmup_start_fresh(tmp_p
                             trained.meta["model"], {})  # as import_hf.py and upcycle.py write them
     mp.main(TINY_FLAGS + ["--warmup-steps", "4", "--max-steps", "2", "--load", str(tmp_path / "imported"),
                           "--metrics-file", str(tmp_path / "m.jsonl")])
-    assert "holds weights only (imported or upcycled): the optimizer state is fresh" in capsys.readouterr().out
+    assert "holds weights only (imported or upcycled): the optimizer state is fresh" in unwrapped(capsys.readouterr().out)
     assert [r["lr"] for r in train_records(str(tmp_path / "m.jsonl"))] == pytest.approx([1e-2 / 4, 2e-2 / 4])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import time
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import launch
+import metrics
 import minimal_pretrain as mp
 from moe_layers import ModelConfig, MoETransformer
 from helpers import assert_clean_refusal, read_metrics, refusal_in_process, run_cli, smoke, TINY_FLAGS
@@ -121,7 +123,7 @@ def test_text_folder_and_token_files_train(tmp_path):
     (bins / "meta.json").write_text(json.dumps({"vocab_size": 100}))
     r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--data", str(bins), "--num-experts", "0"])
     assert r.returncode == 0, r.stderr
-    assert '"vocab_size": 100' in r.stdout
+    assert "--vocab-size 100 " in r.stdout  # the resolved config takes meta.json's vocabulary
 
 
 # name: (world size, flags, words the error line must hold)
@@ -196,10 +198,48 @@ def test_banner_says_device_dtype_sizes_and_memory(capsys):
     # A token multiplies by every weight but the embedding (a lookup) and by K of the E experts.
     active = sum(p.numel() for name, p in params.items() if ".experts." not in name and "embed_tokens" not in name)
     active += sum(p.numel() for name, p in params.items() if ".experts." in name) * 2 // 4
-    banner = out[:out.index("model config:")]
+    banner = out[:out.index("\nconfig: ")]
     assert "device: cpu (no CUDA device visible) x 1 rank | weights fp32" in banner or torch.cuda.is_available()
     assert f"model: {total:,} parameters, {active:,} active per token" in banner
     assert "memory per rank (estimate):" in banner and "warm-up 1 steps to 1.00e-02" in banner
+
+
+def console_lines(out: str) -> list[str]:
+    """A run's stdout without its log lines (`Step N | ...`: the documented record, one line per interval)."""
+    return [line for line in out.splitlines() if not line.startswith("Step ")]
+
+
+def test_banner_lines_fit_the_width_and_its_config_is_the_whole_resolved_config(tmp_path, capsys):
+    save = tmp_path / "ck"
+    recipe = ["--num-shared-experts", "1", "--router-score-function", "sigmoid", "--router-num-groups", "2",
+              "--router-group-topk", "1", "--router-bias-update-rate", "1e-3", "--first-k-dense-layers", "1",
+              "--num-layers", "3", "--mtp-num-layers", "1", "--lr-schedule", "wsd", "--no-norm-topk-prob"]
+    mp.main(TINY_FLAGS + recipe + ["--max-steps", "2", "--save", str(save), "--metrics-file",
+                                   str(tmp_path / "m.jsonl"), "--eval-interval", "2", "--eval-iters", "1"])
+    out = capsys.readouterr().out
+    assert all(len(line) <= metrics.LINE_WIDTH for line in console_lines(out)), \
+        [line for line in console_lines(out) if len(line) > metrics.LINE_WIDTH]
+    banner = out[out.index("\nconfig: "):out.index("Step 1 |")].splitlines()[2:]
+    assert len(banner) >= 2  # wrapped: more flags than one line holds
+    mc, tc, _ = launch.parse_config(shlex.split(" ".join(banner)))  # the flags, pasted back
+    meta = json.loads((save / "step_00000002" / "meta.json").read_text())
+    assert dataclasses.asdict(mc) == meta["model"] and dataclasses.asdict(tc) == meta["train"]
+
+
+def test_eval_only_prints_what_evaluation_depends_on_and_no_training_banner(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # paths as short as a user's (out/run), not pytest's
+    save = "ck"
+    mp.main(TINY_FLAGS + ["--max-steps", "2", "--save", save])
+    capsys.readouterr()
+    mp.main(["--load", save, "--eval-only", "--eval-iters", "2", "--no-progress"])
+    lines = capsys.readouterr().out.splitlines()
+    training = ("layout:", "  rank ", "batch:", "optimizer:", "memory per rank", "optimizer state", "config:",
+                "note:", "resumed from", "Step ", "=" * 20 + " run summary")
+    assert not [line for line in lines if line.startswith(training)], lines
+    assert lines[0].strip("= ") == "eval" and any(line.startswith("model: ") for line in lines)
+    assert "eval: 2 batches of 2 sequences x 16 tokens of the val split (seed 1234)" in lines
+    assert lines[-1].startswith("eval-only: step 2 | val loss ") and lines[-2].startswith("evaluating ck/step_00000002")
+    assert all(len(line) <= metrics.LINE_WIDTH for line in lines)
 
 
 # flags -> words the error line must hold (each refused before any collective)

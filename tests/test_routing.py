@@ -385,6 +385,8 @@ def test_load_health_of_an_ep2_run_matches_its_expert_load(tmp_path):
     worst = max(records[-1]["max_over_mean_load"], key=records[-1]["max_over_mean_load"].get)
     assert f"Max/Mean Load: {records[-1]['max_over_mean_load'][worst]:.2f} (layer {worst})" in r.stdout
     assert "rows per EP rank per step" in r.stdout and f"cv {records[-1]['load_cv']['0']:.2f}" in r.stdout
+    summary = r.stdout[r.stdout.index("run summary"):].splitlines()
+    assert all(len(line) <= metrics_mod.LINE_WIDTH for line in summary), summary
     pytest.importorskip("matplotlib")
     r = run_script("plot_metrics.py", [str(metrics), "--out", str(tmp_path / "plots")])
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""scripts/: bench_train, plot_metrics, and the routing and optimizer comparisons."""
+"""scripts/: bench_train, plot_metrics, the routing and optimizer comparisons, readme_figures."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 import compare_optimizers
 import compare_routing
+import readme_figures
 from helpers import HERE, read_metrics, run_cli, run_script, snapshot, write
 
 
@@ -220,3 +221,15 @@ def test_quick_optimizer_comparison_equals_a_direct_run_and_keeps_its_table(tmp_
     again = run_script("compare_optimizers.py", ["--quick", "--seeds", 1, "--out", out], timeout=60)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert (out / "optimizer_comparison.md").read_bytes() == before
+
+
+def test_readme_figures_runs_the_commands_the_guides_quote(tmp_path):
+    """The figures the guides quote come from their own commands: each command the script runs is
+    written, as it runs it, in README.md or README_MOE.md, and resolves to the project's files."""
+    guides = "".join(Path(HERE, name).read_text() for name in ("README.md", "README_MOE.md"))
+    for name, command in readme_figures.COMMANDS.items():
+        assert command in guides, name
+        argv, env = readme_figures.argv_of(command, str(tmp_path))
+        assert all(os.path.isfile(a) for a in argv if a.endswith(".py")), argv
+    argv, env = readme_figures.argv_of(readme_figures.COMMANDS["activation"], str(tmp_path))
+    assert env["OMP_NUM_THREADS"] == "1" and argv[0] == sys.executable

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -40,30 +42,86 @@ def test_logged_records_are_means_over_the_log_interval(tmp_path):
 def test_dead_expert_rule_by_hand():
     dead = metrics_mod.DeadExperts()
     alive, starved = [0.3, 0.3, 0.3, 0.1], [0.34, 0.33, 0.33, 0.0024]  # 0.0024 < 1% of the mean 0.25
-    assert dead.update({"0": starved}) == [] and dead.update({"0": starved}) == []
-    warned = dead.update({"0": starved})
-    assert len(warned) == 1 and "layer 0 expert 3 is dead" in warned[0]
-    assert dead.update({"0": starved}) == []  # said once
-    assert dead.update({"0": alive}) == [] and dead.update({"0": starved}) == []  # recovered: counts again
+    assert dead.update({"0": starved}) == {} and dead.update({"0": starved}) == {}
+    assert dead.update({"0": starved}) == {"0": [3]}
+    assert dead.update({"0": starved}) == {}  # said once
+    assert dead.update({"0": alive}) == {} and dead.update({"0": starved}) == {}  # recovered: counts again
 
 
-def test_collapsed_router_gets_a_dead_expert_warning(tmp_path, capsys):
-    save = tmp_path / "ck"
-    mp.main(TINY_FLAGS + ["--max-steps", "1", "--save", str(save)])
+def named_dead(line: str) -> dict[str, list[int]]:
+    """The experts a dead-expert warning names, by layer (`...; layer 1: 0,3 ...` -> {"1": [0, 3]})."""
+    listed = line.split("):", 1)[1].removesuffix(" ...")
+    return {part.split(":")[0].split()[1]: [int(e) for e in part.split(":")[1].split(",")]
+            for part in listed.split(";")}
+
+
+def test_dead_expert_warning_is_one_line_cut_at_the_width():
+    everyone = {str(layer): list(range(0, 64, 3)) for layer in range(12)}
+    line = metrics_mod.dead_warning(everyone)
+    assert line.startswith(f"warning: {12 * 22} dead experts") and line.endswith(" ...")
+    assert len(line) <= metrics_mod.LINE_WIDTH and "\n" not in line
+    shown = named_dead(line)
+    assert list(shown) == ["0"] and shown["0"] == everyone["0"][:len(shown["0"])]  # cut inside layer 0's list
+    assert named_dead(metrics_mod.dead_warning({"1": [2], "3": [0, 5]})) == {"1": [2], "3": [0, 5]}
+
+
+def starve_experts(save, starved: dict[int, list[int]]) -> None:
+    """Edit the checkpoint of step 1 in `save` so that the routers never choose these experts (by layer)."""
     rank_file = save / ckpt_io.step_dir_name(1) / "rank_00000.pt"
     payload = torch.load(rank_file, weights_only=False)
-    bias = [name for name in payload["params"] if name.endswith("expert_bias")]
-    assert bias, "the routing bias is saved"
-    payload["params"]["layers.1.mlp.router.expert_bias"]["tensor"][2] = -1e4  # expert 2 of layer 1 never chosen
+    assert any(name.endswith("expert_bias") for name in payload["params"]), "the routing bias is saved"
+    for layer, experts in starved.items():
+        payload["params"][f"layers.{layer}.mlp.router.expert_bias"]["tensor"][experts] = -1e4
     torch.save(payload, rank_file)
     meta_path = save / ckpt_io.step_dir_name(1) / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["sizes"] = [rank_file.stat().st_size]  # the edit is deliberate: record the new size
     meta_path.write_text(json.dumps(meta))
+
+
+def test_collapsed_router_gets_a_dead_expert_warning(tmp_path, capsys):
+    save = tmp_path / "ck"
+    mp.main(TINY_FLAGS + ["--max-steps", "1", "--save", str(save)])
+    starve_experts(save, {1: [2]})  # expert 2 of layer 1 never chosen
     capsys.readouterr()
     mp.main(TINY_FLAGS + ["--max-steps", "5", "--save", str(save)])
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
-    assert any("layer 1 expert 2 is dead" in w for w in warnings), warnings
+    assert any(2 in named_dead(w).get("1", []) for w in warnings), warnings
+
+
+def test_many_dead_experts_give_one_warning_line_and_stay_in_the_metrics_file(tmp_path, capsys):
+    save, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
+    flags = TINY_FLAGS + ["--num-experts", "8", "--save", str(save)]
+    mp.main(flags + ["--max-steps", "1"])
+    starved = {0: [0, 1, 3, 4, 5, 7], 1: [1, 2, 3, 4, 6, 7]}  # top-2 of 8: only the two left are ever chosen
+    starve_experts(save, starved)
+    capsys.readouterr()
+    mp.main(flags + ["--max-steps", "8", "--metrics-file", str(metrics)])  # 7 intervals of one step
+    out = capsys.readouterr().out.splitlines()
+    warnings = [line for line in out if line.startswith("warning:")]
+    assert len(warnings) == 1, warnings  # all 12 die in the same interval: one line, not 12
+    assert warnings[0].startswith("warning: 12 dead experts") and len(warnings[0]) <= metrics_mod.LINE_WIDTH
+    assert named_dead(warnings[0]) == {str(layer): experts for layer, experts in starved.items()}
+    assert out.index(warnings[0]) == [i for i, line in enumerate(out) if line.startswith("Step 4 |")][0] + 1
+    assert any(line.startswith("dead experts (under 1% of the mean load): raise") for line in out)
+    for record in train_records(str(metrics)):  # the per-expert facts, every interval
+        assert record["dead_experts"] == {"0": 6, "1": 6}
+        assert [e for e, share in enumerate(record["expert_load"]["0"]) if share == 0] == starved[0]
+
+
+def test_summary_of_a_run_stopped_before_its_first_log_says_no_nan(tmp_path, capsys, monkeypatch):
+    real_step = mp.train_step
+
+    def step_then_sigterm(*args, **kwargs):  # SIGTERM arrives during step 1, as from SLURM
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(mp, "train_step", step_then_sigterm)
+    mp.main(TINY_FLAGS + ["--max-steps", "20", "--log-interval", "10"])
+    out = capsys.readouterr().out
+    summary = out[out.index("run summary"):]
+    assert "stopped by SIGTERM after step 1" in out and "Step 1 |" not in out
+    assert "final train loss: none logged" in summary and "nan" not in summary.lower()
 
 
 def test_tensorboard_events_hold_the_metrics_once_after_a_restart(tmp_path):
