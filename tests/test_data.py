@@ -16,7 +16,6 @@ import torch
 
 import data
 import memory
-import minimal_pretrain as mp
 from moe_layers import MoETransformer
 from parallel_layers import ModelParallel, stage_layers
 from helpers import (_token_folder, run_cli, run_script, save_in_process, smoke, snapshot, text_folder, tiny_config,

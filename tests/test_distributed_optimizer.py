@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from parallel_layers import Layout, placement
+from parallel_layers import placement
 
 import launch
 import minimal_pretrain as mp
