@@ -337,7 +337,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021).
 
-    Written as x cos + rotate_half(x) sin in five element-wise kernels. A three-kernel form
+    `apply_rotary` rotates by them as x cos + rotate_half(x) sin in five element-wise kernels. A three-kernel form
     (roll, addcmul with a half-negated sin table) was tried: the fused multiply-add rounds
     differently with the tensor's size, so TP layouts stopped reproducing one process's weights
     to the parity tests' tolerance."""
@@ -350,10 +350,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        cos = self.cos[positions].to(q.dtype)  # (T, Dh)
-        sin = self.sin[positions].to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the positions (T,), each (T, Dh) in `dtype`: taken once per forward and
+        read by every layer (four small kernels per forward instead of per layer)."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    """Rotate q (B, H, T, Dh) and k (B, Hkv, T, Dh) by the (cos, sin) tables of their positions."""
+    cos, sin = (t.to(q.dtype) for t in rope)  # no copy when the tables are in q's dtype already
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 # ------------------------------------------------------------------------- attention
@@ -378,15 +384,16 @@ class Attention(nn.Module):
         place(self.q_norm.weight, tp_partial_grad=True)
         place(self.k_norm.weight, tp_partial_grad=True)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: dict | None = None) -> torch.Tensor:
+        """x (B, T, D), or this rank's slice (B, T/TP, D) under SP; rope: (cos, sin) of the T positions."""
         # SP: rotary positions and the causal mask need the whole sequence, so attention runs on it
         q, k, v = column_parallel(x, self.par, self.q_proj, self.k_proj, self.v_proj)  # (B, T, (H | Hkv) * Dh)
         b, t, _ = q.shape
         q = self.q_norm(q.view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_norm(k.view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        q, k = rope(q, k, positions)
+        q, k = apply_rotary(q, k, rope)
         if kv_cache is not None:  # generation: prepend the keys and values of earlier positions
             if "k" in kv_cache:
                 k = torch.cat([kv_cache["k"], k], dim=2)
@@ -1010,10 +1017,11 @@ class MoETransformerBlock(nn.Module):
         place(self.input_layernorm.weight, tp_partial_grad=par.sequence_parallel)
         place(self.post_attention_layernorm.weight, tp_partial_grad=par.sequence_parallel)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: dict | None = None, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        """x (B, T, D), or this rank's slice (B, T/TP, D) under sequence parallelism; positions (T,)."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, positions, kv_cache)
+        """x (B, T, D), or this rank's slice (B, T/TP, D) under sequence parallelism; rope: (cos, sin)
+        of the T positions (`RotaryEmbedding`)."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, stats = self.mlp(h, noise_seed)
@@ -1048,10 +1056,10 @@ class MultiTokenPrediction(nn.Module):
         for weight in (self.enorm.weight, self.hnorm.weight, self.eh_proj.weight, self.final_layernorm.weight):
             place(weight, tp_partial_grad=par.sequence_parallel)  # SP: each TP rank sees its positions only
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 noise_seed: int | None) -> tuple[torch.Tensor, MoEStats | None]:
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # (B, T, 2D) -> (B, T, D); SP: T/TP
-        return self.block(x, rope, positions, None, noise_seed)  # (B, T, D); SP: (B, T/TP, D)
+        return self.block(x, rope, None, noise_seed)  # (B, T, D); SP: (B, T/TP, D)
 
 
 def mtp_input_ids(targets: torch.Tensor, k: int) -> torch.Tensor:
@@ -1132,13 +1140,13 @@ class MoETransformer(nn.Module):
         if positions is None:  # of the whole sequence: attention gathers it under SP
             seq_len = x.shape[1] * (self.par.tp_size if self.par.sequence_parallel else 1)
             positions = torch.arange(seq_len, device=x.device)
+        rope = self.rope(positions, compute_dtype(x))  # (cos, sin) (T, Dh), shared by every layer
         zero = torch.zeros((), device=x.device)
         aux, z, all_stats = zero, zero, {}
         for j, layer in enumerate(range(*self.chunks[chunk])):
             block = self.layers[str(layer)]
             seed = None if noise_seed is None else noise_seed * 1009 + layer
-            x, stats = self.run_block(block, x, self.rope, positions,
-                                      kv_caches[j] if kv_caches is not None else None, seed)
+            x, stats = self.run_block(block, x, rope, kv_caches[j] if kv_caches is not None else None, seed)
             if stats is not None:
                 aux, z = aux + stats.aux_loss, z + stats.z_loss
                 all_stats[layer] = stats
@@ -1150,7 +1158,7 @@ class MoETransformer(nn.Module):
                 layer, k = self.cfg.num_layers + j, j + 1
                 seed = None if noise_seed is None else noise_seed * 1009 + layer
                 emb = self.embed_tokens(mtp_input_ids(mtp_targets, k))  # (B, T, D); SP: (B, T/TP, D)
-                h, stats = self.run_block(module, h, emb, self.rope, positions, seed)
+                h, stats = self.run_block(module, h, emb, rope, seed)
                 if stats is not None:
                     aux, z = aux + stats.aux_loss, z + stats.z_loss
                     all_stats[layer] = stats

@@ -162,7 +162,7 @@ def test_a_moe_block_on_the_grouped_gemm_path_compiles_whole_and_gives_eagers_gr
     x = torch.randn(2, cfg.seq_length, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
-        y, stats = block(x, model.rope, torch.arange(cfg.seq_length))
+        y, stats = block(x, model.rope(torch.arange(cfg.seq_length)))
         return y.float().square().sum() + stats.aux_loss
 
     explained = torch._dynamo.explain(loss)(x)

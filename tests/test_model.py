@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_layers import (Assignments, Attention, Experts, MoETransformer, MoETransformerBlock, RMSNorm,
+from moe_layers import (Assignments, Attention, apply_rotary, Experts, MoETransformer, MoETransformerBlock, RMSNorm,
                         RotaryEmbedding, SparseMoELayer, SwiGLU, ExpertLoop, layout_free_init_)
 from parallel_layers import ModelParallel
 from helpers import cuda, moe_layer, expert_weights, reference_moe, smoke, swiglu, tiny_config
@@ -108,7 +108,7 @@ def test_block_and_transformer_shapes():
     block = MoETransformerBlock(cfg, ModelParallel(), 0)
     layout_free_init_(block, 0)
     rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
-    h, stats = block(torch.randn(3, 10, 32), rope, torch.arange(10))
+    h, stats = block(torch.randn(3, 10, 32), rope(torch.arange(10)))
     assert h.shape == (3, 10, 32) and stats.counts.shape == (4,) and stats.counts.sum() == 3 * 10 * 2
     out = MoETransformer(cfg)(torch.randint(0, 64, (3, 10)))
     assert out.output.shape == (3, 10, 64)
@@ -281,7 +281,7 @@ def repeated_kv_attention(attn: Attention, x: torch.Tensor, rope: RotaryEmbeddin
     q = attn.q_norm(attn.q_proj(x).view(b, t, attn.n_heads, attn.head_dim)).transpose(1, 2)
     k = attn.k_norm(attn.k_proj(x).view(b, t, attn.n_kv, attn.head_dim)).transpose(1, 2)
     v = attn.v_proj(x).view(b, t, attn.n_kv, attn.head_dim).transpose(1, 2)
-    q, k = rope(q, k, torch.arange(t))
+    q, k = apply_rotary(q, k, rope(torch.arange(t)))
     groups = attn.n_heads // attn.n_kv
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, T, Dh)
     scores = (q @ k.transpose(-1, -2)) / attn.head_dim ** 0.5
@@ -296,7 +296,7 @@ def test_grouped_query_attention_matches_repeated_kv_reference():
     layout_free_init_(attn, 5)
     rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
     x = torch.randn(2, 9, cfg.hidden_size, requires_grad=True)
-    y, ref = attn(x, rope, torch.arange(9)), repeated_kv_attention(attn, x, rope)
+    y, ref = attn(x, rope(torch.arange(9))), repeated_kv_attention(attn, x, rope)
     assert torch.allclose(y, ref, atol=1e-5)
     assert_grads_match(y, ref, [x] + list(attn.parameters()))
 
@@ -308,9 +308,9 @@ def test_grouped_query_attention_with_cache_matches_one_full_pass():
     layout_free_init_(attn, 6)
     rope = RotaryEmbedding(cfg.attn_head_dim, cfg.seq_length, cfg.rope_theta)
     x = torch.randn(1, 8, cfg.hidden_size)
-    full = attn(x, rope, torch.arange(8))
+    full = attn(x, rope(torch.arange(8)))
     cache: dict = {}
-    parts = [attn(x[:, a:b], rope, torch.arange(a, b), cache) for a, b in ((0, 5), (5, 7), (7, 8))]
+    parts = [attn(x[:, a:b], rope(torch.arange(a, b)), cache) for a, b in ((0, 5), (5, 7), (7, 8))]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 
@@ -342,7 +342,7 @@ def slow_attention(attn: Attention, x: torch.Tensor, rope: RotaryEmbedding) -> t
     q = attn.q_norm((x @ attn.q_proj.weight.T).view(b, t, attn.n_heads, dh)).transpose(1, 2)
     k = attn.k_norm((x @ attn.k_proj.weight.T).view(b, t, attn.n_kv, dh)).transpose(1, 2)
     v = (x @ attn.v_proj.weight.T).view(b, t, attn.n_kv, dh).transpose(1, 2)
-    q, k = rope(q, k, torch.arange(t))
+    q, k = apply_rotary(q, k, rope(torch.arange(t)))
     heads = []
     for h in range(attn.n_heads):
         scores = q[:, h] @ k[:, h // group].transpose(-1, -2) / math.sqrt(dh)  # (B, T, T)
@@ -360,4 +360,4 @@ def test_head_dim_independent_of_hidden_matches_slow_attention():
     rope = RotaryEmbedding(16, cfg.seq_length, cfg.rope_theta)
     x = torch.randn(2, cfg.seq_length, 32)
     with torch.no_grad():
-        assert (attn(x, rope, torch.arange(cfg.seq_length)) - slow_attention(attn, x, rope)).abs().max() < 1e-5
+        assert (attn(x, rope(torch.arange(cfg.seq_length))) - slow_attention(attn, x, rope)).abs().max() < 1e-5

@@ -33,14 +33,14 @@ def direct_mtp_losses(model: MoETransformer, x: torch.Tensor, y: torch.Tensor) -
     pos = torch.arange(t)
     h = model.embed_tokens.weight[x]  # (B, T, D)
     for block in model.layers.values():
-        h, _ = block(h, model.rope, pos)
+        h, _ = block(h, model.rope(pos))
     lm = F.cross_entropy((model.norm(h) @ model.lm_head.weight.T).flatten(0, 1), y.flatten())
     ces = []
     for k, module in enumerate(model.mtp, start=1):
         n = t - k
         emb = model.embed_tokens.weight[y[:, k - 1:k - 1 + n]]  # t_{i+k} = y[:, i + k - 1], i < T - k
         joined = torch.cat([module.enorm(emb), module.hnorm(h[:, :n])], dim=-1) @ module.eh_proj.weight.T
-        h, _ = module.block(joined, model.rope, pos[:n])  # (B, T - k, D)
+        h, _ = module.block(joined, model.rope(pos[:n]))  # (B, T - k, D)
         logits = module.final_layernorm(h) @ model.lm_head.weight.T  # the shared head
         ces.append(F.cross_entropy(logits.flatten(0, 1), y[:, k:].flatten()))  # t_{i+k+1} = y[:, i + k]
     return lm, torch.stack(ces).mean()
