@@ -41,9 +41,10 @@ def test_cli_tiny_run_writes_valid_metrics(tmp_path):
     assert "final val loss" in r.stdout and "unigram entropy" in r.stdout
 
 
-def test_default_run_beats_the_unigram_baseline(tmp_path):
-    """`python minimal_pretrain.py` with no model flags: the README's first command (about 90 s)."""
-    r = run_cli(["--no-progress", "--metrics-file", str(tmp_path / "m.jsonl")], timeout=600)
+def test_default_run_beats_the_unigram_baseline(background):
+    """`python minimal_pretrain.py` with no model flags: the README's first command (about 90 s;
+    run in the background from the session's start, conftest.BACKGROUND_JOBS)."""
+    r, _ = background.result("default_run")
     assert r.returncode == 0, r.stderr[-3000:]
     line = [x for x in r.stdout.splitlines() if x.startswith("final val loss")][0]
     val, unigram = float(line.split()[3]), float(line.split("unigram entropy ")[1].split()[0])

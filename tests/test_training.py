@@ -184,14 +184,14 @@ def test_recompute_gives_identical_losses(tmp_path):
     assert runs["eager"] == runs["recompute"]
 
 
-def test_compile_gives_the_same_losses_to_rounding(tmp_path):
+def test_compile_gives_the_same_losses_to_rounding(background):
+    """Three steps with an MTP module (its block is compiled too), eager and --compile; both runs
+    start in the background at the session's start (conftest.BACKGROUND_JOBS)."""
     runs = {}
-    for name, extra in (("eager", []), ("compile", ["--compile"])):
-        metrics = tmp_path / f"{name}.jsonl"
-        r = run_cli(TINY_FLAGS + ["--max-steps", "3", "--metrics-file", str(metrics), "--mtp-num-layers", "1"] + extra,
-                    timeout=400)  # the MTP module's block is compiled too
+    for name, job in (("eager", "eager_mtp"), ("compile", "compiled_mtp")):
+        r, out = background.result(job)
         assert r.returncode == 0, r.stderr[-3000:]
-        runs[name] = train_records(str(metrics))
+        runs[name] = train_records(str(out / "m.jsonl"))
     for a, b in zip(runs["eager"], runs["compile"]):
         assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-5
 
