@@ -168,6 +168,10 @@ def hf_config(cfg: ModelConfig, train: dict, dtype: str) -> dict:
             "model_type": "glm4_moe",
             # Glm4Moe rotates half of each head by default: ours turns all of it (same rotate-half pairing)
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0},
+            # and the same at the top level, which is where 4.x reads them (it ignores rope_parameters and would
+            # rotate half of each head, theta 10000); 5.x takes rope_parameters' values first
+            "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": 1.0,
             "use_qk_norm": True,
             "moe_intermediate_size": cfg.moe_ffn_hidden_size,
             "n_routed_experts": cfg.num_experts,
@@ -288,8 +292,10 @@ def tokenizer_files(ours: data.ByteTokenizer | data.TextTokenizer | None, vocab:
         tokenizer = data.import_tokenizers().Tokenizer.from_file(ours.name)
     special = {key: tokenizer.id_to_token(i) if i is not None else None
                for key, i in (("eos_token", ours.eos_id), ("bos_token", ours.bos_id))}
+    # model_input_names: 4.x's PreTrainedTokenizerFast also returns token_type_ids by default, which
+    # model.generate(**tokenizer(text)) refuses ("model_kwargs are not used by the model"); 5.x returns these two
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": seq_length,
-              "clean_up_tokenization_spaces": False, **special}
+              "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"], **special}
     generation = {"bos_token_id": ours.bos_id, "eos_token_id": ours.eos_id, "pad_token_id": ours.eos_id}
     return {"tokenizer.json": tokenizer.to_str(), "tokenizer_config.json": json.dumps(config, indent=2),
             "generation_config.json": json.dumps(generation, indent=2)}

@@ -299,6 +299,9 @@ def test_deepseek_style_export_gives_transformers_the_same_logits(name, tmp_path
     ours = our_logits(ck, x)
     assert got == arch
     assert (ours - theirs).abs().max() < 1e-4
+    if arch == "Glm4MoeForCausalLM":  # transformers 4.x reads only these two (its default: half the head, 10000)
+        written = json.load(open(tmp_path / "hf" / "config.json"))
+        assert (written["partial_rotary_factor"], written["rope_theta"]) == (1.0, cfg.rope_theta)
     if cfg.router_num_groups > 1:  # the groups change the logits, so the equality above covers them
         ungrouped = MoETransformer(dataclasses.replace(cfg, router_num_groups=1, router_group_topk=1))
         ungrouped.load_state_dict(model.state_dict())
