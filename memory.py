@@ -107,8 +107,10 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
     next matmul; attention keeps q and k before their norms, q, k, v after rotary, the output and
     the log-sum-exp per head; a dense SwiGLU keeps gate, up, silu(gate) and their product. An MoE
     layer routes tokens / TP tokens on each TP rank and keeps per routed copy (K per token): on
-    the expert loop (the CPU, EP 1) gate and up pre-activations and the output; with grouped GEMMs
-    or EP the expert input, gate, up, silu(gate), their product and the output. The router keeps
+    the expert loop (the CPU) gate and up pre-activations, and the output when the routing
+    weights scale it (F >= D; EP: the expert input too); with grouped GEMMs the expert input, gate
+    and up, their SwiGLU product h, the output, and the unweighted y (F >= D) or h (F < D) again for
+    the weights' gradient (measured with saved-tensor hooks on the CPU). The router keeps
     fp32 scores, logits, top-k indices and weights, and the sorted token ids.
     Sequence parallelism (`sp`) keeps a norm's input, normalised input, output and 1/rms (and
     the MoE layer's input) for this rank's tokens / TP positions only: the column-parallel
@@ -121,10 +123,13 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
     if layer not in mc.all_moe_layers:
         return norms + tokens * (attn + el * 4 * mc.ffn_hidden_size // tp)
     k, e, f = mc.num_experts_per_token, mc.num_experts, mc.moe_ffn_hidden_size
-    if grouped:
-        experts = el * k * (2 * d + 4 * f)
+    # The routing weights scale h when F < D, else y (moe_layers.Experts); their gradient keeps the
+    # unweighted one of the two.
+    weighted = f if f < d else d
+    if grouped:  # input, [gate | up], h, the weighted tensor's factor, the output (kept by index_add)
+        experts = el * k * (2 * d + 3 * f + weighted)
     else:
-        experts = el * k * (d + 2 * f) + (el * k * d if ep > 1 else 0)  # EP: expert input kept too
+        experts = el * k * (2 * f + (0 if f < d else d)) + (el * k * d if ep > 1 else 0)  # EP: expert input kept too
     router = 8 * e + 28 * k + 8 + el * k + (4 * d if el == 2 else 0)  # fp32 copy of bf16 router input
     shared = el * 4 * mc.shared_ffn_hidden_size // tp
     return norms + tokens * (attn + shared) + tokens // tp * (experts + router)

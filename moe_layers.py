@@ -588,7 +588,12 @@ class Experts(nn.Module):
     without transposes. Checkpoints keep w_gate and w_up apart (Placement.parts: checkpoint.py
     splits and joins them), as they have always been saved. Experts run on rows grouped by
     expert: one grouped GEMM per projection (torch._grouped_mm, CUDA) or a loop over experts
-    (`ExpertLoop`; the faster of the two on the CPU)."""
+    (`ExpertLoop`; the faster of the two on the CPU).
+
+    Each row's output is scaled by its routing weight in here: y_r = w_r * down(h_r) =
+    down(w_r * h_r), the same by linearity, so the weight scales the narrower of the two, h (F wide)
+    when F < D, as in fine-grained MoE (64 experts of 176 at D 1024: the weighting, its backward and
+    the weights' gradient read and write (rows, 176) instead of (rows, 1024) tensors), else y."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
@@ -601,18 +606,24 @@ class Experts(nn.Module):
         place(self.w_gate_up, full_shape=(e, d, 2 * f), init_std=cfg.init_std, parts=("w_gate", "w_up"), **ep)
         place(self.w_down, full_shape=(e, f, d), init_std=out_std, **ep)
         self.use_grouped_mm = False  # set by the trainer (see `can_use_grouped_mm`)
+        self.scale_hidden = f < d  # where the routing weight applies: h (M, F) or y (M, D), see above
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (M, D) rows grouped by local expert; counts (E_local,) rows per expert -> (M, D)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x (M, D) rows grouped by local expert; counts (E_local,) rows per expert; weight (M,) each
+        row's routing weight, or None (unweighted) -> (M, D)."""
         if self.use_grouped_mm:
             # autocast does not cover torch._grouped_mm: cast to the autocast dtype by hand
             dtype = compute_dtype(x)
             x = x.to(dtype)
+            w = None if weight is None else weight.to(dtype)[:, None]  # (M, 1)
             offs = counts.cumsum(0, dtype=torch.int32)  # (E_local,) end row of each expert, stays on device
             gate_up = torch._grouped_mm(x, self.w_gate_up.to(dtype), offs=offs)  # (M, 2F)
-            h = _ContiguousGrad.apply(SwiGLU.apply(gate_up))  # (M, F)
-            return _ContiguousGrad.apply(torch._grouped_mm(h, self.w_down.to(dtype), offs=offs))  # (M, D)
-        return self.loop(x, None, None, counts, x.shape[0])
+            h = SwiGLU.apply(gate_up)  # (M, F)
+            if w is not None and self.scale_hidden:
+                h = h * w
+            y = _ContiguousGrad.apply(torch._grouped_mm(_ContiguousGrad.apply(h), self.w_down.to(dtype), offs=offs))
+            return y * w if w is not None and not self.scale_hidden else y  # (M, D)
+        return self.loop(x, None, weight, counts, x.shape[0])
 
     def gather_and_combine(self, tokens: torch.Tensor, rows: Assignments) -> torch.Tensor:
         """Dispatch, experts and combine in one pass: out[t] = sum over rows r of token t of
@@ -625,7 +636,8 @@ class Experts(nn.Module):
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             return ExpertLoop.apply(x.to(dtype), rows, None if weight is None else weight.to(dtype),
-                                     counts.tolist(), self.w_gate_up.to(dtype), self.w_down.to(dtype), num_out)
+                                     counts.tolist(), self.w_gate_up.to(dtype), self.w_down.to(dtype), num_out,
+                                     self.scale_hidden)
 
 
 def grouped_mm_strides_ok(cfg: ModelConfig, dtype: torch.dtype) -> bool:
@@ -650,6 +662,7 @@ class DispatchPlan:
 
     send_splits: list[int]  # rows this rank sent to each EP rank
     recv_splits: list[int]  # rows this rank received from each EP rank
+    sort: torch.Tensor  # (M,) groups the received rows by local expert
     unsort: torch.Tensor  # (M,) puts expert-grouped rows back in received order
 
 
@@ -672,8 +685,13 @@ def dispatch_to_experts(x_sorted: torch.Tensor, counts: torch.Tensor, par: Model
     expert_of_row = torch.repeat_interleave(
         torch.arange(e_local, device=counts.device).repeat(ep), recv_by_src.reshape(-1))  # (M,)
     sort = torch.argsort(expert_of_row, stable=True)  # (M,)
-    plan = DispatchPlan(send_splits, recv_splits, torch.argsort(sort))
+    plan = DispatchPlan(send_splits, recv_splits, sort, torch.argsort(sort))
     return x_recv.index_select(0, sort), recv_by_src.sum(0), plan  # (M, D), (E_local,)
+
+
+def dispatch_along(t: torch.Tensor, plan: DispatchPlan, par: ModelParallel) -> torch.Tensor:
+    """A per-row tensor (A, ...) sent where `dispatch_to_experts` sent the rows -> (M, ...) by local expert."""
+    return all_to_all(t, plan.recv_splits, plan.send_splits, par.ep_group).index_select(0, plan.sort)
 
 
 def combine_from_experts(y: torch.Tensor, plan: DispatchPlan, par: ModelParallel) -> torch.Tensor:
@@ -770,7 +788,7 @@ class SparseMoELayer(nn.Module):
                    travel by all-to-all to the rank holding the expert.
       3. experts:  each local expert runs once on its block of rows (no padding; dropless top-k
                    as in MegaBlocks, Gale et al. 2022).
-      4. combine:  rows come back, are scaled by their weight and summed per token; shared
+      4. combine:  rows come back (the experts scaled them by their weight) and are summed per token; shared
                    experts (DeepSeekMoE, Dai et al. 2024), if any, add a dense SwiGLU of all tokens.
     Without EP and grouped GEMMs (the CPU), steps 2-4 run in one pass of `ExpertLoop`: each
     expert gathers its own rows and adds its weighted outputs into their tokens' rows.
@@ -853,13 +871,13 @@ class SparseMoELayer(nn.Module):
         return load_balancing_loss(r.probs, r.indices, self.num_experts, counts, num_tokens)
 
     def combine(self, y_sorted: torch.Tensor, rows: Assignments, n: int) -> torch.Tensor:
-        """out[t] = sum over the rows r of token t of weight_r * y_sorted[r]; y_sorted (A, D) -> (n, D).
+        """out[t] = sum over the rows r of token t of y_sorted[r] (the experts weighted them);
+        y_sorted (A, D) -> (n, D).
 
-        index_add of the weighted rows into their tokens. Putting the rows back in token order by
-        index and summing each token's K by a batched (1 x K) @ (K x D) product was priced better
-        eager for 64 experts top-8 but worse compiled for both presets (see README_MOE.md), so not kept."""
-        weighted = y_sorted * rows.weight.to(y_sorted.dtype)[:, None]  # (A, D)
-        return y_sorted.new_zeros(n, y_sorted.shape[1]).index_add_(0, rows.token, weighted)  # (n, D)
+        index_add of the rows into their tokens. Putting the rows back in token order by index and
+        summing each token's K by a batched (1 x K) @ (K x D) product was priced better eager for
+        64 experts top-8 but worse compiled for both presets (see README_MOE.md), so not kept."""
+        return y_sorted.new_zeros(n, y_sorted.shape[1]).index_add_(0, rows.token, y_sorted)  # (n, D)
 
     def forward(self, x: torch.Tensor, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats]:
         """x (B, T, D), or this rank's slice (B, T/TP, D) under sequence parallelism -> y of x's shape."""
@@ -897,11 +915,12 @@ class SparseMoELayer(nn.Module):
             x_sorted = tokens.index_select(0, rows.token)  # (A, D); index_select: faster backward than []
             if self.par.ep_size > 1:
                 x_local, local_counts, plan = dispatch_to_experts(x_sorted, rows.counts, self.par)
+                w_local = dispatch_along(rows.weight, plan, self.par)  # (M,) the weights travel with their rows
             else:
-                x_local, local_counts = x_sorted, rows.counts
+                x_local, local_counts, w_local = x_sorted, rows.counts, rows.weight
 
-            # 3. experts
-            y_local = self.experts(x_local, local_counts)  # (M, D)
+            # 3. experts (each row's output scaled by its routing weight)
+            y_local = self.experts(x_local, local_counts, w_local)  # (M, D)
 
             # 4. combine
             y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local  # (A, D)
@@ -927,27 +946,30 @@ class ExpertLoop(torch.autograd.Function):
     and test_expert_loop_backward_passes_gradcheck_in_float64 prove.
 
     forward(x (S, D), rows (M,) or None, weight (M,) or None, splits (E_local ints, sum M),
-            w_gate_up (E_local, D, 2F), w_down (E_local, F, D), num_out) -> (num_out, D)
+            w_gate_up (E_local, D, 2F), w_down (E_local, F, D), num_out, scale_hidden) -> (num_out, D)
     Expert e owns rows s_e .. s_e + c_e - 1 (c_e = splits[e]) of the grouped order.
-    rows and weight given (dispatch and combine fused in): expert e reads x[rows[s_e : s_e + c_e]]
-    and adds its outputs, scaled by weight, into those rows of a zero (num_out, D) output.
-    rows and weight None: it reads x[s_e : s_e + c_e] and writes the same output rows.
+    rows given (dispatch and combine fused in): expert e reads x[rows[s_e : s_e + c_e]] and adds
+    its outputs into those rows of a zero (num_out, D) output. rows None: it reads x[s_e : s_e + c_e]
+    and writes the same output rows. weight given: each row's output is scaled by it, on the
+    hidden h (scale_hidden, F < D) or on the output y (`Experts` says why).
     Why by hand: autograd of the plain loop saves an (M, D) gathered copy of the tokens,
     concatenates the experts' outputs and stacks E_local weight gradients. Here each expert
     gathers its rows into a small, cache-hot block, writes its outputs and its weight
     gradients straight into preallocated tensors, and the backward gathers the rows again.
-    The arithmetic is autograd's, operation for operation (outputs scaled by the weights, then
-    index_add_ in expert order), so a one-process run rounds as the expert-parallel path does.
-    All tensors share one dtype."""
+    The arithmetic is autograd's, operation for operation (the weights applied as `Experts`
+    applies them, then index_add_ in expert order), so a one-process run rounds as the
+    expert-parallel path does. All tensors share one dtype."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor | None,
-                splits: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor, num_out: int) -> torch.Tensor:
+                splits: list[int], w_gate_up: torch.Tensor, w_down: torch.Tensor, num_out: int,
+                scale_hidden: bool = False) -> torch.Tensor:
         m, f = sum(splits), w_down.shape[1]
+        on_y = weight is not None and not scale_hidden  # the weights' gradient then needs y unweighted
         w_gate, w_up = w_gate_up.chunk(2, dim=-1)  # (E_local, D, F) views of the fused weight
         gate, up = x.new_empty(m, f), x.new_empty(m, f)  # (M, F) pre-activations, kept for backward
-        y = x.new_empty(m, x.shape[1])  # (M, D) expert outputs, unweighted (the weights' gradient needs them)
-        out = y if rows is None else x.new_zeros(num_out, x.shape[1])  # (num_out, D)
+        y = x.new_empty(m, x.shape[1])  # (M, D) expert outputs (unweighted when on_y)
+        out = y if rows is None and not on_y else x.new_zeros(num_out, x.shape[1])  # (num_out, D)
         s = 0
         for e, c in enumerate(splits):
             if c == 0:
@@ -957,12 +979,18 @@ class ExpertLoop(torch.autograd.Function):
             # tests compare layouts whose experts see different row counts); the CPU gains nothing from one
             g = torch.mm(xe, w_gate[e], out=gate[s:s + c])  # (c, F)
             h = F.silu(g) * torch.mm(xe, w_up[e], out=up[s:s + c])  # (c, F)
+            if weight is not None and scale_hidden:
+                h = h * weight[s:s + c, None]
             ye = torch.mm(h, w_down[e], out=y[s:s + c])  # (c, D)
+            if on_y:
+                ye = ye * weight[s:s + c, None]
             if rows is not None:
-                out.index_add_(0, rows[s:s + c], ye * weight[s:s + c, None])  # a token's K rows add up
+                out.index_add_(0, rows[s:s + c], ye)  # a token's K rows add up
+            elif on_y:
+                out[s:s + c] = ye
             s += c
-        ctx.splits = splits
-        ctx.save_for_backward(x, rows, weight, w_gate_up, w_down, gate, up, None if rows is None else y)
+        ctx.splits, ctx.scale_hidden = splits, scale_hidden
+        ctx.save_for_backward(x, rows, weight, w_gate_up, w_down, gate, up, y if on_y else None)
         return out
 
     @staticmethod
@@ -982,13 +1010,20 @@ class ExpertLoop(torch.autograd.Function):
             if rows is None:
                 xe, grad_y = x[s:s + c], grad[s:s + c]  # (c, D)
             else:
-                xe, grad_out = x.index_select(0, rows[s:s + c]), grad.index_select(0, rows[s:s + c])  # (c, D)
-                grad_weight[s:s + c] = (grad_out * y[s:s + c]).sum(1)  # d/dw of w * y
-                grad_y = grad_out * weight[s:s + c, None]  # (c, D)
+                xe, grad_y = x.index_select(0, rows[s:s + c]), grad.index_select(0, rows[s:s + c])  # (c, D)
+            if y is not None:  # weighted on y: d/dw of w * y, and the gradient reaching y
+                grad_weight[s:s + c] = (grad_y * y[s:s + c]).sum(1)
+                grad_y = grad_y * weight[s:s + c, None]  # (c, D)
             g, u = gate[s:s + c], up[s:s + c]  # (c, F)
             act = F.silu(g)  # recomputed: cheaper than keeping another (M, F) tensor
-            torch.mm((act * u).T, grad_y, out=grad_down[e])  # (F, D)
+            h = act * u  # (c, F)
             grad_h = grad_y @ w_down[e].T  # (c, F)
+            if weight is not None and ctx.scale_hidden:  # weighted on h: d/dw of w * h, and the gradient reaching h
+                torch.mm((h * weight[s:s + c, None]).T, grad_y, out=grad_down[e])  # (F, D)
+                grad_weight[s:s + c] = (grad_h * h).sum(1)
+                grad_h = grad_h * weight[s:s + c, None]
+            else:
+                torch.mm(h.T, grad_y, out=grad_down[e])  # (F, D)
             grad_u = grad_h * act
             grad_g = torch.ops.aten.silu_backward(grad_h.mul_(u), g)  # (c, F) silu'(g) * grad_h * u
             torch.mm(xe.T, grad_g, out=grad_gate[e])  # (D, F)
@@ -999,7 +1034,7 @@ class ExpertLoop(torch.autograd.Function):
             else:
                 grad_x.index_add_(0, rows[s:s + c], grad_xe)  # (S, D) a token's K rows add up
             s += c
-        return grad_x, None, grad_weight, None, grad_gate_up, grad_down, None
+        return grad_x, None, grad_weight, None, grad_gate_up, grad_down, None, None
 
 
 # ----------------------------------------------------------------------------- block

@@ -24,7 +24,8 @@ def one_process(tmp_path_factory):
     """Single-process references: global batch 8 sequences = 2 per micro-batch x 4 micro-batches."""
     tmp = tmp_path_factory.mktemp("one_process")
     return {"interval1": shared_parity_run(tmp_path_factory, 1, [], 4)[1],  # also the reference of other files
-            "interval2": parity_run(tmp, "interval2", 1, [], 4, ["--moe-layer-interval", "2"])}
+            "interval2": parity_run(tmp, "interval2", 1, [], 4, ["--moe-layer-interval", "2"]),
+            "narrow": parity_run(tmp, "narrow", 1, [], 4, ["--moe-ffn-hidden-size", "16"])}
 
 
 # name: (ranks, layout flags, micro-batches per DP rank, reference, extra flags)
@@ -36,6 +37,9 @@ LAYOUTS = {
     "dp2_tp2_ep4": (4, ["--tensor-parallel-size", "2", "--expert-parallel-size", "4"], 2, "interval1", []),
     "tp2_pp2_dp2_ep2": (8, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"], 2, "interval1", []),
     "pp2_moe_interval2": (2, ["--pipeline-parallel-size", "2"], 4, "interval2", ["--moe-layer-interval", "2"]),
+    # experts narrower than the model (F 16 < D 32): the routing weights scale the hidden h and travel
+    # to the expert's rank with their rows
+    "ep2_over_dp2_narrow_experts": (2, ["--expert-parallel-size", "2"], 2, "narrow", ["--moe-ffn-hidden-size", "16"]),
 }
 
 

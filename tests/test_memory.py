@@ -100,11 +100,13 @@ def test_dry_run_plans_a_100b_model_in_seconds(capsys):
     assert total > 100e9 and f"model: {total:,} parameters" in out
 
 
-def saved_activation_bytes(mc: ModelConfig, batch: int, recompute: bool) -> int:
+def saved_activation_bytes(mc: ModelConfig, batch: int, recompute: bool, grouped: bool = False) -> int:
     """Bytes autograd keeps for backward after one micro-batch's forward and loss, weights left out:
     every tensor the saved-tensor hook sees, each storage once (an independent measurement)."""
     model = MoETransformer(mc, seed=0)
     model.recompute = recompute
+    for layer in model.moe_layers().values():
+        layer.experts.use_grouped_mm = grouped  # torch._grouped_mm runs fp32 on the CPU too
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     kept = {}
 
@@ -132,6 +134,15 @@ def test_activation_estimate_is_within_3_percent_of_what_autograd_keeps_on_the_c
     for recompute, estimate in ((False, plan.per_microbatch), (True, plan.per_microbatch_recompute)):
         measured = saved_activation_bytes(mc, 4, recompute)
         assert abs(estimate - measured) <= 0.03 * measured, (kw, recompute, estimate, measured)
+
+
+@pytest.mark.parametrize("width", [48, 80])  # F < D: the routing weights scale h; F > D: they scale y
+def test_grouped_experts_activation_estimate_is_within_1_percent_of_what_autograd_keeps(width):
+    mc = tiny_config(hidden_size=64, ffn_hidden_size=128, moe_ffn_hidden_size=width, seq_length=64, vocab_size=256)
+    plan = memory.activation_bytes(mc, launch.resolve_layout(mc, launch.TrainConfig(micro_batch_size=4), 1),
+                                   stage=0, el=4, grouped=True)
+    measured = saved_activation_bytes(mc, 4, recompute=False, grouped=True)
+    assert abs(plan.per_microbatch - measured) <= 0.01 * measured, (plan.per_microbatch, measured)
 
 
 def mapped_bytes(folder: str) -> int:

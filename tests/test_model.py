@@ -35,21 +35,29 @@ def test_expert_equals_handwritten_swiglu():
 @smoke
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 10, 0, 0]])
-def test_grouped_and_loop_experts_match_reference_in_outputs_and_gradients(grouped, counts):
+@pytest.mark.parametrize("width,weighted", [(24, False), (24, True), (40, True)])
+def test_grouped_and_loop_experts_match_reference_in_outputs_and_gradients(grouped, counts, width, weighted):
     """torch._grouped_mm also runs fp32 on the CPU, so both paths are checked here (zero-token
-    experts, all rows on one expert, a non-contiguous incoming gradient)."""
-    cfg = tiny_config(moe_ffn_hidden_size=24)
+    experts, all rows on one expert, a non-contiguous incoming gradient), without and with routing
+    weights: applied to the hidden h when F (24) < D (32), to the output y when F (40) > D; the
+    reference scales each row's output y."""
+    cfg = tiny_config(moe_ffn_hidden_size=width)
     experts = Experts(cfg, ModelParallel())
+    assert experts.scale_hidden == (width < cfg.hidden_size)
     layout_free_init_(experts, 4)
     experts.use_grouped_mm = grouped
     counts = torch.tensor(counts)
     x = torch.randn(10, cfg.hidden_size, requires_grad=True)
-    y = experts(x, counts)
+    weight = torch.rand(10, requires_grad=True) if weighted else None
+    y = experts(x, counts, weight)
     g = torch.randn(cfg.hidden_size, 10).T  # non-contiguous, as after a transpose in the caller
-    grads = torch.autograd.grad(y, [x, experts.w_gate_up, experts.w_down], g)
+    inputs = [x, experts.w_gate_up, experts.w_down] + ([weight] if weighted else [])
+    grads = torch.autograd.grad(y, inputs, g)
     ref = torch.cat([swiglu(rows, *expert_weights(experts, e))
                      for e, rows in enumerate(x.split(counts.tolist()))])
-    ref_grads = torch.autograd.grad(ref, [x, experts.w_gate_up, experts.w_down], g)
+    if weighted:
+        ref = ref * weight[:, None]
+    ref_grads = torch.autograd.grad(ref, inputs, g)
     assert torch.allclose(y, ref, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-5)
@@ -174,9 +182,10 @@ def assert_grads_match(out, ref, inputs, atol=1e-5):
 
 
 # ------------------------------------------------------------------ expert loop
-def test_gather_and_combine_matches_per_row_reference_in_outputs_and_gradients():
+@pytest.mark.parametrize("width", [32, 16])  # F = D: weights on y; F < D: on h
+def test_gather_and_combine_matches_per_row_reference_in_outputs_and_gradients(width):
     """Tokens on several experts, one expert without rows, unequal combine weights."""
-    cfg = tiny_config()
+    cfg = tiny_config(moe_ffn_hidden_size=width)
     experts = Experts(cfg, ModelParallel())
     layout_free_init_(experts, 1)
     torch.manual_seed(0)
@@ -190,24 +199,27 @@ def test_gather_and_combine_matches_per_row_reference_in_outputs_and_gradients()
     assert_grads_match(out, ref, [tokens, weight, experts.w_gate_up, experts.w_down])
 
 
-@pytest.mark.parametrize("gathered", [True, False])
-def test_expert_loop_backward_passes_gradcheck_in_float64(gathered):
-    """The hand-written backward against finite differences, both modes (gathered rows, grouped rows)."""
+@pytest.mark.parametrize("gathered,weighted", [(True, True), (False, False), (False, True)])
+@pytest.mark.parametrize("scale_hidden", [False, True])
+def test_expert_loop_backward_passes_gradcheck_in_float64(gathered, weighted, scale_hidden):
+    """The hand-written backward against finite differences, every mode: gathered rows with weights
+    (one process), grouped rows without weights, and with them (expert parallelism); the weights
+    applied to the output y or to the hidden h."""
     torch.manual_seed(0)
     e, d, f, n = 3, 8, 6, 5
     w = [torch.randn(e, d, 2 * f, dtype=torch.double, requires_grad=True),  # [gate | up]
          torch.randn(e, f, d, dtype=torch.double, requires_grad=True)]
     splits = [2, 0, 4]
-    if gathered:
-        x = torch.randn(n, d, dtype=torch.double, requires_grad=True)
-        rows = torch.tensor([1, 4, 0, 1, 3, 4])
+    rows = torch.tensor([1, 4, 0, 1, 3, 4]) if gathered else None
+    x = torch.randn(n if gathered else 6, d, dtype=torch.double, requires_grad=True)
+    num_out = x.shape[0]
+    if weighted:
         weight = torch.rand(6, dtype=torch.double, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, wt, a, b: ExpertLoop.apply(x, rows, wt, splits, a, b, n),
-                                        (x, weight, *w))
+        assert torch.autograd.gradcheck(
+            lambda x, wt, a, b: ExpertLoop.apply(x, rows, wt, splits, a, b, num_out, scale_hidden), (x, weight, *w))
     else:
-        x = torch.randn(6, d, dtype=torch.double, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, a, b: ExpertLoop.apply(x, None, None, splits, a, b, 6),
-                                        (x, *w))
+        assert torch.autograd.gradcheck(
+            lambda x, a, b: ExpertLoop.apply(x, rows, None, splits, a, b, num_out, scale_hidden), (x, *w))
 
 
 def test_swiglu_of_fused_gate_up_passes_gradcheck_and_equals_silu_times_up():
@@ -220,9 +232,10 @@ def test_swiglu_of_fused_gate_up_passes_gradcheck_and_equals_silu_times_up():
     assert torch.allclose(SwiGLU.apply(gate_up), gate / (1 + torch.exp(-gate)) * up, rtol=0, atol=1e-12)
 
 
-def test_moe_layer_one_pass_path_matches_dispatch_and_combine_path():
+@pytest.mark.parametrize("width", [32, 16])  # F = D: weights on y; F < D: on h
+def test_moe_layer_one_pass_path_matches_dispatch_and_combine_path(width):
     """The fused CPU path against the dispatch -> experts -> combine path (grouped GEMMs, fp32 on the CPU)."""
-    cfg = tiny_config(num_experts=4, num_experts_per_token=2)
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2, moe_ffn_hidden_size=width)
     fused, grouped = SparseMoELayer(cfg, ModelParallel()), SparseMoELayer(cfg, ModelParallel())
     layout_free_init_(fused, 3)
     grouped.load_state_dict(fused.state_dict())
