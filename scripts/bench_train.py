@@ -97,8 +97,8 @@ def make_step(cfg: ModelConfig, micro_batch_size: int, *, device: torch.device, 
     return step, model
 
 
-def main() -> None:
-    # ---------------------------------------------------------------- config
+def parse_args() -> tuple[argparse.Namespace, ModelConfig, int]:
+    """The command line -> (args, the model config: the preset's with any model flag given, micro-batch)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", choices=list(PRESETS))
@@ -138,6 +138,40 @@ def main() -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    return args, cfg, batch
+
+
+def time_steps(one_step: Callable[[int], float], device: torch.device, args: argparse.Namespace
+               ) -> tuple[list[float], float]:
+    """Warm-up steps, then the timed ones (and --profile's two more): (ms of each timed step, last loss)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_ms = []
+    for step in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = one_step(step)
+        sync()
+        if step >= args.warmup:
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+    if args.profile:  # where the time goes: the top operators of two more steps
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for step in range(2):
+                one_step(args.warmup + args.steps + step)
+            sync()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile))
+    return step_ms, loss
+
+
+def main() -> None:
+    args, cfg, batch = parse_args()
     # The trainer's model, optimizer, gradient sync and step (losses, clip, AdamW), with this
     # benchmark's device, dtype and compile.
     device = resolve_device(TrainConfig(device=args.device), 0)
@@ -154,33 +188,8 @@ def main() -> None:
           f"grouped GEMM {grouped} | compile {args.compile} | micro-batch {batch} x {cfg.seq_length} tokens")
     print(f"parameters: total {total / 1e6:.1f}M | active per token {(active + embed) / 1e6:.1f}M "
           f"({active / 1e6:.1f}M without the input embedding) | {flops_per_token / 1e9:.2f} GFLOP per token")
-
-    # ------------------------------------------------------------------ loop
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    step_ms = []
     try:
-        for step in range(args.warmup + args.steps):
-            sync()
-            t0 = time.perf_counter()
-            loss = one_step(step)
-            sync()
-            if step >= args.warmup:
-                step_ms.append((time.perf_counter() - t0) * 1e3)
-        if args.profile:  # where the time goes: the top operators of two more steps
-            from torch.profiler import ProfilerActivity, profile
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with profile(activities=activities) as prof:
-                for step in range(2):
-                    one_step(args.warmup + args.steps + step)
-                sync()
-            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by=key, row_limit=args.profile))
+        step_ms, loss = time_steps(one_step, device, args)
     except torch.OutOfMemoryError:
         print(f"error: out of memory at micro-batch {batch} x {cfg.seq_length}; try a smaller "
               f"--micro-batch-size", file=sys.stderr)
@@ -204,7 +213,6 @@ def main() -> None:
             "active_non_embedding_params": active, "flops_per_token": flops_per_token, "step_ms": ms,
             "tokens_per_sec": tokens_per_sec, "peak_mem_gib": mem, "mfu": mfu, "loss": loss,
         }))
-
 
 if __name__ == "__main__":
     main()
