@@ -65,13 +65,17 @@ def test_bad_checkpoint_or_data_exits_2_and_harms_nothing(case, tmp_path, saved_
 
 
 def _bad_trainer_input(case: str, tmp_path, saved_tiny) -> tuple[list[str], str]:
-    """Flags of one hostile case (files made under tmp_path) and the words its error line holds."""
-    ck = tmp_path / "ck"
-    shutil.copytree(saved_tiny, ck, symlinks=True)
-    step = ck / "step_00000002"
-    meta = json.loads((step / "meta.json").read_text())
-    ok_train, ok_val = np.arange(3000) % 50, np.arange(300) % 50
-    flags = {
+    """Flags of one hostile case (files made under tmp_path) and the words its error line holds.
+    Every case gets a copy of a saved run in tmp_path / "ck", which the tests check is left as it was."""
+    shutil.copytree(saved_tiny, tmp_path / "ck", symlinks=True)
+    flags = _bad_flags(tmp_path)
+    if case in flags:
+        return flags[case]
+    return _bad_data(case, tmp_path) or _bad_checkpoint(case, tmp_path / "ck")
+
+
+def _bad_flags(tmp_path) -> dict[str, tuple[list[str], str]]:
+    return {
         "lr_nan": (["--lr", "nan"], "--lr"),
         "min_lr_over_lr": (["--min-lr", "1"], "--min-lr"),
         "rope_theta_0": (["--rope-theta", "0"], "--rope-theta"),
@@ -91,8 +95,10 @@ def _bad_trainer_input(case: str, tmp_path, saved_tiny) -> tuple[list[str], str]
         "metrics_file_is_a_folder": (["--metrics-file", str(tmp_path)], "is a folder"),
         "flag_not_a_number": (["--lr", "fast"], "argument --lr: invalid float value"),
     }
-    if case in flags:
-        return flags[case]
+
+
+def _bad_data(case: str, tmp_path) -> tuple[list[str], str] | None:
+    ok_train, ok_val = np.arange(3000) % 50, np.arange(300) % 50
     if case == "empty_train_bin":
         d = _token_folder(tmp_path / "tok", [], ok_val, {"vocab_size": 50})
         return ["--data", d], "train.bin: empty"
@@ -120,6 +126,12 @@ def _bad_trainer_input(case: str, tmp_path, saved_tiny) -> tuple[list[str], str]
     if case == "data_is_a_fifo":
         os.mkfifo(tmp_path / "fifo")
         return ["--data", str(tmp_path / "fifo")], "not a regular file"
+    return None
+
+
+def _bad_checkpoint(case: str, ck) -> tuple[list[str], str]:
+    tmp_path, step = ck.parent, ck / "step_00000002"
+    meta = json.loads((step / "meta.json").read_text())
     if case == "meta_missing_files":
         meta.pop("files")
         (step / "meta.json").write_text(json.dumps(meta))
