@@ -36,8 +36,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from parallel_layers import (ColumnParallelLinear, ModelParallel, RowParallelLinear, VocabParallelEmbedding,
-                             column_parallel, combine_from_experts, compute_dtype, dispatch_along, dispatch_to_experts,
-                             gather_tokens, place, placement, split_tokens)
+                             all_to_all, column_parallel, compute_dtype, gather_tokens, place, placement, split_tokens)
 
 
 # --------------------------------------------------------------------------- config
@@ -654,6 +653,51 @@ def can_use_grouped_mm(device: torch.device, cfg: ModelConfig, dtype: torch.dtyp
     if torch.cuda.get_device_capability(device)[0] < 9:
         return False
     return grouped_mm_strides_ok(cfg, dtype)
+
+
+# ------------------------------------------------------------------ expert dispatcher
+@dataclass
+class DispatchPlan:
+    """What the combine step needs to send expert outputs back (split sizes, row order)."""
+
+    send_splits: list[int]  # rows this rank sent to each EP rank
+    recv_splits: list[int]  # rows this rank received from each EP rank
+    sort: torch.Tensor  # (M,) groups the received rows by local expert
+    unsort: torch.Tensor  # (M,) puts expert-grouped rows back in received order
+
+
+def dispatch_to_experts(x_sorted: torch.Tensor, counts: torch.Tensor, par: ModelParallel):
+    """Send rows (grouped by global expert id) to the EP rank that owns each expert.
+
+    x_sorted (A, D) rows sorted by expert id; counts (E,) rows per global expert.
+    Returns rows grouped by *local* expert (M, D), rows per local expert (E_local,) and the plan
+    for `combine_from_experts`. Expert e lives on EP rank e // E_local."""
+    ep = par.ep_size
+    e_local = counts.numel() // ep
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=par.ep_group)  # (EP*E_local,) [src, local expert]
+    # The one host synchronisation of EP: all_to_all needs the split sizes as Python ints.
+    send_splits = counts.view(ep, e_local).sum(1).tolist()
+    recv_by_src = recv_counts.view(ep, e_local)  # (EP, E_local)
+    recv_splits = recv_by_src.sum(1).tolist()
+    x_recv = all_to_all(x_sorted, recv_splits, send_splits, par.ep_group)  # (M, D) by source rank
+    # Rows arrive grouped by source, then by expert; regroup by local expert for the GEMMs.
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(e_local, device=counts.device).repeat(ep), recv_by_src.reshape(-1))  # (M,)
+    sort = torch.argsort(expert_of_row, stable=True)  # (M,)
+    plan = DispatchPlan(send_splits, recv_splits, sort, torch.argsort(sort))
+    return x_recv.index_select(0, sort), recv_by_src.sum(0), plan  # (M, D), (E_local,)
+
+
+def dispatch_along(t: torch.Tensor, plan: DispatchPlan, par: ModelParallel) -> torch.Tensor:
+    """A per-row tensor (A, ...) sent where `dispatch_to_experts` sent the rows -> (M, ...) by local expert."""
+    return all_to_all(t, plan.recv_splits, plan.send_splits, par.ep_group).index_select(0, plan.sort)
+
+
+def combine_from_experts(y: torch.Tensor, plan: DispatchPlan, par: ModelParallel) -> torch.Tensor:
+    """Inverse of `dispatch_to_experts`: (M, D) expert outputs -> (A, D) in the sender's order."""
+    y = y.index_select(0, plan.unsort)  # (M, D) back in received order
+    return all_to_all(y, plan.send_splits, plan.recv_splits, par.ep_group)  # (A, D)
 
 
 # ------------------------------------------------------------------------- MoE layer

@@ -74,7 +74,7 @@ def test_two_torchrun_nodes_on_loopback_train_together(one_process, tmp_path):
 def _dispatch_worker(rank: int, world: int, port: int, result_dir: str) -> None:
     """One rank of the dispatcher test: tokens go to their expert's rank and come back in order."""
     import torch.distributed as dist
-    from parallel_layers import combine_from_experts, dispatch_to_experts
+    from moe_layers import combine_from_experts, dispatch_to_experts
     torch.set_num_threads(1)  # one thread a rank: the ranks share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     e_local, num_experts = 2, 2 * world
