@@ -36,7 +36,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from parallel_layers import (ColumnParallelLinear, ModelParallel, RowParallelLinear, VocabParallelEmbedding,
-                             all_to_all, column_parallel, compute_dtype, gather_tokens, place, placement, split_tokens)
+                             all_to_all, column_parallel, compute_dtype, gather_tokens, gather_tp_rows, place, placement,
+                             split_tokens)
 
 
 # --------------------------------------------------------------------------- config
@@ -756,15 +757,6 @@ def capacity_keep_mask(keys: torch.Tensor, indices: torch.Tensor, capacity: int,
     return (rank < capacity).view_as(indices)
 
 
-def gather_tp_rows(t: torch.Tensor, par: ModelParallel) -> torch.Tensor:
-    """All TP ranks' rows of a tensor, no gradient: the whole micro-batch's routing decisions."""
-    if par.tp_size == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(par.tp_size)]
-    dist.all_gather(parts, t.contiguous(), group=par.tp_group)  # each rank routed N / TP tokens
-    return torch.cat(parts)
-
-
 def sequence_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
                             seq_of_token: torch.Tensor, counts_seq: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Sequence-wise balancing loss (DeepSeek-V3, eq. 17-20): the Switch loss of each sequence, averaged.
@@ -871,12 +863,8 @@ class SparseMoELayer(nn.Module):
         return load_balancing_loss(r.probs, r.indices, self.num_experts, counts, num_tokens)
 
     def combine(self, y_sorted: torch.Tensor, rows: Assignments, n: int) -> torch.Tensor:
-        """out[t] = sum over the rows r of token t of y_sorted[r] (the experts weighted them);
-        y_sorted (A, D) -> (n, D).
-
-        index_add of the rows into their tokens. Putting the rows back in token order by index and
-        summing each token's K by a batched (1 x K) @ (K x D) product was priced better eager for
-        64 experts top-8 but worse compiled for both presets (see README_MOE.md), so not kept."""
+        """out[t] = sum over the rows r of token t of y_sorted[r] (weighted by the experts): (A, D) -> (n, D).
+        index_add; un-permuting by index and a batched K-sum priced worse compiled (README_MOE.md)."""
         return y_sorted.new_zeros(n, y_sorted.shape[1]).index_add_(0, rows.token, y_sorted)  # (n, D)
 
     def forward(self, x: torch.Tensor, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats]:

@@ -401,6 +401,15 @@ def gather_tokens(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
     return _GatherTokens.apply(x, par.tp_group)
 
 
+def gather_tp_rows(t: torch.Tensor, par: ModelParallel) -> torch.Tensor:
+    """All TP ranks' rows of a tensor, no gradient: the whole micro-batch's routing decisions."""
+    if par.tp_size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(par.tp_size)]
+    dist.all_gather(parts, t.contiguous(), group=par.tp_group)  # each rank routed N / TP tokens
+    return torch.cat(parts)
+
+
 def reduce_scatter_sequence(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
     return _ReduceScatterSequence.apply(x, par.tp_group)
 
