@@ -123,13 +123,13 @@ def layer_activation_bytes(mc: ModelConfig, layer: int, tokens: int, tp: int, ep
     if layer not in mc.all_moe_layers:
         return norms + tokens * (attn + el * 4 * mc.ffn_hidden_size // tp)
     k, e, f = mc.num_experts_per_token, mc.num_experts, mc.moe_ffn_hidden_size
-    # The routing weights scale h when F < D, else y (moe_layers.Experts); their gradient keeps the
+    # The routing weights scale h or y (ModelConfig.routing_weight_on_hidden); their gradient keeps the
     # unweighted one of the two.
-    weighted = f if f < d else d
+    on_hidden = mc.routing_weight_on_hidden
     if grouped:  # input, [gate | up], h, the weighted tensor's factor, the output (kept by index_add)
-        experts = el * k * (2 * d + 3 * f + weighted)
+        experts = el * k * (2 * d + 3 * f + (f if on_hidden else d))
     else:
-        experts = el * k * (2 * f + (0 if f < d else d)) + (el * k * d if ep > 1 else 0)  # EP: expert input kept too
+        experts = el * k * (2 * f + (0 if on_hidden else d)) + (el * k * d if ep > 1 else 0)  # EP: its input too
     router = 8 * e + 28 * k + 8 + el * k + (4 * d if el == 2 else 0)  # fp32 copy of bf16 router input
     shared = el * 4 * mc.shared_ffn_hidden_size // tp
     return norms + tokens * (attn + shared) + tokens // tp * (experts + router)

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from parallel_layers import (ColumnParallelLinear, ModelParallel, RowParallelLinear, VocabParallelEmbedding,
-                             all_to_all, column_parallel, compute_dtype, gather_tokens, gather_tp_rows, place, placement,
-                             split_tokens)
+                             all_to_all, column_parallel, compute_dtype, gather_tokens, gather_tp_rows, place,
+                             placement, split_tokens)
 
 
 # --------------------------------------------------------------------------- config
@@ -130,6 +130,12 @@ class ModelConfig:
         Glm4Moe and llama.cpp's glm4moe express); None for any other placement of the MoE layers."""
         k = self.num_layers - len(self.moe_layers)
         return k if self.moe_layers == list(range(k, self.num_layers)) else None
+
+    @property
+    def routing_weight_on_hidden(self) -> bool:
+        """Where the experts apply each row's routing weight: y = w down(h) = down(w h), so on the narrower
+        of h (F wide, when F < D: fine-grained MoE, e.g. 64 experts of 176 at D 1024) and the output y (D)."""
+        return self.moe_ffn_hidden_size < self.hidden_size
 
     @property
     def mtp_layers(self) -> list[int]:
@@ -352,8 +358,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of the positions (T,), each (T, Dh) in `dtype`: taken once per forward and
-        read by every layer (four small kernels per forward instead of per layer)."""
+        """(cos, sin) (T, Dh) of the positions (T,) in `dtype`: taken once per forward, read by every layer."""
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
@@ -589,12 +594,8 @@ class Experts(nn.Module):
     without transposes. Checkpoints keep w_gate and w_up apart (Placement.parts: checkpoint.py
     splits and joins them), as they have always been saved. Experts run on rows grouped by
     expert: one grouped GEMM per projection (torch._grouped_mm, CUDA) or a loop over experts
-    (`ExpertLoop`; the faster of the two on the CPU).
-
-    Each row's output is scaled by its routing weight in here: y_r = w_r * down(h_r) =
-    down(w_r * h_r), the same by linearity, so the weight scales the narrower of the two, h (F wide)
-    when F < D, as in fine-grained MoE (64 experts of 176 at D 1024: the weighting, its backward and
-    the weights' gradient read and write (rows, 176) instead of (rows, 1024) tensors), else y."""
+    (`ExpertLoop`; the faster of the two on the CPU). Each row's output is scaled by its routing
+    weight in here, on h or on y (`ModelConfig.routing_weight_on_hidden`)."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
@@ -607,7 +608,7 @@ class Experts(nn.Module):
         place(self.w_gate_up, full_shape=(e, d, 2 * f), init_std=cfg.init_std, parts=("w_gate", "w_up"), **ep)
         place(self.w_down, full_shape=(e, f, d), init_std=out_std, **ep)
         self.use_grouped_mm = False  # set by the trainer (see `can_use_grouped_mm`)
-        self.scale_hidden = f < d  # where the routing weight applies: h (M, F) or y (M, D), see above
+        self.scale_hidden = cfg.routing_weight_on_hidden  # the routing weight scales h (M, F), else y (M, D)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """x (M, D) rows grouped by local expert; counts (E_local,) rows per expert; weight (M,) each
@@ -939,14 +940,13 @@ class ExpertLoop(torch.autograd.Function):
     rows given (dispatch and combine fused in): expert e reads x[rows[s_e : s_e + c_e]] and adds
     its outputs into those rows of a zero (num_out, D) output. rows None: it reads x[s_e : s_e + c_e]
     and writes the same output rows. weight given: each row's output is scaled by it, on the
-    hidden h (scale_hidden, F < D) or on the output y (`Experts` says why).
+    hidden h (scale_hidden) or on the output y (`ModelConfig.routing_weight_on_hidden`).
     Why by hand: autograd of the plain loop saves an (M, D) gathered copy of the tokens,
     concatenates the experts' outputs and stacks E_local weight gradients. Here each expert
     gathers its rows into a small, cache-hot block, writes its outputs and its weight
     gradients straight into preallocated tensors, and the backward gathers the rows again.
-    The arithmetic is autograd's, operation for operation (the weights applied as `Experts`
-    applies them, then index_add_ in expert order), so a one-process run rounds as the
-    expert-parallel path does. All tensors share one dtype."""
+    The arithmetic is autograd's, operation for operation (weights applied as `Experts` applies them,
+    index_add_ in expert order): one process rounds as the expert-parallel path. One dtype throughout."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor | None,
