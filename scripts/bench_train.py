@@ -214,5 +214,6 @@ def main() -> None:
             "tokens_per_sec": tokens_per_sec, "peak_mem_gib": mem, "mfu": mfu, "loss": loss,
         }))
 
+
 if __name__ == "__main__":
     main()

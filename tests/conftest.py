@@ -33,14 +33,12 @@ def trained(tmp_path_factory):
 # longest one-process runs, which no other run waits for, start in the background when the session
 # begins and use that core; the tests that read them wait for them. Each job: the test that reads
 # it, and its trainer flags ({out} is the job's own folder).
+_MTP_RUN = TINY_FLAGS + ["--max-steps", "3", "--mtp-num-layers", "1", "--metrics-file", "{out}/m.jsonl"]
 BACKGROUND_JOBS = {
     "default_run": ("test_default_run_beats_the_unigram_baseline",
                     ["--no-progress", "--metrics-file", "{out}/m.jsonl"]),
-    "compiled_mtp": ("test_compile_gives_the_same_losses_to_rounding",
-                     TINY_FLAGS + ["--max-steps", "3", "--mtp-num-layers", "1", "--compile",
-                                   "--metrics-file", "{out}/m.jsonl"]),
-    "eager_mtp": ("test_compile_gives_the_same_losses_to_rounding",
-                  TINY_FLAGS + ["--max-steps", "3", "--mtp-num-layers", "1", "--metrics-file", "{out}/m.jsonl"]),
+    "compiled_mtp": ("test_compile_gives_the_same_losses_to_rounding", _MTP_RUN + ["--compile"]),
+    "eager_mtp": ("test_compile_gives_the_same_losses_to_rounding", _MTP_RUN),
 }
 
 
@@ -52,8 +50,12 @@ class BackgroundRuns:
         self.out = {n: tmp_path_factory.mktemp(n) for n in BACKGROUND_JOBS}
         self.results: dict[str, subprocess.CompletedProcess] = {}
         self.done = {n: threading.Event() for n in names}
-        self.thread = threading.Thread(target=lambda: [self._run(n) for n in names], daemon=True)
+        self.thread = threading.Thread(target=self._run_all, args=(names,), daemon=True)
         self.thread.start()
+
+    def _run_all(self, names: list[str]) -> None:
+        for name in names:
+            self._run(name)
 
     def _run(self, name: str) -> None:
         try:
