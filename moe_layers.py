@@ -336,36 +336,33 @@ class RMSNorm(nn.Module):
             return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
-    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021).
+    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021), pairing
+    dimensions i and i + Dh/2 of each head (NeoX / Llama / Qwen3).
 
-    `apply_rotary` rotates by them as x cos + rotate_half(x) sin in five element-wise kernels. A three-kernel form
-    (roll, addcmul with a half-negated sin table) was tried: the fused multiply-add rounds
-    differently with the tensor's size, so TP layouts stopped reproducing one process's weights
-    to the parity tests' tolerance."""
+    The rotation is x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1]. `apply_rotary` writes
+    it as x cos + roll(x, Dh/2) sin' with sin' = [-sin1, sin2] stored here: the same products bit for
+    bit (negation is exact), four element-wise kernels instead of five. A three-kernel form (addcmul)
+    was tried: the fused multiply-add rounds differently with the tensor's size, so TP layouts
+    stopped reproducing one process's weights to the parity tests' tolerance."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, Dh/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos(), persistent=False)  # (T, Dh)
+        self.register_buffer("sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)  # (T, Dh) sin'
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) (T, Dh) of the positions (T,) in `dtype`: taken once per forward, read by every layer."""
+        """(cos, sin') (T, Dh) of the positions (T,) in `dtype`: taken once per forward, read by every layer."""
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-    """Rotate q (B, H, T, Dh) and k (B, Hkv, T, Dh) by the (cos, sin) tables of their positions."""
+    """Rotate q (B, H, T, Dh) and k (B, Hkv, T, Dh) by the (cos, sin') tables of their positions."""
     cos, sin = (t.to(q.dtype) for t in rope)  # no copy when the tables are in q's dtype already
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    half = q.shape[-1] // 2
+    return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin  # roll: [x2, x1]
 
 
 # ------------------------------------------------------------------------- attention

@@ -15,7 +15,7 @@ Architecture (llama.cpp's name, its tensor names and keys; each checked against 
             off (`expert_weights_norm`), the scaling factor (`expert_weights_scale`) and shared experts.
             glm4moe always adds a shared expert: a model without one gets one whose down projection is
             zero, which adds exactly 0.
-All three rotate with llama.cpp's NEOX rope (pairs i and i + Dh/2: our rotate_half) over the whole head.
+All three rotate with llama.cpp's NEOX rope (pairs i and i + Dh/2, as our RotaryEmbedding) over the whole head.
 Multi-token prediction modules (`mtp.*`) only add a training loss: llama.cpp decodes without them, so
 they are left out with a note.
 

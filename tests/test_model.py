@@ -303,6 +303,29 @@ def repeated_kv_attention(attn: Attention, x: torch.Tensor, rope: RotaryEmbeddin
     return attn.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_rotate_half_formula_bit_for_bit(dtype):
+    """RoFormer's rotation as Llama / Qwen3 / transformers write it, tables built here from theta:
+    x cos + [-x2, x1] sin, at positions 3..10; the same bits forward and backward."""
+    dh, theta, pos = 16, 1000.0, torch.arange(3, 11)
+    inv = 1.0 / theta ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh)
+    ang = torch.cat([torch.outer(pos.float(), inv)] * 2, dim=-1)  # (T, Dh)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def textbook(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    q = torch.randn(2, 4, 8, dh).to(dtype).requires_grad_()
+    k = torch.randn(2, 2, 8, dh).to(dtype).requires_grad_()
+    ours = apply_rotary(q, k, RotaryEmbedding(dh, 16, theta)(pos, dtype))
+    ref = (textbook(q), textbook(k))
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    g = [torch.randn_like(t) for t in ref]
+    grads = torch.autograd.grad(ours, (q, k), g)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(ref, (q, k), g)))
+
+
 def test_grouped_query_attention_matches_repeated_kv_reference():
     cfg = tiny_config(num_attention_heads=4, num_kv_heads=2)
     attn = Attention(cfg, ModelParallel())
