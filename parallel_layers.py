@@ -295,36 +295,41 @@ def _all_gather_sequence(x: torch.Tensor, group: Any) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-class _GatherThenProject(torch.autograd.Function):
-    """The column-parallel projections that read one input under sequence parallelism
-    (Korthikanti et al. 2022, sec. 4.2.2; Megatron-LM's linear with sequence parallelism):
-    forward all-gathers the (B, T/TP, D) slices to (B, T, D) and multiplies the whole sequence by
-    each weight (this rank's output columns); backward all-gathers the slices again for the weight
-    gradients and reduce-scatters dL/dx (each rank's columns gave part of it for every position).
+class _ProjectEach(torch.autograd.Function):
+    """Several column-parallel projections of one input (q, k, v; gate, up), with dL/dx summed
+    inside the GEMMs: backward starts from the last layer's g W and adds each other layer's into it
+    with addmm (beta = 1), instead of one (B*T, D) product per layer and an add kernel between
+    them. The products are the ones autograd would run, added in its order (last layer first).
 
-    Only the slice is kept between forward and backward, so no TP rank holds the whole (B, T, D)
-    input for backward: one more all-gather per backward buys 1/TP of that memory. The products
-    run in the autocast dtype when autocast is on (recorded here, as backward runs outside it)."""
+    Under sequence parallelism (`group` given; Korthikanti et al. 2022, sec. 4.2.2; Megatron-LM's
+    linear with sequence parallelism) forward all-gathers the (B, T/TP, D) slices to (B, T, D) and
+    multiplies the whole sequence by each weight (this rank's output columns); backward all-gathers
+    the slices again for the weight gradients and reduce-scatters dL/dx (each rank's columns gave
+    part of it for every position). Only the slice is kept between forward and backward, so no TP
+    rank holds the whole (B, T, D) input for backward: one more all-gather per backward buys 1/TP
+    of that memory. The products run in the autocast dtype when autocast is on (recorded here, as
+    backward runs outside it)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Any, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.dtype, ctx.group = compute_dtype(x), group
         ctx.save_for_backward(x, *weights)
-        whole = _all_gather_sequence(x, group).to(ctx.dtype)  # (B, T, D)
+        whole = (x if group is None else _all_gather_sequence(x, group)).to(ctx.dtype)  # (B, T, D)
         with torch.autocast(x.device.type, enabled=False):
             return tuple(F.linear(whole, w.to(ctx.dtype)) for w in weights)  # (B, T, out / TP) each
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         x, *weights = ctx.saved_tensors
-        whole = _all_gather_sequence(x, ctx.group).to(ctx.dtype).flatten(0, 1)  # (B*T, D), gathered again
-        grad_whole = torch.zeros_like(whole)
-        grad_weights = []
+        whole = (x if ctx.group is None else _all_gather_sequence(x, ctx.group)).to(ctx.dtype).flatten(0, 1)  # (B*T, D)
+        grad_whole, grad_weights = None, []
         for g, w in reversed(list(zip(grads, weights))):  # last first: the order autograd adds separate layers' in
-            g = g.flatten(0, 1).to(ctx.dtype)  # (B*T, out / TP)
-            grad_whole += g @ w.to(ctx.dtype)  # (B*T, D): this rank's columns' part of dL/dx
+            g, w = g.flatten(0, 1).to(ctx.dtype), w.to(ctx.dtype)  # (B*T, out / TP), (out / TP, D)
+            grad_whole = g @ w if grad_whole is None else torch.addmm(grad_whole, g, w)  # (B*T, D): this rank's part of dL/dx
             grad_weights.insert(0, g.T @ whole)  # (out / TP, D)
-        grad_x = _reduce_scatter_sequence(grad_whole.view(*grads[0].shape[:2], -1), ctx.group)  # (B, T/TP, D)
+        grad_x = grad_whole.view(*grads[0].shape[:2], -1)  # (B, T, D)
+        if ctx.group is not None:
+            grad_x = _reduce_scatter_sequence(grad_x, ctx.group)  # (B, T/TP, D)
         return (grad_x, None, *grad_weights)
 
 
@@ -381,14 +386,15 @@ def column_parallel(x: torch.Tensor, par: ModelParallel, *layers: ColumnParallel
     (backward: all-reduce of the partial dL/dx), or under SP this rank's slice (B, T/TP, D),
     all-gathered (backward: reduce-scatter). Returns one (B, T, out / TP) tensor per layer.
 
-    The layers run as separate GEMMs on the same input. One GEMM over their weights stacked by rows
-    was tried (fewer, larger kernels): it changes how dL/dx is summed, and the TP layouts then no
-    longer reproduce one process's weights to the parity tests' tolerance (the DeepSeek recipe with
-    capacity under TP2 x EP2), so it is not used."""
+    The layers run as separate GEMMs on the same input (`_ProjectEach`). One GEMM over their weights
+    stacked by rows was tried (fewer, larger kernels): it sums dL/dx over all layers' columns at
+    once, and the TP layouts then no longer reproduced one process's weights to the parity tests'
+    tolerance (the DeepSeek recipe with capacity under TP2 x EP2), so it is not used."""
+    weights = [layer.weight for layer in layers]
     if par.sequence_parallel:
-        return _GatherThenProject.apply(x, par.tp_group, *(layer.weight for layer in layers))
+        return _ProjectEach.apply(x, par.tp_group, *weights)
     x = copy_to_tp(x, par)  # (B, T, D)
-    return tuple(layer(x) for layer in layers)
+    return _ProjectEach.apply(x, None, *weights) if len(layers) > 1 else (layers[0](x),)
 
 
 def split_tokens(x: torch.Tensor, par: ModelParallel) -> torch.Tensor:
