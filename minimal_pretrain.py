@@ -182,9 +182,10 @@ class StepStats:
     @staticmethod
     def zeros(mc: ModelConfig, device: torch.device) -> StepStats:
         n_moe, width = len(mc.all_moe_layers), max(mc.num_experts, 1)
-        return StepStats(*(torch.zeros((), device=device) for _ in range(4)),
-                         counts=torch.zeros(n_moe, width, device=device), routed=torch.zeros(n_moe, width, device=device),
-                         dropped=torch.zeros(n_moe, device=device))
+        flat = torch.zeros(4 + n_moe * (2 * width + 1), device=device)  # views of one buffer: one fill kernel
+        scalars, counts, routed, dropped = flat.split([4, n_moe * width, n_moe * width, n_moe])
+        return StepStats(*scalars.unbind(), counts=counts.view(n_moe, width), routed=routed.view(n_moe, width),
+                         dropped=dropped)
 
     def add(self, other: StepStats) -> None:
         for f in dataclasses.fields(self):
@@ -269,7 +270,8 @@ class MicroBatches:
             per_layer = out.stats.values()
             self.stats.counts[rows] += torch.stack([s.counts for s in per_layer])  # (L, E) counts, into fp32
             self.stats.routed[rows] += torch.stack([s.routed for s in per_layer])
-            self.stats.dropped[rows] += torch.stack([s.dropped for s in per_layer])
+            if any(s.dropped is not None for s in per_layer):  # a capacity limit (model-wide): drops counted
+                self.stats.dropped[rows] += torch.stack([s.dropped for s in per_layer])
         return (self.tc.router_aux_loss_coef * out.aux_loss + self.tc.router_z_loss_coef * out.z_loss) / n_moe
 
     def backward(self, i: int, grad_out: torch.Tensor | None, chunk: int = 0) -> torch.Tensor | None:
@@ -843,10 +845,12 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, reducers
     sharded = isinstance(optimizer, DistributedAdamW)
     grads = gradient_pieces(model, optimizer)
     grad_norm = global_grad_norm(grads, pg, sharded, device)
+    # The clip factor's small kernels are queued before the host waits for the norm, so that the
+    # GPU does not idle after the wait while the host launches them.
+    scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float() if tc.grad_clip > 0 else None
     # The norm is summed over all ranks, so every rank takes the same decision.
     applied = bool(torch.isfinite(grad_norm))  # one host sync per step
     if applied:
-        scale = (tc.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).float() if tc.grad_clip > 0 else None
         clipped_step(optimizer, [g for _, g in grads], scale)
         if sharded:
             gather_updated_weights(optimizer)

@@ -338,9 +338,7 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021), pairing
-    dimensions i and i + Dh/2 of each head (NeoX / Llama / Qwen3).
-
-    The rotation is x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1]. `apply_rotary` writes
+    dimensions i and i + Dh/2 of each head (NeoX / Llama / Qwen3). The rotation is x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1]. `apply_rotary` writes
     it as x cos + roll(x, Dh/2) sin' with sin' = [-sin1, sin2] stored here: the same products bit for
     bit (negation is exact), four element-wise kernels instead of five. A three-kernel form (addcmul)
     was tried: the fused multiply-add rounds differently with the tensor's size, so TP layouts
@@ -353,8 +351,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos(), persistent=False)  # (T, Dh)
         self.register_buffer("sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)  # (T, Dh) sin'
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin') (T, Dh) of the positions (T,) in `dtype`: taken once per forward, read by every layer."""
+    def forward(self, positions: torch.Tensor | slice, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin') (T, Dh) of the positions (T,) or slice of them in `dtype`: taken once per forward,
+        read by every layer. A slice (training: positions 0 .. T - 1) takes views, no gather."""
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
@@ -527,9 +526,8 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts:
         counts = count_per_expert(indices, num_experts)
     if num_tokens is None:
         num_tokens = probs.shape[0]
-    f = counts.float() / counts.sum()  # (E,) fraction of the assignments counted
-    p = probs.sum(dim=0) / num_tokens  # (E,)
-    return num_experts * torch.sum(f * p)
+    f = counts / counts.sum()  # (E,) fraction of the assignments counted (true division: float)
+    return torch.dot(f, probs.sum(dim=0)) * (num_experts / num_tokens)  # E sum_i f_i P_i, P_i = sum_t p_ti / N
 
 
 def router_z_loss(logits: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
@@ -540,7 +538,8 @@ def router_z_loss(logits: torch.Tensor, num_tokens: int | None = None) -> torch.
     rank's share of the mean."""
     if num_tokens is None:
         num_tokens = logits.shape[0]
-    return torch.logsumexp(logits, dim=-1).pow(2).sum() / num_tokens
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    return torch.dot(lse, lse) / num_tokens  # sum of squares in one kernel
 
 
 # --------------------------------------------------------------------------- experts
@@ -708,7 +707,7 @@ class MoEStats:
     z_loss: torch.Tensor  # scalar, router z-loss (before its coefficient)
     counts: torch.Tensor  # (E,) rows each expert computed for this rank's tokens (its load)
     routed: torch.Tensor  # (E,) the router's top-K choices of this rank's tokens (before capacity)
-    dropped: torch.Tensor  # scalar, assignments dropped by the capacity limit
+    dropped: torch.Tensor | None  # scalar, assignments dropped by the capacity limit; None without one
 
 
 @dataclass
@@ -805,14 +804,14 @@ class SparseMoELayer(nn.Module):
         self.global_counts: torch.Tensor | None = None  # (E,) set by the trainer for global-batch balancing
 
     def assign(self, r: RouterOutput, ids: torch.Tensor, num_tokens: int,
-               routed: torch.Tensor) -> tuple[Assignments, torch.Tensor]:
+               routed: torch.Tensor) -> tuple[Assignments, torch.Tensor | None]:
         """Rows to compute for this rank's n tokens, and drops. ids (n,): each token's global index
         in the micro-batch (b * T + position), which ranks ties and numbers tokens whatever the layout;
         routed (E,): the router's top-K choices per expert, the rows per expert when none is dropped."""
         k, e, device, n = self.top_k, self.num_experts, r.logits.device, ids.shape[0]
         local = torch.arange(n, device=device)
         first = n * self.par.tp_rank  # this rank's first row in gather_tp_rows' order (rank after rank)
-        dropped = torch.zeros((), dtype=torch.long, device=device)
+        dropped = None  # no capacity limit: nothing to count (and no kernel to count it)
         if self.router_type == "round-robin":  # token g takes experts gK .. gK+K-1 (mod E), weight 1/K
             experts = (ids[:, None] * k + torch.arange(k, device=device)) % e  # (n, K)
             weight = torch.full((n * k,), 1.0 / k, device=device)
@@ -877,7 +876,8 @@ class SparseMoELayer(nn.Module):
             seq_len = t
             if self.par.tp_size > 1:
                 tokens = split_tokens(tokens, self.par)  # (n, D), n = N / TP, a contiguous chunk
-            ids = tokens.shape[0] * self.par.tp_rank + torch.arange(tokens.shape[0], device=x.device)  # (n,)
+            first = tokens.shape[0] * self.par.tp_rank
+            ids = torch.arange(first, first + tokens.shape[0], device=x.device)  # (n,)
         n = tokens.shape[0]
         num_tokens = n * self.par.tp_size  # N
 
@@ -892,9 +892,6 @@ class SparseMoELayer(nn.Module):
         r = self.router(router_in)
         routed = count_per_expert(r.indices, self.num_experts)  # (E,)
         rows, dropped = self.assign(r, ids, num_tokens, routed)
-        stats = MoEStats(aux_loss=self.balancing_loss(r, routed, ids, num_tokens, seq_len),
-                         z_loss=router_z_loss(r.logits, num_tokens), counts=rows.counts.detach(),
-                         routed=routed, dropped=dropped)
 
         if self.par.ep_size > 1 or self.experts.use_grouped_mm:
             # 2. dispatch
@@ -920,6 +917,11 @@ class SparseMoELayer(nn.Module):
         out = out.view(b, t, d)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)  # (B, T, D), every token; SP: (B, T/TP, D), gathered inside
+        # The router losses last: their dozen small kernels queue behind the experts' GEMMs rather
+        # than hold the GPU idle between routing and dispatch while the host launches them.
+        stats = MoEStats(aux_loss=self.balancing_loss(r, routed, ids, num_tokens, seq_len),
+                         z_loss=router_z_loss(r.logits, num_tokens), counts=rows.counts.detach(),
+                         routed=routed, dropped=dropped)
         return out, stats
 
 
@@ -1159,16 +1161,14 @@ class MoETransformer(nn.Module):
             x = self.embed_tokens(x)  # (B, T, D); SP: (B, T/TP, D)
         if positions is None:  # of the whole sequence: attention gathers it under SP
             seq_len = x.shape[1] * (self.par.tp_size if self.par.sequence_parallel else 1)
-            positions = torch.arange(seq_len, device=x.device)
+            positions = slice(0, seq_len)
         rope = self.rope(positions, compute_dtype(x))  # (cos, sin) (T, Dh), shared by every layer
-        zero = torch.zeros((), device=x.device)
-        aux, z, all_stats = zero, zero, {}
+        all_stats = {}
         for j, layer in enumerate(range(*self.chunks[chunk])):
             block = self.layers[str(layer)]
             seed = None if noise_seed is None else noise_seed * 1009 + layer
             x, stats = self.run_block(block, x, rope, kv_caches[j] if kv_caches is not None else None, seed)
             if stats is not None:
-                aux, z = aux + stats.aux_loss, z + stats.z_loss
                 all_stats[layer] = stats
         last = self.par.last_stage and chunk == len(self.chunks) - 1
         mtp_logits = []
@@ -1180,12 +1180,14 @@ class MoETransformer(nn.Module):
                 emb = self.embed_tokens(mtp_input_ids(mtp_targets, k))  # (B, T, D); SP: (B, T/TP, D)
                 h, stats = self.run_block(module, h, emb, rope, seed)
                 if stats is not None:
-                    aux, z = aux + stats.aux_loss, z + stats.z_loss
                     all_stats[layer] = stats
                 logits, = column_parallel(module.final_layernorm(h), self.par, self.lm_head)  # the shared head
                 mtp_logits.append(logits[:, :t - k])  # (B, T - k, V_local): the positions whose t_{i+k+1} exists
         if last:
             x, = column_parallel(self.norm(x), self.par, self.lm_head)  # (B, T, V_local)
+        # the router losses summed over this chunk's MoE layers: two kernels, not two adds per layer
+        aux, z = (torch.stack([getattr(s, f) for s in all_stats.values()]).sum() if all_stats
+                  else torch.zeros((), device=x.device) for f in ("aux_loss", "z_loss"))
         return ModelOutput(x, aux, z, all_stats, mtp_logits)
 
     def run_block(self, block: nn.Module, *args: Any) -> Any:
