@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 
 import checkpoint as ckpt_io
 import minimal_pretrain as mp
+from forkserver import ForkServer
 from moe_layers import ModelConfig, MoETransformer, SparseMoELayer, layout_free_init_
 from parallel_layers import Layout, ModelParallel
 
@@ -87,17 +89,28 @@ TINY_FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads
 
 
 def run_cli(args: list[str], nproc: int = 1, timeout: float = 240, env: dict | None = None,
-            extra_torchrun: list[str] | None = None) -> subprocess.CompletedProcess:
-    """minimal_pretrain.py in a subprocess: plain python for one rank, torchrun for more."""
-    if nproc == 1 and not extra_torchrun:
-        cmd = [sys.executable, os.path.join(HERE, "minimal_pretrain.py")]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + (extra_torchrun or []) + \
-              [os.path.join(HERE, "minimal_pretrain.py")]
+            extra_torchrun: list[str] | None = None, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """minimal_pretrain.py with these flags on `nproc` ranks: forked from the session's ForkServer
+    (tests/forkserver.py: the ranks get torchrun's environment, not its ~2.5 s of CPU per process
+    for importing torch); with `torchrun` (or `extra_torchrun` flags) as a user starts it, plain
+    python for one rank and torchrun for more."""
+    script = os.path.join(HERE, "minimal_pretrain.py")
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
-    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=HERE)
+    if torchrun or extra_torchrun:
+        cmd = [sys.executable, script]
+        if nproc > 1 or extra_torchrun:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port())] + (extra_torchrun or []) + [script]
+        return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=HERE)
+    envs = [full_env]
+    if nproc > 1:
+        world = dict(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port()))
+        envs = [dict(full_env, **world, RANK=str(r), LOCAL_RANK=str(r)) for r in range(nproc)]
+    with tempfile.TemporaryDirectory() as outdir:
+        rc, out, err = ForkServer.for_this_thread(HERE).run([script] + args, envs, HERE, outdir, timeout)
+    return subprocess.CompletedProcess([sys.executable, script] + args, rc, out, err)
 
 
 def unwrapped(out: str) -> str:

@@ -283,15 +283,17 @@ def test_resave_of_the_latest_step_that_crashes_midway_still_loads(tmp_path, mon
 
 
 def test_second_run_on_the_same_save_folder_is_refused_while_the_first_trains(tmp_path):
-    save = tmp_path / "ck"
+    save, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
     first = subprocess.Popen([sys.executable, os.path.join(HERE, "minimal_pretrain.py")] + TINY_FLAGS +
-                             ["--max-steps", "100000", "--save", str(save)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                             ["--max-steps", "100000", "--save", str(save), "--metrics-file", str(metrics)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         deadline = time.time() + 120
-        while not (save / ".lock").exists() or not (save / ".lock").read_text():
+        while not metrics.exists() or not metrics.read_text():  # training: it holds the lock, handles SIGTERM
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.2)
+        assert (save / ".lock").read_text()
         second = run_cli(TINY_FLAGS + ["--max-steps", "4", "--save", str(save)], timeout=60)
         assert_clean_refusal(second, "is in use by another run")
         assert first.poll() is None  # the first run trains on

@@ -166,7 +166,7 @@ def test_invalid_layout_exits_2_before_any_collective(name, odd_vocab_bins, caps
 def test_invalid_layout_under_torchrun_ends_every_rank_fast():
     start = time.time()
     r = run_cli(TINY_FLAGS + ["--max-steps", "2", "--tensor-parallel-size", "2", "--num-kv-heads", "1",
-                              "--num-attention-heads", "2"], nproc=2, timeout=120)
+                              "--num-attention-heads", "2"], nproc=2, timeout=120, torchrun=True)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--num-kv-heads" in errors[0]  # rank 0 alone speaks
