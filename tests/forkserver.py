@@ -94,7 +94,7 @@ class ForkServer:
 # ------------------------------------------------------------------ the server
 def serve() -> None:
     requests, replies = os.dup(0), os.dup(1)  # the protocol's pipes; 0 and 1 go to /dev/null
-    sys.path.insert(0, os.getcwd())  # the project root (the client starts the server there)
+    sys.path[0] = os.getcwd()  # the project root (the client starts the server there), not tests/
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
