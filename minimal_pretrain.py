@@ -33,7 +33,7 @@ from launch import (ConfigError, RunInputs, StopRequest, TrainConfig, check_mast
 from metrics import HEALTH_FIELDS, RunLog, load_health, print_run_summary
 from moe_layers import ModelConfig, MoETransformer, can_use_grouped_mm
 from optim import DistributedAdamW, FlatBucket, build_optimizer, clipped_step
-from parallel_layers import Layout, ModelParallel, placement, vocab_parallel_cross_entropy
+from parallel_layers import Layout, ModelParallel, lm_head_cross_entropy, placement, vocab_parallel_cross_entropy
 from sampling import TrainingSampler
 
 
@@ -243,10 +243,10 @@ class MicroBatches:
         mtp_targets = y if last and mc.mtp_num_layers and self.step is not None else None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = self.model(x if pg.first_stage and chunk == 0 else inp, noise_seed=noise_seed, chunk=chunk,
-                             mtp_targets=mtp_targets)
+                             mtp_targets=mtp_targets, head=False)
         loss = self.router_loss(out)
-        if last:
-            lm = vocab_parallel_cross_entropy(out.output.flatten(0, 1), y.flatten(), self.model.par)
+        if last:  # out.output: the final norm's output, which the loss passes through the LM head
+            lm = lm_head_cross_entropy(out.output, self.model.lm_head, y, self.model.par, self.autocast_dtype)
             mtp = mtp_loss(out.mtp_logits, y, self.model.par)
             if pg.tp_rank == 0:  # summed on the device: no host sync per micro-batch
                 self.stats.lm_loss += lm.detach()

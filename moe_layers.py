@@ -1096,7 +1096,8 @@ def mtp_input_ids(targets: torch.Tensor, k: int) -> torch.Tensor:
 # ----------------------------------------------------------------------- transformer
 @dataclass
 class ModelOutput:
-    # last stage (its last chunk): logits (B, T, V_local); elsewhere: hidden (B, T, D), SP (B, T/TP, D)
+    # last stage (its last chunk): logits (B, T, V_local), or with head=False the final norm's output;
+    # elsewhere: hidden (B, T, D), SP (B, T/TP, D)
     output: torch.Tensor
     aux_loss: torch.Tensor  # scalar, sum over the MoE layers run (0 when none)
     z_loss: torch.Tensor  # scalar, sum over the MoE layers run
@@ -1148,7 +1149,7 @@ class MoETransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_caches: list[dict] | None = None, noise_seed: int | None = None, chunk: int = 0,
-                mtp_targets: torch.Tensor | None = None) -> ModelOutput:
+                mtp_targets: torch.Tensor | None = None, head: bool = True) -> ModelOutput:
         """x: token ids (B, T) into the first stage's first chunk, hidden states (B, T, D) elsewhere
         (this rank's sequence slice (B, T/TP, D) under sequence parallelism).
 
@@ -1183,8 +1184,8 @@ class MoETransformer(nn.Module):
                     all_stats[layer] = stats
                 logits, = column_parallel(module.final_layernorm(h), self.par, self.lm_head)  # the shared head
                 mtp_logits.append(logits[:, :t - k])  # (B, T - k, V_local): the positions whose t_{i+k+1} exists
-        if last:
-            x, = column_parallel(self.norm(x), self.par, self.lm_head)  # (B, T, V_local)
+        if last:  # head=False (training): the loss applies the head (parallel_layers.lm_head_cross_entropy)
+            x = column_parallel(self.norm(x), self.par, self.lm_head)[0] if head else self.norm(x)  # (B, T, V_local)
         # the router losses summed over this chunk's MoE layers: two kernels, not two adds per layer
         aux, z = (torch.stack([getattr(s, f) for s in all_stats.values()]).sum() if all_stats
                   else torch.zeros((), device=x.device) for f in ("aux_loss", "z_loss"))

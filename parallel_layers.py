@@ -515,6 +515,51 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad * g.unsqueeze(-1), None, None, None
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean token cross-entropy of the LM head's logits h W^T, the head's backward folded in.
+
+    Forward as the separate layers compute it: the logits in `dtype`, log_softmax in their dtype
+    (fp32 sums inside the kernel), the target's -log p, the mean in fp32; only the (N, V)
+    log-probabilities are kept (as log_softmax keeps them). Backward: dL/dlogits is
+    (softmax - onehot) x g / N, so the scalar g / N multiplies the (N, D) and (V, D) products of the
+    head's backward instead of the (N, V) gradient: softmax is exp(log p) in one pass, p - 1 at the
+    targets is taken in fp32 (it cancels near p = 1), and no (N, V) tensor is read or written again
+    (separately: nll_loss's zero (N, V) gradient, then log_softmax's backward reading two and
+    writing one)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast(h.device.type, enabled=False):
+            logits = F.linear(h.to(dtype), weight.to(dtype))  # (N, V)
+            logp = F.log_softmax(logits, dim=-1)  # (N, V), the logits' dtype
+        ctx.dtype = dtype
+        ctx.save_for_backward(h, weight, targets, logp)
+        return -logp.gather(1, targets[:, None]).squeeze(1).float().mean()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        h, weight, targets, logp = ctx.saved_tensors
+        grad = logp.exp()  # (N, V) softmax
+        grad.scatter_(1, targets[:, None], logp.gather(1, targets[:, None]).float().exp().sub(1).to(grad.dtype))
+        scale = g / h.shape[0]  # d mean / d loss_i, times the upstream gradient
+        grad_h = (grad @ weight.to(ctx.dtype)).mul_(scale)  # (N, D)
+        grad_w = (grad.T @ h.to(ctx.dtype)).mul_(scale)  # (V, D)
+        return grad_h, grad_w, None, None
+
+
+def lm_head_cross_entropy(h: torch.Tensor, head: ColumnParallelLinear, targets: torch.Tensor,
+                          par: ModelParallel, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean token cross-entropy of the LM head on the final norm's output h (B, T, D) (SP: this
+    rank's slice), targets (B, T); the head runs in `dtype` (the autocast dtype, else h's). One
+    process or DP / PP / EP only: `_LinearCrossEntropy`; under TP the head's vocabulary slice and
+    `vocab_parallel_cross_entropy`."""
+    if par.tp_size == 1:
+        return _LinearCrossEntropy.apply(h.flatten(0, 1), head.weight, targets.flatten(), dtype or h.dtype)
+    with torch.autocast(h.device.type, dtype=dtype or h.dtype, enabled=dtype is not None):
+        logits, = column_parallel(h, par, head)  # (B, T, V / TP)
+    return vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), par)
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                                  par: ModelParallel) -> torch.Tensor:
     """Mean token cross-entropy; logits (N, V_local), targets (N,) global ids."""

@@ -28,7 +28,7 @@ import torch.multiprocessing as torch_mp  # noqa: E402
 import memory  # noqa: E402
 from launch import TrainConfig, resolve_layout  # noqa: E402
 from moe_layers import ModelConfig, MoETransformer  # noqa: E402
-from parallel_layers import ModelParallel, vocab_parallel_cross_entropy  # noqa: E402
+from parallel_layers import lm_head_cross_entropy, ModelParallel  # noqa: E402
 
 
 def saved_bytes(model: MoETransformer, ids: torch.Tensor) -> int:
@@ -42,8 +42,8 @@ def saved_bytes(model: MoETransformer, ids: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(ids)
-        loss = vocab_parallel_cross_entropy(out.output.flatten(0, 1), ids.flatten(), model.par)
+        out = model(ids, head=False)  # as the trainer runs it: the loss applies the LM head
+        loss = lm_head_cross_entropy(out.output, model.lm_head, ids, model.par)
         loss = loss + out.aux_loss + out.z_loss
     del loss, out
     return sum(kept.values())

@@ -40,6 +40,7 @@ class EmulatedCudaAutocast(TorchFunctionMode):
         super().__init__()
         self.stack = [(False, torch.bfloat16)]
         self.sdpa_dtypes: list[torch.dtype] = []
+        self.log_softmax_inputs: list[torch.dtype] = []  # the logits', wherever the LM head runs
         mode = self
 
         class Autocast:
@@ -70,6 +71,8 @@ class EmulatedCudaAutocast(TorchFunctionMode):
                 kwargs.setdefault("dtype", torch.float32)
         if name == "scaled_dot_product_attention":
             self.sdpa_dtypes += [a.dtype for a in args[:3]]
+        if name == "log_softmax":
+            self.log_softmax_inputs.append(args[0].dtype)
         return func(*args, **kwargs)
 
 
@@ -127,7 +130,6 @@ def record_dtypes(model: torch.nn.Module) -> dict[str, set[torch.dtype]]:
     for name in ("0", "1"):
         block = model.layers[name]
         block.mlp.register_forward_pre_hook(lambda m, inp: note("mlp input", inp[0]))
-    model.lm_head.register_forward_hook(lambda m, inp, out: note("logits", out))
     return seen
 
 
@@ -142,9 +144,10 @@ def test_cuda_step_keeps_activations_bf16_and_the_router_fp32(monkeypatch):
     assert math.isfinite(loss)
     bf16, fp32 = {torch.bfloat16}, {torch.float32}
     expected = {"norm output": bf16, "attention input": bf16, "q/k/v output": bf16, "mlp input": bf16,
-                "expert input": bf16, "logits": bf16, "router logits": fp32, "router probs": fp32}
+                "expert input": bf16, "router logits": fp32, "router probs": fp32}
     assert seen == expected
     assert set(mode.sdpa_dtypes) == bf16
+    assert mode.log_softmax_inputs == [torch.bfloat16]  # the logits: the loss's log_softmax reads them once
 
 
 def test_a_moe_block_on_the_grouped_gemm_path_compiles_whole_and_gives_eagers_gradients():

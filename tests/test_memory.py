@@ -117,8 +117,8 @@ def saved_activation_bytes(mc: ModelConfig, batch: int, recompute: bool, grouped
 
     x = torch.randint(0, mc.vocab_size, (batch, mc.seq_length))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x, mtp_targets=x if mc.mtp_num_layers else None)  # the MTP modules run in training
-        loss = parallel_layers.vocab_parallel_cross_entropy(out.output.flatten(0, 1), x.flatten(), model.par)
+        out = model(x, mtp_targets=x if mc.mtp_num_layers else None, head=False)  # as the trainer runs it
+        loss = parallel_layers.lm_head_cross_entropy(out.output, model.lm_head, x, model.par)
         loss = loss + mp.mtp_loss(out.mtp_logits, x, model.par)
         (loss + out.aux_loss + out.z_loss).backward()
     return sum(kept.values())

@@ -1,5 +1,5 @@
 """Layers against slow references: experts, the MoE layer (per-token loop), the expert loop's
-gradients, RMSNorm, grouped-query attention and its cache, --head-dim, block and transformer."""
+gradients, RMSNorm, grouped-query attention and its cache, --head-dim, block and transformer, the loss."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from moe_layers import (Assignments, Attention, apply_rotary, Experts, MoETransformer, MoETransformerBlock, RMSNorm,
                         RotaryEmbedding, SparseMoELayer, SwiGLU, ExpertLoop, layout_free_init_)
-from parallel_layers import ModelParallel
+from parallel_layers import ColumnParallelLinear, lm_head_cross_entropy, ModelParallel
 from helpers import cuda, moe_layer, expert_weights, reference_moe, smoke, swiglu, tiny_config
 
 
@@ -397,3 +397,38 @@ def test_head_dim_independent_of_hidden_matches_slow_attention():
     x = torch.randn(2, cfg.seq_length, 32)
     with torch.no_grad():
         assert (attn(x, rope(torch.arange(cfg.seq_length))) - slow_attention(attn, x, rope)).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------- the loss
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_lm_head_cross_entropy_equals_the_formula_in_float64(dtype, tol):
+    """The fused LM head + cross-entropy (training's loss at TP 1) against mean(logsumexp(z) - z_t)
+    with z = h W^T in float64: the loss, and dL/dh and dL/dW under an upstream gradient of 3.7.
+    Two rows are made near-certain (p of the target ~ 1 - 1e-3), whose small gradients are checked
+    on their own in fp32."""
+    torch.manual_seed(0)
+    n, d, v = 12, 16, 40
+    h = torch.randn(2, n // 2, d)
+    w = torch.randn(v, d) * 0.3
+    t = torch.randint(0, v, (2, n // 2))
+    for b, i in ((0, 0), (1, 2)):  # the target's logit 11.5, about 7 above the rest's log-sum-exp
+        w[t[b, i]] = h[b, i] * (11.5 / h[b, i].dot(h[b, i]))
+    head = ColumnParallelLinear(d, v, ModelParallel())
+    with torch.no_grad():
+        head.weight.copy_(w.to(head.weight.dtype))
+    h_ours = h.to(dtype).clone().requires_grad_()
+    head.weight.data = head.weight.data.to(dtype)
+    loss = lm_head_cross_entropy(h_ours, head, t, ModelParallel())
+    (loss * 3.7).backward()
+    h64, w64 = (a.to(dtype).detach().double().requires_grad_() for a in (h, w))
+    z = h64.flatten(0, 1) @ w64.T
+    ref = (torch.logsumexp(z, -1) - z.gather(1, t.flatten()[:, None]).squeeze(1)).mean()
+    (ref * 3.7).backward()
+    assert z.softmax(-1).gather(1, t.flatten()[:, None]).max() > 0.99
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < tol * abs(ref.item())
+    for ours, theirs in ((h_ours.grad, h64.grad), (head.weight.grad, w64.grad)):
+        assert (ours.double() - theirs).abs().max() < tol * theirs.abs().max()
+    if dtype == torch.float32:  # the near-certain rows on their own (bf16 log-probabilities round p - 1 there)
+        for b, i in ((0, 0), (1, 2)):
+            ours, theirs = h_ours.grad[b, i].double(), h64.grad[b, i]
+            assert (ours - theirs).norm() < 2e-3 * theirs.norm()

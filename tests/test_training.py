@@ -148,15 +148,15 @@ def test_tensorboard_events_hold_the_metrics_once_after_a_restart(tmp_path):
 
 @smoke
 def test_non_finite_loss_skips_the_update_and_stops_after_too_many(tmp_path, monkeypatch):
-    real_ce = parallel_layers.vocab_parallel_cross_entropy
+    real_ce = parallel_layers.lm_head_cross_entropy
     calls = {"n": 0}
 
-    def nan_on_steps_2_and_3(logits, targets, par):  # one micro-batch per step
+    def nan_on_steps_2_and_3(*args):  # one micro-batch per step
         calls["n"] += 1
-        loss = real_ce(logits, targets, par)
+        loss = real_ce(*args)
         return loss * float("nan") if calls["n"] in (2, 3) else loss
 
-    monkeypatch.setattr(mp, "vocab_parallel_cross_entropy", nan_on_steps_2_and_3)
+    monkeypatch.setattr(mp, "lm_head_cross_entropy", nan_on_steps_2_and_3)
     metrics = tmp_path / "m.jsonl"
     save = tmp_path / "ck"
     mp.main(TINY_FLAGS + ["--max-steps", "5", "--metrics-file", str(metrics), "--save", str(save)])
@@ -165,8 +165,7 @@ def test_non_finite_loss_skips_the_update_and_stops_after_too_many(tmp_path, mon
     assert all(math.isfinite(r["loss"]) for r in records if r["step"] not in (2, 3))
     # A skipped step leaves the weights alone: the norm of step 4's update sees step 1's weights.
     calls["n"] = 0
-    monkeypatch.setattr(mp, "vocab_parallel_cross_entropy",
-                        lambda lg, tg, par: real_ce(lg, tg, par) * float("nan"))
+    monkeypatch.setattr(mp, "lm_head_cross_entropy", lambda *args: real_ce(*args) * float("nan"))
     with pytest.raises(SystemExit) as stop:
         mp.main(TINY_FLAGS + ["--max-steps", "9", "--save", str(tmp_path / "ck2"), "--max-skipped-steps", "3"])
     assert stop.value.code == 2
