@@ -1,4 +1,5 @@
-"""scripts/: bench_train, plot_metrics, the routing and optimizer comparisons, readme_figures."""
+"""scripts/: bench_train, plot_metrics, the routing and optimizer comparisons, readme_figures, the test
+selection of gpu_check.sh."""
 
 from __future__ import annotations
 
@@ -233,3 +234,16 @@ def test_readme_figures_runs_the_commands_the_guides_quote(tmp_path):
         assert all(os.path.isfile(a) for a in argv if a.endswith(".py")), argv
     argv, env = readme_figures.argv_of(readme_figures.COMMANDS["activation"], str(tmp_path))
     assert env["OMP_NUM_THREADS"] == "1" and argv[0] == sys.executable
+
+
+def test_gpu_checks_pytest_step_selects_the_cuda_tests():
+    """scripts/gpu_check.sh's pytest step, as written there, collects the CUDA tests (on the CPU they
+    are collected and skipped): pointed at a file without them, the GPU run would test nothing."""
+    line = next(ln for ln in Path(HERE, "scripts", "gpu_check.sh").read_text().splitlines()
+                if ln.strip().startswith("step pytest"))
+    args = [a for a in line.split("#")[0].split("-m pytest", 1)[1].split() if a not in ("-q", "-x")]
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q"] + args, capture_output=True,
+                       text=True, cwd=HERE, timeout=120)
+    collected = [ln.split("::")[1].split("[")[0] for ln in r.stdout.splitlines() if "::" in ln]
+    assert {"test_cuda_training_run_bf16", "test_cuda_moe_layer_matches_per_token_reference_fp32_and_grouped_bf16",
+            "test_cuda_step_keeps_activations_bf16_and_the_router_fp32"} <= set(collected), r.stdout[-2000:]
