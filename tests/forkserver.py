@@ -62,6 +62,9 @@ class ForkServer:
                 self._send(dict(op="kill"))
                 while len(codes) < len(envs):
                     done = self._receive(time.monotonic() + 30)
+                    if done is None:  # the server itself is stuck: start a new one next time
+                        self.proc.kill()
+                        break
                     codes[done["id"]] = done["rc"]
                 raise subprocess.TimeoutExpired(argv, timeout, *self._outputs(paths))
             codes[msg["id"]] = msg["rc"]
@@ -165,6 +168,9 @@ def run_child(msg: dict) -> None:
                 print(stop.code, file=sys.stderr)
         except BaseException:
             sys.excepthook(*sys.exc_info())
+        for thread in threading.enumerate():  # as the interpreter's exit: wait for non-daemon threads
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
         atexit._run_exitfuncs()
     finally:
         sys.stdout.flush()
