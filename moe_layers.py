@@ -337,12 +337,12 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021), pairing
-    dimensions i and i + Dh/2 of each head (NeoX / Llama / Qwen3). The rotation is x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1]. `apply_rotary` writes
-    it as x cos + roll(x, Dh/2) sin' with sin' = [-sin1, sin2] stored here: the same products bit for
-    bit (negation is exact), four element-wise kernels instead of five. A three-kernel form (addcmul)
-    was tried: the fused multiply-add rounds differently with the tensor's size, so TP layouts
-    stopped reproducing one process's weights to the parity tests' tolerance."""
+    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021), pairing dims i and
+    i + Dh/2 of each head (NeoX / Llama / Qwen3): x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1].
+    `apply_rotary` writes it as x cos + roll(x, Dh/2) sin' with sin' = [-sin1, sin2] stored here: the
+    same products bit for bit (negation is exact), four element-wise kernels instead of five. Three
+    (addcmul) were tried: the fused multiply-add rounds differently with the tensor's size, so TP
+    layouts stopped reproducing one process's weights to the parity tests' tolerance."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
@@ -1185,7 +1185,7 @@ class MoETransformer(nn.Module):
                 logits, = column_parallel(module.final_layernorm(h), self.par, self.lm_head)  # the shared head
                 mtp_logits.append(logits[:, :t - k])  # (B, T - k, V_local): the positions whose t_{i+k+1} exists
         if last:  # head=False (training): the loss applies the head (parallel_layers.lm_head_cross_entropy)
-            x = column_parallel(self.norm(x), self.par, self.lm_head)[0] if head else self.norm(x)  # (B, T, V_local)
+            x = column_parallel(self.norm(x), self.par, self.lm_head)[0] if head else self.norm(x)  # (B, T, V_local | D)
         # the router losses summed over this chunk's MoE layers: two kernels, not two adds per layer
         aux, z = (torch.stack([getattr(s, f) for s in all_stats.values()]).sum() if all_stats
                   else torch.zeros((), device=x.device) for f in ("aux_loss", "z_loss"))

@@ -321,11 +321,13 @@ class _ProjectEach(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         x, *weights = ctx.saved_tensors
-        whole = (x if ctx.group is None else _all_gather_sequence(x, ctx.group)).to(ctx.dtype).flatten(0, 1)  # (B*T, D)
+        whole = x if ctx.group is None else _all_gather_sequence(x, ctx.group)  # (B, T, D), gathered again
+        whole = whole.to(ctx.dtype).flatten(0, 1)  # (B*T, D)
         grad_whole, grad_weights = None, []
         for g, w in reversed(list(zip(grads, weights))):  # last first: the order autograd adds separate layers' in
             g, w = g.flatten(0, 1).to(ctx.dtype), w.to(ctx.dtype)  # (B*T, out / TP), (out / TP, D)
-            grad_whole = g @ w if grad_whole is None else torch.addmm(grad_whole, g, w)  # (B*T, D): this rank's part of dL/dx
+            # (B*T, D): this rank's part of dL/dx, the other layers' added inside the GEMM
+            grad_whole = g @ w if grad_whole is None else torch.addmm(grad_whole, g, w)
             grad_weights.insert(0, g.T @ whole)  # (out / TP, D)
         grad_x = grad_whole.view(*grads[0].shape[:2], -1)  # (B, T, D)
         if ctx.group is not None:
@@ -528,7 +530,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     writing one)."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
         with torch.autocast(h.device.type, enabled=False):
             logits = F.linear(h.to(dtype), weight.to(dtype))  # (N, V)
             logp = F.log_softmax(logits, dim=-1)  # (N, V), the logits' dtype

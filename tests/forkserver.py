@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "minimal_pretrain")
 GRACE_S = 10.0  # SIGTERM -> SIGKILL, as torchrun's default
@@ -46,7 +47,7 @@ class ForkServer:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], cwd=root, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        self.pending = b""
+        self.pending, self.inbox = b"", []  # bytes of an unfinished line; messages not yet taken
 
     def run(self, argv: list[str], envs: list[dict], cwd: str, outdir: str, timeout: float) -> tuple[int, str, str]:
         """Run `python argv` once per environment in `envs` (one rank each) -> (exit status, stdout,
@@ -75,23 +76,33 @@ class ForkServer:
 
     @staticmethod
     def _outputs(paths) -> tuple[str, str]:
-        read = lambda p: open(p, errors="replace").read() if os.path.exists(p) else ""
+        read = lambda p: Path(p).read_text(errors="replace") if os.path.exists(p) else ""
         return "".join(read(o) for o, _ in paths), "".join(read(e) for _, e in paths)
 
     def _send(self, msg: dict) -> None:
-        self.proc.stdin.write((json.dumps(msg) + "\n").encode())
+        self.proc.stdin.write(encode(msg))
 
     def _receive(self, deadline: float) -> dict | None:
-        while b"\n" not in self.pending:
+        while not self.inbox:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
                 return None
             chunk = os.read(self.proc.stdout.fileno(), 65536)
             if not chunk:
                 raise RuntimeError(f"the fork server exited ({self.proc.wait()})")
-            self.pending += chunk
-        line, self.pending = self.pending.split(b"\n", 1)
-        return json.loads(line)
+            messages, self.pending = decode(self.pending + chunk)
+            self.inbox += messages
+        return self.inbox.pop(0)
+
+
+def encode(msg: dict) -> bytes:
+    return (json.dumps(msg) + "\n").encode()
+
+
+def decode(pending: bytes) -> tuple[list[dict], bytes]:
+    """Bytes read so far -> (the whole lines' messages, the unfinished rest)."""
+    *lines, rest = pending.split(b"\n")
+    return [json.loads(line) for line in lines], rest
 
 
 # ------------------------------------------------------------------ the server
@@ -106,39 +117,47 @@ def serve() -> None:
     children: dict[int, int] = {}  # pid -> request id
     pending, kill_at = b"", None
     while True:
-        ready = select.select([requests], [], [], 0.02)[0]
-        if ready:
+        if select.select([requests], [], [], 0.02)[0]:
             chunk = os.read(requests, 65536)
             if not chunk:  # pytest is gone: so are the children
-                for pid in children:
-                    os.kill(pid, signal.SIGKILL)
+                signal_all(children, signal.SIGKILL)
                 return
-            pending += chunk
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
-                msg = json.loads(line)
+            messages, pending = decode(pending + chunk)
+            for msg in messages:
                 if msg["op"] == "run":
-                    pid = os.fork()
-                    if pid == 0:
-                        os.close(requests)
-                        os.close(replies)
-                        run_child(msg)  # never returns
-                    children[pid] = msg["id"]
+                    children[fork_child(msg, requests, replies)] = msg["id"]
                 else:  # "terminate" (a rank failed) or "kill" (timed out)
-                    for pid in children:
-                        os.kill(pid, signal.SIGTERM if msg["op"] == "terminate" else signal.SIGKILL)
+                    signal_all(children, signal.SIGTERM if msg["op"] == "terminate" else signal.SIGKILL)
                     kill_at = time.monotonic() + GRACE_S
         if kill_at is not None and time.monotonic() > kill_at:
-            for pid in children:
-                os.kill(pid, signal.SIGKILL)
+            signal_all(children, signal.SIGKILL)
             kill_at = None
-        while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            os.write(replies, (json.dumps(dict(id=children.pop(pid), rc=os.waitstatus_to_exitcode(status))) + "\n").encode())
+        reap(children, replies)
         if not children:
             kill_at = None
+
+
+def signal_all(children: dict[int, int], sig: int) -> None:
+    for pid in children:
+        os.kill(pid, sig)
+
+
+def reap(children: dict[int, int], replies: int) -> None:
+    """Report each child that has exited: its request id and exit status (-N: killed by signal N)."""
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            return
+        os.write(replies, encode(dict(id=children.pop(pid), rc=os.waitstatus_to_exitcode(status))))
+
+
+def fork_child(msg: dict, requests: int, replies: int) -> int:
+    pid = os.fork()
+    if pid == 0:
+        os.close(requests)
+        os.close(replies)
+        run_child(msg)  # never returns
+    return pid
 
 
 def run_child(msg: dict) -> None:

@@ -98,11 +98,12 @@ def run_cli(args: list[str], nproc: int = 1, timeout: float = 240, env: dict | N
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     if torchrun or extra_torchrun:
-        cmd = [sys.executable, script]
+        launcher = [sys.executable]
         if nproc > 1 or extra_torchrun:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-                   "127.0.0.1", "--master_port", str(free_port())] + (extra_torchrun or []) + [script]
-        return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=HERE)
+            launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                         "--master_port", str(free_port())] + (extra_torchrun or [])
+        return subprocess.run(launcher + [script] + args, capture_output=True, text=True, timeout=timeout,
+                              env=full_env, cwd=HERE)
     envs = [full_env]
     if nproc > 1:
         world = dict(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",

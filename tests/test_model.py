@@ -413,11 +413,10 @@ def test_lm_head_cross_entropy_equals_the_formula_in_float64(dtype, tol):
     t = torch.randint(0, v, (2, n // 2))
     for b, i in ((0, 0), (1, 2)):  # the target's logit 11.5, about 7 above the rest's log-sum-exp
         w[t[b, i]] = h[b, i] * (11.5 / h[b, i].dot(h[b, i]))
-    head = ColumnParallelLinear(d, v, ModelParallel())
+    head = ColumnParallelLinear(d, v, ModelParallel()).to(dtype)
     with torch.no_grad():
-        head.weight.copy_(w.to(head.weight.dtype))
+        head.weight.copy_(w)
     h_ours = h.to(dtype).clone().requires_grad_()
-    head.weight.data = head.weight.data.to(dtype)
     loss = lm_head_cross_entropy(h_ours, head, t, ModelParallel())
     (loss * 3.7).backward()
     h64, w64 = (a.to(dtype).detach().double().requires_grad_() for a in (h, w))
