@@ -351,9 +351,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos(), persistent=False)  # (T, Dh)
         self.register_buffer("sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)  # (T, Dh) sin'
 
-    def forward(self, positions: torch.Tensor | slice, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin') (T, Dh) of the positions (T,) or slice of them in `dtype`: taken once per forward,
-        read by every layer. A slice (training: positions 0 .. T - 1) takes views, no gather."""
+    def forward(self, positions: torch.Tensor | slice,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin') (T, Dh) of positions (T,) or a slice (training's 0..T-1: views), once per forward."""
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
@@ -1184,8 +1184,8 @@ class MoETransformer(nn.Module):
                     all_stats[layer] = stats
                 logits, = column_parallel(module.final_layernorm(h), self.par, self.lm_head)  # the shared head
                 mtp_logits.append(logits[:, :t - k])  # (B, T - k, V_local): the positions whose t_{i+k+1} exists
-        if last:  # head=False (training): the loss applies the head (parallel_layers.lm_head_cross_entropy)
-            x = column_parallel(self.norm(x), self.par, self.lm_head)[0] if head else self.norm(x)  # (B, T, V_local | D)
+        if last:  # head=False (training): (B, T, D), the loss applies the head (lm_head_cross_entropy)
+            x = column_parallel(self.norm(x), self.par, self.lm_head)[0] if head else self.norm(x)  # (B, T, V_local)
         # the router losses summed over this chunk's MoE layers: two kernels, not two adds per layer
         aux, z = (torch.stack([getattr(s, f) for s in all_stats.values()]).sum() if all_stats
                   else torch.zeros((), device=x.device) for f in ("aux_loss", "z_loss"))
