@@ -187,9 +187,10 @@ def run_child(msg: dict) -> None:
                 print(stop.code, file=sys.stderr)
         except BaseException:
             sys.excepthook(*sys.exc_info())
-        for thread in threading.enumerate():  # as the interpreter's exit: wait for non-daemon threads
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
+        # What the interpreter runs at exit, in its order: threading's exit hooks (which stop
+        # concurrent.futures' workers, as Inductor's compile pool), then a join of the non-daemon
+        # threads (joining them by hand would wait for those workers forever), then atexit.
+        threading._shutdown()
         atexit._run_exitfuncs()
     finally:
         sys.stdout.flush()
