@@ -314,12 +314,11 @@ def layout_free_init_(model: nn.Module, seed: int) -> None:
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, normalised in fp32 (as transformers' Qwen3RMSNorm).
 
-    Precision is decided here: with weights of the input's dtype (fp32, or bf16 weights with fp32
-    masters) the output has that dtype (bf16 activations stay bf16, as in Megatron-Core and
-    torchtitan), whatever autocast says. CUDA autocast lists rms_norm among its
-    fp32 ops, so under it the input would be upcast and every norm output would be fp32 (and be
-    cast back to bf16 by each projection that reads it); autocast is off inside the norm instead,
-    and F.rms_norm still sums the squares in fp32."""
+    Precision is decided here: with weights of the input's dtype (fp32, or bf16 weights with fp32 masters) the
+    output has that dtype (bf16 activations stay bf16, as in Megatron-Core and torchtitan), whatever autocast
+    says. CUDA autocast lists rms_norm among its fp32 ops, so under it the input would be upcast and every norm
+    output would be fp32 (and be cast back to bf16 by each projection that reads it); autocast is off inside the
+    norm instead, and F.rms_norm still sums the squares in fp32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -337,12 +336,12 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021), pairing dims i and
-    i + Dh/2 of each head (NeoX / Llama / Qwen3): x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1].
-    `apply_rotary` writes it as x cos + roll(x, Dh/2) sin' with sin' = [-sin1, sin2] stored here: the
-    same products bit for bit (negation is exact), four element-wise kernels instead of five. Three
-    (addcmul) were tried: the fused multiply-add rounds differently with the tensor's size, so TP
-    layouts stopped reproducing one process's weights to the parity tests' tolerance."""
+    """cos / sin tables of rotary position embeddings (RoFormer, Su et al. 2021), pairing dims i and i + Dh/2 of
+    each head (NeoX / Llama / Qwen3): x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1]. `apply_rotary`
+    writes it as x cos + roll(x, Dh/2) sin' with sin' = [-sin1, sin2] stored here: the same products bit for bit
+    (negation is exact), four element-wise kernels instead of five. Three (addcmul) were tried: the fused
+    multiply-add rounds differently with the tensor's size, so TP layouts stopped reproducing one process's
+    weights to the parity tests' tolerance."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
@@ -444,24 +443,22 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """The router: linear scores hidden -> E in fp32, softmax or sigmoid, optional group-limited
-    choice, top-k (Shazeer et al. 2017; Switch, Fedus et al. 2021). Expert choice and round-robin
-    use its scores too: SparseMoELayer.assign turns them into rows.
+    """The router: linear scores hidden -> E in fp32, softmax or sigmoid, optional group-limited choice, top-k
+    (Shazeer et al. 2017; Switch, Fedus et al. 2021). Expert choice and round-robin use its scores too:
+    SparseMoELayer.assign turns them into rows.
 
-    Contract: for x (n, D) returns, per token, the K experts with the largest scores and their
-    weights. Scores are softmax probabilities (Mixtral, Qwen3-MoE; the K weights renormalised
-    when `norm_topk_prob`) or sigmoid gates (DeepSeek-V3; the K weights always renormalised).
-    `expert_bias` (E,) is added to the scores for the *choice* only, never to the weights: the
-    aux-loss-free balancing of DeepSeek-V3 (Wang et al. 2024) moves it between steps; it stays
-    zero otherwise. Group-limited routing (DeepSeek-V3, `router_num_groups` G > 1): the E experts
-    form G contiguous groups of E / G, each group is scored by the sum of its two best biased
-    scores, and the K experts are chosen among the `router_group_topk` best groups only (which
-    bounds how many EP ranks, or nodes, a token travels to). The K weights, after any
-    renormalisation, are multiplied by `router_topk_scaling_factor` (DeepSeek-V3 2.5, Kimi-K2
-    2.827), exactly as transformers' DeepseekV3TopkRouter and Glm4MoeTopkRouter do.
-    The math runs in fp32 even under bf16 autocast: small score differences
-    decide the choice, and the z-loss needs an accurate logsumexp. Under TP each rank routes
-    only its 1/TP slice of the tokens, so the weight's gradient is a partial sum over TP ranks."""
+    Contract: for x (n, D) returns, per token, the K experts with the largest scores and their weights. Scores
+    are softmax probabilities (Mixtral, Qwen3-MoE; the K weights renormalised when `norm_topk_prob`) or sigmoid
+    gates (DeepSeek-V3; the K weights always renormalised). `expert_bias` (E,) is added to the scores for the
+    *choice* only, never to the weights: the aux-loss-free balancing of DeepSeek-V3 (Wang et al. 2024) moves it
+    between steps; it stays zero otherwise. Group-limited routing (DeepSeek-V3, `router_num_groups` G > 1): the
+    E experts form G contiguous groups of E / G, each group is scored by the sum of its two best biased scores,
+    and the K experts are chosen among the `router_group_topk` best groups only (which bounds how many EP ranks,
+    or nodes, a token travels to). The K weights, after any renormalisation, are multiplied by
+    `router_topk_scaling_factor` (DeepSeek-V3 2.5, Kimi-K2 2.827), exactly as transformers' DeepseekV3TopkRouter
+    and Glm4MoeTopkRouter do. The math runs in fp32 even under bf16 autocast: small score differences decide the
+    choice, and the z-loss needs an accurate logsumexp. Under TP each rank routes only its 1/TP slice of the
+    tokens, so the weight's gradient is a partial sum over TP ranks."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -515,13 +512,12 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts:
                         counts: torch.Tensor | None = None, num_tokens: int | None = None) -> torch.Tensor:
     """Switch Transformer load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2021, eq. 4).
 
-    f_i: fraction of the routed assignments that went to expert i (no gradient).
-    P_i: mean router probability of expert i over the tokens (carries the gradient).
-    Uniform routing gives exactly 1.0; total collapse onto one expert gives E.
-    When a micro-batch's tokens are split over ranks, pass `counts` (E,) summed over those
-    ranks and their total `num_tokens`: the result is then this rank's share of the loss,
-    and the shares of all ranks add up to the loss of the whole micro-batch. `counts` may also
-    come from a larger batch (global-batch balancing): f is then that batch's frequency."""
+    f_i: fraction of the routed assignments that went to expert i (no gradient). P_i: mean router probability of
+    expert i over the tokens (carries the gradient). Uniform routing gives exactly 1.0; total collapse onto one
+    expert gives E. When a micro-batch's tokens are split over ranks, pass `counts` (E,) summed over those ranks
+    and their total `num_tokens`: the result is then this rank's share of the loss, and the shares of all ranks
+    add up to the loss of the whole micro-batch. `counts` may also come from a larger batch (global-batch
+    balancing): f is then that batch's frequency."""
     if counts is None:
         counts = count_per_expert(indices, num_experts)
     if num_tokens is None:
@@ -558,10 +554,10 @@ class _ContiguousGrad(torch.autograd.Function):
 class SwiGLU(torch.autograd.Function):
     """silu(gate) * up of one (M, 2F) tensor holding [gate | up] side by side -> (M, F).
 
-    By hand so that the backward writes the gradient of both halves into one (M, 2F) tensor,
-    the layout the fused gate-up GEMM's backward wants: autograd of two slices would build two
-    zero-padded (M, 2F) gradients and add them. silu(gate) is recomputed in backward rather
-    than kept (one (M, F) tensor less per layer and micro-batch in flight)."""
+    By hand so that the backward writes the gradient of both halves into one (M, 2F) tensor, the layout the
+    fused gate-up GEMM's backward wants: autograd of two slices would build two zero-padded (M, 2F) gradients
+    and add them. silu(gate) is recomputed in backward rather than kept (one (M, F) tensor less per layer and
+    micro-batch in flight)."""
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
@@ -585,13 +581,12 @@ class SwiGLU(torch.autograd.Function):
 class Experts(nn.Module):
     """The E_local SwiGLU experts of one MoE layer on this rank, as stacked weights.
 
-    w_gate_up (E_local, D, 2F) holds expert e's gate and up projections side by side at index e,
-    [w_gate | w_up], so that one GEMM computes both; w_down (E_local, F, D). x @ w multiplies
-    without transposes. Checkpoints keep w_gate and w_up apart (Placement.parts: checkpoint.py
-    splits and joins them), as they have always been saved. Experts run on rows grouped by
-    expert: one grouped GEMM per projection (torch._grouped_mm, CUDA) or a loop over experts
-    (`ExpertLoop`; the faster of the two on the CPU). Each row's output is scaled by its routing
-    weight in here, on h or on y (`ModelConfig.routing_weight_on_hidden`)."""
+    w_gate_up (E_local, D, 2F) holds expert e's gate and up projections side by side at index e, [w_gate |
+    w_up], so that one GEMM computes both; w_down (E_local, F, D). x @ w multiplies without transposes.
+    Checkpoints keep w_gate and w_up apart (Placement.parts: checkpoint.py splits and joins them), as they have
+    always been saved. Experts run on rows grouped by expert: one grouped GEMM per projection
+    (torch._grouped_mm, CUDA) or a loop over experts (`ExpertLoop`; the faster of the two on the CPU). Each
+    row's output is scaled by its routing weight in here, on h or on y (`ModelConfig.routing_weight_on_hidden`)."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
@@ -667,7 +662,8 @@ class DispatchPlan:
 def dispatch_to_experts(x_sorted: torch.Tensor, counts: torch.Tensor, par: ModelParallel):
     """Send rows (grouped by global expert id) to the EP rank that owns each expert.
 
-    x_sorted (A, D) rows sorted by expert id; counts (E,) rows per global expert.
+    x_sorted (A, D) rows sorted by expert id, then any padding rows, which stay here (`sort_by_expert`);
+    counts (E,) rows per global expert.
     Returns rows grouped by *local* expert (M, D), rows per local expert (E_local,) and the plan
     for `combine_from_experts`. Expert e lives on EP rank e // E_local."""
     ep = par.ep_size
@@ -678,7 +674,7 @@ def dispatch_to_experts(x_sorted: torch.Tensor, counts: torch.Tensor, par: Model
     send_splits = counts.view(ep, e_local).sum(1).tolist()
     recv_by_src = recv_counts.view(ep, e_local)  # (EP, E_local)
     recv_splits = recv_by_src.sum(1).tolist()
-    x_recv = all_to_all(x_sorted, recv_splits, send_splits, par.ep_group)  # (M, D) by source rank
+    x_recv = all_to_all(x_sorted[:sum(send_splits)], recv_splits, send_splits, par.ep_group)  # (M, D) by source rank
     # Rows arrive grouped by source, then by expert; regroup by local expert for the GEMMs.
     expert_of_row = torch.repeat_interleave(
         torch.arange(e_local, device=counts.device).repeat(ep), recv_by_src.reshape(-1))  # (M,)
@@ -689,7 +685,8 @@ def dispatch_to_experts(x_sorted: torch.Tensor, counts: torch.Tensor, par: Model
 
 def dispatch_along(t: torch.Tensor, plan: DispatchPlan, par: ModelParallel) -> torch.Tensor:
     """A per-row tensor (A, ...) sent where `dispatch_to_experts` sent the rows -> (M, ...) by local expert."""
-    return all_to_all(t, plan.recv_splits, plan.send_splits, par.ep_group).index_select(0, plan.sort)
+    sent = t[:sum(plan.send_splits)]  # without padding rows
+    return all_to_all(sent, plan.recv_splits, plan.send_splits, par.ep_group).index_select(0, plan.sort)
 
 
 def combine_from_experts(y: torch.Tensor, plan: DispatchPlan, par: ModelParallel) -> torch.Tensor:
@@ -716,17 +713,22 @@ class Assignments:
 
     token: torch.Tensor  # (A,) local token index of each row
     weight: torch.Tensor  # (A,) fp32 combine weight
-    counts: torch.Tensor  # (E,) rows per expert
+    counts: torch.Tensor  # (E,) rows per expert; they are the first counts.sum() rows
+    padding: torch.Tensor | None = None  # (A,) bool, True for the padding rows after them; None: none
 
 
 def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int,
-                   counts: torch.Tensor | None = None) -> Assignments:
-    """Group rows by expert (stable: rows of one expert stay in token order); `counts` (E,) are the
-    rows per expert when the caller has counted them already."""
+                   counts: torch.Tensor | None = None, pad: torch.Tensor | None = None) -> Assignments:
+    """Group rows by expert (stable: rows of one expert stay in token order); `counts` (E,) are the rows per expert
+    when the caller has counted them already. pad (A,) bool: rows not to compute (dropped); they go last as
+    padding of weight 0 that no expert computes. Padding, not removing them, keeps every shape fixed:
+    `token[~pad]` would wait for the GPU (a host sync)."""
+    if pad is not None:
+        expert, weight = expert.masked_fill(pad, num_experts), weight.masked_fill(pad, 0.0)
     order = torch.argsort(expert, stable=True)  # (A,)
     if counts is None:
-        counts = count_per_expert(expert, num_experts)
-    return Assignments(token[order], weight[order], counts)
+        counts = count_per_expert(expert, num_experts + (pad is not None))[:num_experts]
+    return Assignments(token[order], weight[order], counts, None if pad is None else pad[order])
 
 
 def priority(scores: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -775,19 +777,18 @@ class SparseMoELayer(nn.Module):
                    top-C tokens per expert (expert choice), or round-robin (forced balance).
       2. dispatch: rows are sorted by expert, so each expert's rows are contiguous; under EP they
                    travel by all-to-all to the rank holding the expert.
-      3. experts:  each local expert runs once on its block of rows (no padding; dropless top-k
-                   as in MegaBlocks, Gale et al. 2022).
+      3. experts:  each local expert runs once on its block of rows (dropless top-k as in MegaBlocks,
+                   Gale et al. 2022; rows a capacity drops stay as padding, never computed).
       4. combine:  rows come back (the experts scaled them by their weight) and are summed per token; shared
                    experts (DeepSeekMoE, Dai et al. 2024), if any, add a dense SwiGLU of all tokens.
-    Without EP and grouped GEMMs (the CPU), steps 2-4 run in one pass of `ExpertLoop`: each
-    expert gathers its own rows and adds its weighted outputs into their tokens' rows.
-    Under TP the ranks hold the same N tokens; each routes only its N/TP slice and the outputs
-    are all-gathered, so no token is computed or counted twice. Under sequence parallelism each
-    TP rank already holds only its slice (B, T/TP, D): it routes it and keeps the output, no
-    split, no gather. Decisions that need the whole micro-batch (capacity, expert choice) see
-    every TP rank's scores and rank ties by each token's global index in the micro-batch, so
-    they do not depend on which rank holds a token. The returned losses are this rank's share
-    of the micro-batch losses (they add up over TP ranks)."""
+    Without EP and grouped GEMMs (the CPU), steps 2-4 run in one pass of `ExpertLoop`: each expert gathers
+    its own rows and adds its weighted outputs into their tokens' rows. Under TP the ranks hold the same N
+    tokens; each routes only its N/TP slice and the outputs are all-gathered, so no token is computed or
+    counted twice. Under sequence parallelism each TP rank already holds only its slice (B, T/TP, D): it
+    routes it and keeps the output, no split, no gather. Decisions that need the whole micro-batch
+    (capacity, expert choice) see every TP rank's scores and rank ties by each token's global index in the
+    micro-batch, so they do not depend on which rank holds a token. The returned losses are this rank's
+    share of the micro-batch losses (they add up over TP ranks)."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel):
         super().__init__()
@@ -823,18 +824,16 @@ class SparseMoELayer(nn.Module):
             chosen = keys.topk(capacity, dim=0).indices  # (C, E) each expert's best rows
             token = chosen.T.reshape(-1)  # (E*C,) rows of the gathered micro-batch, expert-major
             expert = torch.arange(e, device=device).repeat_interleave(capacity)
-            mine = (token >= first) & (token < first + n)
-            token, expert = token[mine] - first, expert[mine]
-            return sort_by_expert(token, expert, r.scores[token, expert], e), dropped
+            theirs = None if self.par.tp_size == 1 else (token < first) | (token >= first + n)  # (E*C,)
+            token = token if theirs is None else (token - first).masked_fill(theirs, 0)  # theirs: padding
+            return sort_by_expert(token, expert, r.scores[token, expert], e, pad=theirs), dropped
         token, expert, weight = local.repeat_interleave(k), r.indices.reshape(-1), r.weights.reshape(-1)
         if self.capacity_factor > 0:
             capacity = math.ceil(self.capacity_factor * num_tokens * k / e)
             keys = priority(r.scores.gather(1, r.indices).detach(), ids[:, None], num_tokens)  # (n, K)
-            keep = capacity_keep_mask(gather_tp_rows(keys, self.par), gather_tp_rows(r.indices, self.par),
-                                      capacity, e)[first:first + n].reshape(-1)  # (A,)
-            dropped = (~keep).sum()
-            token, expert, weight = token[keep], expert[keep], weight[keep]
-            return sort_by_expert(token, expert, weight, e), dropped
+            drop = ~capacity_keep_mask(gather_tp_rows(keys, self.par), gather_tp_rows(r.indices, self.par),
+                                       capacity, e)[first:first + n].reshape(-1)  # (A,)
+            return sort_by_expert(token, expert, weight, e, pad=drop), drop.sum()
         return sort_by_expert(token, expert, weight, e, routed), dropped
 
     def balancing_loss(self, r: RouterOutput, routed: torch.Tensor, ids: torch.Tensor, num_tokens: int,
@@ -858,11 +857,6 @@ class SparseMoELayer(nn.Module):
         if self.aux_loss_type == "global-batch" and self.global_counts is not None:
             counts = self.global_counts  # f_i over the whole global batch (all micro-batches, all DP ranks)
         return load_balancing_loss(r.probs, r.indices, self.num_experts, counts, num_tokens)
-
-    def combine(self, y_sorted: torch.Tensor, rows: Assignments, n: int) -> torch.Tensor:
-        """out[t] = sum over the rows r of token t of y_sorted[r] (weighted by the experts): (A, D) -> (n, D).
-        index_add; un-permuting by index and a batched K-sum priced worse compiled (README_MOE.md)."""
-        return y_sorted.new_zeros(n, y_sorted.shape[1]).index_add_(0, rows.token, y_sorted)  # (n, D)
 
     def forward(self, x: torch.Tensor, noise_seed: int | None = None) -> tuple[torch.Tensor, MoEStats]:
         """x (B, T, D), or this rank's slice (B, T/TP, D) under sequence parallelism -> y of x's shape."""
@@ -901,13 +895,19 @@ class SparseMoELayer(nn.Module):
                 w_local = dispatch_along(rows.weight, plan, self.par)  # (M,) the weights travel with their rows
             else:
                 x_local, local_counts, w_local = x_sorted, rows.counts, rows.weight
+                if rows.padding is not None:  # no GEMM writes padding rows: zeros in, and nothing of what
+                    x_local = x_local.masked_fill(rows.padding[:, None], 0)  # memory held back (0 x NaN is NaN)
 
             # 3. experts (each row's output scaled by its routing weight)
             y_local = self.experts(x_local, local_counts, w_local)  # (M, D)
 
-            # 4. combine
-            y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local  # (A, D)
-            out = self.combine(y_sorted, rows, n)  # (n, D)
+            # 4. combine: out[t] = sum of token t's rows (weighted by the experts); index_add (un-permuting
+            # by index and a batched K-sum priced worse compiled, README_MOE.md)
+            if self.par.ep_size > 1:
+                y_local = combine_from_experts(y_local, plan, self.par)  # (A', D) the real rows came back
+            elif rows.padding is not None:
+                y_local = y_local.masked_fill(rows.padding[:, None], 0)  # (A, D)
+            out = y_local.new_zeros(n, d).index_add_(0, rows.token[:y_local.shape[0]], y_local)  # (n, D)
         else:
             # 2.-4. in one pass on the CPU (ExpertLoop, below: equal to the steps above): each expert
             # gathers its own rows and adds its weighted outputs into their tokens' rows, no (A, D) copies
@@ -929,23 +929,22 @@ class SparseMoELayer(nn.Module):
 class ExpertLoop(torch.autograd.Function):
     """SwiGLU experts run one after another on rows grouped by expert, with a hand-written backward:
     SparseMoELayer's steps 2-4 (dispatch, experts, combine) in one pass, the CPU's fast path. Equal to
-    the plain path above, which test_moe_layer_one_pass_path_matches_dispatch_and_combine_path,
-    test_grouped_and_loop_experts_match_reference_in_outputs_and_gradients (against a per-token loop)
-    and test_expert_loop_backward_passes_gradcheck_in_float64 prove.
+    the plain path above and to a per-token loop, gradcheck included (tests/test_model.py).
 
     forward(x (S, D), rows (M,) or None, weight (M,) or None, splits (E_local ints, sum M),
             w_gate_up (E_local, D, 2F), w_down (E_local, F, D), num_out, scale_hidden) -> (num_out, D)
-    Expert e owns rows s_e .. s_e + c_e - 1 (c_e = splits[e]) of the grouped order.
+    Expert e owns rows s_e .. s_e + c_e - 1 (c_e = splits[e]) of the grouped order; rows and
+    weight may hold padding after the M real rows (`sort_by_expert`): never read, 0 gradient.
     rows given (dispatch and combine fused in): expert e reads x[rows[s_e : s_e + c_e]] and adds
     its outputs into those rows of a zero (num_out, D) output. rows None: it reads x[s_e : s_e + c_e]
     and writes the same output rows. weight given: each row's output is scaled by it, on the
     hidden h (scale_hidden) or on the output y (`ModelConfig.routing_weight_on_hidden`).
-    Why by hand: autograd of the plain loop saves an (M, D) gathered copy of the tokens,
-    concatenates the experts' outputs and stacks E_local weight gradients. Here each expert
-    gathers its rows into a small, cache-hot block, writes its outputs and its weight
-    gradients straight into preallocated tensors, and the backward gathers the rows again.
-    The arithmetic is autograd's, operation for operation (weights applied as `Experts` applies them,
-    index_add_ in expert order): one process rounds as the expert-parallel path. One dtype throughout."""
+    Why by hand: autograd of the plain loop saves an (M, D) gathered copy of the tokens, concatenates the
+    experts' outputs and stacks E_local weight gradients. Here each expert gathers its rows into a small,
+    cache-hot block, writes its outputs and its weight gradients straight into preallocated tensors, and the
+    backward gathers the rows again. The arithmetic is autograd's, operation for operation (weights applied as
+    `Experts` applies them, index_add_ in expert order): one process rounds as the expert-parallel path. One
+    dtype throughout."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor | None,
@@ -988,7 +987,7 @@ class ExpertLoop(torch.autograd.Function):
         grad_x = torch.empty_like(x) if rows is None else torch.zeros_like(x)  # (S, D)
         grad_gate_up, grad_down = torch.empty_like(w_gate_up), torch.empty_like(w_down)
         grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)  # (E_local, D, F) views: written in place
-        grad_weight = None if weight is None else torch.empty_like(weight)  # (M,)
+        grad_weight = None if weight is None else torch.zeros_like(weight)  # (M,) and 0 for padding rows
         s = 0
         for e, c in enumerate(ctx.splits):
             if c == 0:  # an expert without rows gets a zero gradient, as autograd would give it
@@ -1109,15 +1108,14 @@ class ModelOutput:
 class MoETransformer(nn.Module):
     """Decoder-only MoE language model, or the layers of one pipeline rank of it.
 
-    A pipeline rank holds one chunk of consecutive layers, or under the interleaved schedule
-    several non-adjacent chunks (par.chunks), run one at a time by forward(chunk=v). All of a
-    rank's chunks live in this one module so that parameter names stay global whatever the
-    layout, and checkpoints, gradient reducers and optimizers see one set of weights.
-    Parameter names follow transformers' Qwen3-MoE without the `model.` prefix
-    (`layers.3.mlp.router.weight` is its `model.layers.3.mlp.gate.weight`). The MTP modules
-    (`mtp.0.*`, ...) live on the last stage; under PP it then holds a copy of the embedding too,
-    initialised equal (by name) and kept equal by the trainer, which sums the two copies'
-    gradients over the embedding group. Each copy's placement says which stage holds it."""
+    A pipeline rank holds one chunk of consecutive layers, or under the interleaved schedule several
+    non-adjacent chunks (par.chunks), run one at a time by forward(chunk=v). All of a rank's chunks live in this
+    one module so that parameter names stay global whatever the layout, and checkpoints, gradient reducers and
+    optimizers see one set of weights. Parameter names follow transformers' Qwen3-MoE without the `model.`
+    prefix (`layers.3.mlp.router.weight` is its `model.layers.3.mlp.gate.weight`). The MTP modules (`mtp.0.*`,
+    ...) live on the last stage; under PP it then holds a copy of the embedding too, initialised equal (by name)
+    and kept equal by the trainer, which sums the two copies' gradients over the embedding group. Each copy's
+    placement says which stage holds it."""
 
     def __init__(self, cfg: ModelConfig, par: ModelParallel | None = None, seed: int = 0):
         super().__init__()

@@ -184,6 +184,52 @@ def test_expert_choice_gives_each_expert_exactly_its_capacity_of_best_tokens():
     assert torch.allclose(y[0], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [24, 8], ids=["weights_on_y", "weights_on_h"])
+def test_dropped_rows_are_padding_that_the_grouped_gemms_never_write(width, monkeypatch):
+    """With a capacity the dropped rows stay, as padding after the real ones (no host sync), and
+    torch._grouped_mm leaves their output rows unwritten. Written with NaN here, as uninitialised
+    memory may hold, the grouped path must still equal the expert loop (which computes only the
+    real rows) in output and in every gradient, weights routed on y (F > D) and on h (F < D)."""
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2, moe_capacity_factor=0.5, moe_ffn_hidden_size=width)
+    grouped_mm = torch._grouped_mm
+
+    def nan_past_the_groups(a, b, offs=None, **kw):  # (rows, D) x (E, D, F): rows past offs[-1] unwritten
+        out = grouped_mm(a, b, offs=offs, **kw)
+        if a.dim() == 2 and b.dim() == 3:
+            out[offs[-1]:] = float("nan")
+        return out
+    monkeypatch.setattr(torch, "_grouped_mm", nan_past_the_groups)
+    x = torch.randn(1, 24, cfg.hidden_size)
+    results = []
+    for grouped in (False, True):
+        layer = moe_layer(cfg, 14)
+        layer.experts.use_grouped_mm = grouped
+        xg = x.clone().requires_grad_()
+        y, stats = layer(xg)
+        (y.square().sum() + stats.aux_loss + stats.z_loss).backward()
+        results.append([y, xg.grad, *(p.grad for p in layer.parameters())])
+    assert stats.dropped.item() > 0
+    for loop, grouped in zip(*results):
+        assert torch.isfinite(grouped).all() and torch.allclose(grouped, loop, atol=1e-9)
+
+
+@pytest.mark.parametrize("kw", [dict(moe_capacity_factor=1.0), dict(router_type="expert-choice"), {}],
+                         ids=["capacity", "expert_choice", "dropless"])
+def test_routing_needs_no_host_sync(kw):
+    """A fake tensor has no values: an op whose output shape or result needs them (a boolean mask,
+    nonzero, .tolist(), .item()) raises there. Forward and backward of the grouped path (bf16, as on
+    a GPU) run on fake tensors: routing waits for no GPU result, whatever the router type."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2, **kw)
+    layer = moe_layer(cfg).to(torch.bfloat16)
+    layer.experts.use_grouped_mm = True
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 8, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        y, stats = layer(x)
+        (y.float().sum() + stats.aux_loss + stats.z_loss).backward()
+        assert x.grad.shape == x.shape and layer.experts.w_down.grad.shape == layer.experts.w_down.shape
+
+
 @smoke
 def test_round_robin_routing_is_perfectly_balanced():
     cfg = tiny_config(num_experts=4, num_experts_per_token=2, router_type="round-robin")
