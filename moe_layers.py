@@ -569,7 +569,7 @@ class SwiGLU(torch.autograd.Function):
     def backward(ctx, grad_h: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
-        if torch.compiler.is_compiling():  # Inductor writes both halves in one kernel; out= into views would break the graph
+        if torch.compiler.is_compiling():  # Inductor writes both halves in one kernel; out= views break graphs
             return torch.cat([torch.ops.aten.silu_backward(grad_h * up, gate), grad_h * F.silu(gate)], dim=-1)
         grad = torch.empty_like(gate_up)  # (M, 2F): [d/d gate | d/d up]
         grad_gate, grad_up = grad.chunk(2, dim=-1)
@@ -737,19 +737,20 @@ def priority(scores: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torc
     Exact ties are common (tokens with identical contexts have identical hidden states), and float
     rounding differs between parallel layouts, so ranking by the raw float would keep a different
     token of a tie on each layout; the quantised key ranks them the same everywhere."""
-    return torch.floor(scores.double() * 65536).long() * num_tokens + (num_tokens - 1 - token)
+    return torch.floor(scores * 65536).long() * num_tokens + (num_tokens - 1 - token)  # x 2^16 is exact
 
 
-def capacity_keep_mask(keys: torch.Tensor, indices: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
+def capacity_keep_mask(keys: torch.Tensor, indices: torch.Tensor, capacity: int, num_experts: int,
+                       counts: torch.Tensor | None = None) -> torch.Tensor:
     """(N, K) bool: which assignments fit, each expert keeping its `capacity` best-ranked ones.
 
-    keys, indices (N, K): the `priority` and expert of every assignment of the micro-batch.
-    Lowest-scored assignments are dropped first (Switch Transformer drops by arrival order;
-    dropping by score keeps each expert's most confident tokens, as GShard's priority routing)."""
-    flat_e, flat_s = indices.reshape(-1), keys.reshape(-1)  # (A,)
-    by_score = torch.argsort(-flat_s, stable=True)
-    order = by_score[torch.argsort(flat_e[by_score], stable=True)]  # grouped by expert, best first
-    counts = count_per_expert(flat_e, num_experts)
+    keys, indices (N, K): the `priority` and expert of every assignment of the micro-batch; counts (E,) those
+    per expert, if counted. Lowest-scored assignments are dropped first (Switch Transformer drops by arrival
+    order; dropping by score keeps each expert's most confident tokens, as GShard's priority routing)."""
+    flat_e, flat_s = indices.reshape(-1), keys.reshape(-1)  # (A,) keys >= 0, and distinct
+    span = flat_s.max() + 1
+    order = torch.argsort(flat_e * span - flat_s)  # one sort: grouped by expert, best first
+    counts = count_per_expert(flat_e, num_experts) if counts is None else counts
     starts = counts.cumsum(0) - counts  # (E,) first row of each expert in `order`
     rank = torch.empty_like(flat_e)
     rank[order] = torch.arange(flat_e.numel(), device=flat_e.device) - starts[flat_e[order]]
@@ -831,9 +832,11 @@ class SparseMoELayer(nn.Module):
         if self.capacity_factor > 0:
             capacity = math.ceil(self.capacity_factor * num_tokens * k / e)
             keys = priority(r.scores.gather(1, r.indices).detach(), ids[:, None], num_tokens)  # (n, K)
-            drop = ~capacity_keep_mask(gather_tp_rows(keys, self.par), gather_tp_rows(r.indices, self.par),
-                                       capacity, e)[first:first + n].reshape(-1)  # (A,)
-            return sort_by_expert(token, expert, weight, e, pad=drop), drop.sum()
+            whole = self.par.tp_size == 1  # this rank routes the whole micro-batch: `routed` counts it
+            drop = ~capacity_keep_mask(gather_tp_rows(keys, self.par), gather_tp_rows(r.indices, self.par), capacity,
+                                       e, routed if whole else None)[first:first + n].reshape(-1)  # (A,)
+            kept = routed.clamp(max=capacity) if whole else None  # (E,) each expert keeps its best `capacity`
+            return sort_by_expert(token, expert, weight, e, kept, pad=drop), drop.sum()
         return sort_by_expert(token, expert, weight, e, routed), dropped
 
     def balancing_loss(self, r: RouterOutput, routed: torch.Tensor, ids: torch.Tensor, num_tokens: int,
@@ -901,8 +904,7 @@ class SparseMoELayer(nn.Module):
             # 3. experts (each row's output scaled by its routing weight)
             y_local = self.experts(x_local, local_counts, w_local)  # (M, D)
 
-            # 4. combine: out[t] = sum of token t's rows (weighted by the experts); index_add (un-permuting
-            # by index and a batched K-sum priced worse compiled, README_MOE.md)
+            # 4. combine: out[t] = sum of token t's rows; index_add (un-permute + K-sum: worse compiled, README_MOE)
             if self.par.ep_size > 1:
                 y_local = combine_from_experts(y_local, plan, self.par)  # (A', D) the real rows came back
             elif rows.padding is not None:
