@@ -1,6 +1,7 @@
 """Routers and routing: top-k, sigmoid and group-limited choice, expert bias, capacity, expert choice,
-round robin, jitter, the balancing and z losses by hand, load health, and every routing method under
-DP x EP and PP against one process."""
+round robin, jitter, the balancing and z losses by hand, load health, routing without a host sync
+(fake tensors) and dropped rows as padding, and every routing method under DP x EP and PP against
+one process."""
 
 from __future__ import annotations
 
