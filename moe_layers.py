@@ -601,21 +601,26 @@ class Experts(nn.Module):
         self.use_grouped_mm = False  # set by the trainer (see `can_use_grouped_mm`)
         self.scale_hidden = cfg.routing_weight_on_hidden  # the routing weight scales h (M, F), else y (M, D)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor | None = None,
+                padded: bool = False) -> torch.Tensor:
         """x (M, D) rows grouped by local expert; counts (E_local,) rows per expert; weight (M,) each
-        row's routing weight, or None (unweighted) -> (M, D)."""
+        row's routing weight, or None (unweighted) -> (M, D). padded: rows past counts.sum() are padding
+        (`sort_by_expert`) that no GEMM writes: masked in and out (masked_fill, as 0 x NaN is NaN) to 0, no gradient."""
         if self.use_grouped_mm:
             # autocast does not cover torch._grouped_mm: cast to the autocast dtype by hand
             dtype = compute_dtype(x)
             x = x.to(dtype)
             w = None if weight is None else weight.to(dtype)[:, None]  # (M, 1)
             offs = counts.cumsum(0, dtype=torch.int32)  # (E_local,) end row of each expert, stays on device
+            pad = torch.arange(x.shape[0], device=x.device)[:, None] >= offs[-1] if padded else None  # (M, 1)
+            x = x if pad is None else x.masked_fill(pad, 0)
             gate_up = torch._grouped_mm(x, self.w_gate_up.to(dtype), offs=offs)  # (M, 2F)
             h = SwiGLU.apply(gate_up)  # (M, F)
             if w is not None and self.scale_hidden:
                 h = h * w
             y = _ContiguousGrad.apply(torch._grouped_mm(_ContiguousGrad.apply(h), self.w_down.to(dtype), offs=offs))
-            return y * w if w is not None and not self.scale_hidden else y  # (M, D)
+            y = y * w if w is not None and not self.scale_hidden else y  # (M, D)
+            return y if pad is None else y.masked_fill(pad, 0)
         return self.loop(x, None, weight, counts, x.shape[0])
 
     def gather_and_combine(self, tokens: torch.Tensor, rows: Assignments) -> torch.Tensor:
@@ -714,7 +719,7 @@ class Assignments:
     token: torch.Tensor  # (A,) local token index of each row
     weight: torch.Tensor  # (A,) fp32 combine weight
     counts: torch.Tensor  # (E,) rows per expert; they are the first counts.sum() rows
-    padding: torch.Tensor | None = None  # (A,) bool, True for the padding rows after them; None: none
+    padded: bool = False  # rows after them are padding (`sort_by_expert`)
 
 
 def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, num_experts: int,
@@ -728,7 +733,7 @@ def sort_by_expert(token: torch.Tensor, expert: torch.Tensor, weight: torch.Tens
     order = torch.argsort(expert, stable=True)  # (A,)
     if counts is None:
         counts = count_per_expert(expert, num_experts + (pad is not None))[:num_experts]
-    return Assignments(token[order], weight[order], counts, None if pad is None else pad[order])
+    return Assignments(token[order], weight[order], counts, pad is not None)
 
 
 def priority(scores: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -898,18 +903,13 @@ class SparseMoELayer(nn.Module):
                 w_local = dispatch_along(rows.weight, plan, self.par)  # (M,) the weights travel with their rows
             else:
                 x_local, local_counts, w_local = x_sorted, rows.counts, rows.weight
-                if rows.padding is not None:  # no GEMM writes padding rows: zeros in, and nothing of what
-                    x_local = x_local.masked_fill(rows.padding[:, None], 0)  # memory held back (0 x NaN is NaN)
 
-            # 3. experts (each row's output scaled by its routing weight)
-            y_local = self.experts(x_local, local_counts, w_local)  # (M, D)
+            # 3. experts (each row's output scaled by its routing weight; padding, kept only without EP, gives 0)
+            y_local = self.experts(x_local, local_counts, w_local, rows.padded and self.par.ep_size == 1)  # (M, D)
 
             # 4. combine: out[t] = sum of token t's rows; index_add (un-permute + K-sum: worse compiled, README_MOE)
-            if self.par.ep_size > 1:
-                y_local = combine_from_experts(y_local, plan, self.par)  # (A', D) the real rows came back
-            elif rows.padding is not None:
-                y_local = y_local.masked_fill(rows.padding[:, None], 0)  # (A, D)
-            out = y_local.new_zeros(n, d).index_add_(0, rows.token[:y_local.shape[0]], y_local)  # (n, D)
+            y_sorted = combine_from_experts(y_local, plan, self.par) if self.par.ep_size > 1 else y_local  # (A', D)
+            out = y_sorted.new_zeros(n, d).index_add_(0, rows.token[:y_sorted.shape[0]], y_sorted)  # (n, D)
         else:
             # 2.-4. in one pass on the CPU (ExpertLoop, below: equal to the steps above): each expert
             # gathers its own rows and adds its weighted outputs into their tokens' rows, no (A, D) copies

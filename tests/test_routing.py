@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint as ckpt_io
 import metrics as metrics_mod
@@ -185,29 +186,35 @@ def test_expert_choice_gives_each_expert_exactly_its_capacity_of_best_tokens():
     assert torch.allclose(y[0], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("width", [24, 8], ids=["weights_on_y", "weights_on_h"])
-def test_dropped_rows_are_padding_that_the_grouped_gemms_never_write(width, monkeypatch):
-    """With a capacity the dropped rows stay, as padding after the real ones (no host sync), and
-    torch._grouped_mm leaves their output rows unwritten. Written with NaN here, as uninitialised
-    memory may hold, the grouped path must still equal the expert loop (which computes only the
-    real rows) in output and in every gradient, weights routed on y (F > D) and on h (F < D)."""
-    cfg = tiny_config(num_experts=4, num_experts_per_token=2, moe_capacity_factor=0.5, moe_ffn_hidden_size=width)
-    grouped_mm = torch._grouped_mm
+class NaNPastTheGroups(TorchDispatchMode):
+    """Every (rows, K) x (E, K, N) torch._grouped_mm, forward or backward, writes NaN into the output rows
+    past its last group: what it leaves unwritten, as uninitialised memory may hold."""
 
-    def nan_past_the_groups(a, b, offs=None, **kw):  # (rows, D) x (E, D, F): rows past offs[-1] unwritten
-        out = grouped_mm(a, b, offs=offs, **kw)
-        if a.dim() == 2 and b.dim() == 3:
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._grouped_mm.default and args[0].dim() == 2 and args[1].dim() == 3:
+            offs = kwargs["offs"] if "offs" in kwargs else args[2]
             out[offs[-1]:] = float("nan")
         return out
-    monkeypatch.setattr(torch, "_grouped_mm", nan_past_the_groups)
+
+
+@pytest.mark.parametrize("width", [24, 8], ids=["weights_on_y", "weights_on_h"])
+def test_dropped_rows_are_padding_that_the_grouped_gemms_never_write(width):
+    """With a capacity the dropped rows stay, as padding after the real ones (no host sync), and
+    torch._grouped_mm leaves their rows unwritten. Written with NaN there, in forward and backward,
+    the grouped path must still equal the expert loop (which computes only the real rows) in output
+    and in every gradient, weights routed on y (F > D) and on h (F < D)."""
+    cfg = tiny_config(num_experts=4, num_experts_per_token=2, moe_capacity_factor=0.5, moe_ffn_hidden_size=width)
     x = torch.randn(1, 24, cfg.hidden_size)
     results = []
     for grouped in (False, True):
         layer = moe_layer(cfg, 14)
         layer.experts.use_grouped_mm = grouped
         xg = x.clone().requires_grad_()
-        y, stats = layer(xg)
-        (y.square().sum() + stats.aux_loss + stats.z_loss).backward()
+        with NaNPastTheGroups():
+            y, stats = layer(xg)
+            (y.square().sum() + stats.aux_loss + stats.z_loss).backward()
         results.append([y, xg.grad, *(p.grad for p in layer.parameters())])
     assert stats.dropped.item() > 0
     for loop, grouped in zip(*results):
